@@ -1,0 +1,1 @@
+"""Stratoscope edge collector: loads BPF programs, drains their maps into batches."""

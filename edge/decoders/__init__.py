@@ -1,0 +1,1 @@
+"""Pure-Python decoders that turn raw kernel values in edge events into readable labels."""

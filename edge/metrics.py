@@ -1,0 +1,72 @@
+"""The edge's metrics about itself (prometheus_client), on an injectable registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+
+class EdgeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        ns = "stratoscope_edge"
+        self.programs_attached = Gauge(
+            f"{ns}_programs_attached", "1 when the program is loaded and attached.",
+            ["program"], registry=registry,
+        )
+        self.attach_failures = Counter(
+            f"{ns}_program_attach_failures", "Programs that failed to load or attach.",
+            ["program"], registry=registry,
+        )
+        self.drain_seconds = Histogram(
+            f"{ns}_drain_seconds", "Time to flip, read, decode and build one batch.",
+            registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.series = Gauge(
+            f"{ns}_series", "Series in the last batch, per program.", ["program"],
+            registry=registry,
+        )
+        self.folded = Counter(
+            f"{ns}_cardinality_folded_series",
+            "Series folded into 'other' by the per-metric top-N bound.",
+            ["program", "metric"], registry=registry,
+        )
+        self.events_lost = Counter(
+            f"{ns}_events_lost", "Ring-buffer events lost (kernel: rate limit or full ring; "
+            "user: batch event limit).", ["program", "where"], registry=registry,
+        )
+        self.decoder_errors = Counter(
+            f"{ns}_decoder_errors", "Key fields or events that failed to decode.",
+            ["program"], registry=registry,
+        )
+        self.batches = Counter(f"{ns}_batches", "Batches built.", registry=registry)
+        self.batch_bytes = Histogram(
+            f"{ns}_batch_bytes", "Serialized batch size.", registry=registry,
+            buckets=(1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7),
+        )
+
+
+class BpfRunStats(Collector):
+    """Per-program run count and run time, read from fdinfo at scrape time."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        cnt = CounterMetricFamily(
+            "stratoscope_edge_bpf_run_count",
+            "BPF program runs (kernel.bpf_stats_enabled must be 1).", labels=["program"],
+        )
+        ns = CounterMetricFamily(
+            "stratoscope_edge_bpf_run_seconds",
+            "Time spent in the BPF program (kernel.bpf_stats_enabled must be 1).",
+            labels=["program"],
+        )
+        for program, runs, run_ns in self._source():
+            cnt.add_metric([program], runs)
+            ns.add_metric([program], run_ns / 1e9)
+        yield cnt
+        yield ns

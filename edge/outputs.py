@@ -1,0 +1,43 @@
+"""Where batches go. For now JSON lines (a file or stdout); gRPC comes with the regional."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import IO, Protocol
+
+from edge.batch import batch_to_dict
+from edge.errors import ConfigError
+from stratoscope.v1 import batch_pb2 as pb
+
+
+class Output(Protocol):
+    def write(self, batch: pb.Batch) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlOutput:
+    """One JSON object per batch, every string resolved; flushed per batch."""
+
+    def __init__(self, target: str) -> None:
+        self._own = target != "-"
+        self._fh: IO[str] = open(Path(target), "a", encoding="utf-8") if self._own else sys.stdout  # noqa: SIM115
+
+    def write(self, batch: pb.Batch) -> None:
+        self._fh.write(json.dumps(batch_to_dict(batch), separators=(",", ":")) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._own and not self._fh.closed:
+            self._fh.close()
+
+
+def open_output(spec: str) -> Output:
+    kind, _, target = spec.partition(":")
+    if kind == "jsonl" and target:
+        try:
+            return JsonlOutput(target)
+        except OSError as exc:
+            raise ConfigError(f"cannot open output {target}: {exc.strerror}") from None
+    raise ConfigError(f"unknown output {spec!r} (use jsonl:PATH or jsonl:-)")

@@ -1,0 +1,44 @@
+"""Checks that turn a missing prerequisite into one line that names the fix."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from edge.errors import PreflightError
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+def effective_caps(status: Path = Path("/proc/self/status")) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check(tracefs: Path = Path("/sys/kernel/tracing"), modules: Path = Path("/lib/modules")) -> None:
+    caps = effective_caps()
+    has_bpf = bool(caps & (1 << CAP_BPF)) or bool(caps & (1 << CAP_SYS_ADMIN))
+    has_perfmon = bool(caps & (1 << CAP_PERFMON)) or bool(caps & (1 << CAP_SYS_ADMIN))
+    if not (has_bpf and has_perfmon):
+        raise PreflightError(
+            "missing CAP_BPF/CAP_PERFMON: run as root or grant "
+            "CAP_BPF,CAP_PERFMON,CAP_SYS_RESOURCE (see deploy/systemd/stratoscope-edge.service)"
+        )
+    debug_tracing = Path("/sys/kernel/debug/tracing/events")
+    if not (tracefs / "events").is_dir() and not debug_tracing.is_dir():
+        raise PreflightError(
+            f"tracefs is not mounted: run `mount -t tracefs nodev {tracefs}` (scripts/setup.sh does it)"
+        )
+    build = modules / platform.release() / "build"
+    if not build.exists():
+        raise PreflightError(
+            f"no kernel headers at {build}: install linux-headers-{platform.release()} "
+            "or run scripts/setup.sh (it falls back to the nearest headers)"
+        )
+    if not os.access("/sys/fs/bpf", os.F_OK) and not Path("/sys/kernel/btf/vmlinux").exists():
+        raise PreflightError("this kernel exposes neither /sys/fs/bpf nor BTF: BPF is unavailable")

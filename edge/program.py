@@ -1,0 +1,353 @@
+"""Load one BPF program from its description, check it, attach it, drain it.
+
+Every check fails with a LoadError that names the program, the map and the
+field, so a wrong description is caught at start-up instead of producing
+garbage. Draining is race-free: each aggregate map exists twice (``<map>_0``,
+``<map>_1``); ``flip_ctl[0]`` selects the copy the kernel writes, and user
+space only reads and clears the idle copy after in-flight programs are done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ConfigError, LoadError
+from edge.spec import (
+    CountersMap,
+    EventsMap,
+    FieldSpec,
+    HistogramMap,
+    MapSpec,
+    ProfileMap,
+    ProgramSpec,
+)
+
+FLIP_MAP = "flip_ctl"
+
+
+@dataclass
+class RawMap:
+    """Key/value rows read from one map copy, values already summed over CPUs."""
+
+    spec: MapSpec
+    rows: list[tuple[Any, Any]]
+
+
+@dataclass
+class RawDrain:
+    program: str
+    maps: list[RawMap]
+    stacks: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+
+
+def resolve_params(spec: ProgramSpec, overrides: dict[str, int]) -> dict[str, int]:
+    """Defaults from the description with overrides laid over them, range-checked."""
+    unknown = sorted(set(overrides) - set(spec.params))
+    if unknown:
+        known = ", ".join(sorted(spec.params)) or "none"
+        raise ConfigError(
+            f"program {spec.program!r}: unknown parameter {unknown[0]!r} (known: {known})"
+        )
+    params = {k: p.default for k, p in spec.params.items()}
+    params.update(overrides)
+    for name, value in params.items():
+        p = spec.params[name]
+        if (p.min is not None and value < p.min) or (p.max is not None and value > p.max):
+            raise ConfigError(
+                f"program {spec.program!r}: parameter {name}={value} outside [{p.min}, {p.max}]"
+            )
+    return params
+
+
+def check_requirements(spec: ProgramSpec) -> None:
+    """Probe the kernel for the hooks the program needs (features, not versions)."""
+    from bcc import BPF
+
+    if spec.requires.raw_tracepoints and not BPF.support_raw_tracepoint():
+        raise LoadError(spec.program, "this kernel does not support raw tracepoints")
+    for tp in [*spec.requires.tracepoints, *spec.requires.raw_tracepoints]:
+        category, _, event = tp.partition(":")
+        if not BPF.tracepoint_exists(category, event):
+            raise LoadError(spec.program, f"tracepoint {tp} does not exist on this kernel")
+
+
+def _key_check(program: str, map_name: str, ctype: Any, fields: list[FieldSpec]) -> None:
+    """The compiled key struct must have exactly the described fields, in order."""
+    actual = getattr(ctype, "_fields_", None)
+    if actual is None:
+        if len(fields) != 1 or ct.sizeof(ctype) != fields[0].size:
+            raise LoadError(
+                program,
+                f"map {map_name!r}: key is a scalar of {ct.sizeof(ctype)} bytes, "
+                f"description has {len(fields)} field(s)",
+            )
+        return
+    names = [f[0] for f in actual]
+    for i, fs in enumerate(fields):
+        if i >= len(names):
+            raise LoadError(program, f"map {map_name!r}: field {fs.name!r} is not in the key")
+        if names[i] != fs.name:
+            raise LoadError(
+                program,
+                f"map {map_name!r}: field {i} is {names[i]!r} in C, {fs.name!r} in the description",
+            )
+        size = ct.sizeof(actual[i][1])
+        if size != fs.size:
+            raise LoadError(
+                program,
+                f"map {map_name!r}: field {fs.name!r} is {size} bytes in C, "
+                f"{fs.size} ({fs.type}) in the description",
+            )
+    if len(names) != len(fields):
+        raise LoadError(
+            program, f"map {map_name!r}: field {names[len(fields)]!r} is missing from the description"
+        )
+    described = sum(f.size for f in fields)
+    if described != ct.sizeof(ctype):
+        raise LoadError(
+            program,
+            f"map {map_name!r}: key is {ct.sizeof(ctype)} bytes, fields add up to {described} "
+            "(declare padding fields)",
+        )
+
+
+def _sum_cpus(value: Any, percpu: bool) -> Any:
+    """Fold a per-CPU value array into one value (int or dict of struct fields)."""
+    if not percpu:
+        if hasattr(value, "_fields_"):
+            return {f[0]: getattr(value, f[0]) for f in value._fields_}
+        return int(value.value if hasattr(value, "value") else value)
+    first = value[0]
+    if hasattr(first, "_fields_"):
+        names = [f[0] for f in first._fields_]
+        return {n: sum(getattr(v, n) for v in value) for n in names}
+    return sum(int(v) for v in value)
+
+
+_FDINFO_RE = re.compile(r"^(run_time_ns|run_cnt):\s+(\d+)$", re.M)
+
+
+class LoadedProgram:
+    """One compiled and attached BPF program plus its description."""
+
+    def __init__(
+        self,
+        spec: ProgramSpec,
+        bpf_dir: Path,
+        overrides: dict[str, int] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.program
+        self.params = resolve_params(spec, overrides or {})
+        self.maps = spec.active_maps(self.params)
+        self._bpf: Any = None
+        self._active = 0
+        self._bpf_dir = bpf_dir
+        self._event_sink: Callable[[str, bytes], None] | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    def load(self, on_event: Callable[[str, bytes], None] | None = None) -> None:
+        """Compile, attach and check; raises LoadError naming what failed."""
+        from bcc import BPF, PerfSWConfig, PerfType
+
+        check_requirements(self.spec)
+        cflags = [f"-I{self._bpf_dir}", "-Wno-macro-redefined"]
+        cflags += [f"-D{k}={v}" for k, v in sorted(self.params.items())]
+        src = str(self._bpf_dir / self.spec.source).encode()
+        try:
+            with _quiet_stderr():
+                self._bpf = BPF(src_file=src, cflags=cflags)
+        except Exception as exc:  # BCC raises bare Exception for compile/attach errors
+            raise LoadError(self.name, f"failed to compile or attach: {exc}") from None
+        try:
+            self._check_maps()
+            for pe in self.spec.perf_events:
+                self._bpf.attach_perf_event(
+                    ev_type=PerfType.SOFTWARE,
+                    ev_config=PerfSWConfig.CPU_CLOCK,
+                    fn_name=pe.fn.encode(),
+                    sample_freq=self.params[pe.frequency_param],
+                )
+            self._event_sink = on_event
+            for m in self.maps:
+                if isinstance(m, EventsMap):
+                    self._bpf[m.name.encode()].open_ring_buffer(self._ring_callback(m.name))
+        except LoadError:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            raise LoadError(self.name, f"failed to attach: {exc}") from None
+
+    def close(self) -> None:
+        """Detach and free; safe to call twice or without load()."""
+        bpf, self._bpf = self._bpf, None
+        if bpf is not None:
+            with contextlib.suppress(Exception):
+                bpf.cleanup()
+
+    # -- checks ----------------------------------------------------------
+    def _table(self, name: str) -> Any:
+        try:
+            return self._bpf[name.encode()]
+        except KeyError:
+            raise LoadError(self.name, f"map {name!r} is described but not defined in C") from None
+
+    def _check_maps(self) -> None:
+        if any(not isinstance(m, EventsMap) for m in self.maps):
+            self._table(FLIP_MAP)
+        for m in self.maps:
+            if isinstance(m, EventsMap):
+                self._table(m.name)
+                if m.lost_map:
+                    self._table(m.lost_map)
+                continue
+            for copy in (0, 1):
+                table = self._table(f"{m.name}_{copy}")
+                _key_check(self.name, f"{m.name}_{copy}", table.Key, m.key)
+                leaf = getattr(table, "sLeaf", table.Leaf)
+                if isinstance(m, CountersMap):
+                    self._check_values(m, leaf)
+                elif isinstance(m, HistogramMap):
+                    names = [f[0] for f in getattr(leaf, "_fields_", [])]
+                    if names != ["count", "sum"]:
+                        raise LoadError(
+                            self.name,
+                            f"map {m.name!r}: histogram value must be struct strato_hist_val",
+                        )
+            if isinstance(m, ProfileMap):
+                for copy in (0, 1):
+                    self._table(f"{m.stack_map}_{copy}")
+
+    def _check_values(self, m: CountersMap, leaf: Any) -> None:
+        fields = [f[0] for f in getattr(leaf, "_fields_", [])]
+        for v in m.values:
+            if v.field is None:
+                if fields:
+                    raise LoadError(
+                        self.name, f"map {m.name!r}: value is a struct; name a 'field' per value"
+                    )
+            elif v.field not in fields:
+                raise LoadError(
+                    self.name, f"map {m.name!r}: value field {v.field!r} not in the C value struct"
+                )
+
+    # -- draining ----------------------------------------------------------
+    def flip(self) -> None:
+        """Point the kernel at the other copy of every aggregate map."""
+        if not any(not isinstance(m, EventsMap) for m in self.maps):
+            return
+        self._active ^= 1
+        ctl = self._bpf[FLIP_MAP.encode()]
+        ctl[ct.c_int(0)] = ct.c_uint(self._active)
+
+    def read_idle(self) -> RawDrain:
+        """Read and clear the copy the kernel stopped writing at the last flip()."""
+        idle = self._active ^ 1
+        out = RawDrain(program=self.name, maps=[])
+        for m in self.maps:
+            if isinstance(m, EventsMap):
+                continue
+            table = self._bpf[f"{m.name}_{idle}".encode()]
+            percpu = hasattr(table, "sLeaf")
+            rows = [
+                (k, _sum_cpus(v, percpu)) for k, v in table.items_lookup_and_delete_batch()
+            ]
+            out.maps.append(RawMap(spec=m, rows=rows))
+            if isinstance(m, ProfileMap):
+                out.stacks[m.name] = self._read_stacks(f"{m.stack_map}_{idle}")
+        return out
+
+    def _read_stacks(self, name: str) -> dict[int, list[int]]:
+        table = self._bpf[name.encode()]
+        stacks: dict[int, list[int]] = {}
+        for k, v in table.items():
+            stacks[k.value] = [a for a in v.ip if a]
+        table.clear()
+        return stacks
+
+    def lost_events(self) -> int:
+        """Events dropped in the kernel since the last call (rate limit or full ring)."""
+        total = 0
+        for m in self.maps:
+            if isinstance(m, EventsMap) and m.lost_map:
+                table = self._bpf[m.lost_map.encode()]
+                for k, v in table.items():
+                    total += sum(int(x) for x in v)
+                    table[k] = table.Leaf(*([0] * len(v)))
+        return total
+
+    @property
+    def has_events(self) -> bool:
+        return any(isinstance(m, EventsMap) for m in self.maps)
+
+    def poll_events(self, timeout_ms: int) -> None:
+        """Deliver ring-buffer events to the sink, waiting up to timeout_ms."""
+        if self.has_events:
+            self._bpf.ring_buffer_poll(timeout_ms)
+
+    def consume_events(self) -> None:
+        """Deliver whatever is in the ring buffers now, without waiting."""
+        if self.has_events:
+            self._bpf.ring_buffer_consume()
+
+    def _ring_callback(self, map_name: str) -> Callable[[Any, Any, int], int]:
+        def callback(_ctx: Any, data: Any, size: int) -> int:
+            if self._event_sink is not None:
+                self._event_sink(map_name, ct.string_at(data, size))
+            return 0
+
+        return callback
+
+    def run_stats(self) -> tuple[int, int]:
+        """(run count, run time ns) over the program's functions, from fdinfo.
+
+        The kernel counts only while kernel.bpf_stats_enabled is 1.
+        """
+        cnt = ns = 0
+        if self._bpf is None:
+            return 0, 0
+        for fn in self._bpf.funcs.values():
+            try:
+                text = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
+            except OSError:
+                continue
+            for key, val in _FDINFO_RE.findall(text):
+                if key == "run_cnt":
+                    cnt += int(val)
+                else:
+                    ns += int(val)
+        return cnt, ns
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Any:
+    """BCC prints compiler warnings for kernel headers to fd 2; keep them for errors only."""
+    if os.environ.get("STRATOSCOPE_BCC_VERBOSE"):
+        yield
+        return
+    import tempfile
+
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        except Exception:
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            errors = [
+                ln for ln in tmp.read().decode(errors="replace").splitlines() if "error" in ln
+            ]
+            os.write(2, ("\n".join(errors[:20]) + "\n").encode() if errors else b"")
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -1,0 +1,258 @@
+"""Declarative descriptions of BPF programs (bpf/<name>.yaml).
+
+A description says what each map of a program means: which map holds counters,
+histograms, profile samples or events; how each key field decodes; which
+metric names and help texts to use. User space is generic over these
+descriptions, so adding a signal means adding a C file and a YAML file.
+
+Validation happens here (names, help, types, decoders, bounds) and again at
+load time against the compiled program's real map layouts (see program.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge.errors import SpecError
+
+FIELD_TYPES: dict[str, int] = {
+    "u8": 1, "s8": 1, "u16": 2, "s16": 2, "u32": 4, "s32": 4, "u64": 8, "s64": 8,
+}
+_ARRAY = re.compile(r"^(char|u8)\[(\d+)\]$")
+_METRIC_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+#: Decoders a key or event field may name; each is implemented in edge/decode.py.
+DECODERS = frozenset({
+    "uint", "int", "string", "syscall", "errno", "cgroup", "bucket", "enum",
+    "inet_addr", "port", "majorminor", "ksym_stack", "usym_stack", "hex",
+})
+
+
+def field_size(type_name: str) -> int:
+    """Size in bytes of a field type such as ``u32`` or ``char[16]``."""
+    if type_name in FIELD_TYPES:
+        return FIELD_TYPES[type_name]
+    m = _ARRAY.match(type_name)
+    if m:
+        return int(m.group(2))
+    raise ValueError(f"unknown field type {type_name!r}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldSpec(_Strict):
+    """One field of a map key or event struct, in declaration order."""
+
+    name: str
+    type: str
+    decoder: str = "uint"
+    padding: bool = False
+    #: True for fields whose values are not bounded by the kernel (comm, cgroup,
+    #: addresses, ports); the top-N bound folds them into "other".
+    unbounded: bool = False
+    #: For decoder "enum": value -> label.
+    values: dict[int, str] = Field(default_factory=dict)
+    #: Label name when it differs from the field name.
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FieldSpec:
+        try:
+            field_size(self.type)
+        except ValueError as exc:
+            raise ValueError(f"field {self.name!r}: {exc}") from None
+        if self.decoder not in DECODERS:
+            raise ValueError(f"field {self.name!r}: unknown decoder {self.decoder!r}")
+        if self.decoder == "enum" and not self.values:
+            raise ValueError(f"field {self.name!r}: decoder 'enum' needs 'values'")
+        return self
+
+    @property
+    def size(self) -> int:
+        return field_size(self.type)
+
+    @property
+    def label_name(self) -> str:
+        return self.label or self.name
+
+
+class ValueSpec(_Strict):
+    """A counter carried by a map's value (the whole value, or one struct field)."""
+
+    metric: str
+    help: str
+    unit: str = ""
+    field: str | None = None
+    kind: Literal["counter", "gauge"] = "counter"
+
+
+class ParamSpec(_Strict):
+    default: int
+    help: str
+    min: int | None = None
+    max: int | None = None
+
+
+class _MapBase(_Strict):
+    name: str
+    #: Compile-time parameter that must be non-zero for this map to exist.
+    when: str | None = None
+
+
+class CountersMap(_MapBase):
+    kind: Literal["counters"]
+    key: list[FieldSpec]
+    values: list[ValueSpec]
+
+    @model_validator(mode="after")
+    def _check(self) -> CountersMap:
+        if len(self.values) > 1 and any(v.field is None for v in self.values):
+            raise ValueError(f"map {self.name!r}: several values need a 'field' each")
+        return self
+
+
+class HistogramMap(_MapBase):
+    kind: Literal["histogram"]
+    metric: str
+    help: str
+    unit: str = ""
+    key: list[FieldSpec]
+
+    @model_validator(mode="after")
+    def _check(self) -> HistogramMap:
+        if [f.decoder for f in self.key].count("bucket") != 1:
+            raise ValueError(f"map {self.name!r}: a histogram key needs exactly one 'bucket' field")
+        return self
+
+
+class ProfileMap(_MapBase):
+    kind: Literal["profile"]
+    metric: str
+    help: str
+    stack_map: str
+    key: list[FieldSpec]
+
+
+#: Field names an event struct may use; each maps onto a column of EventBlock.
+EVENT_FIELDS = frozenset({"time_ns", "kind", "pid", "ppid", "comm", "cgroup", "detail", "code"})
+
+
+class EventsMap(_MapBase):
+    """A ring buffer of rare events; counts of the same events live in a counters map."""
+
+    kind: Literal["events"]
+    help: str
+    fields: list[FieldSpec]
+    #: Per-CPU array counting events dropped in the kernel (rate limit, full buffer).
+    lost_map: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> EventsMap:
+        for f in self.fields:
+            if not f.padding and f.label_name not in EVENT_FIELDS:
+                raise ValueError(
+                    f"events {self.name!r}: field {f.name!r} is not one of "
+                    f"{', '.join(sorted(EVENT_FIELDS))}"
+                )
+        return self
+
+
+MapSpec = Annotated[CountersMap | HistogramMap | ProfileMap | EventsMap, Field(discriminator="kind")]
+
+
+class PerfEventSpec(_Strict):
+    fn: str
+    type: Literal["software"] = "software"
+    config: Literal["cpu_clock"] = "cpu_clock"
+    #: Parameter holding the sampling frequency (Hz per CPU).
+    frequency_param: str
+
+
+_TRACEPOINT = re.compile(r"^[a-z0-9_]+:[a-z0-9_]+$")
+
+
+class Requirements(_Strict):
+    """Hooks probed before compiling, as "category:event"."""
+
+    raw_tracepoints: list[str] = Field(default_factory=list)
+    tracepoints: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> Requirements:
+        for tp in [*self.raw_tracepoints, *self.tracepoints]:
+            if not _TRACEPOINT.match(tp):
+                raise ValueError(f"tracepoint {tp!r} must be written category:event")
+        return self
+
+
+class ProgramSpec(_Strict):
+    program: str
+    help: str
+    source: str
+    requires: Requirements = Requirements()
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    maps: list[MapSpec]
+    perf_events: list[PerfEventSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> ProgramSpec:
+        names: set[str] = set()
+        for m in self.maps:
+            metric_names: list[str] = []
+            if isinstance(m, CountersMap):
+                metric_names = [v.metric for v in m.values]
+            elif isinstance(m, HistogramMap | ProfileMap):
+                metric_names = [m.metric]
+            for n in metric_names:
+                if not _METRIC_NAME.match(n):
+                    raise ValueError(f"map {m.name!r}: invalid metric name {n!r}")
+                if n in names:
+                    raise ValueError(f"map {m.name!r}: metric {n!r} defined twice")
+                names.add(n)
+            if m.when is not None and m.when not in self.params:
+                raise ValueError(f"map {m.name!r}: 'when' names unknown param {m.when!r}")
+        for pe in self.perf_events:
+            if pe.frequency_param not in self.params:
+                raise ValueError(f"perf event {pe.fn!r}: unknown param {pe.frequency_param!r}")
+        return self
+
+    def active_maps(self, params: dict[str, int]) -> list[MapSpec]:
+        """Maps that exist for these compile-time parameters."""
+        return [m for m in self.maps if m.when is None or params.get(m.when, 0)]
+
+
+def load_spec(path: Path) -> ProgramSpec:
+    """Parse and validate one description; errors name the file and the bad key."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot read: {exc}") from None
+    try:
+        spec = ProgramSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise SpecError(f"{path}: {loc}: {first['msg']}") from None
+    if spec.program != path.stem:
+        raise SpecError(f"{path}: program {spec.program!r} must match the file name {path.stem!r}")
+    if not (path.parent / spec.source).is_file():
+        raise SpecError(f"{path}: source {spec.source!r} not found beside it")
+    return spec
+
+
+def default_bpf_dir() -> Path:
+    """bpf/ at the project root (the package is installed editable or from the tree)."""
+    return Path(__file__).resolve().parent.parent / "bpf"
+
+
+def discover(bpf_dir: Path | None = None) -> dict[str, Path]:
+    """Program name -> description path, for every bpf/*.yaml."""
+    d = bpf_dir or default_bpf_dir()
+    return {p.stem: p for p in sorted(d.glob("*.yaml"))}
