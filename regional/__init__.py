@@ -1,0 +1,1 @@
+"""Stratoscope regional aggregator: ingest from edges, merge, downsample, forward."""

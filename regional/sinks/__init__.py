@@ -1,0 +1,1 @@
+"""Sinks deliver merged blocks to central storage (ClickHouse) and streams (Kafka)."""

@@ -1,0 +1,113 @@
+"""Shared fixtures: compiled workloads and an in-process edge collector run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.batch import batch_to_dict
+from edge.collector import Collector
+from edge.config import EdgeConfig
+
+WORKLOADS = Path(__file__).parent / "workloads"
+
+
+@pytest.fixture(scope="session")
+def workload_bin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The C workloads, compiled once (frame pointers kept for the profiler)."""
+    out = tmp_path_factory.mktemp("bin")
+    bins: dict[str, Path] = {}
+    for src in sorted(WORKLOADS.glob("*.c")):
+        exe = out / src.stem
+        subprocess.run(
+            ["gcc", "-O1", "-g", "-fno-omit-frame-pointer", "-o", str(exe), str(src), "-lpthread"],
+            check=True,
+        )
+        bins[src.stem] = exe
+    return bins
+
+
+def unique_comm(prefix: str) -> str:
+    """A comm (at most 15 bytes) no other process on the machine has."""
+    return f"{prefix}{uuid.uuid4().hex[: 15 - len(prefix)]}"
+
+
+class EdgeRun:
+    """Batches (as resolved dicts) produced by a collector running in a thread."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+        self.collector: Collector | None = None
+
+    def counter(self, metric: str, **labels: str) -> int:
+        return sum(
+            s["value"]
+            for b in self.batches
+            for m in b["metrics"]
+            if m["name"] == metric
+            for s in m["series"]
+            if all(s["labels"].get(k) == v for k, v in labels.items())
+        )
+
+    def histograms(self, metric: str, **labels: str) -> list[dict[str, Any]]:
+        return [
+            s
+            for b in self.batches
+            for h in b["histograms"]
+            if h["name"] == metric
+            for s in h["series"]
+            if all(s["labels"].get(k) == v for k, v in labels.items())
+        ]
+
+    def events(self, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            e for b in self.batches for e in b["events"]
+            if all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    def profile_samples(self, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            s for b in self.batches for p in b["profiles"] for s in p["samples"]
+            if all(s.get(k) == v for k, v in fields.items())
+        ]
+
+
+@contextmanager
+def run_edge(programs: list[str], interval: float = 1.0, **cfg: Any) -> Iterator[EdgeRun]:
+    """Run a real collector (real BPF programs) around the body; final drain on exit."""
+    if os.geteuid() != 0:
+        pytest.fail("these tests load BPF programs and must run as root (see README)")
+    config = EdgeConfig(
+        programs=programs, programs_explicit=True, interval=interval, metrics_port=0, **cfg
+    )
+    run = EdgeRun()
+    collector = Collector(config)
+    collector.start()
+    run.collector = collector
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            collector.run(lambda b: run.batches.append(batch_to_dict(b)), stop)
+        except BaseException as exc:  # surfaced in the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="edge", daemon=True)
+    thread.start()
+    try:
+        yield run
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        collector.stop()
+    if errors:
+        raise errors[0]
