@@ -1,0 +1,114 @@
+/* Block I/O: latency from issue to completion, operations and bytes, per
+ * device and operation. Formatted tracepoints; dev is the kernel dev_t. */
+#include "stratoscope.h"
+
+#ifndef MAX_SERIES
+#define MAX_SERIES 4096
+#endif
+#ifndef MAX_INFLIGHT
+#define MAX_INFLIGHT 16384
+#endif
+
+enum { OP_OTHER = 0, OP_READ = 1, OP_WRITE = 2, OP_DISCARD = 3, OP_FLUSH = 4 };
+
+struct rq_key {
+    u64 sector;
+    u32 dev;
+    u32 pad;
+};
+
+struct rq_start {
+    u64 ts;
+    u64 bytes;
+};
+
+struct io_key {
+    u32 dev;
+    u32 op;
+};
+
+struct io_val {
+    u64 ops;
+    u64 bytes;
+    u64 errors;
+};
+
+struct lat_key {
+    u32 dev;
+    u32 op;
+    u32 slot;
+    u32 pad;
+};
+
+BPF_ARRAY(flip_ctl, u32, 1);
+BPF_HASH(io_0, struct io_key, struct io_val, MAX_SERIES);
+BPF_HASH(io_1, struct io_key, struct io_val, MAX_SERIES);
+BPF_HASH(latency_0, struct lat_key, struct strato_hist_val, MAX_SERIES);
+BPF_HASH(latency_1, struct lat_key, struct strato_hist_val, MAX_SERIES);
+BPF_TABLE("lru_hash", struct rq_key, struct rq_start, inflight, MAX_INFLIGHT);
+
+/* rwbs is e.g. "W", "WS", "FWS", "R", "RA", "D", "F", "N". */
+static __always_inline u32 op_of(const char *rwbs)
+{
+    u32 op = OP_OTHER;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        char c = rwbs[i];
+        if (c == 'W') return OP_WRITE;
+        if (c == 'R') return OP_READ;
+        if (c == 'D') return OP_DISCARD;
+        if (c == 'F') op = OP_FLUSH;
+        if (c == 0) break;
+    }
+    return op;
+}
+
+TRACEPOINT_PROBE(block, block_rq_issue)
+{
+    struct rq_key k = {.sector = args->sector, .dev = args->dev};
+    struct rq_start s = {.ts = bpf_ktime_get_ns(), .bytes = args->bytes};
+    inflight.update(&k, &s);
+    return 0;
+}
+
+TRACEPOINT_PROBE(block, block_rq_complete)
+{
+    struct rq_key k = {.sector = args->sector, .dev = args->dev};
+    struct rq_start *s = inflight.lookup(&k);
+    if (!s)
+        return 0;
+    u64 delta = bpf_ktime_get_ns() - s->ts;
+    u64 bytes = s->bytes;
+    inflight.delete(&k);
+
+    char rwbs[4] = {};
+    bpf_probe_read_kernel(&rwbs, sizeof(rwbs), args->rwbs);
+    u32 zero = 0;
+    u32 *flip = flip_ctl.lookup(&zero);
+    u32 active = flip ? (*flip & 1) : 0;
+
+    struct io_key ik = {.dev = args->dev, .op = op_of(rwbs)};
+    struct io_val vinit = {}, *v;
+    if (active)
+        v = io_1.lookup_or_try_init(&ik, &vinit);
+    else
+        v = io_0.lookup_or_try_init(&ik, &vinit);
+    if (v) {
+        __sync_fetch_and_add(&v->ops, 1);
+        __sync_fetch_and_add(&v->bytes, bytes);
+        if (args->error)
+            __sync_fetch_and_add(&v->errors, 1);
+    }
+
+    struct lat_key lk = {.dev = ik.dev, .op = ik.op, .slot = strato_slot(delta)};
+    struct strato_hist_val hinit = {}, *h;
+    if (active)
+        h = latency_1.lookup_or_try_init(&lk, &hinit);
+    else
+        h = latency_0.lookup_or_try_init(&lk, &hinit);
+    if (h) {
+        __sync_fetch_and_add(&h->count, 1);
+        __sync_fetch_and_add(&h->sum, delta);
+    }
+    return 0;
+}

@@ -1,0 +1,190 @@
+/* Process lifecycle: exec, exit (with exit code), fork and OOM kills, counted
+ * exactly in a map and reported one by one through a ring buffer that is
+ * rate-limited per CPU (drops are counted, never silent).
+ *
+ * The exit code comes from exit_group()'s argument; a process that dies
+ * without calling it (killed by a signal) reports code -1. */
+#include "stratoscope.h"
+
+#ifndef MAX_SERIES
+#define MAX_SERIES 4096
+#endif
+#ifndef MAX_TASKS
+#define MAX_TASKS 65536
+#endif
+#ifndef EVENTS_PER_SEC
+#define EVENTS_PER_SEC 2000
+#endif
+#ifndef RING_PAGES
+#define RING_PAGES 64
+#endif
+
+#define KIND_EXEC 1
+#define KIND_EXIT 2
+#define KIND_FORK 3
+#define KIND_OOM 4
+
+struct event {
+    u64 time_ns;
+    u64 cgroup;
+    s64 code;
+    u32 kind;
+    u32 pid;
+    u32 ppid;
+    char comm[16];
+    char detail[128];
+};
+
+struct count_key {
+    u32 kind;
+    s32 code;
+    u64 cgroup;
+    char comm[16];
+};
+
+struct bucket {
+    u64 last_ns;
+    u64 tokens;
+};
+
+BPF_ARRAY(flip_ctl, u32, 1);
+BPF_HASH(counts_0, struct count_key, u64, MAX_SERIES);
+BPF_HASH(counts_1, struct count_key, u64, MAX_SERIES);
+BPF_RINGBUF_OUTPUT(events, RING_PAGES);
+BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_PERCPU_ARRAY(rate, struct bucket, 1);
+BPF_TABLE("lru_hash", u32, s64, exit_codes, MAX_TASKS);
+BPF_TABLE("lru_hash", u32, u32, parents, MAX_TASKS);
+
+static __always_inline void count(u32 kind, s32 code)
+{
+    struct count_key k = {.kind = kind, .code = code};
+    k.cgroup = bpf_get_current_cgroup_id();
+    bpf_get_current_comm(&k.comm, sizeof(k.comm));
+    u32 zero = 0;
+    u32 *flip = flip_ctl.lookup(&zero);
+    u64 init = 0, *v;
+    if (flip && (*flip & 1))
+        v = counts_1.lookup_or_try_init(&k, &init);
+    else
+        v = counts_0.lookup_or_try_init(&k, &init);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+/* Token bucket per CPU: EVENTS_PER_SEC refill, burst of one second. */
+static __always_inline int take_token(u64 now)
+{
+    u32 zero = 0;
+    struct bucket *b = rate.lookup(&zero);
+    if (!b)
+        return 0;
+    u64 elapsed = now - b->last_ns;
+    if (b->last_ns == 0 || elapsed > 1000000000ULL) {
+        b->tokens = EVENTS_PER_SEC;
+        b->last_ns = now;
+    } else {
+        u64 refill = elapsed * EVENTS_PER_SEC / 1000000000ULL;
+        if (refill) {
+            b->tokens += refill;
+            if (b->tokens > EVENTS_PER_SEC)
+                b->tokens = EVENTS_PER_SEC;
+            b->last_ns = now;
+        }
+    }
+    if (b->tokens == 0)
+        return 0;
+    b->tokens -= 1;
+    return 1;
+}
+
+static __always_inline struct event *reserve(u32 kind, u32 pid)
+{
+    u64 now = bpf_ktime_get_ns();
+    u32 zero = 0;
+    struct event *e = 0;
+    if (take_token(now))
+        e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        u64 *l = lost.lookup(&zero);
+        if (l)
+            *l += 1;
+        return 0;
+    }
+    e->time_ns = now;
+    e->kind = kind;
+    e->pid = pid;
+    e->cgroup = bpf_get_current_cgroup_id();
+    e->code = 0;
+    e->detail[0] = 0;
+    u32 *pp = parents.lookup(&pid);
+    e->ppid = pp ? *pp : 0;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    return e;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 pid = args->pid;
+    count(KIND_EXEC, 0);
+    struct event *e = reserve(KIND_EXEC, pid);
+    if (!e)
+        return 0;
+    TP_DATA_LOC_READ_STR(&e->detail, filename, sizeof(e->detail));
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 child = args->child_pid, parent = args->parent_pid;
+    parents.update(&child, &parent);
+    count(KIND_FORK, 0);
+    struct event *e = reserve(KIND_FORK, child);
+    if (!e)
+        return 0;
+    e->ppid = parent;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    s64 code = args->error_code & 0xff;
+    exit_codes.update(&tgid, &code);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if ((u32)id != tgid)
+        return 0;  /* a thread, not the process */
+    s64 code = -1;
+    s64 *cp = exit_codes.lookup(&tgid);
+    if (cp) {
+        code = *cp;
+        exit_codes.delete(&tgid);
+    }
+    count(KIND_EXIT, (s32)code);
+    struct event *e = reserve(KIND_EXIT, tgid);
+    parents.delete(&tgid);
+    if (!e)
+        return 0;
+    e->code = code;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(oom, mark_victim)
+{
+    u32 pid = args->pid;
+    count(KIND_OOM, 0);
+    struct event *e = reserve(KIND_OOM, pid);
+    if (!e)
+        return 0;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}

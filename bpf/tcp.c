@@ -1,0 +1,248 @@
+/* TCP connection lifecycle: active and passive opens, closes, lifetimes,
+ * resets sent and received, retransmits, and smoothed RTT, per service port
+ * and remote address. Formatted tracepoints only.
+ *
+ * The "port" label is the service side of a connection: the remote port of
+ * an active open, the local port of a passive one, so ephemeral ports never
+ * become labels. */
+#include <linux/socket.h>
+#include "stratoscope.h"
+
+/* tcp_send_reset carries `enum sk_rst_reason` since 6.10; BCC builds the
+ * argument struct from the running kernel's format, so older headers need the
+ * enum declared (its values are not used here). */
+#if !__has_include(<net/rstreason.h>)
+enum sk_rst_reason { STRATO_SK_RST_REASON_UNKNOWN };
+#endif
+
+#define STRATO_IPPROTO_TCP 6
+
+#ifndef MAX_SERIES
+#define MAX_SERIES 8192
+#endif
+#ifndef MAX_CONNS
+#define MAX_CONNS 65536
+#endif
+
+#define ST_ESTABLISHED 1
+#define ST_SYN_SENT 2
+#define ST_SYN_RECV 3
+#define ST_CLOSE 7
+#define DIR_UNKNOWN 0
+#define DIR_ACTIVE 1
+#define DIR_PASSIVE 2
+
+struct conn_key {
+    u8 raddr[16];  /* IPv6, or IPv4-mapped IPv6 */
+    u16 port;
+    u16 family;
+    u8 direction;
+    u8 pad[3];
+};
+
+struct conn_val {
+    u64 opens;
+    u64 closes;
+    u64 resets_sent;
+    u64 resets_received;
+    u64 retransmits;
+};
+
+struct conn_info {
+    u64 established_ns;
+    struct conn_key key;
+};
+
+struct life_key {
+    u16 port;
+    u8 direction;
+    u8 pad;
+    u32 slot;
+};
+
+struct rtt_key {
+    u8 raddr[16];
+    u16 family;
+    u16 pad;
+    u32 slot;
+};
+
+BPF_ARRAY(flip_ctl, u32, 1);
+BPF_HASH(conns_0, struct conn_key, struct conn_val, MAX_SERIES);
+BPF_HASH(conns_1, struct conn_key, struct conn_val, MAX_SERIES);
+BPF_HASH(lifetime_0, struct life_key, struct strato_hist_val, MAX_SERIES);
+BPF_HASH(lifetime_1, struct life_key, struct strato_hist_val, MAX_SERIES);
+BPF_HASH(srtt_0, struct rtt_key, struct strato_hist_val, MAX_SERIES);
+BPF_HASH(srtt_1, struct rtt_key, struct strato_hist_val, MAX_SERIES);
+BPF_TABLE("lru_hash", u64, struct conn_info, live, MAX_CONNS);
+
+static __always_inline u32 active_copy(void)
+{
+    u32 zero = 0;
+    u32 *flip = flip_ctl.lookup(&zero);
+    return flip ? (*flip & 1) : 0;
+}
+
+static __always_inline struct conn_val *conn_counters(struct conn_key *k)
+{
+    struct conn_val init = {};
+    if (active_copy())
+        return conns_1.lookup_or_try_init(k, &init);
+    return conns_0.lookup_or_try_init(k, &init);
+}
+
+static __always_inline void set_addr(u8 *dst, u16 family, const u8 *v4, const u8 *v6)
+{
+    if (family == AF_INET) {
+        __builtin_memset(dst, 0, 10);
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        bpf_probe_read_kernel(dst + 12, 4, v4);
+    } else {
+        bpf_probe_read_kernel(dst, 16, v6);
+    }
+}
+
+/* sockaddr_in / sockaddr_in6 as the reset tracepoints carry them (28 bytes). */
+static __always_inline void key_from_sockaddr(struct conn_key *k, const u8 *sa, u16 *port)
+{
+    u8 buf[28] = {};
+    bpf_probe_read_kernel(buf, sizeof(buf), sa);
+    u16 family = buf[0] | (buf[1] << 8);
+    *port = (buf[2] << 8) | buf[3];
+    k->family = family;
+    if (family == AF_INET)
+        set_addr(k->raddr, AF_INET, buf + 4, buf + 4);
+    else
+        set_addr(k->raddr, AF_INET6, buf + 8, buf + 8);
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != STRATO_IPPROTO_TCP)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    int old = args->oldstate, new = args->newstate;
+
+    if (new == ST_ESTABLISHED && (old == ST_SYN_SENT || old == ST_SYN_RECV)) {
+        /* Read the ports through a helper: clang may otherwise turn "cond ? a : b"
+         * into a load through a selected ctx pointer, which the verifier refuses. */
+        u16 sport = 0, dport = 0;
+        bpf_probe_read_kernel(&sport, sizeof(sport), &args->sport);
+        bpf_probe_read_kernel(&dport, sizeof(dport), &args->dport);
+        struct conn_info info = {};
+        info.established_ns = bpf_ktime_get_ns();
+        info.key.family = args->family;
+        info.key.direction = old == ST_SYN_SENT ? DIR_ACTIVE : DIR_PASSIVE;
+        info.key.port = old == ST_SYN_SENT ? dport : sport;
+        set_addr(info.key.raddr, args->family, args->daddr, args->daddr_v6);
+        live.update(&sk, &info);
+        struct conn_val *v = conn_counters(&info.key);
+        if (v)
+            __sync_fetch_and_add(&v->opens, 1);
+        return 0;
+    }
+    if (new != ST_CLOSE)
+        return 0;
+    struct conn_info *info = live.lookup(&sk);
+    if (!info)
+        return 0;  /* never established while we watched (or a failed connect) */
+    u64 lifetime = bpf_ktime_get_ns() - info->established_ns;
+    struct conn_key key = info->key;
+    live.delete(&sk);
+    struct conn_val *v = conn_counters(&key);
+    if (v)
+        __sync_fetch_and_add(&v->closes, 1);
+    struct life_key lk = {.port = key.port, .direction = key.direction, .slot = strato_slot(lifetime)};
+    struct strato_hist_val hinit = {}, *h;
+    if (active_copy())
+        h = lifetime_1.lookup_or_try_init(&lk, &hinit);
+    else
+        h = lifetime_0.lookup_or_try_init(&lk, &hinit);
+    if (h) {
+        __sync_fetch_and_add(&h->count, 1);
+        __sync_fetch_and_add(&h->sum, lifetime);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+    u64 sk = (u64)args->skaddr;
+    struct conn_info *info = live.lookup(&sk);
+    struct conn_key key = {};
+    if (info) {
+        key = info->key;
+    } else {
+        key.family = args->family;
+        key.port = args->dport;
+        set_addr(key.raddr, args->family, args->daddr, args->daddr_v6);
+    }
+    struct conn_val *v = conn_counters(&key);
+    if (v)
+        __sync_fetch_and_add(&v->retransmits, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_send_reset)
+{
+    u64 sk = (u64)args->skaddr;
+    struct conn_info *info = sk ? live.lookup(&sk) : 0;
+    struct conn_key key = {};
+    if (info) {
+        key = info->key;
+    } else {
+        u16 lport = 0;
+        key_from_sockaddr(&key, args->daddr, &lport);
+        key_from_sockaddr(&key, args->saddr, &lport);  /* local port; remote address below */
+        u16 rport = 0;
+        struct conn_key remote = {};
+        key_from_sockaddr(&remote, args->daddr, &rport);
+        __builtin_memcpy(key.raddr, remote.raddr, 16);
+        key.port = lport;
+    }
+    struct conn_val *v = conn_counters(&key);
+    if (v)
+        __sync_fetch_and_add(&v->resets_sent, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    u64 sk = (u64)args->skaddr;
+    struct conn_info *info = live.lookup(&sk);
+    struct conn_key key = {};
+    if (info) {
+        key = info->key;
+    } else {
+        key.family = args->family;
+        key.port = args->sport;
+        set_addr(key.raddr, args->family, args->daddr, args->daddr_v6);
+    }
+    struct conn_val *v = conn_counters(&key);
+    if (v)
+        __sync_fetch_and_add(&v->resets_received, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_probe)
+{
+    struct rtt_key k = {};
+    u16 port = 0;
+    struct conn_key tmp = {};
+    key_from_sockaddr(&tmp, args->daddr, &port);
+    __builtin_memcpy(k.raddr, tmp.raddr, 16);
+    k.family = tmp.family;
+    u64 srtt = args->srtt;  /* microseconds */
+    k.slot = strato_slot(srtt);
+    struct strato_hist_val hinit = {}, *h;
+    if (active_copy())
+        h = srtt_1.lookup_or_try_init(&k, &hinit);
+    else
+        h = srtt_0.lookup_or_try_init(&k, &hinit);
+    if (h) {
+        __sync_fetch_and_add(&h->count, 1);
+        __sync_fetch_and_add(&h->sum, srtt);
+    }
+    return 0;
+}
