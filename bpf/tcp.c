@@ -145,11 +145,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (new != ST_CLOSE)
         return 0;
     struct conn_info *info = live.lookup(&sk);
-    if (!info)
-        return 0;  /* never established while we watched (or a failed connect) */
+    if (!info || info->established_ns == 0)
+        return 0;  /* never established while we watched, or already closed */
     u64 lifetime = bpf_ktime_get_ns() - info->established_ns;
     struct conn_key key = info->key;
-    live.delete(&sk);
+    /* Keep the entry (marked closed) for an RST sent after the close, as
+     * tcp_close() with SO_LINGER 0 does; the LRU map reclaims it. */
+    info->established_ns = 0;
     struct conn_val *v = conn_counters(&key);
     if (v)
         __sync_fetch_and_add(&v->closes, 1);

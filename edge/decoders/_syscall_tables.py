@@ -378,7 +378,8 @@ X86_64: Final[Mapping[int, str]] = MappingProxyType(
 )
 
 # Generated from linux-headers-6.1.0-56-common include/uapi/asm-generic/unistd.h
-# (preprocessed as arm64: __BITS_PER_LONG=64 plus arch/arm64/include/uapi/asm/unistd.h wants)
+# (preprocessed as arm64: __BITS_PER_LONG=64 plus the __ARCH_WANT_* of arm64 asm/unistd.h;
+# __NR_arch_specific_syscall (244) is a range marker, not a syscall, and is left out)
 AARCH64: Final[Mapping[int, str]] = MappingProxyType(
     {
         0: "io_setup",
@@ -625,7 +626,6 @@ AARCH64: Final[Mapping[int, str]] = MappingProxyType(
         241: "perf_event_open",
         242: "accept4",
         243: "recvmmsg",
-        244: "arch_specific_syscall",
         260: "wait4",
         261: "prlimit64",
         262: "fanotify_init",

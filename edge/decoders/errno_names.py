@@ -21,11 +21,14 @@ _CANONICAL_ALIASES: Final[Mapping[int, str]] = MappingProxyType(
     {errno.EAGAIN: "EAGAIN", errno.EDEADLK: "EDEADLK", errno.EOPNOTSUPP: "EOPNOTSUPP"}
 )
 
-# Kernel-internal codes (include/linux/errno.h) that never reach libc but do show up in BPF:
-# raw_syscalls:sys_exit sees ERESTARTSYS & co. before signal delivery rewrites them, and
-# fexit/kretprobe programs see whatever in-kernel functions return. Python's errno lacks them.
-_KERNEL_INTERNAL: Final[Mapping[int, str]] = MappingProxyType(
+# Codes the kernel can hand to BPF that Python's errno lacks:
+# - EHWPOISON (uapi asm-generic/errno.h), only added to Python's errno in 3.12;
+# - kernel-internal codes (include/linux/errno.h) that never reach libc but do show up in BPF:
+#   raw_syscalls:sys_exit sees ERESTARTSYS & co. before signal delivery rewrites them, and
+#   fexit/kretprobe programs see whatever in-kernel functions return.
+_KERNEL_ONLY: Final[Mapping[int, str]] = MappingProxyType(
     {
+        133: "EHWPOISON",
         512: "ERESTARTSYS",
         513: "ERESTARTNOINTR",
         514: "ERESTARTNOHAND",
@@ -63,6 +66,6 @@ def errno_name(code: int) -> str:
     name = (
         _CANONICAL_ALIASES.get(magnitude)
         or errno.errorcode.get(magnitude)
-        or _KERNEL_INTERNAL.get(magnitude)
+        or _KERNEL_ONLY.get(magnitude)
     )
     return name if name is not None else f"E{magnitude}"

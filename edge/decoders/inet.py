@@ -19,7 +19,7 @@ AF_INET: Final = 2
 AF_INET6: Final = 10
 
 
-def format_endpoint(family: int, addr: bytes, port: int) -> str:
+def format_endpoint(family: int, addr: bytes | bytearray | memoryview, port: int) -> str:
     """Render ``addr``/``port`` as ``"1.2.3.4:80"`` or ``"[2001:db8::1]:80"``.
 
     IPv6 is bracketed so the port separator stays unambiguous. IPv4-mapped IPv6 addresses

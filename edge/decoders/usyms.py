@@ -312,7 +312,7 @@ class UserSymbols:
         for candidate, verify_inode in self._candidate_files(pid, mapping):
             try:
                 st = os.stat(candidate)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: embedded NUL in a hostile path
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
