@@ -9,7 +9,6 @@ logic lives in other modules; this one only sequences it.
 from __future__ import annotations
 
 import logging
-
 import threading
 import time
 import uuid

@@ -82,7 +82,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> EdgeConfig:
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path}: top level must be a mapping")
         data.update(loaded)
-    if "programs" in data or "programs" in overrides:
+    if "programs" in data or overrides.get("programs") is not None:
         data["programs_explicit"] = True
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -66,10 +67,8 @@ def test_runqueue_latency_for_cpu_bound_threads_in_their_cgroup(
 def _serve(listener: socket.socket, n: int) -> None:
     for _ in range(n):
         conn, _ = listener.accept()
-        try:
+        with contextlib.suppress(ConnectionResetError):  # the aborted connection
             conn.recv(16)
-        except ConnectionResetError:
-            pass  # the aborted connection
         conn.close()
 
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set this machine up (idempotent) and run the whole test suite: unit tests,
+# real BPF programs in this kernel, a real Kafka broker, embedded ClickHouse.
+# Extra arguments go to pytest.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+
+started_kafka=0
+if ! bash scripts/kafka.sh status >/dev/null 2>&1; then
+  bash scripts/kafka.sh start
+  started_kafka=1
+fi
+cleanup() { [ "$started_kafka" = 1 ] && bash scripts/kafka.sh stop || true; }
+trap cleanup EXIT
+eval "$(bash scripts/kafka.sh env)"
+export KAFKA_BOOTSTRAP
+
+.venv/bin/ruff check .
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+[ "$rc" -eq 5 ] && { echo "pytest collected no tests: failing" >&2; exit 1; }
+exit "$rc"
