@@ -1,0 +1,144 @@
+"""The merge state machine: exact sums per node and rolled up, windows, late partials."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.batch import BatchBuilder, batch_to_dict
+from edge.decode import Histogram
+from regional.merge import Aggregator, MergeSettings, Rollup
+
+NS = 1_000_000_000
+T0 = 1_800_000_000 * NS  # a minute boundary
+KEYS = ["syscall", "comm"]
+
+
+def edge_batch(node: str, seq: int, start_s: float, counters: dict, hists: dict | None = None,
+               boot: str = "b") -> Any:
+    b = BatchBuilder(node, boot, seq, T0 + int(start_s * NS), T0 + int((start_s + 10) * NS),
+                     {"region": "eu"})
+    b.add_counters("syscalls_total", "calls", "h", KEYS, counters)
+    if hists:
+        b.add_histograms("syscall_latency", "ns", "h", KEYS, hists)
+    return b.build()
+
+
+def totals(blocks: list, metric: str) -> dict[tuple[str, tuple], int]:
+    out: Counter[tuple[str, tuple]] = Counter()
+    for blk in blocks:
+        d = batch_to_dict(blk.batch)
+        for m in d["metrics"]:
+            if m["name"] == metric:
+                for s in m["series"]:
+                    out[(d["node_id"], tuple(sorted(s["labels"].items())))] += s["value"]
+    return dict(out)
+
+
+def hist_totals(blocks: list, metric: str) -> dict:
+    out: dict = defaultdict(lambda: [0, 0, 0, Counter()])
+    for blk in blocks:
+        d = batch_to_dict(blk.batch)
+        for h in d["histograms"]:
+            if h["name"] == metric:
+                for s in h["series"]:
+                    acc = out[(d["node_id"], tuple(sorted(s["labels"].items())))]
+                    acc[0] += s["count"]
+                    acc[1] += s["sum"]
+                    acc[2] += s["zero_count"]
+                    acc[3].update({int(i): n for i, n in s["buckets"].items()})
+    return dict(out)
+
+
+def test_three_edges_per_node_and_rolled_up() -> None:
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0,
+                                   rollups=(Rollup("syscalls_total", ("syscall",)),
+                                            Rollup("syscall_latency", ("syscall",)))))
+    for i, node in enumerate(["n1", "n2", "n3"]):
+        for k in range(6):  # six 10 s batches per node in one minute
+            agg.record(edge_batch(
+                node, k + 1, k * 10,
+                {("read", "app"): 10 * (i + 1), ("write", "db"): 1},
+                {("read", "app"): Histogram({3: 2, 5: 1}, zero=1, count=4, sum=100)},
+            ))
+    assert agg.flush(T0 + 60 * NS - 1) == []  # window still open
+    blocks = agg.flush(T0 + 60 * NS)
+    assert len(blocks) == 4  # three nodes + one roll-up
+    t = totals(blocks, "syscalls_total")
+    assert t[("n1", (("comm", "app"), ("syscall", "read")))] == 60
+    assert t[("n2", (("comm", "app"), ("syscall", "read")))] == 120
+    assert t[("n3", (("comm", "app"), ("syscall", "read")))] == 180
+    assert t[("n3", (("comm", "db"), ("syscall", "write")))] == 6
+    assert t[("", (("syscall", "read"),))] == 360
+    assert t[("", (("syscall", "write"),))] == 18
+    h = hist_totals(blocks, "syscall_latency")
+    assert h[("n1", (("comm", "app"), ("syscall", "read")))] == [24, 600, 6, Counter({3: 12, 5: 6})]
+    assert h[("", (("syscall", "read"),))] == [72, 1800, 18, Counter({3: 36, 5: 18})]
+    for blk in blocks:
+        assert blk.batch.start_ns == T0 and blk.batch.end_ns == T0 + 60 * NS
+    node_block = next(b for b in blocks if b.batch.node_id == "n1")
+    assert batch_to_dict(node_block.batch)["node_labels"] == {"region": "eu"}
+
+
+def test_batches_split_into_windows_by_read_time() -> None:
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=()))
+    agg.record(edge_batch("n", 1, 50, {("read", "a"): 1}))  # ends at 60 s: first window
+    agg.record(edge_batch("n", 2, 60, {("read", "a"): 2}))  # second window
+    first = agg.flush(T0 + 60 * NS)
+    assert [b.batch.start_ns for b in first] == [T0]
+    assert totals(first, "syscalls_total") == {("n", (("comm", "a"), ("syscall", "read"))): 1}
+    second = agg.flush(T0 + 120 * NS)
+    assert totals(second, "syscalls_total") == {("n", (("comm", "a"), ("syscall", "read"))): 2}
+
+
+def test_late_batch_becomes_an_additive_partial_with_its_own_id() -> None:
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=5, rollups=()))
+    agg.record(edge_batch("n", 1, 0, {("read", "a"): 5}))
+    on_time = agg.flush(T0 + 65 * NS)
+    assert agg.record(edge_batch("n", 2, 10, {("read", "a"): 7})) is True
+    late = agg.flush(T0 + 66 * NS)
+    assert [b.batch.start_ns for b in late] == [T0]
+    assert late[0].block_id != on_time[0].block_id
+    both = totals(on_time, "syscalls_total")[("n", (("comm", "a"), ("syscall", "read")))] + \
+        totals(late, "syscalls_total")[("n", (("comm", "a"), ("syscall", "read")))]
+    assert both == 12
+    assert agg.late_batches == 1
+
+
+def test_same_input_gives_same_block_ids() -> None:
+    def run() -> list[str]:
+        agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))
+        agg.record(edge_batch("n", 1, 0, {("read", "a"): 5}))
+        agg.record(edge_batch("m", 1, 0, {("read", "a"): 5}))
+        return [b.block_id for b in agg.flush(0, force=True)]
+
+    assert run() == run()
+
+
+series_key = st.tuples(st.sampled_from(["read", "write", "openat"]), st.sampled_from(["a", "b", "c"]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(
+    st.tuples(st.sampled_from(["n1", "n2"]), st.integers(0, 11),
+              st.dictionaries(series_key, st.integers(1, 2**40), max_size=6)),
+    max_size=15,
+))
+def test_merge_equals_naive_sum(batches: list[tuple[str, int, dict]]) -> None:
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0,
+                                   rollups=(Rollup("syscalls_total", ("syscall",)),)))
+    expected: Counter[tuple] = Counter()
+    for seq, (node, slot, counters) in enumerate(batches, 1):
+        agg.record(edge_batch(node, seq, slot * 10, counters))
+        window = T0 + (slot // 6) * 60 * NS
+        for (sc, comm), v in counters.items():
+            expected[(window, node, (("comm", comm), ("syscall", sc)))] += v
+            expected[(window, "", (("syscall", sc),))] += v
+    got: Counter[tuple] = Counter()
+    for blk in agg.flush(0, force=True):
+        for (node, labels), v in totals([blk], "syscalls_total").items():
+            got[(blk.batch.start_ns, node, labels)] += v
+    assert got == expected
