@@ -58,7 +58,13 @@ class EdgeConfig(BaseModel):
     programs_explicit: bool = False
     params: dict[str, dict[str, int]] = Field(default_factory=dict)
     limits: Limits = Limits()
-    output: str = "jsonl:-"
+    output: str | None = None
+    #: Regional aggregators, HOST:PORT, tried in order (failover).
+    regional: list[str] = Field(default_factory=list)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
     metrics_port: int = Field(9431, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
     bpf_dir: Path | None = None

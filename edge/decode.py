@@ -208,10 +208,9 @@ def decode_profile(
         pid = int(key.pid)
         kid = int(getattr(key, by_decoder["ksym_stack"]))
         uid = int(getattr(key, by_decoder["usym_stack"]))
-        kframes = tuple(symbolize_kernel(a) for a in stacks.get(kid, [])) if kid >= 0 else None
-        uframes = (
-            tuple(symbolize_user(pid, a) for a in stacks.get(uid, [])) if uid >= 0 else None
-        )
+        # A stack id whose trace is gone (or empty) means "no stack", not an empty one.
+        kframes = tuple(symbolize_kernel(a) for a in stacks.get(kid, ())) or None
+        uframes = tuple(symbolize_user(pid, a) for a in stacks.get(uid, ())) or None
         comm = bytes(key.comm).split(b"\0", 1)[0].decode(errors="replace")
         cgroup = ctx.cgroups.path(int(key.cgroup))
         row = ProfileRow(pid, comm, cgroup, kframes, uframes)

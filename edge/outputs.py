@@ -33,6 +33,36 @@ class JsonlOutput:
             self._fh.close()
 
 
+class ForwardOutput:
+    """Batches to one or more regionals over gRPC (see edge/forward.py)."""
+
+    def __init__(self, targets: list[str], tls: object | None = None, close_timeout_s: float = 15.0) -> None:
+        from edge.forward import ClientTls, GrpcForwarder
+
+        assert tls is None or isinstance(tls, ClientTls)
+        self.forwarder = GrpcForwarder(targets, tls=tls)
+        self.close_timeout_s = close_timeout_s
+
+    def write(self, batch: pb.Batch) -> None:
+        self.forwarder.write(batch)
+
+    def close(self) -> None:
+        self.forwarder.close(self.close_timeout_s)
+
+
+class MultiOutput:
+    def __init__(self, outputs: list[Output]) -> None:
+        self.outputs = outputs
+
+    def write(self, batch: pb.Batch) -> None:
+        for o in self.outputs:
+            o.write(batch)
+
+    def close(self) -> None:
+        for o in self.outputs:
+            o.close()
+
+
 def open_output(spec: str) -> Output:
     kind, _, target = spec.partition(":")
     if kind == "jsonl" and target:

@@ -7,12 +7,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 
-started_kafka=0
-if ! bash scripts/kafka.sh status >/dev/null 2>&1; then
-  bash scripts/kafka.sh start
-  started_kafka=1
-fi
-cleanup() { [ "$started_kafka" = 1 ] && bash scripts/kafka.sh stop || true; }
+# A broker of the test run's own, on its own port, so a broker someone started
+# for trying things out is neither used nor stopped by the tests.
+export KAFKA_PORT="${STRATOSCOPE_TEST_KAFKA_PORT:-19292}"
+bash scripts/kafka.sh start
+cleanup() { bash scripts/kafka.sh stop || true; }
 trap cleanup EXIT
 eval "$(bash scripts/kafka.sh env)"
 export KAFKA_BOOTSTRAP

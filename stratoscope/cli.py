@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,12 @@ def _edge_parser(sub: Any) -> None:
     p.add_argument("--config", type=Path, help="YAML configuration file")
     p.add_argument("--interval", help="drain interval, e.g. 10s (default 10s)")
     p.add_argument("--programs", help="comma-separated: syscalls,sched,tcp,block,process,profile")
-    p.add_argument("--output", help="jsonl:PATH or jsonl:- for stdout (default jsonl:-)")
+    p.add_argument("--output", help="jsonl:PATH or jsonl:- for stdout (default: jsonl:- unless --regional)")
+    p.add_argument("--regional", action="append", default=None, metavar="HOST:PORT",
+                   help="regional aggregator; repeat for failover in order")
+    p.add_argument("--tls-ca", type=Path, help="CA that signed the regional's certificate (enables TLS)")
+    p.add_argument("--tls-cert", type=Path, help="this node's client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, help="this node's client key (mTLS)")
     p.add_argument("--duration", help="stop after this long, e.g. 30s")
     p.add_argument("--once", action="store_true", help="drain one interval and exit")
     p.add_argument("--metrics-port", type=int, help="port for /metrics (0 disables; default 9431)")
@@ -55,7 +61,6 @@ def _run_edge(args: argparse.Namespace) -> int:
     from edge import preflight
     from edge.collector import Collector
     from edge.config import load_config
-    from edge.outputs import open_output
 
     overrides: dict[str, Any] = {
         "interval": args.interval,
@@ -65,13 +70,17 @@ def _run_edge(args: argparse.Namespace) -> int:
         "once": args.once or None,
         "metrics_port": args.metrics_port,
         "node_id": args.node_id,
+        "regional": args.regional,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
     }
     params = _parse_params(args.param)
     cfg = load_config(args.config, overrides)
     for prog, values in params.items():
         cfg.params.setdefault(prog, {}).update(values)
     preflight.check()
-    output = open_output(cfg.output)
+    output = _edge_output(cfg)
     collector = Collector(cfg)
     stop = threading.Event()
 
@@ -110,15 +119,102 @@ def _run_edge(args: argparse.Namespace) -> int:
     return rc
 
 
+def _edge_output(cfg: Any) -> Any:
+    from edge.outputs import ForwardOutput, MultiOutput, open_output
+
+    outputs = []
+    if cfg.regional:
+        tls = None
+        if cfg.tls_ca:
+            from edge.forward import ClientTls
+
+            tls = ClientTls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name)
+        outputs.append(ForwardOutput(cfg.regional, tls))
+    if cfg.output or not cfg.regional:
+        outputs.append(open_output(cfg.output or "jsonl:-"))
+    return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)
+
+
+def _regional_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clickhouse", default=None,
+                   help="chdb:///DIR (embedded, default chdb:///var/lib/stratoscope/clickhouse) "
+                   "or http(s)://user:pass@host:8123/db; 'none' disables")
+    p.add_argument("--migrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply schema migrations at start (default: yes for embedded, no for a server)")
+    p.add_argument("--kafka", help="Kafka bootstrap servers (host:port,...); enables the Kafka sink")
+    p.add_argument("--kafka-topic-prefix", default="stratoscope")
+    p.add_argument("--resolution", default="60s", help="output window (default 60s)")
+    p.add_argument("--lateness", default="15s", help="allowed lateness before a window closes")
+
+
+def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
+    from edge.config import parse_duration
+    from regional.app import DEFAULT_CLICKHOUSE, RegionalOptions, tls_from_paths
+
+    ch = args.clickhouse or DEFAULT_CLICKHOUSE
+    try:
+        opts = RegionalOptions(
+            clickhouse=None if ch == "none" else ch,
+            migrate=args.migrate,
+            kafka=args.kafka,
+            kafka_topic_prefix=args.kafka_topic_prefix,
+            resolution_s=int(parse_duration(args.resolution)),
+            lateness_s=parse_duration(args.lateness),
+            tls=tls_from_paths(getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
+                               getattr(args, "tls_client_ca", None)),
+            **over,
+        )
+    except ValueError as exc:
+        from edge.errors import ConfigError
+
+        raise ConfigError(str(exc)) from None
+    return opts
+
+
+def _run_regional(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from regional import app
+
+    opts = _regional_options(args, listen=args.listen, metrics_port=args.metrics_port)
+    runner = app.check(opts) if args.check else app.run(opts)
+    return int(uvloop.run(runner) or 0)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from regional.demo import run_demo
+
+    opts = _regional_options(args, listen="127.0.0.1:0", metrics_port=0)
+    return int(uvloop.run(run_demo(opts, args.duration)) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stratoscope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _edge_parser(sub)
+    r = sub.add_parser("regional", help="run a regional aggregator")
+    _regional_args(r)
+    r.add_argument("--listen", default="0.0.0.0:7400")
+    r.add_argument("--metrics-port", type=int, default=9432)
+    r.add_argument("--tls-cert", type=Path, help="server certificate (enables TLS)")
+    r.add_argument("--tls-key", type=Path, help="server key")
+    r.add_argument("--tls-client-ca", type=Path,
+                   help="CA of edge certificates: requires mTLS, node_id must equal the certificate CN")
+    r.add_argument("--check", action="store_true", help="run the sinks' health checks and exit")
+    r.set_defaults(func=_run_regional)
+    d = sub.add_parser("demo", help="regional on embedded ClickHouse + edge on this node, then a report")
+    _regional_args(d)
+    d.add_argument("--duration", default="30s")
+    d.set_defaults(func=_run_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC's C core logs fork warnings at INFO when the demo starts the edge.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -1,0 +1,133 @@
+"""Runs a regional: sinks + delivery queues + merge + gRPC ingest + /metrics, on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import start_http_server
+
+from regional.delivery import DeliveryQueue
+from regional.merge import DEFAULT_ROLLUPS, MergeSettings, Rollup
+from regional.server import ServerTls, flush_forever, serve
+from regional.service import Regional
+from regional.sinks.base import Sink, SinkError
+
+log = logging.getLogger("stratoscope.regional")
+
+DEFAULT_CLICKHOUSE = "chdb:///var/lib/stratoscope/clickhouse"
+
+
+@dataclass
+class RegionalOptions:
+    listen: str = "0.0.0.0:7400"
+    metrics_port: int = 9432
+    clickhouse: str | None = DEFAULT_CLICKHOUSE
+    migrate: bool | None = None  # None: yes for an embedded store, no for a server
+    kafka: str | None = None
+    kafka_topic_prefix: str = "stratoscope"
+    resolution_s: int = 60
+    lateness_s: float = 15.0
+    rollups: tuple[Rollup, ...] = DEFAULT_ROLLUPS
+    tls: ServerTls | None = None
+    regional_id: str = field(default_factory=socket.gethostname)
+
+
+def build_sinks(opts: RegionalOptions) -> list[Sink]:
+    sinks: list[Sink] = []
+    if opts.clickhouse:
+        from regional.sinks.clickhouse import ClickHouseSink
+
+        migrate = opts.migrate if opts.migrate is not None else opts.clickhouse.startswith("chdb:")
+        sinks.append(ClickHouseSink(opts.clickhouse, migrate=migrate))
+    if opts.kafka:
+        from regional.sinks.kafka import KafkaSink
+
+        sinks.append(KafkaSink(opts.kafka, topic_prefix=opts.kafka_topic_prefix))
+    return sinks
+
+
+async def check(opts: RegionalOptions) -> int:
+    """Start each sink and run its health check; print one line per sink."""
+    rc = 0
+    for sink in build_sinks(opts):
+        try:
+            await sink.start()
+            await sink.health_check()
+            print(f"{sink.name}: ok")
+        except SinkError as exc:
+            print(f"{sink.name}: FAILED: {exc}")
+            rc = 1
+        finally:
+            await sink.stop()
+    return rc
+
+
+class RunningRegional:
+    """A started regional; ``stop()`` drains windows into the sinks and shuts down."""
+
+    def __init__(self, opts: RegionalOptions) -> None:
+        self.opts = opts
+        self.sinks = build_sinks(opts)
+        self.queues = [DeliveryQueue(s, batch_max_blocks=2000, batch_max_wait_s=0.5) for s in self.sinks]
+        settings = MergeSettings(resolution_s=opts.resolution_s, lateness_s=opts.lateness_s,
+                                 rollups=opts.rollups)
+        self.regional = Regional(settings, self.queues, regional_id=opts.regional_id)
+        self._server = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.port = 0
+
+    def sink(self, name: str) -> Sink:
+        return next(s for s in self.sinks if s.name == name)
+
+    async def start(self) -> None:
+        for s in self.sinks:
+            await s.start()
+            await s.health_check()
+        await self.regional.start()
+        self._server = await serve(self.regional, self.opts.listen, self.opts.tls)
+        self.port = self._server.bound_port  # type: ignore[attr-defined]
+        self._flusher = asyncio.create_task(flush_forever(self.regional))
+        if self.opts.metrics_port:
+            start_http_server(self.opts.metrics_port, registry=self.regional.registry)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self.regional.stop()
+        for s in self.sinks:
+            await s.stop()
+
+
+async def run(opts: RegionalOptions) -> int:
+    running = RunningRegional(opts)
+    await running.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("regional up: ingest on %s, resolution %ss, sinks: %s", opts.listen, opts.resolution_s,
+             ", ".join(s.name for s in running.sinks) or "none")
+    await stop.wait()
+    log.info("stopping: flushing every window")
+    await running.stop()
+    return 0
+
+
+def tls_from_paths(cert: Path | None, key: Path | None, client_ca: Path | None) -> ServerTls | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    return ServerTls(cert, key, client_ca)

@@ -1,0 +1,46 @@
+"""Remembers which (node_id, boot_id, seq) batches were accepted.
+
+Per boot: the highest seq below which everything was seen, plus the set of
+seqs seen above it (edges send in order, so the set stays tiny). Boots are
+kept in LRU order and bounded; a boot evicted long after its last batch can
+no longer be resent by its edge, which drops acked batches.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Boot:
+    floor: int = 0  # every seq <= floor has been seen
+    above: set[int] = field(default_factory=set)
+
+
+class Deduplicator:
+    def __init__(self, max_boots: int = 200_000) -> None:
+        self._boots: OrderedDict[tuple[str, str], _Boot] = OrderedDict()
+        self.max_boots = max_boots
+
+    def seen(self, node_id: str, boot_id: str, seq: int) -> bool:
+        boot = self._boots.get((node_id, boot_id))
+        return boot is not None and (seq <= boot.floor or seq in boot.above)
+
+    def add(self, node_id: str, boot_id: str, seq: int) -> None:
+        key = (node_id, boot_id)
+        boot = self._boots.get(key)
+        if boot is None:
+            boot = self._boots[key] = _Boot()
+            while len(self._boots) > self.max_boots:
+                self._boots.popitem(last=False)
+        else:
+            self._boots.move_to_end(key)
+        if seq <= boot.floor:
+            return
+        boot.above.add(seq)
+        while boot.floor + 1 in boot.above:
+            boot.floor += 1
+            boot.above.discard(boot.floor)
+        if len(boot.above) > 100_000:  # a pathological gap: forget the oldest
+            boot.floor = min(boot.above) - 1

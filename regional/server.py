@@ -1,0 +1,86 @@
+"""gRPC ingest (grpc.aio on uvloop): one bidirectional stream per edge, acks by seq."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from regional.service import Regional
+from stratoscope.v1 import batch_pb2 as pb
+from stratoscope.v1 import ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger("stratoscope.regional")
+
+MAX_MESSAGE = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    cert: Path
+    key: Path
+    #: CA for client certificates: set -> mTLS required, node identity = certificate CN.
+    client_ca: Path | None = None
+
+
+def _peer_node(context: grpc.aio.ServicerContext) -> str | None:
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") if auth else None
+    return names[0].decode() if names else None
+
+
+class IngestService(ingest_pb2_grpc.IngestServicer):
+    def __init__(self, regional: Regional, require_identity: bool) -> None:
+        self.regional = regional
+        self.require_identity = require_identity
+
+    async def Stream(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[pb.Batch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingest_pb2.Ack]:
+        peer = _peer_node(context) if self.require_identity else None
+        if self.require_identity and peer is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        async for batch in request_iterator:
+            yield self.regional.accept(batch, peer, batch.ByteSize())
+
+
+async def serve(regional: Regional, listen: str, tls: ServerTls | None = None) -> grpc.aio.Server:
+    """Start the server (returns it running); the caller stops it."""
+    server = grpc.aio.server(
+        compression=grpc.Compression.Gzip,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+    ingest_pb2_grpc.add_IngestServicer_to_server(
+        IngestService(regional, require_identity=bool(tls and tls.client_ca)), server
+    )
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        creds = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None,
+        )
+        port = server.add_secure_port(listen, creds)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    log.info("ingest listening on %s (port %d)%s", listen, port, " with TLS" if tls else "")
+    server.bound_port = port  # type: ignore[attr-defined]
+    return server
+
+
+async def flush_forever(regional: Regional, every_s: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await regional.flush()
+        except Exception:  # a bug in one flush must not stop the next
+            log.exception("flush failed")

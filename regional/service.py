@@ -1,0 +1,158 @@
+"""The regional's core: accept a batch (validate, de-duplicate, merge) and flush windows to sinks.
+
+Transport-free: the gRPC server (server.py) calls ``accept``; a periodic task
+calls ``flush``. Tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from regional.dedup import Deduplicator
+from regional.delivery import DeliveryQueue
+from regional.merge import Aggregator, MergeSettings
+from regional.sinks.base import Block
+from regional.validate import BatchRejected, Limits, validate
+from stratoscope.v1 import batch_pb2 as pb
+from stratoscope.v1 import ingest_pb2
+
+log = logging.getLogger("stratoscope.regional")
+
+
+class _SinkStats(Collector):
+    def __init__(self, queues: Callable[[], Iterable[DeliveryQueue]]) -> None:
+        self._queues = queues
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        ns = "stratoscope_regional_sink"
+        fams = {
+            "delivered": CounterMetricFamily(f"{ns}_delivered_blocks", "Blocks delivered.", labels=["sink"]),
+            "retried": CounterMetricFamily(f"{ns}_retried", "Delivery attempts retried.", labels=["sink"]),
+            "failed": CounterMetricFamily(f"{ns}_failed_blocks", "Blocks dropped on a permanent error.", labels=["sink"]),
+            "dropped": CounterMetricFamily(f"{ns}_dropped_blocks", "Blocks dropped because the queue was full.", labels=["sink"]),
+        }
+        queued = GaugeMetricFamily(f"{ns}_queued_blocks", "Blocks waiting or in delivery.", labels=["sink"])
+        latency = GaugeMetricFamily(f"{ns}_last_delivery_seconds", "Duration of the last delivery (insert latency).", labels=["sink"])
+        for q in self._queues():
+            for attr, fam in fams.items():
+                fam.add_metric([q.sink.name], getattr(q, attr))
+            queued.add_metric([q.sink.name], q.queued)
+            latency.add_metric([q.sink.name], q.last_delivery_latency_s or 0.0)
+        yield from fams.values()
+        yield queued
+        yield latency
+
+
+class RegionalMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns = "stratoscope_regional"
+        self.batches = Counter(f"{ns}_batches", "Batches received, by outcome.", ["status"], registry=registry)
+        self.points = Counter(f"{ns}_points", "Points (series) received in accepted batches.", registry=registry)
+        self.bytes_in = Counter(f"{ns}_bytes_in", "Serialized bytes of accepted batches.", registry=registry)
+        self.bytes_out = Counter(f"{ns}_bytes_out", "Serialized bytes of emitted blocks.", registry=registry)
+        self.late = Counter(f"{ns}_late_batches", "Batches for windows already closed.", registry=registry)
+        self.rejected = Counter(f"{ns}_rejected_batches", "Invalid batches, by reason.", ["reason"], registry=registry)
+        self.window_lag = Gauge(f"{ns}_window_lag_seconds", "Age of the oldest open window's end.", registry=registry)
+        self.blocks = Counter(f"{ns}_blocks", "Merged blocks emitted to sinks.", registry=registry)
+        self.flush_seconds = Histogram(f"{ns}_flush_seconds", "Time to close windows into blocks.", registry=registry)
+
+
+class Regional:
+    def __init__(
+        self,
+        settings: MergeSettings,
+        sinks: list[DeliveryQueue],
+        limits: Limits | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], int] = time.time_ns,
+        regional_id: str = "regional",
+        max_queued_blocks: int = 50_000,
+    ) -> None:
+        self.aggregator = Aggregator(settings, regional_id)
+        self.dedup = Deduplicator()
+        self.sinks = sinks
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.registry = registry or CollectorRegistry()
+        self.metrics = RegionalMetrics(self.registry)
+        self.registry.register(_SinkStats(lambda: self.sinks))
+        self.max_queued_blocks = max_queued_blocks
+        self._flush_lock = asyncio.Lock()
+
+    def accept(self, batch: pb.Batch, peer_node: str | None = None, size: int | None = None) -> ingest_pb2.Ack:
+        """Validate, de-duplicate and merge one batch; the Ack says what happened."""
+        ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
+        if peer_node is not None and peer_node != batch.node_id:
+            self.metrics.rejected.labels("identity").inc()
+            self.metrics.batches.labels("rejected").inc()
+            ack.status = ingest_pb2.Ack.REJECTED
+            ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
+            return ack
+        try:
+            validate(batch, self.limits, self.clock(), size)
+        except BatchRejected as exc:
+            self.metrics.rejected.labels(str(exc).split(":")[0][:40]).inc()
+            self.metrics.batches.labels("rejected").inc()
+            log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
+            ack.status = ingest_pb2.Ack.REJECTED
+            ack.reason = str(exc)
+            return ack
+        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
+            self.metrics.batches.labels("duplicate").inc()
+            ack.status = ingest_pb2.Ack.DUPLICATE
+            return ack
+        if any(q.queued >= self.max_queued_blocks for q in self.sinks):
+            self.metrics.batches.labels("retry").inc()
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional overloaded: sinks are behind"
+            return ack
+        if self.aggregator.record(batch):
+            self.metrics.late.inc()
+        self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
+        self.metrics.batches.labels("accepted").inc()
+        self.metrics.points.inc(sum(len(m.counter_values) + len(m.gauge_values) for m in batch.metrics)
+                                + sum(len(h.count) for h in batch.histograms))
+        if size:
+            self.metrics.bytes_in.inc(size)
+        ack.status = ingest_pb2.Ack.ACCEPTED
+        return ack
+
+    async def flush(self, force: bool = False) -> list[Block]:
+        """Close due windows and hand their blocks to every sink's queue."""
+        async with self._flush_lock:
+            now = self.clock()
+            t0 = time.perf_counter()
+            blocks = self.aggregator.flush(now, force=force)
+            self.metrics.flush_seconds.observe(time.perf_counter() - t0)
+            open_ws = self.aggregator.open_windows()
+            res_ns = self.aggregator.settings.resolution_s * 1_000_000_000
+            self.metrics.window_lag.set(max(0.0, (now - (open_ws[0] + res_ns)) / 1e9) if open_ws else 0.0)
+            if blocks:
+                self.metrics.blocks.inc(len(blocks))
+                self.metrics.bytes_out.inc(sum(b.batch.ByteSize() for b in blocks))
+                for q in self.sinks:
+                    await q.put(blocks)
+            return blocks
+
+    async def start(self) -> None:
+        for q in self.sinks:
+            await q.start()
+
+    async def drain(self) -> None:
+        """Flush every window (open or not) and wait until the sinks have it."""
+        await self.flush(force=True)
+        for q in self.sinks:
+            await q.flush()
+
+    async def stop(self) -> None:
+        """Drain, then stop the delivery queues (and their sinks). Idempotent."""
+        await self.drain()
+        for q in self.sinks:
+            await q.stop()

@@ -1,0 +1,467 @@
+"""Kafka sink: one protobuf ``stratoscope.v1.Batch`` per block and kind, on three topics.
+
+Each Block's batch is split by kind onto ``<prefix>.metrics`` (counters, gauges and
+histograms), ``<prefix>.profiles`` and ``<prefix>.events``; a kind with no data is not
+sent. Every message carries the block's identity fields (node_id, boot_id, seq, window,
+node labels, producer) and the *whole* string table, so it decodes on its own and stays
+correct when a later schema version adds a string-index field.
+
+Record layout:
+
+- key: the node_id as UTF-8, or ``b"*"`` (``ROLLUP_KEY``) for a roll-up block
+  (node_id ""): one node's blocks stay ordered in one partition.
+- value: the serialized ``stratoscope.v1.Batch``.
+- headers: ``schema`` = ``b"stratoscope.v1.Batch"``, ``block_id``, ``resolution_s``
+  (decimal ASCII) and ``kind`` (``metrics`` / ``profiles`` / ``events``).
+
+Delivery guarantees. The producer is idempotent (``enable_idempotence=True``,
+``acks="all"``): the broker discards the producer's own internal retries, so within one
+producer session a record is written once. ``deliver()`` sends every record and then
+awaits every delivery future; it returns only when all were acknowledged. A block that
+is delivered again -- after a timeout or a partial failure, when the regional retries
+it, or after a restart -- is a new record as far as Kafka knows. Consumers therefore
+de-duplicate on ``(kind, block_id)`` (the same block_id appears once per kind topic):
+``decode_message()`` returns the block_id with the batch for that purpose.
+
+Errors are mapped for the delivery wrapper: timeouts, connection errors, leader changes
+and every aiokafka error marked ``retriable`` raise ``RetriableError``; anything else
+Kafka rejects (record too large, topic authorization, ...) raises ``PermanentError``
+naming the block, topic and reason. When a batch has both kinds of failure the
+permanent one wins, since a retry would fail again on the same record.
+
+Compression: aiokafka's zstd, lz4 and snappy codecs need the ``cramjam`` package; with
+``compression="auto"`` the sink uses zstd when it is available and gzip (always
+available) otherwise. ``compression_type()`` tells which one was chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.client import AIOKafkaClient
+from aiokafka.codec import has_lz4, has_snappy, has_zstd
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    ProducerFenced,
+)
+
+from regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope.v1 import batch_pb2 as pb
+
+__all__ = [
+    "KIND_EVENTS",
+    "KIND_METRICS",
+    "KIND_PROFILES",
+    "KINDS",
+    "ROLLUP_KEY",
+    "SCHEMA",
+    "KafkaSink",
+    "compression_type",
+    "decode_message",
+    "split_batch",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA = b"stratoscope.v1.Batch"
+KIND_METRICS = "metrics"
+KIND_PROFILES = "profiles"
+KIND_EVENTS = "events"
+KINDS = (KIND_METRICS, KIND_PROFILES, KIND_EVENTS)
+#: Record key of a roll-up block (node_id ""): never a valid host name.
+ROLLUP_KEY = b"*"
+
+# Fields of pb.Batch that hold a kind's data; every other field is identity and is
+# copied to each kind's message.
+_KIND_FIELDS = ("metrics", "histograms", "profiles", "events")
+
+# The sender task of an aiokafka producer dies on these; the producer is unusable
+# afterwards and has to be replaced.
+_PRODUCER_BROKEN = (ProducerClosed, ProducerFenced, OutOfOrderSequenceNumber)
+
+_CODECS = {"zstd": has_zstd, "lz4": has_lz4, "snappy": has_snappy, "gzip": lambda: True}
+
+
+def compression_type(requested: str | None = "auto") -> str | None:
+    """The codec to give aiokafka: ``auto`` is zstd when available, else gzip."""
+    if requested is None or requested == "none":
+        return None
+    if requested == "auto":
+        return "zstd" if has_zstd() else "gzip"
+    check = _CODECS.get(requested)
+    if check is None:
+        raise ValueError(
+            f"unknown Kafka compression {requested!r}: expected one of auto, none, "
+            + ", ".join(_CODECS)
+        )
+    if not check():
+        raise ValueError(
+            f"Kafka compression {requested!r} needs the 'cramjam' package, which is not "
+            "installed (use 'auto' or 'gzip')"
+        )
+    return requested
+
+
+def split_batch(batch: pb.Batch) -> list[tuple[str, pb.Batch]]:
+    """One Batch per non-empty kind, each with the identity fields and string table."""
+    identity = pb.Batch()
+    identity.CopyFrom(batch)
+    for f in _KIND_FIELDS:
+        identity.ClearField(f)
+
+    out: list[tuple[str, pb.Batch]] = []
+    if batch.metrics or batch.histograms:
+        m = pb.Batch()
+        m.CopyFrom(identity)
+        m.metrics.extend(batch.metrics)
+        m.histograms.extend(batch.histograms)
+        out.append((KIND_METRICS, m))
+    if batch.profiles:
+        p = pb.Batch()
+        p.CopyFrom(identity)
+        p.profiles.extend(batch.profiles)
+        out.append((KIND_PROFILES, p))
+    if batch.HasField("events") and (batch.events.time_ns or batch.events.lost):
+        e = pb.Batch()
+        e.CopyFrom(identity)
+        e.events.CopyFrom(batch.events)
+        out.append((KIND_EVENTS, e))
+    return out
+
+
+def decode_message(
+    value: bytes, headers: Iterable[tuple[str, bytes]] | None
+) -> tuple[str, pb.Batch]:
+    """``(block_id, batch)`` of a record written by KafkaSink.
+
+    ``headers`` are the record's headers as aiokafka gives them (``(name, bytes)``
+    pairs). De-duplicate on ``(kind header or topic, block_id)``: a block delivered
+    again carries the same block_id. Raises ValueError for a record of another schema.
+    """
+    h = dict(headers or ())
+    schema = h.get("schema")
+    if schema != SCHEMA:
+        raise ValueError(f"record schema is {schema!r}, expected {SCHEMA!r}")
+    raw_id = h.get("block_id")
+    if not raw_id:
+        raise ValueError("record has no block_id header")
+    batch = pb.Batch()
+    batch.ParseFromString(value)
+    return raw_id.decode(), batch
+
+
+@dataclass(frozen=True)
+class _Record:
+    block_id: str
+    kind: str
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``; aiokafka's errors already start with their type's name."""
+    name, text = type(exc).__name__, str(exc)
+    if not text:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def _classify(exc: BaseException) -> SinkError:
+    reason = _describe(exc)
+    if isinstance(exc, SinkError):
+        return exc
+    if isinstance(
+        exc,
+        KafkaTimeoutError | KafkaConnectionError | NotLeaderForPartitionError | TimeoutError,
+    ) or getattr(exc, "retriable", False):
+        return RetriableError(reason)
+    if isinstance(exc, _PRODUCER_BROKEN):
+        return RetriableError(f"producer reset after {reason}")
+    return PermanentError(reason)
+
+
+class KafkaSink:
+    """Sink that writes blocks to Kafka; see the module docstring for the layout.
+
+    Counters (plain attributes, read by the regional's metrics): ``delivered_messages``,
+    ``delivered_bytes``, ``failed_messages``, ``delivered_blocks``.
+    """
+
+    name = "kafka"
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic_prefix: str = "stratoscope",
+        client_id: str = "stratoscope-regional",
+        request_timeout_s: float = 30,
+        *,
+        compression: str | None = "auto",
+        linger_s: float = 0.01,
+        max_batch_bytes: int = 256 * 1024,
+        max_request_bytes: int = 1024 * 1024,
+        security_protocol: str = "PLAINTEXT",
+        ssl_context: ssl.SSLContext | None = None,
+        sasl_mechanism: str = "PLAIN",
+        sasl_plain_username: str | None = None,
+        sasl_plain_password: str | None = None,
+    ) -> None:
+        if not bootstrap.strip():
+            raise ValueError("Kafka bootstrap is empty: expected host:port[,host:port...]")
+        if request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        self.bootstrap = bootstrap
+        self.topic_prefix = topic_prefix
+        self.client_id = client_id
+        self.request_timeout_s = float(request_timeout_s)
+        self.compression = compression_type(compression)
+        self.topics = {kind: f"{topic_prefix}.{kind}" for kind in KINDS}
+        self._linger_ms = int(linger_s * 1000)
+        self._max_batch_bytes = max_batch_bytes
+        self._max_request_bytes = max_request_bytes
+        self._security: dict[str, Any] = {
+            "security_protocol": security_protocol,
+            "ssl_context": ssl_context,
+            "sasl_mechanism": sasl_mechanism,
+            "sasl_plain_username": sasl_plain_username,
+            "sasl_plain_password": sasl_plain_password,
+        }
+        self._producer: AIOKafkaProducer | None = None
+        # Producers whose sender task died; closed by the next start() or stop().
+        self._retired: list[AIOKafkaProducer] = []
+        self._start_lock: asyncio.Lock | None = None
+
+        self.delivered_messages = 0
+        self.delivered_bytes = 0
+        self.delivered_blocks = 0
+        self.failed_messages = 0
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    async def start(self) -> None:
+        """Connect the producer. Idempotent. Raises RetriableError if Kafka is unreachable."""
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            await self._close_retired()
+            if self._producer is not None:
+                return
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                acks="all",
+                enable_idempotence=True,
+                compression_type=self.compression,
+                linger_ms=self._linger_ms,
+                max_batch_size=self._max_batch_bytes,
+                max_request_size=self._max_request_bytes,
+                request_timeout_ms=int(self.request_timeout_s * 1000),
+                **self._security,
+            )
+            try:
+                await asyncio.wait_for(producer.start(), self.request_timeout_s)
+            except BaseException as exc:
+                await self._close(producer)
+                if isinstance(exc, Exception):
+                    raise self._start_error(exc) from exc
+                raise
+            self._producer = producer
+            log.info(
+                "kafka sink connected to %s (topics %s, compression %s)",
+                self.bootstrap, ", ".join(self.topics.values()), self.compression or "none",
+            )
+
+    async def stop(self) -> None:
+        """Flush pending records and disconnect. Idempotent; safe without start()."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await self._close(producer)
+        await self._close_retired()
+
+    async def __aenter__(self) -> KafkaSink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _start_error(self, exc: Exception) -> SinkError:
+        err = _classify(exc)
+        return type(err)(f"cannot connect to Kafka at {self.bootstrap}: {err}")
+
+    async def _close_retired(self) -> None:
+        while self._retired:
+            await self._close(self._retired.pop())
+
+    @staticmethod
+    async def _close(producer: AIOKafkaProducer) -> None:
+        try:
+            await producer.stop()
+        except Exception as exc:  # a dead sender task re-raises its error here
+            log.warning("kafka producer did not stop cleanly: %s", _describe(exc))
+
+    # --- health ------------------------------------------------------------------
+
+    async def health_check(self) -> None:
+        """Fetch cluster metadata; raise SinkError naming the reason if it fails."""
+        try:
+            if self._producer is not None:
+                md = await asyncio.wait_for(
+                    self._producer.client.fetch_all_metadata(), self.request_timeout_s
+                )
+            else:
+                md = await asyncio.wait_for(self._probe_metadata(), self.request_timeout_s)
+        except TimeoutError:
+            raise SinkError(
+                f"kafka at {self.bootstrap}: no cluster metadata within "
+                f"{self.request_timeout_s:g}s"
+            ) from None
+        except KafkaError as exc:
+            raise SinkError(f"kafka at {self.bootstrap}: {_describe(exc)}") from exc
+        except OSError as exc:
+            raise SinkError(f"kafka at {self.bootstrap}: {exc}") from exc
+        if not md.brokers():
+            raise SinkError(f"kafka at {self.bootstrap}: cluster metadata lists no brokers")
+        denied = sorted(set(self.topics.values()) & set(md.unauthorized_topics))
+        if denied:
+            raise SinkError(f"kafka at {self.bootstrap}: not authorized for {', '.join(denied)}")
+        missing = sorted(set(self.topics.values()) - set(md.topics()))
+        if missing:
+            log.info(
+                "kafka topics %s do not exist yet (created on first write if the broker "
+                "auto-creates topics)", ", ".join(missing),
+            )
+
+    async def _probe_metadata(self) -> Any:
+        client = AIOKafkaClient(
+            bootstrap_servers=self.bootstrap,
+            client_id=f"{self.client_id}-health",
+            request_timeout_ms=int(self.request_timeout_s * 1000),
+            **self._security,
+        )
+        try:
+            await client.bootstrap()
+            return await client.fetch_all_metadata()
+        finally:
+            await client.close()
+
+    # --- delivery ----------------------------------------------------------------
+
+    def records(self, blocks: Sequence[Block]) -> list[_Record]:
+        """The records ``deliver`` would send for ``blocks`` (pure; used by tests too)."""
+        out: list[_Record] = []
+        for block in blocks:
+            key = block.batch.node_id.encode() if block.batch.node_id else ROLLUP_KEY
+            for kind, part in split_batch(block.batch):
+                out.append(_Record(
+                    block_id=block.block_id,
+                    kind=kind,
+                    topic=self.topics[kind],
+                    key=key,
+                    value=part.SerializeToString(),
+                    headers=[
+                        ("schema", SCHEMA),
+                        ("block_id", block.block_id.encode()),
+                        ("resolution_s", str(block.resolution_s).encode()),
+                        ("kind", kind.encode()),
+                    ],
+                ))
+        return out
+
+    async def deliver(self, blocks: list[Block]) -> None:
+        """Send every record, then await every acknowledgement.
+
+        Starts the producer if needed. Raises RetriableError or PermanentError; the
+        records that were acknowledged stay written (consumers de-duplicate).
+        """
+        records = self.records(blocks)
+        if not records:
+            return
+        if self._producer is None:
+            await self.start()
+        producer = self._producer
+        assert producer is not None
+
+        pending: list[tuple[_Record, asyncio.Future[Any]]] = []
+        errors: list[tuple[_Record, BaseException]] = []
+        unsent = 0
+        for i, rec in enumerate(records):
+            try:
+                fut = await producer.send(
+                    rec.topic, value=rec.value, key=rec.key, headers=rec.headers
+                )
+            except MessageSizeTooLargeError as exc:  # this record only
+                errors.append((rec, exc))
+                continue
+            except KafkaError as exc:  # timeout, metadata, broken producer: stop here
+                errors.append((rec, exc))
+                unsent = len(records) - i - 1
+                break
+            # If this call is cancelled (the caller's timeout) the producer still
+            # completes the future; the callback keeps its error from being reported as
+            # "never retrieved". Otherwise every future is awaited below.
+            fut.add_done_callback(_retrieve)
+            pending.append((rec, fut))
+        if pending:
+            # asyncio.wait neither raises nor cancels the futures it waits on.
+            await asyncio.wait([f for _, f in pending])
+
+        for rec, fut in pending:
+            failure = fut.exception()
+            if failure is None:
+                self.delivered_messages += 1
+                self.delivered_bytes += len(rec.value)
+            else:
+                errors.append((rec, failure))
+        if not errors:
+            self.delivered_blocks += len(blocks)
+            return
+        self.failed_messages += len(errors) + unsent
+        raise self._delivery_error(records, errors, unsent)
+
+    def _delivery_error(
+        self, records: list[_Record], errors: list[tuple[_Record, BaseException]], unsent: int
+    ) -> SinkError:
+        classified = [(rec, _classify(exc)) for rec, exc in errors]
+        if any(isinstance(exc, _PRODUCER_BROKEN) for _, exc in errors):
+            # Its sender task is gone: the next deliver() starts a new producer.
+            broken, self._producer = self._producer, None
+            if broken is not None:
+                self._retired.append(broken)
+        permanent = [(r, e) for r, e in classified if isinstance(e, PermanentError)]
+        chosen = permanent or classified
+        first_rec, first_err = chosen[0]
+        summary = (
+            f"kafka: {len(errors) + unsent} of {len(records)} record(s) not delivered; "
+            f"first: block {first_rec.block_id} ({first_rec.kind}) to {first_rec.topic}: "
+            f"{first_err}"
+        )
+        if permanent:
+            bad = sorted({f"{r.block_id}/{r.kind}" for r, _ in permanent})
+            return PermanentError(f"{summary}; rejected: {', '.join(bad)}")
+        return RetriableError(summary)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # Mark the exception as retrieved so a future abandoned by a cancelled
+    # deliver() does not log "exception was never retrieved".
+    if not fut.cancelled():
+        fut.exception()
