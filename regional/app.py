@@ -28,6 +28,7 @@ class RegionalOptions:
     listen: str = "0.0.0.0:7400"
     metrics_port: int = 9432
     clickhouse: str | None = DEFAULT_CLICKHOUSE
+    clickhouse_database: str | None = None
     migrate: bool | None = None  # None: yes for an embedded store, no for a server
     kafka: str | None = None
     kafka_topic_prefix: str = "stratoscope"
@@ -44,7 +45,7 @@ def build_sinks(opts: RegionalOptions) -> list[Sink]:
         from regional.sinks.clickhouse import ClickHouseSink
 
         migrate = opts.migrate if opts.migrate is not None else opts.clickhouse.startswith("chdb:")
-        sinks.append(ClickHouseSink(opts.clickhouse, migrate=migrate))
+        sinks.append(ClickHouseSink(opts.clickhouse, database=opts.clickhouse_database, migrate=migrate))
     if opts.kafka:
         from regional.sinks.kafka import KafkaSink
 

@@ -46,6 +46,7 @@ class EdgeRun:
     def __init__(self) -> None:
         self.batches: list[dict[str, Any]] = []
         self.collector: Collector | None = None
+        self.forward_stats: Any = None
 
     def counter(self, metric: str, **labels: str) -> int:
         return sum(
@@ -81,14 +82,25 @@ class EdgeRun:
 
 
 @contextmanager
-def run_edge(programs: list[str], interval: float = 1.0, **cfg: Any) -> Iterator[EdgeRun]:
-    """Run a real collector (real BPF programs) around the body; final drain on exit."""
+def run_edge(
+    programs: list[str], interval: float = 1.0, forward_to: list[str] | None = None, **cfg: Any
+) -> Iterator[EdgeRun]:
+    """Run a real collector (real BPF programs) around the body; final drain on exit.
+
+    With forward_to, batches also go to those regionals over gRPC, and the exit
+    waits until the regional acknowledged every one.
+    """
     if os.geteuid() != 0:
         pytest.fail("these tests load BPF programs and must run as root (see README)")
     config = EdgeConfig(
         programs=programs, programs_explicit=True, interval=interval, metrics_port=0, **cfg
     )
     run = EdgeRun()
+    forward = None
+    if forward_to:
+        from edge.outputs import ForwardOutput
+
+        forward = ForwardOutput(forward_to, close_timeout_s=30)
     collector = Collector(config)
     collector.start()
     run.collector = collector
@@ -97,7 +109,12 @@ def run_edge(programs: list[str], interval: float = 1.0, **cfg: Any) -> Iterator
 
     def target() -> None:
         try:
-            collector.run(lambda b: run.batches.append(batch_to_dict(b)), stop)
+            def emit(b: Any) -> None:
+                run.batches.append(batch_to_dict(b))
+                if forward is not None:
+                    forward.write(b)
+
+            collector.run(emit, stop)
         except BaseException as exc:  # surfaced in the test thread
             errors.append(exc)
 
@@ -109,5 +126,8 @@ def run_edge(programs: list[str], interval: float = 1.0, **cfg: Any) -> Iterator
         stop.set()
         thread.join(timeout=60)
         collector.stop()
+        if forward is not None:
+            forward.close()
+            run.forward_stats = forward.forwarder.stats
     if errors:
         raise errors[0]

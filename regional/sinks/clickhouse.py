@@ -1,0 +1,922 @@
+"""ClickHouse sink: merged blocks -> column-oriented inserts, idempotent per block set.
+
+One client library for both deployments (DESIGN.md §5): ``chdb:///dir`` is the
+embedded engine (one directory per *process*: chdb refuses to open a second
+directory while a client on the first is alive), ``http(s)://user:pass@host:8123/db``
+is a ClickHouse server. The schema lives in ``deploy/clickhouse/migrations`` and
+is applied by :func:`apply_migrations`, which records each version in
+``<db>.schema_migrations``.
+
+Delivery: ``deliver(blocks)`` turns all blocks into ONE insert per table, built
+column by column. Idempotency has two layers:
+
+1. Server: every insert carries ``insert_deduplication_token = <table>:<hash of
+   the sorted ids of the blocks it holds>``; the tables keep
+   ``non_replicated_deduplication_window`` and the hourly materialized views
+   inherit the token. Repeating a deliver with the same blocks (after a timeout,
+   a partial failure, a restart of the process) changes nothing.
+2. Process: the sink remembers the ids it delivered successfully (the last
+   200k) and drops them from later calls, so a block that comes back in another
+   group after a success is not written twice.
+
+Not covered: an attempt that failed on the client side (timeout) but landed on
+the server, then retried with a *different* set of blocks (new tokens). The
+caller must retry a failed list as it was (order does not matter) and send
+newer blocks in a separate call.
+
+Rows are additive: a late partial window for the same series is one more row,
+readers SUM (``sum(value)``, ``sumMap(bucket_index, bucket_count)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import repeat
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope.v1 import batch_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DSN = "chdb:///var/lib/stratoscope/clickhouse"
+DEFAULT_DATABASE = "stratoscope"
+#: Where the versioned schema lives (deploy/clickhouse/migrations in the repo).
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse" / "migrations"
+
+#: Name of the counter the sink writes for EventBlock.lost (events dropped at the edge).
+EVENTS_LOST_METRIC = "stratoscope_events_lost"
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
+_STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
+
+# --------------------------------------------------------------------------
+# Migrations
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str  # "0001"
+    name: str  # "metrics_histograms"
+    statements: tuple[str, ...]  # with {db} still in place
+    checksum: str
+
+
+def _check_database(database: str) -> str:
+    if not _IDENT.match(database or ""):
+        raise ValueError(f"invalid ClickHouse database name {database!r}")
+    return database
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration file at lines ending with ``;``; drop comment-only chunks."""
+    out = []
+    for chunk in _STATEMENT_END.split(sql):
+        code = [ln for ln in chunk.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+        if code:
+            out.append(chunk.strip())
+    return out
+
+
+def load_migrations(directory: Path | str | None = None) -> list[Migration]:
+    """The migration files of ``directory`` (default MIGRATIONS_DIR), in version order."""
+    d = Path(directory) if directory is not None else MIGRATIONS_DIR
+    found: list[Migration] = []
+    for f in sorted(d.iterdir()):
+        m = _MIGRATION_FILE.match(f.name)
+        if not m:
+            continue
+        text = f.read_text(encoding="utf-8")
+        found.append(
+            Migration(
+                version=m.group(1),
+                name=m.group(2),
+                statements=tuple(split_statements(text)),
+                checksum=hashlib.sha256(text.encode()).hexdigest()[:16],
+            )
+        )
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration versions in {d}: {versions}")
+    if not found:
+        raise ValueError(f"no migrations in {d}")
+    return found
+
+
+def _bootstrap(client: Any, database: str) -> None:
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations ("
+        " version String, name String, checksum String,"
+        " applied_at DateTime64(3, 'UTC') DEFAULT now64(3))"
+        " ENGINE = MergeTree ORDER BY version"
+    )
+
+
+def applied_migrations(client: Any, database: str) -> dict[str, str]:
+    """version -> checksum of the migrations recorded in ``<database>.schema_migrations``.
+
+    Empty if the database or the table does not exist.
+    """
+    _check_database(database)
+    exists = client.query(
+        "SELECT count() FROM system.tables WHERE database = {db:String}"
+        " AND name = 'schema_migrations'",
+        parameters={"db": database},
+    ).result_rows[0][0]
+    if not exists:
+        return {}
+    rows = client.query(
+        f"SELECT version, any(checksum) FROM {database}.schema_migrations GROUP BY version"
+    ).result_rows
+    return {v: c for v, c in rows}
+
+
+def apply_migrations(
+    client: Any, database: str = DEFAULT_DATABASE, directory: Path | str | None = None
+) -> list[str]:
+    """Apply the pending migrations in order; return the versions applied (``[]`` if none).
+
+    Every statement is ``CREATE ... IF NOT EXISTS``, so a migration interrupted
+    half way is simply re-run. ``client`` is a clickhouse-connect client.
+    """
+    _check_database(database)
+    migrations = load_migrations(directory)
+    _bootstrap(client, database)
+    done = applied_migrations(client, database)
+    applied: list[str] = []
+    for m in migrations:
+        if m.version in done:
+            if done[m.version] != m.checksum:
+                log.warning(
+                    "migration %s_%s changed since it was applied to %s (checksum %s != %s);"
+                    " write a new migration instead of editing an applied one",
+                    m.version, m.name, database, m.checksum, done[m.version],
+                )
+            continue
+        for stmt in m.statements:
+            client.command(stmt.replace("{db}", database))
+        client.insert(
+            "schema_migrations",
+            [[m.version], [m.name], [m.checksum]],
+            column_names=["version", "name", "checksum"],
+            database=database,
+            column_oriented=True,
+        )
+        log.info("applied ClickHouse migration %s_%s to %s", m.version, m.name, database)
+        applied.append(m.version)
+    return applied
+
+
+def pending_migrations(
+    client: Any, database: str = DEFAULT_DATABASE, directory: Path | str | None = None
+) -> list[str]:
+    done = applied_migrations(client, database)
+    return [m.version for m in load_migrations(directory) if m.version not in done]
+
+
+# --------------------------------------------------------------------------
+# Connection and errors
+# --------------------------------------------------------------------------
+
+
+def dsn_database(dsn: str) -> str | None:
+    """The database named by an http(s) DSN's path (None for chdb DSNs or no path)."""
+    parts = urlsplit(dsn)
+    if parts.scheme.lower() in ("http", "https"):
+        return unquote(parts.path.strip("/")) or None
+    return None
+
+
+def connect(dsn: str, **client_kwargs: Any) -> Any:
+    """Open a clickhouse-connect client for ``dsn``.
+
+    ``chdb:///abs/dir`` opens (and creates) the embedded store in ``dir``;
+    ``http(s)://user:pass@host:port/db`` a server. The client is opened without
+    a default database (the path of an http DSN is dropped) so migrations can
+    create the database; the sink qualifies every table name.
+    """
+    import clickhouse_connect  # heavy import, only when a sink starts
+
+    parts = urlsplit(dsn)
+    scheme = parts.scheme.lower()
+    if scheme == "chdb":
+        path = unquote(parts.path)
+        if parts.netloc or not path.startswith("/"):
+            raise ValueError(f"chdb DSN must be chdb:///absolute/dir, got {dsn!r}")
+        os.makedirs(path, exist_ok=True)
+        return clickhouse_connect.get_client(dsn=dsn, **client_kwargs)
+    if scheme in ("http", "https"):
+        bare = urlunsplit((scheme, parts.netloc, "", parts.query, ""))
+        return clickhouse_connect.get_client(dsn=bare, **client_kwargs)
+    raise ValueError(f"unsupported ClickHouse DSN scheme {scheme!r} (use chdb:// or http(s)://)")
+
+
+#: ClickHouse error codes worth retrying: overload, timeouts, network, replicas, disk.
+RETRIABLE_CODES = frozenset({
+    3, 32, 159, 160, 202, 203, 209, 210, 236, 241, 242, 243, 252, 285, 286, 319, 394, 425, 439,
+    999, 1000,
+})
+#: Codes that will fail the same way forever: schema, types, syntax, access.
+PERMANENT_CODES = frozenset({
+    6, 8, 10, 16, 20, 26, 27, 33, 36, 38, 41, 43, 44, 47, 49, 53, 60, 62, 69, 70, 72, 81, 115,
+    117, 164, 192, 194, 291, 321, 386, 395, 497, 516, 691,
+})
+
+
+def classify_error(exc: BaseException, what: str) -> SinkError:
+    """Map a clickhouse-connect / chdb / Python exception to Retriable or Permanent."""
+    if isinstance(exc, SinkError):
+        return exc
+    from clickhouse_connect.driver import exceptions as cce
+
+    msg = f"{what}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, cce.Error):
+        code = getattr(exc, "code", None)
+        if code in RETRIABLE_CODES:
+            return RetriableError(msg)
+        if code in PERMANENT_CODES:
+            return PermanentError(msg)
+        if isinstance(exc, cce.OperationalError):  # HTTP transport, broken stream
+            return RetriableError(msg)
+        if isinstance(exc, (cce.ProgrammingError, cce.DataError, cce.NotSupportedError)):
+            return PermanentError(msg)
+        # an unknown server error: retrying is the safe default (nothing is lost)
+        return RetriableError(msg)
+    if isinstance(exc, (TimeoutError, ConnectionError, OSError)):
+        return RetriableError(msg)
+    # encoding failures: wrong Python type or out-of-range value for a column
+    return PermanentError(msg)
+
+
+# --------------------------------------------------------------------------
+# Row shaping
+# --------------------------------------------------------------------------
+
+_COUNTER, _GAUGE = "counter", "gauge"
+
+
+def stack_id(frames: Sequence[str]) -> int:
+    """Stable 64-bit id of a stack: BLAKE2b-64 (little endian) of the frames joined by NUL.
+
+    Never 0 (0 means "no stack" in profile_samples).
+    """
+    h = hashlib.blake2b("\x00".join(frames).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") or 1
+
+
+def _pick(strings: list[str], idx: Sequence[int]) -> list[str]:
+    """strings[i] for every i of idx, in C (itemgetter) instead of a Python loop."""
+    n = len(idx)
+    if n > 1:
+        return list(itemgetter(*idx)(strings))
+    return [strings[idx[0]]] if n else []
+
+
+def _label_maps(strings: list[str], keys: Sequence[int], values: Sequence[int], n: int) -> list:
+    """Row-major label matrix -> one dict per series (what clickhouse-connect wants for Map)."""
+    k = len(keys)
+    if len(values) != n * k:
+        raise ValueError(f"label matrix has {len(values)} cells, expected {n} x {k}")
+    if k == 0:
+        return [{}] * n  # one shared empty dict: the encoder only reads it
+    names = _pick(strings, keys)
+    vals = _pick(strings, values)
+    if k == 1:
+        (a,) = names
+        return [{a: v} for v in vals]
+    if k == 2:
+        a, b = names
+        return [{a: x, b: y} for x, y in zip(vals[0::2], vals[1::2], strict=True)]
+    if k == 3:
+        a, b, c = names
+        return [
+            {a: x, b: y, c: z}
+            for x, y, z in zip(vals[0::3], vals[1::3], vals[2::3], strict=True)
+        ]
+    cols = [vals[j::k] for j in range(k)]
+    return [dict(zip(names, row, strict=True)) for row in zip(*cols, strict=True)]
+
+
+class _Table:
+    """Columns of one insert, filled block by block."""
+
+    __slots__ = ("name", "columns", "data", "rows")
+
+    def __init__(self, name: str, columns: Sequence[str]) -> None:
+        self.name = name
+        self.columns = tuple(columns)
+        self.data: dict[str, list] = {c: [] for c in columns}
+        self.rows = 0
+
+    def constant(self, n: int, **values: Any) -> None:
+        for c, v in values.items():
+            self.data[c].extend(repeat(v, n))
+
+    def column(self, **values: Iterable) -> None:
+        for c, v in values.items():
+            self.data[c].extend(v)
+
+
+#: Columns written per table, with the type they travel as. Strings travel as
+#: plain String / Map(String, String) and the server converts them to the
+#: LowCardinality / Enum columns of the table: clickhouse-connect builds
+#: LowCardinality dictionaries in Python, several times slower than this.
+INSERT_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "metrics": (
+        ("resolution", "UInt32"), ("ts", "DateTime"), ("region", "String"),
+        ("cluster", "String"), ("node", "String"), ("metric", "String"), ("kind", "String"),
+        ("unit", "String"), ("labels", "Map(String, String)"), ("value", "UInt64"),
+        ("gauge", "Float64"),
+    ),
+    "histograms": (
+        ("resolution", "UInt32"), ("ts", "DateTime"), ("region", "String"),
+        ("cluster", "String"), ("node", "String"), ("metric", "String"), ("unit", "String"),
+        ("labels", "Map(String, String)"), ("scale", "Int8"), ("count", "UInt64"),
+        ("sum", "UInt64"), ("zero_count", "UInt64"), ("bucket_index", "Array(Int16)"),
+        ("bucket_count", "Array(UInt64)"),
+    ),
+    "profile_stacks": (("stack_id", "UInt64"), ("frames", "Array(String)"), ("last_seen", "DateTime")),
+    "profile_samples": (
+        ("resolution", "UInt32"), ("ts", "DateTime"), ("region", "String"),
+        ("cluster", "String"), ("node", "String"), ("profile", "String"), ("period_ns", "UInt64"),
+        ("pid", "UInt32"), ("comm", "String"), ("cgroup", "String"),
+        ("kernel_stack_id", "UInt64"), ("user_stack_id", "UInt64"), ("samples", "UInt64"),
+    ),
+    "events": (
+        ("ts", "DateTime64(9)"), ("region", "String"), ("cluster", "String"), ("node", "String"),
+        ("kind", "String"), ("pid", "UInt32"), ("ppid", "UInt32"), ("comm", "String"),
+        ("cgroup", "String"), ("detail", "String"), ("code", "Int64"),
+    ),
+    "nodes": (
+        ("node", "String"), ("region", "String"), ("cluster", "String"),
+        ("node_labels", "Map(String, String)"), ("last_seen", "DateTime"),
+    ),
+}
+TABLES: dict[str, tuple[str, ...]] = {
+    t: tuple(c for c, _ in cols) for t, cols in INSERT_COLUMNS.items()
+}
+#: Insert order: stacks before the samples that reference them.
+INSERT_ORDER = ("profile_stacks", "metrics", "histograms", "profile_samples", "events", "nodes")
+
+
+def shape_blocks(
+    blocks: Sequence[Block], known_stacks: dict[int, float] | None = None
+) -> tuple[dict[str, _Table], dict[int, tuple[str, ...]]]:
+    """All blocks -> one column set per table; also the stacks that were new.
+
+    ``known_stacks`` (stack_id -> when it was last sent) suppresses re-sending
+    stacks the store already has.
+    """
+    t = {name: _Table(name, cols) for name, cols in TABLES.items()}
+    metrics, hists, samples, events = t["metrics"], t["histograms"], t["profile_samples"], t[
+        "events"
+    ]
+    new_stacks: dict[int, tuple[str, ...]] = {}
+    for blk in blocks:
+        b = blk.batch
+        try:
+            _shape_one(blk, b, t, metrics, hists, samples, events, new_stacks, known_stacks)
+        except (IndexError, ValueError, TypeError, KeyError) as exc:
+            raise PermanentError(f"block {blk.block_id!r} is malformed: {exc}") from exc
+    stacks = t["profile_stacks"]
+    if new_stacks:
+        now = int(time.time())
+        stacks.column(stack_id=list(new_stacks), frames=list(new_stacks.values()))
+        stacks.constant(len(new_stacks), last_seen=now)
+        stacks.rows = len(new_stacks)
+    return t, new_stacks
+
+
+def _shape_one(
+    blk: Block,
+    b: pb.Batch,
+    t: dict[str, _Table],
+    metrics: _Table,
+    hists: _Table,
+    samples: _Table,
+    events: _Table,
+    new_stacks: dict[int, tuple[str, ...]],
+    known_stacks: dict[int, float] | None,
+) -> None:
+    st = list(b.strings)
+    if not st or st[0] != "":
+        raise ValueError("string table must start with the empty string")
+    ts = b.start_ns // 1_000_000_000
+    node = b.node_id
+    res = blk.resolution_s
+    node_labels = dict(zip(_pick(st, b.node_label_keys), _pick(st, b.node_label_values),
+                           strict=True))
+    region = node_labels.get("region", "")
+    cluster = node_labels.get("cluster", "")
+    ident = {"resolution": res, "ts": ts, "region": region, "cluster": cluster, "node": node}
+
+    for m in b.metrics:
+        if m.kind == pb.GAUGE:
+            gauge = list(m.gauge_values)
+            n = len(gauge)
+            value: list = [0] * n
+            kind = _GAUGE
+        elif m.kind == pb.COUNTER:
+            value = list(m.counter_values)
+            n = len(value)
+            gauge = [0.0] * n
+            kind = _COUNTER
+        else:
+            raise ValueError(f"metric {st[m.name]!r} has kind {m.kind}")
+        if not n:
+            continue
+        labels = _label_maps(st, m.label_keys, m.label_values, n)
+        metrics.constant(n, metric=st[m.name], kind=kind, unit=st[m.unit], **ident)
+        metrics.column(labels=labels, value=value, gauge=gauge)
+        metrics.rows += n
+
+    e = b.events
+    if e.lost:
+        metrics.constant(1, metric=EVENTS_LOST_METRIC, kind=_COUNTER, unit="", labels={},
+                         gauge=0.0, value=e.lost, **ident)
+        metrics.rows += 1
+
+    for h in b.histograms:
+        n = len(h.count)
+        if not n:
+            continue
+        if h.scale != 0:
+            raise ValueError(f"histogram {st[h.name]!r} has scale {h.scale}; v1 stores scale 0")
+        off = list(h.bucket_offsets)
+        bi = list(h.bucket_index)
+        bc = list(h.bucket_count)
+        if (len(off) != n + 1 or off[0] != 0 or off[-1] != len(bi) or len(bc) != len(bi)
+                or off != sorted(off) or len(h.sum) != n or len(h.zero_count) != n):
+            raise ValueError(f"histogram {st[h.name]!r}: inconsistent columns")
+        labels = _label_maps(st, h.label_keys, h.label_values, n)
+        hists.constant(n, metric=st[h.name], unit=st[h.unit], scale=0, **ident)
+        hists.column(
+            labels=labels, count=h.count, sum=h.sum, zero_count=h.zero_count,
+            bucket_index=[bi[lo:hi] for lo, hi in zip(off, off[1:], strict=False)],
+            bucket_count=[bc[lo:hi] for lo, hi in zip(off, off[1:], strict=False)],
+        )
+        hists.rows += n
+
+    for p in b.profiles:
+        n = len(p.samples)
+        if not n:
+            continue
+        so = list(p.stack_offsets)
+        sf = list(p.stack_frames)
+        ids = [0] * (len(so) - 1) if so else []
+        for k in range(len(ids)):
+            frames = tuple(_pick(st, sf[so[k]:so[k + 1]]))
+            sid = stack_id(frames)
+            ids[k] = sid
+            if known_stacks is None or sid not in known_stacks:
+                new_stacks[sid] = frames
+        ks, us = list(p.kernel_stack), list(p.user_stack)
+        if not (len(ks) == len(us) == len(p.pid) == len(p.comm) == len(p.cgroup) == n):
+            raise ValueError(f"profile {st[p.name]!r}: inconsistent columns")
+        samples.constant(n, profile=st[p.name], period_ns=p.period_ns, **ident)
+        samples.column(
+            pid=p.pid, comm=_pick(st, p.comm), cgroup=_pick(st, p.cgroup),
+            kernel_stack_id=[ids[i] if i >= 0 else 0 for i in ks],
+            user_stack_id=[ids[i] if i >= 0 else 0 for i in us],
+            samples=p.samples,
+        )
+        samples.rows += n
+
+    n = len(e.time_ns)
+    if n:
+        if not (len(e.kind) == len(e.pid) == len(e.ppid) == len(e.comm) == len(e.cgroup)
+                == len(e.detail) == len(e.code) == n):
+            raise ValueError("events: inconsistent columns")
+        events.constant(n, region=region, cluster=cluster, node=node)
+        events.column(
+            ts=e.time_ns, kind=_pick(st, e.kind), pid=e.pid, ppid=e.ppid, comm=_pick(st, e.comm),
+            cgroup=_pick(st, e.cgroup), detail=_pick(st, e.detail), code=e.code,
+        )
+        events.rows += n
+
+    nodes = t["nodes"]
+    nodes.constant(1, node=node, region=region, cluster=cluster, node_labels=node_labels,
+                   last_seen=b.end_ns // 1_000_000_000)
+    nodes.rows += 1
+
+
+_gc_lock = threading.Lock()
+_gc_state = {"depth": 0, "was_enabled": False}
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic GC while whole columns are built.
+
+    Shaping 100k histogram rows allocates 200k small containers; with the GC on,
+    the collections they trigger traverse the whole heap of the process and
+    double the shaping time. The pause lasts one shape_blocks call (~0.1 s per
+    100k rows), nests across threads, and restores the previous state.
+    """
+    with _gc_lock:
+        if _gc_state["depth"] == 0:
+            _gc_state["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_state["depth"] -= 1
+            if _gc_state["depth"] == 0 and _gc_state["was_enabled"]:
+                gc.enable()
+
+
+def dedup_token(table: str, block_ids: Iterable[str]) -> str:
+    """insert_deduplication_token for ``table`` and a set of blocks (order-independent)."""
+    digest = hashlib.sha256("\n".join(sorted(set(block_ids))).encode()).hexdigest()
+    return f"stratoscope:{table}:{digest[:40]}"
+
+
+# --------------------------------------------------------------------------
+# The sink
+# --------------------------------------------------------------------------
+
+
+class ClickHouseSink:
+    """Sink protocol implementation for ClickHouse (embedded chdb or a server)."""
+
+    name = "clickhouse"
+
+    #: Re-send a stack to profile_stacks at least this often (refreshes last_seen / TTL).
+    STACK_RESEND_S = 6 * 3600
+    MAX_KNOWN_STACKS = 1_000_000
+    #: Block ids remembered as delivered (oldest forgotten first).
+    MAX_DELIVERED_IDS = 200_000
+
+    def __init__(
+        self,
+        dsn: str = DEFAULT_DSN,
+        database: str | None = None,
+        migrate: bool = True,
+        *,
+        migrations_dir: Path | str | None = None,
+        client_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """``database``: default the DSN's path for http(s) DSNs, else "stratoscope"."""
+        self.dsn = dsn
+        self.database = _check_database(database or dsn_database(dsn) or DEFAULT_DATABASE)
+        self.migrate = migrate
+        self.migrations_dir = migrations_dir
+        self._client_kwargs = dict(client_kwargs or {})
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+        self._types: dict[str, list] = {}
+        self._known_stacks: dict[int, float] = {}
+        self._delivered: dict[str, None] = {}  # insertion-ordered set of block ids
+        #: Versions applied by the last start() (for logs and tests).
+        self.applied: list[str] = []
+
+    def __repr__(self) -> str:
+        safe = urlsplit(self.dsn)
+        host = safe.hostname or ""
+        where = f"{safe.scheme}://{host}{':' + str(safe.port) if safe.port else ''}{safe.path}"
+        return f"ClickHouseSink({where!r}, database={self.database!r})"
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self._client is not None:
+                return
+            try:
+                client = await asyncio.to_thread(connect, self.dsn, **self._client_kwargs)
+            except ValueError as exc:
+                raise PermanentError(f"ClickHouse DSN: {exc}") from exc
+            except Exception as exc:
+                raise classify_error(exc, f"connecting to {self!r}") from exc
+            self._client = client
+            try:
+                if self.migrate:
+                    self.applied = await asyncio.to_thread(
+                        apply_migrations, client, self.database, self.migrations_dir
+                    )
+            except Exception as exc:
+                await asyncio.to_thread(self._close_client)
+                raise classify_error(exc, f"migrating {self.database}") from exc
+
+    async def stop(self) -> None:
+        async with self._lock:
+            if self._client is not None:
+                await asyncio.to_thread(self._close_client)
+
+    def _close_client(self) -> None:
+        client, self._client = self._client, None
+        self._types.clear()
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # closing must not fail a shutdown
+                log.debug("closing the ClickHouse client failed", exc_info=True)
+
+    async def health_check(self) -> None:
+        async with self._lock:
+            client = self._require_client()
+            await asyncio.to_thread(self._health_sync, client)
+
+    def _health_sync(self, client: Any) -> None:
+        try:
+            one = client.query("SELECT 1").result_rows
+        except Exception as exc:
+            raise classify_error(exc, f"{self!r} does not answer SELECT 1") from exc
+        if one != [(1,)]:
+            raise RetriableError(f"{self!r}: SELECT 1 returned {one!r}")
+        try:
+            missing = pending_migrations(client, self.database, self.migrations_dir)
+        except Exception as exc:
+            raise classify_error(exc, f"reading {self.database}.schema_migrations") from exc
+        if missing:
+            raise PermanentError(
+                f"ClickHouse database {self.database!r} lacks schema migrations "
+                f"{', '.join(missing)}; start the sink with migrate=True or apply them"
+            )
+
+    def _require_client(self) -> Any:
+        if self._client is None:
+            raise RetriableError(f"{self!r} is not started")
+        return self._client
+
+    # -- reads -----------------------------------------------------------
+
+    async def query(
+        self, sql: str, parameters: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> list[tuple]:
+        """Run a SELECT through this sink's client (the owner of an embedded store).
+
+        Unqualified table names resolve in the sink's database. Parameters use
+        ClickHouse server-side binding: ``{name:Type}`` in the SQL.
+        """
+        async with self._lock:
+            client = self._require_client()
+            try:
+                return await asyncio.to_thread(self._query_sync, client, sql, parameters, settings)
+            except Exception as exc:
+                raise classify_error(exc, "query") from exc
+
+    def _query_sync(self, client: Any, sql: str, parameters: Any, settings: Any) -> list[tuple]:
+        client.database = self.database
+        return list(client.query(sql, parameters=parameters, settings=settings).result_rows)
+
+    # -- writes ----------------------------------------------------------
+
+    async def deliver(self, blocks: list[Block]) -> None:
+        if not blocks:
+            return
+        async with self._lock:
+            client = self._require_client()
+            await asyncio.to_thread(self._deliver_sync, client, blocks)
+
+    def _deliver_sync(self, client: Any, blocks: Sequence[Block]) -> dict[str, int]:
+        unique: dict[str, Block] = {}
+        for blk in blocks:
+            if blk.block_id not in self._delivered:
+                unique.setdefault(blk.block_id, blk)
+        if not unique:
+            return {}
+        self._expire_stacks()
+        with gc_paused():
+            tables, new_stacks = shape_blocks(list(unique.values()), self._known_stacks)
+        written: dict[str, int] = {}
+        for name in INSERT_ORDER:
+            table = tables[name]
+            if not table.rows:
+                continue
+            settings = {
+                "insert_deduplication_token": dedup_token(name, unique),
+                "insert_deduplicate": 1,
+                "deduplicate_blocks_in_dependent_materialized_views": 1,
+                "async_insert": 0,
+                # The views already GROUP BY; merging again on insert is pure
+                # cost (x10 on Map columns in the *_1h tables).
+                "optimize_on_insert": 0,
+            }
+            try:
+                client.insert(
+                    name,
+                    [table.data[c] for c in table.columns],
+                    column_names=list(table.columns),
+                    database=self.database,
+                    column_types=self._column_types(table),
+                    column_oriented=True,
+                    settings=settings,
+                )
+            except Exception as exc:
+                raise classify_error(
+                    exc, f"inserting {table.rows} rows into {self.database}.{name}"
+                ) from exc
+            written[name] = table.rows
+        now = time.monotonic()
+        for sid in new_stacks:
+            self._known_stacks[sid] = now
+        delivered = self._delivered
+        for bid in unique:
+            delivered[bid] = None
+        while len(delivered) > self.MAX_DELIVERED_IDS:
+            del delivered[next(iter(delivered))]
+        return written
+
+    def _column_types(self, table: _Table) -> list:
+        types = self._types.get(table.name)
+        if types is None:
+            from clickhouse_connect.datatypes.registry import get_from_name
+
+            types = [get_from_name(t) for _, t in INSERT_COLUMNS[table.name]]
+            self._types[table.name] = types
+        return types
+
+    def _expire_stacks(self) -> None:
+        known = self._known_stacks
+        if len(known) > self.MAX_KNOWN_STACKS:
+            known.clear()
+            return
+        horizon = time.monotonic() - self.STACK_RESEND_S
+        if known and min(known.values()) < horizon:
+            for sid in [s for s, t in known.items() if t < horizon]:
+                del known[sid]
+
+
+# --------------------------------------------------------------------------
+# Queries for readers
+# --------------------------------------------------------------------------
+
+
+def _ts_param(v: int | float | datetime) -> int:
+    if isinstance(v, datetime):
+        if v.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware datetime or Unix seconds")
+        return int(v.timestamp())
+    return int(v)
+
+
+def folded_stacks_sql(
+    database: str = DEFAULT_DATABASE,
+    *,
+    node: str | None = None,
+    pid: int | None = None,
+    comm: str | None = None,
+    start: int | float | datetime | None = None,
+    end: int | float | datetime | None = None,
+    profile: str = "cpu",
+    kernel_suffix: str = "_[k]",
+) -> tuple[str, dict[str, Any]]:
+    """ONE query returning (folded_stack, samples) rows for a flame graph, heaviest first.
+
+    A folded stack is ``comm;user frames root->leaf;kernel frames root->leaf``
+    (Brendan Gregg's collapsed format; kernel frames get ``kernel_suffix`` so
+    flamegraph.pl colours them). ``start``/``end`` are Unix seconds or aware
+    datetimes over the window start ``ts`` (end exclusive). Returns the SQL and
+    its server-side parameters for ``ClickHouseSink.query`` / ``client.query``.
+    """
+    db = _check_database(database)
+    where = ["profile = {profile:String}"]
+    params: dict[str, Any] = {"profile": profile, "ksuffix": kernel_suffix}
+    if node is not None:
+        where.append("node = {node:String}")
+        params["node"] = node
+    if pid is not None:
+        where.append("pid = {pid:UInt32}")
+        params["pid"] = pid
+    if comm is not None:
+        where.append("comm = {comm:String}")
+        params["comm"] = comm
+    if start is not None:
+        where.append("ts >= toDateTime({start:Int64}, 'UTC')")
+        params["start"] = _ts_param(start)
+    if end is not None:
+        where.append("ts < toDateTime({end:Int64}, 'UTC')")
+        params["end"] = _ts_param(end)
+    sql = f"""
+SELECT
+    arrayStringConcat(arrayConcat(
+        [toString(s.comm)],
+        arrayReverse(us.frames),
+        arrayMap(f -> concat(f, {{ksuffix:String}}), arrayReverse(ks.frames))
+    ), ';') AS folded,
+    sum(s.n) AS samples
+FROM
+(
+    SELECT comm, kernel_stack_id, user_stack_id, sum(samples) AS n
+    FROM {db}.profile_samples
+    WHERE {' AND '.join(where)}
+    GROUP BY comm, kernel_stack_id, user_stack_id
+) AS s
+LEFT JOIN (SELECT stack_id, any(frames) AS frames FROM {db}.profile_stacks GROUP BY stack_id) AS ks
+    ON s.kernel_stack_id = ks.stack_id
+LEFT JOIN (SELECT stack_id, any(frames) AS frames FROM {db}.profile_stacks GROUP BY stack_id) AS us
+    ON s.user_stack_id = us.stack_id
+GROUP BY folded
+ORDER BY samples DESC, folded
+SETTINGS join_use_nulls = 0
+"""
+    return sql, params
+
+
+# -- histogram quantiles (OTel exponential, scale 0) --------------------------
+
+QuantileMethod = Literal["upper", "loglinear"]
+
+
+def histogram_quantile(
+    q: float,
+    bucket_index: Sequence[int],
+    bucket_count: Sequence[int],
+    zero_count: int = 0,
+    method: QuantileMethod = "upper",
+) -> float:
+    """Quantile ``q`` of a merged scale-0 histogram (Python reference of histogram_quantile_sql).
+
+    Bucket i holds values in (2^i, 2^(i+1)]; the zero bucket holds 0. The
+    bucket is the one holding the k-th smallest sample, k = max(1, ceil(q * total)).
+    ``method="upper"`` returns that bucket's upper bound 2^(i+1) (an upper
+    estimate: at least a fraction q of the samples are <= it; 0 for the zero
+    bucket). ``method="loglinear"`` interpolates inside the bucket on a log2
+    scale: 2^(i + f), f = (q*total - samples below the bucket) / bucket count,
+    clamped to [0, 1]. NaN for an empty histogram.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q} outside [0, 1]")
+    if method not in ("upper", "loglinear"):
+        raise ValueError(f"unknown method {method!r}")
+    pairs = sorted((i, c) for i, c in zip(bucket_index, bucket_count, strict=True) if c)
+    total = zero_count + sum(c for _, c in pairs)
+    if total == 0:
+        return math.nan
+    rank = q * total
+    k = max(1, math.ceil(rank))
+    if zero_count >= k:
+        return 0.0
+    cum = zero_count
+    for i, c in pairs:
+        if cum + c >= k:
+            if method == "upper":
+                return float(2.0 ** (i + 1))
+            f = min(1.0, max(0.0, (rank - cum) / c))
+            return float(2.0 ** (i + f))
+        cum += c
+    raise AssertionError("unreachable: k <= total")
+
+
+def histogram_quantile_sql(
+    q: float,
+    buckets: str = "sumMap(bucket_index, bucket_count)",
+    zero_count: str = "sum(zero_count)",
+    method: QuantileMethod = "upper",
+) -> str:
+    """A SQL expression computing :func:`histogram_quantile` from merged buckets.
+
+    ``buckets`` is an expression of type Tuple(Array(Int), Array(UInt)) with
+    keys ascending (what ``sumMap`` returns: ``sumMap(bucket_index, bucket_count)``
+    on ``histograms``, ``sumMap(buckets)`` on ``histograms_1h``); ``zero_count``
+    the merged zero bucket. Both are repeated in the text; ClickHouse computes
+    identical subexpressions once. Returns Float64 (nan when empty).
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q} outside [0, 1]")
+    b, z = f"({buckets})", f"({zero_count})"
+    total = f"({z} + arraySum({b}.2))"
+    rank = f"({q!r} * {total})"
+    k = f"greatest(1, ceil({rank}))"
+    pos = f"arrayFirstIndex(c -> {z} + c >= {k}, arrayCumSum({b}.2))"
+    idx = f"{b}.1[{pos}]"
+    if method == "upper":
+        inside = f"pow(2, {idx} + 1)"
+    elif method == "loglinear":
+        cnt = f"{b}.2[{pos}]"
+        below = f"({z} + arrayCumSum({b}.2)[{pos}] - {cnt})"
+        inside = f"pow(2, {idx} + least(1, greatest(0, ({rank} - {below}) / {cnt})))"
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return f"if({total} = 0, nan, if({z} >= {k}, 0, {inside}))"
+
+
+__all__ = [
+    "DEFAULT_DATABASE", "DEFAULT_DSN", "EVENTS_LOST_METRIC", "MIGRATIONS_DIR", "ClickHouseSink",
+    "Migration", "applied_migrations", "apply_migrations", "classify_error", "connect",
+    "dedup_token", "dsn_database", "folded_stacks_sql", "gc_paused", "histogram_quantile", "histogram_quantile_sql",
+    "load_migrations", "pending_migrations", "shape_blocks", "split_statements", "stack_id",
+]
+

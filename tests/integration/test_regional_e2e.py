@@ -1,0 +1,235 @@
+"""Edge -> regional -> ClickHouse and Kafka, on the real kernel, broker and engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from edge.batch import BatchBuilder, batch_to_dict
+from edge.decode import Histogram
+from edge.forward import GrpcForwarder
+from regional.app import RegionalOptions, RunningRegional
+from regional.merge import Rollup
+from regional.sinks.kafka import decode_message
+from tests.conftest import run_edge, unique_comm
+
+pytestmark = [pytest.mark.kernel, pytest.mark.kafka]
+NS = 1_000_000_000
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kafka_bootstrap() -> str:
+    addr = os.environ.get("KAFKA_BOOTSTRAP")
+    if not addr:
+        pytest.fail("KAFKA_BOOTSTRAP is not set: run `scripts/kafka.sh start` (scripts/test.sh does)")
+    return addr
+
+
+@pytest.fixture(scope="module")
+def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("chdb-e2e"))
+
+
+@pytest.fixture(scope="module")
+def anchor(chdb_dir: str) -> Iterator[Any]:
+    """One client for the module: chdb hosts one store per process (see test_clickhouse_sink)."""
+    client = clickhouse_connect.get_client(dsn=f"chdb://{chdb_dir}")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def regional(chdb_dir: str, anchor: Any) -> AsyncIterator[RunningRegional]:
+    opts = RegionalOptions(
+        listen="127.0.0.1:0", metrics_port=0, clickhouse=f"chdb://{chdb_dir}",
+        clickhouse_database=f"e2e_{uuid.uuid4().hex[:10]}", kafka=kafka_bootstrap(),
+        kafka_topic_prefix=f"e2e-{uuid.uuid4().hex[:10]}", resolution_s=60, lateness_s=0,
+        rollups=(Rollup("syscalls_total", ("syscall",)), Rollup("syscall_latency", ("syscall",))),
+    )
+    running = RunningRegional(opts)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+def one(anchor: Any, sql: str, **params: Any) -> Any:
+    return anchor.query(sql, parameters=params).result_rows[0][0]
+
+
+async def consume_all(bootstrap: str, topic: str) -> list[tuple[str, Any]]:
+    """Every message of a topic, decoded, de-duplicated by block id."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        seen: dict[str, Any] = {}
+        while await consumer.position(tp) < end:
+            for records in (await consumer.getmany(timeout_ms=2000)).values():
+                for r in records:
+                    block_id, batch = decode_message(r.value, r.headers)
+                    seen[block_id] = batch
+        return list(seen.items())
+    finally:
+        await consumer.stop()
+
+
+async def test_openat_exact_through_regional_into_clickhouse_and_kafka(
+    regional: RunningRegional, anchor: Any, workload_bin: dict[str, Path]
+) -> None:
+    comm = unique_comm("e2eop")
+    target = [f"127.0.0.1:{regional.port}"]
+
+    def edge_side() -> Any:
+        with run_edge(["syscalls"], interval=0.5, forward_to=target, node_id="e2e-node") as run:
+            subprocess.run([str(workload_bin["openat"]), comm, "10000", "5000", "30000"], check=True)
+        return run
+
+    run = await asyncio.to_thread(edge_side)
+    assert run.forward_stats.acked == len(run.batches) >= 2
+    await regional.regional.drain()
+    db = regional.sink("clickhouse").database  # type: ignore[attr-defined]
+    calls = one(anchor, f"""SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total'
+        AND node = 'e2e-node' AND labels['comm'] = {{c:String}} AND labels['syscall'] = 'openat'""",
+        c=comm)
+    errors = one(anchor, f"""SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscall_errors_total'
+        AND node = 'e2e-node' AND labels['comm'] = {{c:String}} AND labels['syscall'] = 'openat'
+        AND labels['errno'] = 'ENOENT'""", c=comm)
+    assert (calls, errors) == (15000, 5000)
+    hist = one(anchor, f"""SELECT sum(count) FROM {db}.histograms WHERE metric = 'syscall_latency'
+        AND node = 'e2e-node' AND labels['comm'] = {{c:String}} AND labels['syscall'] = 'openat'""",
+        c=comm)
+    assert hist == 15000
+
+    prefix = regional.opts.kafka_topic_prefix
+    totals: Counter[str] = Counter()
+    for _, batch in await consume_all(kafka_bootstrap(), f"{prefix}.metrics"):
+        d = batch_to_dict(batch)
+        if d["node_id"] != "e2e-node":
+            continue
+        for m in d["metrics"]:
+            for s in m["series"]:
+                if s["labels"].get("comm") == comm and s["labels"].get("syscall") == "openat":
+                    totals[m["name"]] += s["value"]
+    assert totals["syscalls_total"] == 15000
+    assert totals["syscall_errors_total"] == 5000
+
+
+def synthetic(node: str, seq: int, end_ns: int, read: int, hist: Histogram, boot: str = "boot-1") -> Any:
+    b = BatchBuilder(node, boot, seq, end_ns - 10 * NS, end_ns, {"region": "test"})
+    b.add_counters("syscalls_total", "calls", "h", ["syscall", "comm"],
+                   {("read", "app"): read, ("write", "app"): 1})
+    b.add_histograms("syscall_latency", "ns", "h", ["syscall", "comm"], {("read", "app"): hist})
+    return b.build()
+
+
+def send(regional: RunningRegional, batches: list[Any]) -> Any:
+    """Each node sends its own batches over its own stream, as edges do."""
+    total = Counter()
+    for node in dict.fromkeys(b.node_id for b in batches):
+        fwd = GrpcForwarder([f"127.0.0.1:{regional.port}"])
+        for b in batches:
+            if b.node_id == node:
+                fwd.write(b)
+        assert fwd.close(30), "batches not acknowledged"
+        total.update(vars(fwd.stats))
+    return type("Stats", (), dict(total))
+
+
+async def test_three_edges_merge_roll_up_dedupe_and_late_data(
+    regional: RunningRegional, anchor: Any
+) -> None:
+    minute = (time.time_ns() // (60 * NS) - 3) * 60 * NS  # a closed minute, three minutes ago
+    batches = []
+    for i, node in enumerate(["n1", "n2", "n3"], 1):
+        for k in range(6):
+            h = Histogram({3: i, 10: 1}, zero=1, count=i + 2, sum=1000 * i)
+            batches.append(synthetic(node, k + 1, minute + (k + 1) * 10 * NS, 100 * i, h))
+    stats = await asyncio.to_thread(send, regional, batches)
+    assert (stats.acked, stats.duplicates) == (18, 0)
+    await regional.regional.drain()
+    db = regional.sink("clickhouse").database  # type: ignore[attr-defined]
+
+    def per_node() -> dict[str, int]:
+        rows = anchor.query(f"""SELECT node, sum(value) FROM {db}.metrics
+            WHERE metric = 'syscalls_total' AND labels['syscall'] = 'read' AND resolution = 60
+            GROUP BY node ORDER BY node""").result_rows
+        return dict(rows)
+
+    assert per_node() == {"": 3600, "n1": 600, "n2": 1200, "n3": 1800}
+    buckets = anchor.query(f"""SELECT node, sumMap(bucket_index, bucket_count), sum(zero_count),
+        sum(count), sum(sum) FROM {db}.histograms WHERE metric = 'syscall_latency'
+        GROUP BY node ORDER BY node""").result_rows
+    assert [(n, dict(zip(*m, strict=True)), z, c, s) for n, m, z, c, s in buckets] == [
+        ("", {3: 36, 10: 18}, 18, 72, 36000),
+        ("n1", {3: 6, 10: 6}, 6, 18, 6000),
+        ("n2", {3: 12, 10: 6}, 6, 24, 12000),
+        ("n3", {3: 18, 10: 6}, 6, 30, 18000),
+    ]
+    ts = one(anchor, f"SELECT toUnixTimestamp(min(ts)) FROM {db}.metrics")
+    assert ts * NS == minute
+
+    # Resending the very same batches: acknowledged as duplicates, nothing changes.
+    stats = await asyncio.to_thread(send, regional, batches[:6])
+    assert (stats.acked, stats.duplicates) == (0, 6)
+    await regional.regional.drain()
+    assert per_node()["n1"] == 600
+
+    # A late batch for the closed window: stored as an extra partial, totals add up.
+    h = Histogram({3: 1}, zero=0, count=1, sum=5)
+    late = synthetic("n1", 7, minute + 60 * NS, 11, h)
+    stats = await asyncio.to_thread(send, regional, [late])
+    assert stats.acked == 1
+    await regional.regional.drain()
+    assert per_node() == {"": 3611, "n1": 611, "n2": 1200, "n3": 1800}
+    assert regional.regional.aggregator.late_batches == 1
+
+    # Re-running the same ClickHouse insert (a retry after a timeout) changes nothing.
+    ch = regional.sink("clickhouse")
+    from regional.merge import Aggregator, MergeSettings
+
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=()), "regional-x")
+    agg.record(synthetic("n9", 1, minute + 10 * NS, 5, h))
+    blocks = agg.flush(0, force=True)
+    await ch.deliver(blocks)
+    await ch.deliver(blocks)
+    assert per_node()["n9"] == 5
+
+
+async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: RunningRegional) -> None:
+    now = time.time_ns()
+    bad = synthetic("bad-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
+    bad.metrics[0].label_values.append(9999)  # index past the string table
+    good = synthetic("good-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
+    stats = await asyncio.to_thread(send, regional, [bad, good])
+    assert (stats.rejected, stats.acked) == (1, 1)
+    samples = regional.regional.registry.get_sample_value(
+        "stratoscope_regional_batches_total", {"status": "rejected"})
+    assert samples == 1.0
+
+
+def test_demo_command_reports_every_section(tmp_path: Path) -> None:
+    env = {**os.environ, "STRATOSCOPE_DEMO_STORE": str(tmp_path / "store")}
+    r = subprocess.run(["bash", str(ROOT / "scripts/demo.sh"), "--duration", "20s"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for title in ("Top syscalls", "Run-queue latency", "TCP", "Block I/O", "Process execs",
+                  "Hottest stacks"):
+        assert title in r.stdout
+    assert "sections without rows" not in r.stdout, r.stdout[-3000:]
+    assert "tcp_opens_total" in r.stdout
