@@ -450,6 +450,14 @@ async def test_folded_stacks_one_query(sink: ClickHouseSink, db: str) -> None:
     assert await sink.query(sql, params) == []
     # every stack was written once, whatever the number of delivers
     assert (await sink.query("SELECT count() FROM profile_stacks"))[0][0] == 3
+    # ... until the resend period (which keeps last_seen ahead of the TTL) is over:
+    # repeated stack rows are harmless, the query takes any(frames) per stack_id
+    sink.STACK_RESEND_S = -1
+    await sink.deliver([node_block("p4", start=HOUR + 180, node="n3")])
+    assert (await sink.query("SELECT count() FROM profile_stacks"))[0][0] == 6
+    assert (await sink.query("SELECT count() FROM profile_stacks FINAL"))[0][0] == 3
+    sql, params = folded_stacks_sql(db)
+    assert await sink.query(sql, params) == [(w, 150), (c, 60), (r, 25)]
 
 
 # ---------------------------------------------------------------- quantiles
