@@ -233,3 +233,24 @@ def test_demo_command_reports_every_section(tmp_path: Path) -> None:
         assert title in r.stdout
     assert "sections without rows" not in r.stdout, r.stdout[-3000:]
     assert "tcp_opens_total" in r.stdout
+
+
+async def test_edge_fails_over_to_the_next_regional(regional: RunningRegional) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+
+    def go() -> Any:
+        fwd = GrpcForwarder([f"127.0.0.1:{dead}", f"127.0.0.1:{regional.port}"],
+                            backoff_initial_s=0.1)
+        now = time.time_ns()
+        for seq in (1, 2, 3):
+            fwd.write(synthetic("failover-node", seq, now - (3 - seq) * NS, 1,
+                                Histogram({3: 1}, count=1, sum=3)))
+        assert fwd.close(30)
+        return fwd.stats
+
+    stats = await asyncio.to_thread(go)
+    assert stats.acked == 3 and stats.reconnects >= 1
