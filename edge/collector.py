@@ -206,9 +206,11 @@ class Collector:
             if isinstance(m, CountersMap):
                 keys = label_keys(m.key)
                 unb = unbounded_labels(m.key)
+                decoded = decode_counters(m, rm.rows, self.ctx)
                 for v in m.values:
-                    series = decode_counters(m, rm.rows, self.ctx)[v.metric]
-                    series, folded = bound_series(series, keys, unb, limit, int, int.__add__)
+                    series, folded = bound_series(
+                        decoded[v.metric], keys, unb, limit, int, int.__add__
+                    )
                     self._count_folded(p.name, v.metric, folded)
                     n_series += len(series)
                     kind = pb.GAUGE if v.kind == "gauge" else pb.COUNTER

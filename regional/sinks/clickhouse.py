@@ -470,8 +470,10 @@ def _shape_one(
         hists.constant(n, metric=st[h.name], unit=st[h.unit], scale=0, **ident)
         hists.column(
             labels=labels, count=h.count, sum=h.sum, zero_count=h.zero_count,
-            bucket_index=[bi[lo:hi] for lo, hi in zip(off, off[1:], strict=False)],
-            bucket_count=[bc[lo:hi] for lo, hi in zip(off, off[1:], strict=False)],
+            # tuples, not lists: the cyclic GC untracks tuples of ints, so 100k
+            # of them do not slow down every later collection of the process
+            bucket_index=[tuple(bi[lo:hi]) for lo, hi in zip(off, off[1:], strict=False)],
+            bucket_count=[tuple(bc[lo:hi]) for lo, hi in zip(off, off[1:], strict=False)],
         )
         hists.rows += n
 
@@ -710,8 +712,8 @@ class ClickHouseSink:
                 "insert_deduplicate": 1,
                 "deduplicate_blocks_in_dependent_materialized_views": 1,
                 "async_insert": 0,
-                # The views already GROUP BY; merging again on insert is pure
-                # cost (x10 on Map columns in the *_1h tables).
+                # merge-on-insert of the *_1h targets is slow on their Map key
+                # column and useless: background merges collapse those rows
                 "optimize_on_insert": 0,
             }
             try:
@@ -735,8 +737,8 @@ class ClickHouseSink:
         delivered = self._delivered
         for bid in unique:
             delivered[bid] = None
-        while len(delivered) > self.MAX_DELIVERED_IDS:
-            del delivered[next(iter(delivered))]
+        if len(delivered) > self.MAX_DELIVERED_IDS:  # keep the newest half
+            self._delivered = dict.fromkeys(list(delivered)[-(self.MAX_DELIVERED_IDS // 2):])
         return written
 
     def _column_types(self, table: _Table) -> list:
@@ -749,14 +751,23 @@ class ClickHouseSink:
         return types
 
     def _expire_stacks(self) -> None:
+        """Forget stacks sent more than STACK_RESEND_S ago, so they are sent again.
+
+        Entries are only ever added with the current time, so the dict is in
+        time order and the expired ones are a prefix.
+        """
         known = self._known_stacks
         if len(known) > self.MAX_KNOWN_STACKS:
-            known.clear()
+            self._known_stacks = {}
             return
         horizon = time.monotonic() - self.STACK_RESEND_S
-        if known and min(known.values()) < horizon:
-            for sid in [s for s, t in known.items() if t < horizon]:
-                del known[sid]
+        expired = 0
+        for t in known.values():
+            if t >= horizon:
+                break
+            expired += 1
+        if expired:
+            self._known_stacks = dict(list(known.items())[expired:])
 
 
 # --------------------------------------------------------------------------

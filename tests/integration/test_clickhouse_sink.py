@@ -13,10 +13,9 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import clickhouse_connect
 import pytest
 
 from edge.batch import BatchBuilder, EventRow
@@ -48,18 +47,6 @@ U_STACK2 = ("compute", "ngx_worker", "main")
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("chdb"))
-
-
-@pytest.fixture(scope="module")
-def anchor(chdb_dir: str) -> Iterator[Any]:
-    client = clickhouse_connect.get_client(dsn=f"chdb://{chdb_dir}")
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -8,11 +8,10 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import clickhouse_connect
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -34,19 +33,6 @@ def kafka_bootstrap() -> str:
     if not addr:
         pytest.fail("KAFKA_BOOTSTRAP is not set: run `scripts/kafka.sh start` (scripts/test.sh does)")
     return addr
-
-
-@pytest.fixture(scope="module")
-def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("chdb-e2e"))
-
-
-@pytest.fixture(scope="module")
-def anchor(chdb_dir: str) -> Iterator[Any]:
-    """One client for the module: chdb hosts one store per process (see test_clickhouse_sink)."""
-    client = clickhouse_connect.get_client(dsn=f"chdb://{chdb_dir}")
-    yield client
-    client.close()
 
 
 @pytest.fixture
