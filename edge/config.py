@@ -42,9 +42,9 @@ class Limits(BaseModel):
     """Cardinality and size bounds; every one is a setting."""
 
     model_config = ConfigDict(extra="forbid")
-    series_per_metric: int = Field(2000, ge=1)
-    profile_rows: int = Field(5000, ge=1)
-    events_per_batch: int = Field(10000, ge=1)
+    series_per_metric: int = Field(default=2000, ge=1)
+    profile_rows: int = Field(default=5000, ge=1)
+    events_per_batch: int = Field(default=10000, ge=1)
 
 
 class EdgeConfig(BaseModel):
@@ -57,7 +57,7 @@ class EdgeConfig(BaseModel):
     #: Whether `programs` was chosen by the user (attach failures are then fatal).
     programs_explicit: bool = False
     params: dict[str, dict[str, int]] = Field(default_factory=dict)
-    limits: Limits = Limits()
+    limits: Limits = Field(default_factory=lambda: Limits())
     output: str | None = None
     #: Regional aggregators, HOST:PORT, tried in order (failover).
     regional: list[str] = Field(default_factory=list)
@@ -65,7 +65,7 @@ class EdgeConfig(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_server_name: str | None = None
-    metrics_port: int = Field(9431, ge=0, le=65535)
+    metrics_port: int = Field(default=9431, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
     bpf_dir: Path | None = None
     #: Turns on kernel.bpf_stats_enabled for per-program run time (costs ~80 ns/event).

@@ -124,7 +124,7 @@ class GrpcForwarder:
             certificate_chain=self.tls.cert.read_bytes() if self.tls.cert else None,
         )
         if self.tls.server_name:
-            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name))  # type: ignore[arg-type]
         return grpc.secure_channel(target, creds, options=options, compression=grpc.Compression.Gzip)
 
     def _requests(self) -> Iterator[pb.Batch]:

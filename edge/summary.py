@@ -52,8 +52,8 @@ class Summary:
         for lab in labels:
             t.add_column(lab)
         t.add_column("total", justify="right")
-        for key, v in folded.most_common(n):
-            t.add_row(*key, f"{v:,}")
+        for row, v in folded.most_common(n):
+            t.add_row(*row, f"{v:,}")
         return t
 
     def _latency(self, title: str, metric: str, labels: list[str], unit: str, n: int = 10) -> Table:

@@ -375,8 +375,8 @@ class Aggregator:
             proj, label_keys = _project(w, fam.label_keys, keys, rule.by)
             g = group(proj)
             rb_sid, rb_idx, rb_cnt = _reduce_buckets(g.inverse[b_sid], b_idx, b_cnt)
-            rf = _Hists(fam.name, fam.unit, fam.help, label_keys)
-            out_h.append((rf, g.keys, g.sum(cnt), g.sum(sm), g.sum(zero), rb_sid, rb_idx, rb_cnt))
+            rh = _Hists(fam.name, fam.unit, fam.help, label_keys)
+            out_h.append((rh, g.keys, g.sum(cnt), g.sum(sm), g.sum(zero), rb_sid, rb_idx, rb_cnt))
         return out_c, out_h
 
 

@@ -120,9 +120,9 @@ def _run_edge(args: argparse.Namespace) -> int:
 
 
 def _edge_output(cfg: Any) -> Any:
-    from edge.outputs import ForwardOutput, MultiOutput, open_output
+    from edge.outputs import ForwardOutput, MultiOutput, Output, open_output
 
-    outputs = []
+    outputs: list[Output] = []
     if cfg.regional:
         tls = None
         if cfg.tls_ca:
