@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge.batch import batch_to_dict
-from stratoscope.histogram import quantile
+from stratoscope.histogram import histogram_quantile
 from stratoscope.v1 import batch_pb2 as pb
 
 
@@ -73,8 +73,9 @@ class Summary:
         rows = sorted(merged.items(), key=lambda kv: -sum(kv[1].values()))[:n]
         for k, buckets in rows:
             total = sum(buckets.values()) + zeros[k]
-            p50 = quantile(buckets, zeros[k], 0.5)
-            p99 = quantile(buckets, zeros[k], 0.99)
+            idx, cnt = list(buckets), list(buckets.values())
+            p50 = histogram_quantile(0.5, idx, cnt, zeros[k], "loglinear")
+            p99 = histogram_quantile(0.99, idx, cnt, zeros[k], "loglinear")
             t.add_row(*k, f"{total:,}", f"{p50:,.0f}", f"{p99:,.0f}")
         return t
 

@@ -6,6 +6,7 @@ the process that owns it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from regional.sinks.clickhouse import folded_stacks_sql
-from stratoscope.histogram import quantile
+from stratoscope.histogram import histogram_quantile
 
 Query = Callable[[str, dict[str, Any] | None], Awaitable[list[tuple]]]
 
@@ -22,7 +23,9 @@ SECTIONS = ("syscalls", "runqueue", "tcp", "block", "process", "stacks")
 
 
 def _q(buckets: dict[int, int], zero: int, q: float) -> float:
-    return quantile({int(i): int(n) for i, n in buckets.items()}, int(zero), q)
+    """Log-linear estimate inside the bucket; 0 for an empty histogram (the report shows numbers)."""
+    value = histogram_quantile(q, list(buckets), list(buckets.values()), int(zero), "loglinear")
+    return 0.0 if math.isnan(value) else value
 
 
 async def collect(query: Query, since_s: int) -> dict[str, list[tuple]]:

@@ -8,7 +8,11 @@ zero bucket. The BPF programs compute the same index in the kernel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+QuantileMethod = Literal["upper", "loglinear"]
 
 
 def bucket_index(v: int) -> int | None:
@@ -33,26 +37,41 @@ def bucket_bounds(i: int) -> tuple[float, float]:
     return 2.0**i, 2.0 ** (i + 1)
 
 
-def quantile(buckets: Mapping[int, int], zero_count: int, q: float) -> float:
-    """Estimate the q-quantile; within a bucket, interpolate log-linearly.
+def histogram_quantile(
+    q: float,
+    bucket_index: Sequence[int],
+    bucket_count: Sequence[int],
+    zero_count: int = 0,
+    method: QuantileMethod = "upper",
+) -> float:
+    """Quantile ``q`` of a merged scale-0 histogram (Python reference of histogram_quantile_sql).
 
-    Returns 0.0 for an empty histogram. Exponential buckets grow by 2x, so
-    geometric interpolation is the unbiased choice for log-uniform data.
+    Bucket i holds values in (2^i, 2^(i+1)]; the zero bucket holds 0. The
+    bucket is the one holding the k-th smallest sample, k = max(1, ceil(q * total)).
+    ``method="upper"`` returns that bucket's upper bound 2^(i+1) (an upper
+    estimate: at least a fraction q of the samples are <= it; 0 for the zero
+    bucket). ``method="loglinear"`` interpolates inside the bucket on a log2
+    scale: 2^(i + f), f = (q*total - samples below the bucket) / bucket count,
+    clamped to [0, 1]. NaN for an empty histogram.
     """
     if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {q}")
-    total = zero_count + sum(buckets.values())
+        raise ValueError(f"quantile {q} outside [0, 1]")
+    if method not in ("upper", "loglinear"):
+        raise ValueError(f"unknown method {method!r}")
+    pairs = sorted((i, c) for i, c in zip(bucket_index, bucket_count, strict=True) if c)
+    total = zero_count + sum(c for _, c in pairs)
     if total == 0:
-        return 0.0
+        return math.nan
     rank = q * total
-    if rank <= zero_count:
+    k = max(1, math.ceil(rank))
+    if zero_count >= k:
         return 0.0
-    seen = float(zero_count)
-    for i in sorted(buckets):
-        n = buckets[i]
-        if n and seen + n >= rank:
-            lo, hi = bucket_bounds(i)
-            frac = (rank - seen) / n
-            return float(lo * (hi / lo) ** frac)
-        seen += n
-    return bucket_bounds(max(buckets))[1]
+    cum = zero_count
+    for i, c in pairs:
+        if cum + c >= k:
+            if method == "upper":
+                return float(2.0 ** (i + 1))
+            f = min(1.0, max(0.0, (rank - cum) / c))
+            return float(2.0 ** (i + f))
+        cum += c
+    raise AssertionError("unreachable: k <= total")

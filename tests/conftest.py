@@ -131,3 +131,19 @@ def run_edge(
             run.forward_stats = forward.forwarder.stats
     if errors:
         raise errors[0]
+
+
+def kafka_bootstrap() -> str:
+    """The test broker's address; a missing broker fails the test (never skips).
+
+    Called inside tests, not in a fixture, so a missing broker is a FAILED test
+    rather than a setup ERROR.
+    """
+    value = os.environ.get("KAFKA_BOOTSTRAP", "").strip()
+    if not value:
+        pytest.fail(
+            "KAFKA_BOOTSTRAP is not set: run `scripts/kafka.sh start` and export the "
+            "KAFKA_BOOTSTRAP=... line it prints (scripts/test.sh does both)",
+            pytrace=False,
+        )
+    return value

@@ -34,7 +34,6 @@ import asyncio
 import gc
 import hashlib
 import logging
-import math
 import os
 import re
 import threading
@@ -46,10 +45,11 @@ from datetime import datetime
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
 from stratoscope.v1 import batch_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -848,47 +848,6 @@ SETTINGS join_use_nulls = 0
 
 # -- histogram quantiles (OTel exponential, scale 0) --------------------------
 
-QuantileMethod = Literal["upper", "loglinear"]
-
-
-def histogram_quantile(
-    q: float,
-    bucket_index: Sequence[int],
-    bucket_count: Sequence[int],
-    zero_count: int = 0,
-    method: QuantileMethod = "upper",
-) -> float:
-    """Quantile ``q`` of a merged scale-0 histogram (Python reference of histogram_quantile_sql).
-
-    Bucket i holds values in (2^i, 2^(i+1)]; the zero bucket holds 0. The
-    bucket is the one holding the k-th smallest sample, k = max(1, ceil(q * total)).
-    ``method="upper"`` returns that bucket's upper bound 2^(i+1) (an upper
-    estimate: at least a fraction q of the samples are <= it; 0 for the zero
-    bucket). ``method="loglinear"`` interpolates inside the bucket on a log2
-    scale: 2^(i + f), f = (q*total - samples below the bucket) / bucket count,
-    clamped to [0, 1]. NaN for an empty histogram.
-    """
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile {q} outside [0, 1]")
-    if method not in ("upper", "loglinear"):
-        raise ValueError(f"unknown method {method!r}")
-    pairs = sorted((i, c) for i, c in zip(bucket_index, bucket_count, strict=True) if c)
-    total = zero_count + sum(c for _, c in pairs)
-    if total == 0:
-        return math.nan
-    rank = q * total
-    k = max(1, math.ceil(rank))
-    if zero_count >= k:
-        return 0.0
-    cum = zero_count
-    for i, c in pairs:
-        if cum + c >= k:
-            if method == "upper":
-                return float(2.0 ** (i + 1))
-            f = min(1.0, max(0.0, (rank - cum) / c))
-            return float(2.0 ** (i + f))
-        cum += c
-    raise AssertionError("unreachable: k <= total")
 
 
 def histogram_quantile_sql(

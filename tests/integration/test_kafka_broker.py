@@ -13,12 +13,13 @@ that forgot to start the broker cannot pass silently.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.conftest import kafka_bootstrap
 
 pytestmark = pytest.mark.kafka
 
@@ -26,17 +27,6 @@ N_MESSAGES = 1000
 CONSUME_DEADLINE_S = 60.0
 
 
-def _bootstrap() -> str:
-    # Checked inside the test (not in a fixture) so a missing broker is a FAILED
-    # test, not a setup ERROR, and never a skip.
-    value = os.environ.get("KAFKA_BOOTSTRAP", "").strip()
-    if not value:
-        pytest.fail(
-            "KAFKA_BOOTSTRAP is not set: run `scripts/kafka.sh start` and export the "
-            "KAFKA_BOOTSTRAP=... line it prints (e.g. KAFKA_BOOTSTRAP=127.0.0.1:19092)",
-            pytrace=False,
-        )
-    return value
 
 
 async def _create_topic(bootstrap: str, topic: str) -> None:
@@ -56,7 +46,7 @@ def _payload(i: int) -> tuple[bytes, bytes]:
 
 
 async def test_idempotent_produce_then_consume_exactly_once_in_order() -> None:
-    bootstrap = _bootstrap()
+    bootstrap = kafka_bootstrap()
     topic = f"stratoscope-it-{uuid.uuid4().hex}"
     await _create_topic(bootstrap, topic)
     expected = [_payload(i) for i in range(N_MESSAGES)]

@@ -12,7 +12,6 @@ Each test writes to its own topic prefix, so runs never see each other's records
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 import uuid
@@ -36,6 +35,7 @@ from regional.sinks.kafka import (
     decode_message,
 )
 from stratoscope.v1 import batch_pb2 as pb
+from tests.conftest import kafka_bootstrap
 
 pytestmark = pytest.mark.kafka
 
@@ -44,17 +44,6 @@ T0 = 1_700_000_000_000_000_000
 MINUTE_NS = 60_000_000_000
 
 
-def _bootstrap() -> str:
-    # Checked inside each test (not in a fixture) so a missing broker is a FAILED
-    # test, not a setup ERROR, and never a skip.
-    value = os.environ.get("KAFKA_BOOTSTRAP", "").strip()
-    if not value:
-        pytest.fail(
-            "KAFKA_BOOTSTRAP is not set: run `scripts/kafka.sh start` and export the "
-            "KAFKA_BOOTSTRAP=... line it prints (e.g. KAFKA_BOOTSTRAP=127.0.0.1:19092)",
-            pytrace=False,
-        )
-    return value
 
 
 def _prefix() -> str:
@@ -177,7 +166,7 @@ def _topics(prefix: str) -> dict[str, str]:
 # --- tests ------------------------------------------------------------------------
 
 async def test_blocks_arrive_split_by_kind_with_exact_values_keys_and_headers() -> None:
-    bootstrap = _bootstrap()
+    bootstrap = kafka_bootstrap()
     prefix = _prefix()
     topics = _topics(prefix)
     blocks = _blocks()
@@ -265,7 +254,7 @@ async def test_blocks_arrive_split_by_kind_with_exact_values_keys_and_headers() 
 
 
 async def test_redelivered_blocks_are_deduplicated_by_block_id_header() -> None:
-    bootstrap = _bootstrap()
+    bootstrap = kafka_bootstrap()
     prefix = _prefix()
     topics = _topics(prefix)
     blocks = _blocks()
@@ -310,7 +299,7 @@ async def test_redelivered_blocks_are_deduplicated_by_block_id_header() -> None:
 
 
 async def test_record_rejected_by_the_broker_is_a_permanent_error() -> None:
-    bootstrap = _bootstrap()
+    bootstrap = kafka_bootstrap()
     prefix = _prefix()
     topics = _topics(prefix)
     # The profiles topic accepts at most 1 KiB per record batch.
@@ -358,7 +347,7 @@ async def test_record_rejected_by_the_broker_is_a_permanent_error() -> None:
 
 
 async def test_health_check_passes_against_the_broker_before_and_after_start() -> None:
-    bootstrap = _bootstrap()
+    bootstrap = kafka_bootstrap()
     sink = KafkaSink(bootstrap, topic_prefix=_prefix(), request_timeout_s=10)
     try:
         await sink.health_check()  # a throwaway client
@@ -371,7 +360,7 @@ async def test_health_check_passes_against_the_broker_before_and_after_start() -
 
 
 async def test_unreachable_broker_health_check_raises_sink_error_quickly() -> None:
-    _bootstrap()
+    kafka_bootstrap()
     sink = KafkaSink("127.0.0.1:1", topic_prefix=_prefix(), request_timeout_s=2)
     t0 = time.monotonic()
     with pytest.raises(SinkError, match=r"kafka at 127\.0\.0\.1:1: "):

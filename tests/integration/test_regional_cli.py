@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,20 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import kafka_bootstrap
+
 pytestmark = pytest.mark.kafka
 CLI = [sys.executable, "-m", "stratoscope.cli"]
 
 
-def kafka() -> str:
-    addr = os.environ.get("KAFKA_BOOTSTRAP")
-    if not addr:
-        pytest.fail("KAFKA_BOOTSTRAP is not set: run `scripts/kafka.sh start` (scripts/test.sh does)")
-    return addr
 
 
 def test_check_reports_each_sink(tmp_path: Path) -> None:
     ok = subprocess.run([*CLI, "regional", "--check", "--clickhouse", f"chdb://{tmp_path}/ch",
-                         "--kafka", kafka()], capture_output=True, text=True, timeout=120)
+                         "--kafka", kafka_bootstrap()], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines() == ["clickhouse: ok", "kafka: ok"]
     bad = subprocess.run([*CLI, "regional", "--check", "--clickhouse", "none",

@@ -21,18 +21,13 @@ from edge.forward import GrpcForwarder
 from regional.app import RegionalOptions, RunningRegional
 from regional.merge import Rollup
 from regional.sinks.kafka import decode_message
-from tests.conftest import run_edge, unique_comm
+from tests.conftest import kafka_bootstrap, run_edge, unique_comm
 
 pytestmark = [pytest.mark.kernel, pytest.mark.kafka]
 NS = 1_000_000_000
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def kafka_bootstrap() -> str:
-    addr = os.environ.get("KAFKA_BOOTSTRAP")
-    if not addr:
-        pytest.fail("KAFKA_BOOTSTRAP is not set: run `scripts/kafka.sh start` (scripts/test.sh does)")
-    return addr
 
 
 @pytest.fixture

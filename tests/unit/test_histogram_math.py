@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge.decode import Histogram
-from stratoscope.histogram import bucket_bounds, bucket_index, kernel_slot, quantile
+from stratoscope.histogram import bucket_bounds, bucket_index, histogram_quantile, kernel_slot
 
 
 @pytest.mark.parametrize(
@@ -69,8 +69,12 @@ def test_histogram_from_slots_counts_every_value_once(values: list[int]) -> None
         assert n == sum(1 for v in values if v and bucket_index(v) == i)
 
 
+def quantile(buckets: dict[int, int], zero: int, q: float) -> float:
+    return histogram_quantile(q, list(buckets), list(buckets.values()), zero, "loglinear")
+
+
 def test_quantile_exact_cases() -> None:
-    assert quantile({}, 0, 0.99) == 0.0
+    assert math.isnan(quantile({}, 0, 0.99))
     assert quantile({}, 10, 0.5) == 0.0
     # 100 values all in bucket 9 (512, 1024]: every quantile lies inside it.
     assert 512 <= quantile({9: 100}, 0, 0.5) <= 1024
