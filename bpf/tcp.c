@@ -168,18 +168,24 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     return 0;
 }
 
+/* The key of a tracked connection, or one built from the event's own fields. */
+static __always_inline void key_for(struct conn_key *k, u64 sk, u16 family, u16 port,
+                                    const u8 *v4, const u8 *v6)
+{
+    struct conn_info *info = sk ? live.lookup(&sk) : 0;
+    if (info) {
+        *k = info->key;
+        return;
+    }
+    k->family = family;
+    k->port = port;
+    set_addr(k->raddr, family, v4, v6);
+}
+
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
-    u64 sk = (u64)args->skaddr;
-    struct conn_info *info = live.lookup(&sk);
     struct conn_key key = {};
-    if (info) {
-        key = info->key;
-    } else {
-        key.family = args->family;
-        key.port = args->dport;
-        set_addr(key.raddr, args->family, args->daddr, args->daddr_v6);
-    }
+    key_for(&key, (u64)args->skaddr, args->family, args->dport, args->daddr, args->daddr_v6);
     struct conn_val *v = conn_counters(&key);
     if (v)
         __sync_fetch_and_add(&v->retransmits, 1);
@@ -188,21 +194,14 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
-    u64 sk = (u64)args->skaddr;
-    struct conn_info *info = sk ? live.lookup(&sk) : 0;
+    /* No family/port fields here: the addresses come as sockaddr_in(6). An RST
+     * without a tracked socket is labelled with our local port. */
+    struct conn_key remote = {}, local = {};
+    u16 rport = 0, lport = 0;
+    key_from_sockaddr(&remote, args->daddr, &rport);
+    key_from_sockaddr(&local, args->saddr, &lport);
     struct conn_key key = {};
-    if (info) {
-        key = info->key;
-    } else {
-        u16 lport = 0;
-        key_from_sockaddr(&key, args->daddr, &lport);
-        key_from_sockaddr(&key, args->saddr, &lport);  /* local port; remote address below */
-        u16 rport = 0;
-        struct conn_key remote = {};
-        key_from_sockaddr(&remote, args->daddr, &rport);
-        __builtin_memcpy(key.raddr, remote.raddr, 16);
-        key.port = lport;
-    }
+    key_for(&key, (u64)args->skaddr, remote.family, lport, remote.raddr + 12, remote.raddr);
     struct conn_val *v = conn_counters(&key);
     if (v)
         __sync_fetch_and_add(&v->resets_sent, 1);
@@ -211,16 +210,8 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
-    u64 sk = (u64)args->skaddr;
-    struct conn_info *info = live.lookup(&sk);
     struct conn_key key = {};
-    if (info) {
-        key = info->key;
-    } else {
-        key.family = args->family;
-        key.port = args->sport;
-        set_addr(key.raddr, args->family, args->daddr, args->daddr_v6);
-    }
+    key_for(&key, (u64)args->skaddr, args->family, args->sport, args->daddr, args->daddr_v6);
     struct conn_val *v = conn_counters(&key);
     if (v)
         __sync_fetch_and_add(&v->resets_received, 1);
