@@ -9,9 +9,13 @@ is a binary search.
 
 from __future__ import annotations
 
-import bisect
 from pathlib import Path
 from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from edge.memory import release_free_memory
 
 __all__ = ["UNKNOWN", "KernelSymbols"]
 
@@ -47,8 +51,10 @@ class KernelSymbols:
     def __init__(self, path: str | Path = "/proc/kallsyms") -> None:
         """Remember where to read symbols from; no I/O happens until the first lookup."""
         self._path = Path(path)
-        self._addrs: list[int] | None = None
-        self._names: list[str] = []
+        # Compact: ~200k symbols as Python ints and strs would cost tens of MB of RSS.
+        self._addrs: npt.NDArray[np.uint64] | None = None
+        self._name_blob = b""
+        self._name_offsets: npt.NDArray[np.uint32] = np.zeros(1, dtype=np.uint32)
 
     def reload(self) -> None:
         """(Re)read the symbol file, e.g. after modules were loaded.
@@ -76,14 +82,22 @@ class KernelSymbols:
         except OSError:
             best = {}
         ordered = sorted(best.items())
-        self._addrs = [addr for addr, _ in ordered]
-        self._names = [name for _, (_, name) in ordered]
+        del best
+        encoded = [name.encode() for _, (_, name) in ordered]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.uint32)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        self._addrs = np.asarray([addr for addr, _ in ordered], dtype=np.uint64)
+        self._name_blob = b"".join(encoded)
+        self._name_offsets = offsets
+        del ordered, encoded
+        release_free_memory()  # the parse's transient objects, back to the OS
 
-    def _loaded(self) -> list[int]:
+    def _loaded(self) -> npt.NDArray[np.uint64]:
         """Sorted symbol addresses, loading the file on first use."""
         if self._addrs is None:
             self.reload()
-        return self._addrs if self._addrs is not None else []
+        assert self._addrs is not None
+        return self._addrs
 
     def __len__(self) -> int:
         """Number of distinct symbol addresses loaded (0 when hidden by kptr_restrict)."""
@@ -98,7 +112,13 @@ class KernelSymbols:
         ``"[unknown]"``.
         """
         addrs = self._loaded()
-        if not addrs or addr <= 0:
+        if not len(addrs) or addr <= 0:
             return UNKNOWN
-        idx = bisect.bisect_right(addrs, addr) - 1
-        return self._names[idx] if idx >= 0 else UNKNOWN
+        if addr >= 2**64:  # past every address: the last symbol, as for any address past it
+            idx = len(addrs) - 1
+        else:
+            idx = int(np.searchsorted(addrs, np.uint64(addr), side="right")) - 1
+        if idx < 0:
+            return UNKNOWN
+        lo, hi = int(self._name_offsets[idx]), int(self._name_offsets[idx + 1])
+        return self._name_blob[lo:hi].decode(errors="replace")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
@@ -73,9 +75,33 @@ class _ElfSymbols:
     """The parts of one ELF file needed to symbolize: PT_LOAD layout and function symbols."""
 
     segments: tuple[tuple[int, int, int], ...]  # (p_offset, p_filesz, p_vaddr)
-    starts: list[int]
-    ends: list[int]  # exclusive; == start + 1 for size-0 symbols (exact match only)
-    names: list[str]
+    # Compact on purpose: a large library has 100k+ symbols, and Python ints and
+    # strs per symbol cost tens of MB; numpy columns and one blob cost a few.
+    starts: npt.NDArray[np.uint64]
+    ends: npt.NDArray[np.uint64]  # exclusive; == start + 1 for size-0 symbols (exact match only)
+    name_blob: bytes
+    name_offsets: npt.NDArray[np.uint32]  # name j is name_blob[offsets[j]:offsets[j + 1]]
+
+    @staticmethod
+    def build(
+        segments: tuple[tuple[int, int, int], ...], ordered: list[tuple[int, int, str]]
+    ) -> _ElfSymbols:
+        """From (start, size, name) sorted by start."""
+        encoded = [name.encode() for _, _, name in ordered]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.uint32)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return _ElfSymbols(
+            segments=segments,
+            starts=np.asarray([s for s, _, _ in ordered], dtype=np.uint64),
+            ends=np.asarray([s + max(size, 1) for s, size, _ in ordered], dtype=np.uint64),
+            name_blob=b"".join(encoded),
+            name_offsets=offsets,
+        )
+
+    def name(self, j: int) -> str:
+        return self.name_blob[self.name_offsets[j] : self.name_offsets[j + 1]].decode(
+            errors="replace"
+        )
 
     def vaddr_for_offset(self, file_offset: int) -> int | None:
         """Translate a file offset into the ELF's link-time virtual address."""
@@ -86,14 +112,19 @@ class _ElfSymbols:
 
     def lookup(self, vaddr: int) -> str | None:
         """Name of the function symbol whose [start, end) range holds ``vaddr``."""
-        idx = bisect.bisect_right(self.starts, vaddr) - 1
+        if vaddr < 0:
+            return None
+        if vaddr >= 2**64:
+            idx = len(self.starts) - 1
+        else:
+            idx = int(np.searchsorted(self.starts, np.uint64(vaddr), side="right")) - 1
         for j in range(idx, max(idx - _OVERLAP_LOOKBACK, -1), -1):
-            if vaddr < self.ends[j]:
-                return self.names[j]
+            if vaddr < int(self.ends[j]):
+                return self.name(j)
         return None
 
 
-_EMPTY_ELF: Final = _ElfSymbols(segments=(), starts=[], ends=[], names=[])
+_EMPTY_ELF: Final = _ElfSymbols.build((), [])
 
 
 def _symbol_preference(binding: str, name: str, table_rank: int) -> tuple[int, int, int]:
@@ -149,12 +180,8 @@ def _load_elf(path: str) -> _ElfSymbols:
     except Exception as exc:  # broad on purpose, see docstring
         _log.debug("cannot read ELF symbols from %s: %s", path, exc)
         return _EMPTY_ELF
-    ordered = sorted(best.items())
-    return _ElfSymbols(
-        segments=segments,
-        starts=[start for start, _ in ordered],
-        ends=[start + max(size, 1) for start, (_, _, size) in ordered],
-        names=[name for _, (_, name, _) in ordered],
+    return _ElfSymbols.build(
+        segments, [(start, size, name) for start, (_, name, size) in sorted(best.items())]
     )
 
 
