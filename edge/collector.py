@@ -193,6 +193,7 @@ class Collector:
         builder.add_events(self._events, lost)
         self._events, self._events_dropped = [], 0
         batch = builder.build()
+        release_free_memory()  # symbolization's transient parse objects
         self.metrics.batches.inc()
         self.metrics.batch_bytes.observe(batch.ByteSize())
         self.metrics.drain_seconds.observe(time.perf_counter() - t0)
