@@ -176,6 +176,6 @@ def test_profile_attributes_samples_to_the_burning_function(workload_bin: dict[s
     in_burn = sum(
         s["count"] for s in samples if "stratoscope_burn_cpu" in (s["user_stack"] or [])
     )
-    assert total >= 19  # 2 s at 19 Hz on the CPU the process runs on
+    assert total >= 19  # 2 s of CPU time at 19 Hz: ~38 samples expected
     assert in_burn / total > 0.8, (in_burn, total, samples[:3])
     assert all(s["comm"] == comm for s in samples if s["count"])

@@ -1,4 +1,5 @@
-/* Burns CPU in a named function for S seconds, then waits on stdin so the
+/* Burns S seconds of CPU time (not wall time: a loaded machine must not
+ * shrink the sample count) in a named function, then waits on stdin so the
  * profiler can still read /proc/PID/maps when it symbolizes. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,7 +10,7 @@
 static double now(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
