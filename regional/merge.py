@@ -132,6 +132,8 @@ class _Window:
     node_labels: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     sources: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     points: int = 0
+    #: Scratch for _OutBlock: window string id -> block string index.
+    remap: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def _u32(values: Iterable[int]) -> npt.NDArray[np.uint32]:
@@ -300,14 +302,24 @@ class Aggregator:
         hists = [self._reduce_hists(f) for f in w.hists.values()]
         rollup_counters, rollup_hists = self._rollups(w, counters, hists)
         nodes = sorted(set(w.sources) | set(w.profiles) | set(w.events))
+        node_ids = np.asarray(nodes, dtype=np.uint32)
+        # Rows are sorted by node first: each node's rows of a family are one slice,
+        # found for every node at once.
+        c_bounds = [(np.searchsorted(k[:, 0], node_ids, "left"),
+                     np.searchsorted(k[:, 0], node_ids, "right")) for _, k, _ in counters]
+        h_bounds = [(np.searchsorted(h[1][:, 0], node_ids, "left"),
+                     np.searchsorted(h[1][:, 0], node_ids, "right")) for h in hists]
+        w.remap = np.zeros(len(w.strings.items), dtype=np.int64)
         blocks = []
-        for node in nodes:
+        for n, node in enumerate(nodes):
             b = _OutBlock(w, node)
-            for fam, keys, vals in counters:
-                lo, hi = np.searchsorted(keys[:, 0], [node, node + 1])
+            for (fam, keys, vals), (los, his) in zip(counters, c_bounds, strict=True):
+                lo, hi = los[n], his[n]
                 b.add_counters(fam, keys[lo:hi], vals[lo:hi])
-            for fam, keys, cnt, sm, zero, b_sid, b_idx, b_cnt in hists:
-                lo, hi = np.searchsorted(keys[:, 0], [node, node + 1])
+            for (fam, keys, cnt, sm, zero, b_sid, b_idx, b_cnt), (los, his) in zip(
+                hists, h_bounds, strict=True
+            ):
+                lo, hi = los[n], his[n]
                 blo, bhi = np.searchsorted(b_sid, [lo, hi])
                 b.add_hists(fam, keys[lo:hi], cnt[lo:hi], sm[lo:hi], zero[lo:hi],
                             b_sid[blo:bhi] - lo, b_idx[blo:bhi], b_cnt[blo:bhi])
@@ -441,9 +453,11 @@ class _OutBlock:
             extra += [ev[1], ev[4], ev[5], ev[6]]
         used.append(_u32(extra))
         table = np.unique(np.concatenate(used))
+        remap = w.remap  # window id -> index in this block's table (only `table` entries are read)
+        remap[table] = np.arange(len(table))
 
         def local(g: npt.NDArray[np.uint32] | list[int]) -> npt.NDArray[np.int64]:
-            return np.searchsorted(table, np.asarray(g, dtype=np.uint32))
+            return remap[np.asarray(g, dtype=np.int64)]
 
         out = pb.Batch(
             node_id=strings[self.node], start_ns=w.start_ns, end_ns=w.end_ns,
