@@ -19,6 +19,7 @@ id and downstream idempotency keys hold.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ class Aggregator:
         self._closed: OrderedDict[int, None] = OrderedDict()
         self.late_batches = 0
         self.points_in = 0
+        self._lock = threading.Lock()
 
     # -- input -------------------------------------------------------------------
     def window_of(self, batch: pb.Batch) -> int:
@@ -159,6 +161,10 @@ class Aggregator:
 
     def record(self, batch: pb.Batch) -> bool:
         """Merge one validated batch; returns True if it landed in a late partial."""
+        with self._lock:
+            return self._record(batch)
+
+    def _record(self, batch: pb.Batch) -> bool:
         ws = self.window_of(batch)
         late = ws in self._closed
         table = self._late if late else self._open
@@ -272,22 +278,38 @@ class Aggregator:
 
     # -- output --------------------------------------------------------------------
     def open_windows(self) -> list[int]:
-        return sorted(self._open)
+        with self._lock:
+            return sorted(self._open)
 
     def flush(self, now_ns: int, force: bool = False) -> list[Block]:
         """Blocks for every window past end + lateness (all windows if force), and late partials."""
+        return self.emit(self.take_due(now_ns, force))
+
+    def take_due(self, now_ns: int, force: bool = False) -> list[_Window]:
+        """Detach the windows to emit (cheap; under the lock record() also takes).
+
+        Split from emit() so a server can build blocks in a worker thread while
+        record() keeps accepting batches: a detached window is touched by no one else.
+        """
         grace = int(self.settings.lateness_s * NS)
+        due: list[_Window] = []
+        with self._lock:
+            for ws in sorted(self._open):
+                w = self._open[ws]
+                if force or w.end_ns + grace <= now_ns:
+                    del self._open[ws]
+                    self._closed[ws] = None
+                    due.append(w)
+            while len(self._closed) > self.settings.remember_closed:
+                self._closed.popitem(last=False)
+            due.extend(self._late.pop(ws) for ws in sorted(self._late))
+        return due
+
+    def emit(self, windows: list[_Window]) -> list[Block]:
+        """Merged blocks of detached windows (the expensive, columnar part)."""
         blocks: list[Block] = []
-        for ws in sorted(self._open):
-            w = self._open[ws]
-            if force or w.end_ns + grace <= now_ns:
-                del self._open[ws]
-                self._closed[ws] = None
-                blocks.extend(self._emit(w))
-        while len(self._closed) > self.settings.remember_closed:
-            self._closed.popitem(last=False)
-        for ws in sorted(self._late):
-            blocks.extend(self._emit(self._late.pop(ws)))
+        for w in windows:
+            blocks.extend(self._emit(w))
         return blocks
 
     def _block_id(self, w: _Window, node: str, sources: Iterable[tuple[str, int]]) -> str:
