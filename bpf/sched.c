@@ -16,7 +16,7 @@
 
 struct task_key {
     u64 cgroup;
-    char comm[16];
+    char comm[16];  /* 8-byte aligned: compared as two words */
 };
 
 struct runq_key {
@@ -78,7 +78,11 @@ TRACEPOINT_PROBE(sched, sched_switch)
         struct task_key pk = {};
         pk.cgroup = bpf_get_current_cgroup_id();
         bpf_probe_read_kernel(&pk.comm, sizeof(pk.comm), args->prev_comm);
-        task_info.update(&prev, &pk);
+        /* Write only when it changed (exec, cgroup move): most switches find it equal. */
+        struct task_key *known = task_info.lookup(&prev);
+        u64 *was = known ? (u64 *)known->comm : 0, *now_comm = (u64 *)pk.comm;
+        if (!was || known->cgroup != pk.cgroup || was[0] != now_comm[0] || was[1] != now_comm[1])
+            task_info.update(&prev, &pk);
 
         struct cpu_val init = {}, *cv;
         if (active)
