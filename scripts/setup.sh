@@ -46,6 +46,12 @@ if [ ! -e "/lib/modules/$KREL/build/include/linux/kconfig.h" ] && [ ! -e "/lib/m
   fi
 fi
 
+build_target="$(readlink -f "/lib/modules/$KREL/build" || true)"
+case "$build_target" in
+  *"$KREL"*) ;;
+  *) warn "kernel $KREL is using fallback headers from $build_target (no exact headers package)." ;;
+esac
+
 # --- tracefs ------------------------------------------------------------------
 if [ ! -d /sys/kernel/tracing/events ]; then
   mount -t tracefs nodev /sys/kernel/tracing || die "could not mount tracefs at /sys/kernel/tracing"
