@@ -1,6 +1,6 @@
 /* System calls per (syscall, comm, cgroup): counts, errors per errno and,
  * with LATENCY=1, a latency histogram. Raw tracepoints on sys_enter/sys_exit
- * (cheaper than the formatted ones: +83 ns vs +140 ns per event here).
+ * (cheaper to attach than the formatted ones; costs measured in docs/BENCHMARKS.md).
  *
  * Every aggregate map exists twice (_0 and _1); flip_ctl[0] says which one the
  * programs write. User space flips it, waits out in-flight programs, then reads

@@ -56,6 +56,7 @@ log = logging.getLogger("stratoscope.edge")
 #: After a flip, programs that read the old slot may still be running; they run
 #: for microseconds, so this wait makes the idle copy quiescent before reading.
 FLIP_GRACE_S = 0.02
+_BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
 @dataclass
@@ -91,12 +92,14 @@ class Collector:
         self._ksyms: Any = None
         self._usyms: Any = None
         self._lock = threading.Lock()
+        self._bpf_stats_before: str | None = None
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         """Load every configured program. Explicitly requested programs must attach."""
         if self.cfg.bpf_stats:
-            Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1\n")
+            self._bpf_stats_before = _BPF_STATS.read_text().strip()
+            _BPF_STATS.write_text("1\n")
         specs = discover(self.bpf_dir)
         for name in self.cfg.programs:
             if name not in specs:
@@ -129,6 +132,9 @@ class Collector:
         programs, self.programs = self.programs, []
         for p in programs:
             p.close()
+        if self._bpf_stats_before is not None:  # put back what we found
+            _BPF_STATS.write_text(self._bpf_stats_before + "\n")
+            self._bpf_stats_before = None
 
     # -- events ----------------------------------------------------------------
     def _event_callback(self, program: str) -> Callable[[str, bytes], None]:
