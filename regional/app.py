@@ -21,6 +21,9 @@ from regional.sinks.base import Sink, SinkError
 log = logging.getLogger("stratoscope.regional")
 
 DEFAULT_CLICKHOUSE = "chdb:///var/lib/stratoscope/clickhouse"
+#: Sink backlog (blocks) at which edges are told to RETRY, and the queue's hard bound.
+QUEUE_RETRY = 3000
+QUEUE_MAX = 6000
 
 
 @dataclass
@@ -75,10 +78,18 @@ class RunningRegional:
     def __init__(self, opts: RegionalOptions) -> None:
         self.opts = opts
         self.sinks = build_sinks(opts)
-        self.queues = [DeliveryQueue(s, batch_max_blocks=2000, batch_max_wait_s=0.5) for s in self.sinks]
+        # Backpressure before memory: edges get RETRY once a sink is QUEUE_RETRY blocks
+        # behind (they keep their batches and back off); the queue itself drops oldest
+        # only past QUEUE_MAX. In a saturation benchmark a 50k-block allowance let the
+        # regional grow to 14.7 GB while ClickHouse fell behind.
+        self.queues = [
+            DeliveryQueue(s, batch_max_blocks=2000, batch_max_wait_s=0.5, max_queue_blocks=QUEUE_MAX)
+            for s in self.sinks
+        ]
         settings = MergeSettings(resolution_s=opts.resolution_s, lateness_s=opts.lateness_s,
                                  rollups=opts.rollups)
-        self.regional = Regional(settings, self.queues, regional_id=opts.regional_id)
+        self.regional = Regional(settings, self.queues, regional_id=opts.regional_id,
+                                 max_queued_blocks=QUEUE_RETRY)
         self._server = None
         self._flusher: asyncio.Task[None] | None = None
         self.port = 0
