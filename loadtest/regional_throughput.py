@@ -885,20 +885,21 @@ def run_phase(
             log(f"creating Kafka topics {prefix}.*: {exc} (left to auto-creation)")
     res = RunResult(config, phase, ["clickhouse"] + (["kafka"] if kafka else []), rate_points_s)
     res.code = code_fingerprint()
-    reg.start()
     ctx = mp.get_context("spawn")
     per = [args.nodes // args.edges + (1 if i < args.nodes % args.edges else 0)
            for i in range(args.edges)]
-    procs, pipes = [], []
-    for i, n in enumerate(per):
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=worker_main, name=f"rt-edge-{i}",
-                        args=(i, n, f"127.0.0.1:{reg.port}", str(templates_path),
-                              args.compression, child), daemon=True)
-        p.start()
-        procs.append(p)
-        pipes.append(parent)
+    procs: list[Any] = []
+    pipes: list[Any] = []
     try:
+        reg.start()
+        for i, n in enumerate(per):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, name=f"rt-edge-{i}",
+                            args=(i, n, f"127.0.0.1:{reg.port}", str(templates_path),
+                                  args.compression, child), daemon=True)
+            p.start()
+            procs.append(p)
+            pipes.append(parent)
         for p in pipes:
             msg = p.recv()
             if "error" in msg:
