@@ -59,6 +59,10 @@ FLIP_GRACE_S = 0.02
 _BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
+def _monotonic_to_wall_ns() -> int:
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
 @dataclass
 class _EventSource:
     program: str
@@ -153,7 +157,9 @@ class Collector:
                 log.debug("undecodable event from %s: %s", program, exc)
                 return
             self._events.append(EventRow(
-                time_ns=int(d.get("time_ns", 0)), kind=str(d.get("kind", "")),
+                # bpf_ktime_get_ns is CLOCK_MONOTONIC: move it onto the wall clock.
+                time_ns=int(d.get("time_ns", 0)) + _monotonic_to_wall_ns(),
+                kind=str(d.get("kind", "")),
                 pid=int(d.get("pid", 0)), ppid=int(d.get("ppid", 0)),
                 comm=str(d.get("comm", "")), cgroup=str(d.get("cgroup", "")),
                 detail=str(d.get("detail", "")), code=int(d.get("code", 0)),

@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,8 @@ def test_exec_and_exit_events_for_100_runs_of_true() -> None:
     assert len(exits) == 100
     assert {e["code"] for e in exits} == {0}
     assert all(e["ppid"] == os.getpid() for e in execs)
+    now = time.time_ns()
+    assert all(now - 120 * 10**9 < e["time_ns"] <= now for e in execs)  # wall clock
     assert run.counter("process_events_total", event="exec", comm="true") == 100
     assert run.counter("process_events_total", event="exit", comm="true", exit_code="0") == 100
 
