@@ -51,3 +51,74 @@ def group(keys: U32) -> Grouping:
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.cumsum(change) - 1
     return Grouping(k[starts], order, starts, inverse)
+
+
+# -- hashing and ragged columns ------------------------------------------------------
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(x: U64) -> U64:
+    """splitmix64's finalizer over a whole column (a bijection on uint64)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_rows(columns: list[npt.NDArray[np.generic]], seed: int) -> U64:
+    """A 64-bit hash per row of several integer columns (order-sensitive)."""
+    with np.errstate(over="ignore"):
+        h = np.full(len(columns[0]), np.uint64(seed) * _GOLDEN + np.uint64(1), dtype=np.uint64)
+        for c in columns:
+            h = mix64(h ^ (c.astype(np.uint64) + _GOLDEN + (h << np.uint64(6)) + (h >> np.uint64(2))))
+        return h
+
+
+def hash_ragged(offsets: I64, values: U32, seed: int) -> U64:
+    """A 64-bit hash per variable-length row ``values[offsets[i]:offsets[i+1]]``.
+
+    Position-dependent, so [a, b] and [b, a] differ. Used for stack identity inside
+    one window (two seeds give 128 bits: a collision is ~2^-100 for a window's stacks).
+    """
+    n = len(offsets) - 1
+    lens = np.diff(offsets)
+    with np.errstate(over="ignore"):
+        if len(values) == 0:
+            sums = np.zeros(n, dtype=np.uint64)
+        else:
+            pos = np.arange(len(values), dtype=np.uint64) - np.repeat(offsets[:-1], lens).astype(np.uint64)
+            v = mix64(values.astype(np.uint64) * _GOLDEN + pos * _M1 + np.uint64(seed))
+            sums = np.zeros(n, dtype=np.uint64)
+            nonempty = lens > 0
+            sums[nonempty] = np.add.reduceat(v, offsets[:-1][nonempty])
+        return mix64(sums ^ (lens.astype(np.uint64) * _M2 + np.uint64(seed)))
+
+
+def ragged_index(offsets: I64, rows: I64) -> tuple[I64, I64]:
+    """For rows ``rows`` of a ragged column: their new offsets and the value indices."""
+    lens = np.diff(offsets)[rows]
+    new_off = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=new_off[1:])
+    starts = offsets[:-1][rows]
+    idx = np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1] - starts, lens)
+    return new_off, idx
+
+
+def group_hashes(h1: U64, h2: U64) -> tuple[I64, I64, I64]:
+    """Group rows by a 128-bit hash: (order, starts, inverse) like Grouping."""
+    n = len(h1)
+    if n == 0:
+        e = np.zeros(0, dtype=np.int64)
+        return e, e, e
+    order = np.lexsort((h2, h1)).astype(np.int64)
+    a, b = h1[order], h2[order]
+    change = np.ones(n, dtype=bool)
+    change[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    starts = np.flatnonzero(change).astype(np.int64)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.cumsum(change) - 1
+    return order, starts, inverse

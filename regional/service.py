@@ -56,7 +56,7 @@ class RegionalMetrics:
         self.batches = Counter(f"{ns}_batches", "Batches received, by outcome.", ["status"], registry=registry)
         self.points = Counter(f"{ns}_points", "Points (series) received in accepted batches.", registry=registry)
         self.bytes_in = Counter(f"{ns}_bytes_in", "Serialized bytes of accepted batches.", registry=registry)
-        self.bytes_out = Counter(f"{ns}_bytes_out", "Serialized bytes of emitted blocks.", registry=registry)
+        self.bytes_out = Counter(f"{ns}_bytes_out", "Bytes of the merged columns emitted (numpy, uncompressed).", registry=registry)
         self.late = Counter(f"{ns}_late_batches", "Batches for windows already closed.", registry=registry)
         self.rejected = Counter(f"{ns}_rejected_batches", "Invalid batches, by reason.", ["reason"], registry=registry)
         self.window_lag = Gauge(f"{ns}_window_lag_seconds", "Age of the oldest open window's end.", registry=registry)
@@ -96,7 +96,7 @@ class Regional:
             ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
             return ack
         try:
-            validate(batch, self.limits, self.clock(), size)
+            cols = validate(batch, self.limits, self.clock(), size)
         except BatchRejected as exc:
             self.metrics.rejected.labels(str(exc).split(":")[0][:40]).inc()
             self.metrics.batches.labels("rejected").inc()
@@ -113,12 +113,11 @@ class Regional:
             ack.status = ingest_pb2.Ack.RETRY
             ack.reason = "regional overloaded: sinks are behind"
             return ack
-        if self.aggregator.record(batch):
+        if self.aggregator.record(cols):
             self.metrics.late.inc()
         self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
         self.metrics.batches.labels("accepted").inc()
-        self.metrics.points.inc(sum(len(m.counter_values) + len(m.gauge_values) for m in batch.metrics)
-                                + sum(len(h.count) for h in batch.histograms))
+        self.metrics.points.inc(cols.points)
         if size:
             self.metrics.bytes_in.inc(size)
         ack.status = ingest_pb2.Ack.ACCEPTED
@@ -138,7 +137,8 @@ class Regional:
             self.metrics.window_lag.set(max(0.0, (now - (open_ws[0] + res_ns)) / 1e9) if open_ws else 0.0)
             if blocks:
                 self.metrics.blocks.inc(len(blocks))
-                self.metrics.bytes_out.inc(sum(b.batch.ByteSize() for b in blocks))
+                frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
+                self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
                 for q in self.sinks:
                     await q.put(blocks)
             return blocks

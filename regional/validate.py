@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
+from regional.batchcols import BatchCols, decode
 from stratoscope.v1 import batch_pb2 as pb
 
 NS = 1_000_000_000
@@ -35,14 +37,17 @@ class Limits:
     max_node_id: int = 253
 
 
-def _check_indices(name: str, values: object, n_strings: int) -> None:
-    arr = np.asarray(values, dtype=np.int64)
-    if arr.size and (arr.max() >= n_strings or arr.min() < 0):
-        raise BatchRejected(f"{name}: string index out of range")
+def _check_indices(name: str, n_strings: int, *columns: npt.NDArray[np.generic] | list[int]) -> None:
+    for values in columns:
+        arr = np.asarray(values)
+        if arr.size and (int(arr.max()) >= n_strings or int(arr.min()) < 0):
+            raise BatchRejected(f"{name}: string index out of range")
 
 
-def validate(b: pb.Batch, limits: Limits, now_ns: int, size: int | None = None) -> None:
-    """Raise BatchRejected naming the first broken rule."""
+def validate(b: BatchCols | pb.Batch, limits: Limits, now_ns: int, size: int | None = None) -> BatchCols:
+    """Raise BatchRejected naming the first broken rule; returns the decoded columns."""
+    if isinstance(b, pb.Batch):
+        b = decode(b)
     if size is not None and size > limits.max_bytes:
         raise BatchRejected(f"batch of {size} bytes exceeds {limits.max_bytes}")
     if not b.node_id or len(b.node_id) > limits.max_node_id:
@@ -59,16 +64,25 @@ def validate(b: pb.Batch, limits: Limits, now_ns: int, size: int | None = None) 
         raise BatchRejected(f"window ends more than {limits.max_future_skew_s}s in the future")
     if b.end_ns < now_ns - limits.max_age_s * NS:
         raise BatchRejected(f"window older than {limits.max_age_s}s")
+    check_columns(b, limits)
+    return b
+
+
+def check_columns(b: BatchCols, limits: Limits) -> None:
+    """The structural rules alone: columns agree in length, indices are in range.
+
+    Also what a sink checks of a block that arrived as protobuf (not from the merge).
+    """
     n = len(b.strings)
     if n == 0 or b.strings[0] != "":
         raise BatchRejected("string table must start with the empty string")
     if n > limits.max_strings:
         raise BatchRejected(f"{n} strings exceed {limits.max_strings}")
-    if max((len(s) for s in b.strings), default=0) > limits.max_string_bytes:
+    if max(map(len, b.strings)) > limits.max_string_bytes:
         raise BatchRejected(f"a string exceeds {limits.max_string_bytes} characters")
     if len(b.node_label_keys) != len(b.node_label_values):
         raise BatchRejected("node label keys and values differ in length")
-    _check_indices("node labels", [*b.node_label_keys, *b.node_label_values], n)
+    _check_indices("node labels", n, b.node_label_keys, b.node_label_values)
     series = 0
     for i, m in enumerate(b.metrics):
         where = f"metrics[{i}]"
@@ -80,54 +94,59 @@ def validate(b: pb.Batch, limits: Limits, now_ns: int, size: int | None = None) 
             raise BatchRejected(f"{where}: values in the wrong column for its kind")
         if len(m.label_values) != values * len(m.label_keys):
             raise BatchRejected(f"{where}: label matrix does not match {values} series")
-        _check_indices(where, [m.name, m.unit, m.help, *m.label_keys], n)
-        _check_indices(where, m.label_values, n)
+        if len(set(m.label_keys.tolist())) != len(m.label_keys):
+            raise BatchRejected(f"{where}: a label key appears twice")
+        _check_indices(where, n, [m.name, m.unit, m.help], m.label_keys, m.label_values)
         series += values
     for i, h in enumerate(b.histograms):
         where = f"histograms[{i}]"
         k = len(h.count)
         if h.scale != 0:
             raise BatchRejected(f"{where}: only scale 0 is supported")
-        if len(h.sum) != k or len(h.zero_count) != k or len(h.bucket_offsets) != k + 1:
+        if len(h.sum) != k or len(h.zero) != k or len(h.offsets) != k + 1:
             raise BatchRejected(f"{where}: columns differ in length")
         if len(h.label_values) != k * len(h.label_keys):
             raise BatchRejected(f"{where}: label matrix does not match {k} series")
-        offs = np.asarray(h.bucket_offsets, dtype=np.int64)
-        if offs[0] != 0 or offs[-1] != len(h.bucket_index) or np.any(np.diff(offs) < 0):
+        if len(set(h.label_keys.tolist())) != len(h.label_keys):
+            raise BatchRejected(f"{where}: a label key appears twice")
+        offs = h.offsets
+        widths = np.diff(offs)
+        if offs[0] != 0 or offs[-1] != len(h.bucket_index) or (k and widths.min() < 0):
             raise BatchRejected(f"{where}: bucket offsets are not monotonic over the buckets")
         if len(h.bucket_count) != len(h.bucket_index):
             raise BatchRejected(f"{where}: bucket index and count differ in length")
-        if k and np.diff(offs).max() > limits.max_buckets_per_series:
+        if k and widths.max() > limits.max_buckets_per_series:
             raise BatchRejected(f"{where}: more than {limits.max_buckets_per_series} buckets in a series")
-        idx = np.asarray(h.bucket_index, dtype=np.int64)
+        idx = h.bucket_index
         if idx.size and (idx.min() < -64 or idx.max() > 127):
             raise BatchRejected(f"{where}: bucket index outside [-64, 127]")
-        _check_indices(where, [h.name, h.unit, h.help, *h.label_keys], n)
-        _check_indices(where, h.label_values, n)
+        _check_indices(where, n, [h.name, h.unit, h.help], h.label_keys, h.label_values)
         series += k
     for i, p in enumerate(b.profiles):
         where = f"profiles[{i}]"
         rows = len(p.samples)
         if not all(len(c) == rows for c in (p.pid, p.comm, p.cgroup, p.kernel_stack, p.user_stack)):
             raise BatchRejected(f"{where}: columns differ in length")
-        offs = np.asarray(p.stack_offsets, dtype=np.int64)
-        if offs.size == 0 or offs[0] != 0 or offs[-1] != len(p.stack_frames) or np.any(np.diff(offs) < 0):
+        offs = p.stack_offsets
+        if offs.size == 0 or offs[0] != 0 or offs[-1] != len(p.stack_frames) or (
+            offs.size > 1 and np.diff(offs).min() < 0
+        ):
             raise BatchRejected(f"{where}: stack offsets do not cover the frames")
         if offs.size > 1 and np.diff(offs).max() > limits.max_stack_depth:
             raise BatchRejected(f"{where}: a stack deeper than {limits.max_stack_depth}")
         stacks = len(offs) - 1
-        ids = np.asarray([*p.kernel_stack, *p.user_stack], dtype=np.int64)
-        if ids.size and (ids.min() < -1 or ids.max() >= stacks):
-            raise BatchRejected(f"{where}: stack id out of range")
-        _check_indices(where, [p.name, *p.comm, *p.cgroup], n)
-        _check_indices(where, p.stack_frames, n)
+        for ids in (p.kernel_stack, p.user_stack):
+            if ids.size and (ids.min() < -1 or ids.max() >= stacks):
+                raise BatchRejected(f"{where}: stack id out of range")
+        _check_indices(where, n, [p.name], p.comm, p.cgroup, p.stack_frames)
         series += rows
     e = b.events
-    rows = len(e.time_ns)
-    if not all(len(c) == rows for c in (e.kind, e.pid, e.ppid, e.comm, e.cgroup, e.detail, e.code)):
-        raise BatchRejected("events: columns differ in length")
-    if rows > limits.max_events:
-        raise BatchRejected(f"{rows} events exceed {limits.max_events}")
-    _check_indices("events", [*e.kind, *e.comm, *e.cgroup, *e.detail], n)
+    if e is not None:
+        rows = len(e.time_ns)
+        if not all(len(c) == rows for c in (e.kind, e.pid, e.ppid, e.comm, e.cgroup, e.detail, e.code)):
+            raise BatchRejected("events: columns differ in length")
+        if rows > limits.max_events:
+            raise BatchRejected(f"{rows} events exceed {limits.max_events}")
+        _check_indices("events", n, e.kind, e.comm, e.cgroup, e.detail)
     if series > limits.max_series:
         raise BatchRejected(f"{series} series exceed {limits.max_series}")

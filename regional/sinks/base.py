@@ -9,18 +9,44 @@ flush (same content -> same id), used as the idempotency key downstream
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from stratoscope.v1 import batch_pb2 as pb
 
+if TYPE_CHECKING:
+    from regional.frame import Frame
 
-@dataclass(frozen=True)
+
 class Block:
-    block_id: str
-    batch: pb.Batch
-    #: Output resolution in seconds (e.g. 60): where the block's rows are stored.
-    resolution_s: int
+    """One node's merged rows of one window (or the roll-up, node_id "").
+
+    Blocks from the merge are *parts* of a shared columnar ``Frame`` (regional/frame.py):
+    sinks that store rows read ``frame`` directly; ``batch`` builds the protobuf on
+    demand (not cached: a queued block then holds no per-node copy). A Block can also
+    be made from a protobuf alone (read back from Kafka, or in tests).
+    """
+
+    __slots__ = ("block_id", "resolution_s", "frame", "part", "_batch")
+
+    def __init__(self, block_id: str, batch: pb.Batch | None = None, resolution_s: int = 60,
+                 *, frame: Frame | None = None, part: int = -1) -> None:
+        if batch is None and frame is None:
+            raise ValueError("a Block needs a batch or a frame")
+        self.block_id = block_id
+        self.resolution_s = resolution_s
+        self.frame = frame
+        self.part = part
+        self._batch = batch
+
+    @property
+    def batch(self) -> pb.Batch:
+        if self._batch is not None:
+            return self._batch
+        assert self.frame is not None
+        return self.frame.batch_for(self.part)
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id!r}, resolution_s={self.resolution_s})"
 
 
 class SinkError(Exception):

@@ -31,26 +31,26 @@ readers SUM (``sum(value)``, ``sumMap(bucket_index, bucket_count)``).
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import logging
 import os
 import re
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import repeat
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import pyarrow as pa
+
+from regional.batchcols import BatchCols, decode
+from regional.frame import Frame, frame_from_batches
 from regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from regional.sinks.clickhouse_arrow import EVENTS_LOST_METRIC, INSERT_ORDER, arrow_tables, stack_id  # noqa: F401
+from regional.validate import BatchRejected, Limits, check_columns
 from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
-from stratoscope.v1 import batch_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,6 @@ DEFAULT_DATABASE = "stratoscope"
 #: Where the versioned schema lives (deploy/clickhouse/migrations in the repo).
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse" / "migrations"
 
-#: Name of the counter the sink writes for EventBlock.lost (events dropped at the edge).
-EVENTS_LOST_METRIC = "stratoscope_events_lost"
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
@@ -266,285 +264,32 @@ def classify_error(exc: BaseException, what: str) -> SinkError:
     return PermanentError(msg)
 
 
-# --------------------------------------------------------------------------
-# Row shaping
-# --------------------------------------------------------------------------
+def _frames_of(blocks: Sequence[Block]) -> list[tuple[Frame, list[int]]]:
+    """Blocks grouped by the frame they are parts of, with their part indices (sorted).
 
-_COUNTER, _GAUGE = "counter", "gauge"
-
-
-def stack_id(frames: Sequence[str]) -> int:
-    """Stable 64-bit id of a stack: BLAKE2b-64 (little endian) of the frames joined by NUL.
-
-    Never 0 (0 means "no stack" in profile_samples).
+    Blocks that exist only as protobuf are checked like an edge batch's columns and
+    put into frames of their own (raises PermanentError naming a malformed block).
     """
-    h = hashlib.blake2b("\x00".join(frames).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") or 1
-
-
-def _pick(strings: list[str], idx: Sequence[int]) -> list[str]:
-    """strings[i] for every i of idx, in C (itemgetter) instead of a Python loop."""
-    n = len(idx)
-    if n > 1:
-        return list(itemgetter(*idx)(strings))
-    return [strings[idx[0]]] if n else []
-
-
-def _label_maps(strings: list[str], keys: Sequence[int], values: Sequence[int], n: int) -> list:
-    """Row-major label matrix -> one dict per series (what clickhouse-connect wants for Map)."""
-    k = len(keys)
-    if len(values) != n * k:
-        raise ValueError(f"label matrix has {len(values)} cells, expected {n} x {k}")
-    if k == 0:
-        return [{}] * n  # one shared empty dict: the encoder only reads it
-    names = _pick(strings, keys)
-    vals = _pick(strings, values)
-    if k == 1:
-        (a,) = names
-        return [{a: v} for v in vals]
-    if k == 2:
-        a, b = names
-        return [{a: x, b: y} for x, y in zip(vals[0::2], vals[1::2], strict=True)]
-    if k == 3:
-        a, b, c = names
-        return [
-            {a: x, b: y, c: z}
-            for x, y, z in zip(vals[0::3], vals[1::3], vals[2::3], strict=True)
-        ]
-    cols = [vals[j::k] for j in range(k)]
-    return [dict(zip(names, row, strict=True)) for row in zip(*cols, strict=True)]
-
-
-class _Table:
-    """Columns of one insert, filled block by block."""
-
-    __slots__ = ("name", "columns", "data", "rows")
-
-    def __init__(self, name: str, columns: Sequence[str]) -> None:
-        self.name = name
-        self.columns = tuple(columns)
-        self.data: dict[str, list] = {c: [] for c in columns}
-        self.rows = 0
-
-    def constant(self, n: int, **values: Any) -> None:
-        for c, v in values.items():
-            self.data[c].extend(repeat(v, n))
-
-    def column(self, **values: Iterable) -> None:
-        for c, v in values.items():
-            self.data[c].extend(v)
-
-
-#: Columns written per table, with the type they travel as. Strings travel as
-#: plain String / Map(String, String) and the server converts them to the
-#: LowCardinality / Enum columns of the table: clickhouse-connect builds
-#: LowCardinality dictionaries in Python, several times slower than this.
-INSERT_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
-    "metrics": (
-        ("resolution", "UInt32"), ("ts", "DateTime"), ("region", "String"),
-        ("cluster", "String"), ("node", "String"), ("metric", "String"), ("kind", "String"),
-        ("unit", "String"), ("labels", "Map(String, String)"), ("value", "UInt64"),
-        ("gauge", "Float64"),
-    ),
-    "histograms": (
-        ("resolution", "UInt32"), ("ts", "DateTime"), ("region", "String"),
-        ("cluster", "String"), ("node", "String"), ("metric", "String"), ("unit", "String"),
-        ("labels", "Map(String, String)"), ("scale", "Int8"), ("count", "UInt64"),
-        ("sum", "UInt64"), ("zero_count", "UInt64"), ("bucket_index", "Array(Int16)"),
-        ("bucket_count", "Array(UInt64)"),
-    ),
-    "profile_stacks": (("stack_id", "UInt64"), ("frames", "Array(String)"), ("last_seen", "DateTime")),
-    "profile_samples": (
-        ("resolution", "UInt32"), ("ts", "DateTime"), ("region", "String"),
-        ("cluster", "String"), ("node", "String"), ("profile", "String"), ("period_ns", "UInt64"),
-        ("pid", "UInt32"), ("comm", "String"), ("cgroup", "String"),
-        ("kernel_stack_id", "UInt64"), ("user_stack_id", "UInt64"), ("samples", "UInt64"),
-    ),
-    "events": (
-        ("ts", "DateTime64(9)"), ("region", "String"), ("cluster", "String"), ("node", "String"),
-        ("kind", "String"), ("pid", "UInt32"), ("ppid", "UInt32"), ("comm", "String"),
-        ("cgroup", "String"), ("detail", "String"), ("code", "Int64"),
-    ),
-    "nodes": (
-        ("node", "String"), ("region", "String"), ("cluster", "String"),
-        ("node_labels", "Map(String, String)"), ("last_seen", "DateTime"),
-    ),
-}
-TABLES: dict[str, tuple[str, ...]] = {
-    t: tuple(c for c, _ in cols) for t, cols in INSERT_COLUMNS.items()
-}
-#: Insert order: stacks before the samples that reference them.
-INSERT_ORDER = ("profile_stacks", "metrics", "histograms", "profile_samples", "events", "nodes")
-
-
-def shape_blocks(
-    blocks: Sequence[Block], known_stacks: dict[int, float] | None = None
-) -> tuple[dict[str, _Table], dict[int, tuple[str, ...]]]:
-    """All blocks -> one column set per table; also the stacks that were new.
-
-    ``known_stacks`` (stack_id -> when it was last sent) suppresses re-sending
-    stacks the store already has.
-    """
-    t = {name: _Table(name, cols) for name, cols in TABLES.items()}
-    metrics, hists, samples, events = t["metrics"], t["histograms"], t["profile_samples"], t[
-        "events"
-    ]
-    new_stacks: dict[int, tuple[str, ...]] = {}
+    frames: dict[int, tuple[Frame, list[int]]] = {}
+    loose: list[tuple[str, BatchCols, int]] = []
     for blk in blocks:
-        b = blk.batch
+        if blk.frame is not None:
+            frames.setdefault(id(blk.frame), (blk.frame, []))[1].append(blk.part)
+            continue
         try:
-            _shape_one(blk, b, t, metrics, hists, samples, events, new_stacks, known_stacks)
-        except (IndexError, ValueError, TypeError, KeyError) as exc:
+            cols = decode(blk.batch)
+            check_columns(cols, _BLOCK_LIMITS)
+        except (BatchRejected, IndexError, ValueError) as exc:
             raise PermanentError(f"block {blk.block_id!r} is malformed: {exc}") from exc
-    stacks = t["profile_stacks"]
-    if new_stacks:
-        now = int(time.time())
-        stacks.column(stack_id=list(new_stacks), frames=list(new_stacks.values()))
-        stacks.constant(len(new_stacks), last_seen=now)
-        stacks.rows = len(new_stacks)
-    return t, new_stacks
+        loose.append((blk.block_id, cols, blk.resolution_s))
+    out = [(f, sorted(parts)) for f, parts in frames.values()]
+    for f in frame_from_batches(loose):
+        out.append((f, list(range(len(f.parts)))))
+    return out
 
 
-def _shape_one(
-    blk: Block,
-    b: pb.Batch,
-    t: dict[str, _Table],
-    metrics: _Table,
-    hists: _Table,
-    samples: _Table,
-    events: _Table,
-    new_stacks: dict[int, tuple[str, ...]],
-    known_stacks: dict[int, float] | None,
-) -> None:
-    st = list(b.strings)
-    if not st or st[0] != "":
-        raise ValueError("string table must start with the empty string")
-    ts = b.start_ns // 1_000_000_000
-    node = b.node_id
-    res = blk.resolution_s
-    node_labels = dict(zip(_pick(st, b.node_label_keys), _pick(st, b.node_label_values),
-                           strict=True))
-    region = node_labels.get("region", "")
-    cluster = node_labels.get("cluster", "")
-    ident = {"resolution": res, "ts": ts, "region": region, "cluster": cluster, "node": node}
-
-    for m in b.metrics:
-        if m.kind == pb.GAUGE:
-            gauge = list(m.gauge_values)
-            n = len(gauge)
-            value: list = [0] * n
-            kind = _GAUGE
-        elif m.kind == pb.COUNTER:
-            value = list(m.counter_values)
-            n = len(value)
-            gauge = [0.0] * n
-            kind = _COUNTER
-        else:
-            raise ValueError(f"metric {st[m.name]!r} has kind {m.kind}")
-        if not n:
-            continue
-        labels = _label_maps(st, m.label_keys, m.label_values, n)
-        metrics.constant(n, metric=st[m.name], kind=kind, unit=st[m.unit], **ident)
-        metrics.column(labels=labels, value=value, gauge=gauge)
-        metrics.rows += n
-
-    e = b.events
-    if e.lost:
-        metrics.constant(1, metric=EVENTS_LOST_METRIC, kind=_COUNTER, unit="", labels={},
-                         gauge=0.0, value=e.lost, **ident)
-        metrics.rows += 1
-
-    for h in b.histograms:
-        n = len(h.count)
-        if not n:
-            continue
-        if h.scale != 0:
-            raise ValueError(f"histogram {st[h.name]!r} has scale {h.scale}; v1 stores scale 0")
-        off = list(h.bucket_offsets)
-        bi = list(h.bucket_index)
-        bc = list(h.bucket_count)
-        if (len(off) != n + 1 or off[0] != 0 or off[-1] != len(bi) or len(bc) != len(bi)
-                or off != sorted(off) or len(h.sum) != n or len(h.zero_count) != n):
-            raise ValueError(f"histogram {st[h.name]!r}: inconsistent columns")
-        labels = _label_maps(st, h.label_keys, h.label_values, n)
-        hists.constant(n, metric=st[h.name], unit=st[h.unit], scale=0, **ident)
-        hists.column(
-            labels=labels, count=h.count, sum=h.sum, zero_count=h.zero_count,
-            # tuples, not lists: the cyclic GC untracks tuples of ints, so 100k
-            # of them do not slow down every later collection of the process
-            bucket_index=[tuple(bi[lo:hi]) for lo, hi in zip(off, off[1:], strict=False)],
-            bucket_count=[tuple(bc[lo:hi]) for lo, hi in zip(off, off[1:], strict=False)],
-        )
-        hists.rows += n
-
-    for p in b.profiles:
-        n = len(p.samples)
-        if not n:
-            continue
-        so = list(p.stack_offsets)
-        sf = list(p.stack_frames)
-        ids = [0] * (len(so) - 1) if so else []
-        for k in range(len(ids)):
-            frames = tuple(_pick(st, sf[so[k]:so[k + 1]]))
-            sid = stack_id(frames)
-            ids[k] = sid
-            if known_stacks is None or sid not in known_stacks:
-                new_stacks[sid] = frames
-        ks, us = list(p.kernel_stack), list(p.user_stack)
-        if not (len(ks) == len(us) == len(p.pid) == len(p.comm) == len(p.cgroup) == n):
-            raise ValueError(f"profile {st[p.name]!r}: inconsistent columns")
-        samples.constant(n, profile=st[p.name], period_ns=p.period_ns, **ident)
-        samples.column(
-            pid=p.pid, comm=_pick(st, p.comm), cgroup=_pick(st, p.cgroup),
-            kernel_stack_id=[ids[i] if i >= 0 else 0 for i in ks],
-            user_stack_id=[ids[i] if i >= 0 else 0 for i in us],
-            samples=p.samples,
-        )
-        samples.rows += n
-
-    n = len(e.time_ns)
-    if n:
-        if not (len(e.kind) == len(e.pid) == len(e.ppid) == len(e.comm) == len(e.cgroup)
-                == len(e.detail) == len(e.code) == n):
-            raise ValueError("events: inconsistent columns")
-        events.constant(n, region=region, cluster=cluster, node=node)
-        events.column(
-            ts=e.time_ns, kind=_pick(st, e.kind), pid=e.pid, ppid=e.ppid, comm=_pick(st, e.comm),
-            cgroup=_pick(st, e.cgroup), detail=_pick(st, e.detail), code=e.code,
-        )
-        events.rows += n
-
-    nodes = t["nodes"]
-    nodes.constant(1, node=node, region=region, cluster=cluster, node_labels=node_labels,
-                   last_seen=b.end_ns // 1_000_000_000)
-    nodes.rows += 1
-
-
-_gc_lock = threading.Lock()
-_gc_state = {"depth": 0, "was_enabled": False}
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic GC while whole columns are built.
-
-    Shaping 100k histogram rows allocates 200k small containers; with the GC on,
-    the collections they trigger traverse the whole heap of the process and
-    double the shaping time. The pause lasts one shape_blocks call (~0.1 s per
-    100k rows), nests across threads, and restores the previous state.
-    """
-    with _gc_lock:
-        if _gc_state["depth"] == 0:
-            _gc_state["was_enabled"] = gc.isenabled()
-            gc.disable()
-        _gc_state["depth"] += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_state["depth"] -= 1
-            if _gc_state["depth"] == 0 and _gc_state["was_enabled"]:
-                gc.enable()
+#: A merged block holds a whole node-window: the edge's per-batch limits, scaled up.
+_BLOCK_LIMITS = Limits(max_strings=10_000_000, max_series=50_000_000, max_events=10_000_000)
 
 
 def dedup_token(table: str, block_ids: Iterable[str]) -> str:
@@ -700,55 +445,42 @@ class ClickHouseSink:
         if not unique:
             return {}
         self._expire_stacks()
-        with gc_paused():
-            tables, new_stacks = shape_blocks(list(unique.values()), self._known_stacks)
         written: dict[str, int] = {}
-        for name in INSERT_ORDER:
-            table = tables[name]
-            if not table.rows:
-                continue
-            settings = {
-                "insert_deduplication_token": dedup_token(name, unique),
-                "insert_deduplicate": 1,
-                "deduplicate_blocks_in_dependent_materialized_views": 1,
-                "async_insert": 0,
-                # merge-on-insert of the *_1h targets is slow on their Map key
-                # column and useless: background merges collapse those rows
-                "optimize_on_insert": 0,
-            }
+        for frame, parts in _frames_of(list(unique.values())):
+            ids = [frame.parts[i].block_id for i in parts]
             try:
-                client.insert(
-                    name,
-                    [table.data[c] for c in table.columns],
-                    column_names=list(table.columns),
-                    database=self.database,
-                    column_types=self._column_types(table),
-                    column_oriented=True,
-                    settings=settings,
-                )
-            except Exception as exc:
-                raise classify_error(
-                    exc, f"inserting {table.rows} rows into {self.database}.{name}"
-                ) from exc
-            written[name] = table.rows
-        now = time.monotonic()
-        for sid in new_stacks:
-            self._known_stacks[sid] = now
-        delivered = self._delivered
-        for bid in unique:
-            delivered[bid] = None
-        if len(delivered) > self.MAX_DELIVERED_IDS:  # keep the newest half
-            self._delivered = dict.fromkeys(list(delivered)[-(self.MAX_DELIVERED_IDS // 2):])
+                tables, new_stacks = arrow_tables(frame, parts, self._known_stacks)
+            except (IndexError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
+                raise PermanentError(f"blocks {ids[:3]} cannot be shaped into rows: {exc}") from exc
+            for name in INSERT_ORDER:
+                table = tables.get(name)
+                if table is None:
+                    continue
+                settings = {
+                    "insert_deduplication_token": dedup_token(name, ids),
+                    "insert_deduplicate": 1,
+                    "deduplicate_blocks_in_dependent_materialized_views": 1,
+                    "async_insert": 0,
+                    # merge-on-insert of the *_1h targets is slow on their Map key
+                    # column and useless: background merges collapse those rows
+                    "optimize_on_insert": 0,
+                }
+                try:
+                    client.insert_arrow(name, table, database=self.database, settings=settings)
+                except Exception as exc:
+                    raise classify_error(
+                        exc, f"inserting {table.num_rows} rows into {self.database}.{name}"
+                    ) from exc
+                written[name] = written.get(name, 0) + table.num_rows
+            now = time.monotonic()
+            for sid in new_stacks:
+                self._known_stacks[sid] = now
+            delivered = self._delivered
+            for bid in ids:
+                delivered[bid] = None
+        if len(self._delivered) > self.MAX_DELIVERED_IDS:  # keep the newest half
+            self._delivered = dict.fromkeys(list(self._delivered)[-(self.MAX_DELIVERED_IDS // 2):])
         return written
-
-    def _column_types(self, table: _Table) -> list:
-        types = self._types.get(table.name)
-        if types is None:
-            from clickhouse_connect.datatypes.registry import get_from_name
-
-            types = [get_from_name(t) for _, t in INSERT_COLUMNS[table.name]]
-            self._types[table.name] = types
-        return types
 
     def _expire_stacks(self) -> None:
         """Forget stacks sent more than STACK_RESEND_S ago, so they are sent again.
@@ -886,7 +618,7 @@ def histogram_quantile_sql(
 __all__ = [
     "DEFAULT_DATABASE", "DEFAULT_DSN", "EVENTS_LOST_METRIC", "MIGRATIONS_DIR", "ClickHouseSink",
     "Migration", "applied_migrations", "apply_migrations", "classify_error", "connect",
-    "dedup_token", "dsn_database", "folded_stacks_sql", "gc_paused", "histogram_quantile", "histogram_quantile_sql",
-    "load_migrations", "pending_migrations", "shape_blocks", "split_statements", "stack_id",
+    "dedup_token", "dsn_database", "folded_stacks_sql", "histogram_quantile", "histogram_quantile_sql",
+    "load_migrations", "pending_migrations", "split_statements", "stack_id",
 ]
 

@@ -369,8 +369,9 @@ class KafkaSink:
         """The records ``deliver`` would send for ``blocks`` (pure; used by tests too)."""
         out: list[_Record] = []
         for block in blocks:
-            key = block.batch.node_id.encode() if block.batch.node_id else ROLLUP_KEY
-            for kind, part in split_batch(block.batch):
+            batch = block.batch  # built from the merged frame on demand: once per block
+            key = batch.node_id.encode() if batch.node_id else ROLLUP_KEY
+            for kind, part in split_batch(batch):
                 out.append(_Record(
                     block_id=block.block_id,
                     kind=kind,
@@ -392,7 +393,8 @@ class KafkaSink:
         Starts the producer if needed. Raises RetriableError or PermanentError; the
         records that were acknowledged stay written (consumers de-duplicate).
         """
-        records = self.records(blocks)
+        # Building and serializing per-node messages is CPU work: off the event loop.
+        records = await asyncio.to_thread(self.records, blocks)
         if not records:
             return
         if self._producer is None:

@@ -1,0 +1,218 @@
+"""A frame's rows as Arrow tables, one per ClickHouse table.
+
+Why Arrow: clickhouse-connect's row/column insert encodes LowCardinality, Map and
+Array columns in Python (~85 % of an insert's time for histogram rows). An Arrow
+table is built from the frame's numpy columns without a Python step per row
+(strings are one ``take`` from the window's string table), and ClickHouse (the
+server or chdb) decodes ``FORMAT Arrow`` natively.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from regional.frame import Frame, Table
+from stratoscope.v1 import batch_pb2 as pb
+
+NS = 1_000_000_000
+EVENTS_LOST_METRIC = "stratoscope_events_lost"
+
+#: Insert order: stacks before the samples that reference them.
+INSERT_ORDER = ("profile_stacks", "metrics", "histograms", "profile_samples", "events", "nodes")
+
+
+def stack_id(frames: Sequence[str]) -> int:
+    """Stable 64-bit id of a stack: BLAKE2b-64 (little endian) of the frames joined by NUL.
+
+    Never 0 (0 means "no stack" in profile_samples).
+    """
+    h = hashlib.blake2b("\x00".join(frames).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") or 1
+
+
+class _FrameStrings:
+    """Per-frame Arrow views that every insert of the frame reuses."""
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+        self.strings = pa.array(frame.strings, pa.string())
+        fams = frame.families
+        self.fam_name = np.array([f.name for f in fams], dtype=np.int64)
+        self.fam_unit = np.array([f.unit for f in fams], dtype=np.int64)
+        self.fam_gauge = np.array([f.kind == pb.GAUGE for f in fams], dtype=np.int8)
+        self.fam_k = np.array([len(f.label_keys) for f in fams], dtype=np.int64)
+        width = max([len(f.label_keys) for f in fams] + [1])
+        self.fam_keys = np.zeros((max(len(fams), 1), width), dtype=np.int64)
+        for i, f in enumerate(fams):
+            self.fam_keys[i, : len(f.label_keys)] = f.label_keys
+        self.part_node = np.array([p.node for p in frame.parts], dtype=np.int64)
+        region, cluster = [], []
+        for p in frame.parts:
+            labels = {frame.strings[k]: v for k, v in p.labels}
+            region.append(labels.get("region", 0))
+            cluster.append(labels.get("cluster", 0))
+        self.part_region = np.array(region, dtype=np.int64)
+        self.part_cluster = np.array(cluster, dtype=np.int64)
+        self._stack_ids: npt.NDArray[np.uint64] | None = None
+
+    def take(self, ids: npt.NDArray[np.generic]) -> pa.Array:
+        return self.strings.take(pa.array(np.asarray(ids, dtype=np.int64)))
+
+    def stack_ids(self) -> npt.NDArray[np.uint64]:
+        """stack_id() of every stack of the frame, plus 0 at index -1 (no stack)."""
+        if self._stack_ids is None:
+            st = self.frame.stacks
+            off = st.offsets("frames").tolist()
+            frames = st.values("frames", "values").tolist()
+            s = self.frame.strings
+            ids = [stack_id([s[i] for i in frames[a:b]]) for a, b in zip(off, off[1:], strict=False)]
+            self._stack_ids = np.array(ids + [0], dtype=np.uint64)
+        return self._stack_ids
+
+
+def frame_strings(frame: Frame) -> _FrameStrings:
+    fs = frame.cache.get("arrow")
+    if fs is None:
+        fs = frame.cache["arrow"] = _FrameStrings(frame)
+    assert isinstance(fs, _FrameStrings)
+    return fs
+
+
+def _labels(fs: _FrameStrings, rows: Table) -> pa.Array:
+    off = rows.offsets("labels")
+    values = rows.values("labels", "values")
+    fam = rows["fam"]
+    k = fs.fam_k[fam]
+    pos = np.arange(len(values), dtype=np.int64) - np.repeat(off[:-1], k)
+    keys = fs.fam_keys[np.repeat(fam, k), pos]
+    return pa.MapArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), fs.take(keys), fs.take(values))
+
+
+def _ident(fs: _FrameStrings, part: npt.NDArray[np.generic], with_time: bool = True) -> dict[str, pa.Array]:
+    n = len(part)
+    out: dict[str, pa.Array] = {}
+    if with_time:
+        out["resolution"] = pa.array(np.full(n, fs.frame.resolution_s, np.uint32))
+        out["ts"] = pa.array(np.full(n, fs.frame.start_ns // NS, np.uint32))
+    out["region"] = fs.take(fs.part_region[part])
+    out["cluster"] = fs.take(fs.part_cluster[part])
+    out["node"] = fs.take(fs.part_node[part])
+    return out
+
+
+def arrow_tables(
+    frame: Frame, parts: Sequence[int], known_stacks: dict[int, float] | None = None,
+) -> tuple[dict[str, pa.Table], list[int]]:
+    """Arrow tables of ``parts`` (sorted) of a frame; also the stack ids sent as new."""
+    fs = frame_strings(frame)
+    out: dict[str, pa.Table] = {}
+
+    m = frame.metrics.take(frame.rows_of("metrics", parts))
+    fam = m["fam"]
+    cols = _ident(fs, m["part"])
+    cols |= {
+        "metric": fs.take(fs.fam_name[fam]),
+        "kind": pa.DictionaryArray.from_arrays(pa.array(fs.fam_gauge[fam]), pa.array(["counter", "gauge"])),
+        "unit": fs.take(fs.fam_unit[fam]),
+        "labels": _labels(fs, m),
+        "value": pa.array(m["value"]),
+        "gauge": pa.array(m["gauge"]),
+    }
+    metrics = pa.table(cols)
+    lost = [(i, frame.parts[i].events_lost) for i in parts if frame.parts[i].events_lost]
+    if lost:
+        part = np.array([i for i, _ in lost], dtype=np.int64)
+        n = len(lost)
+        extra = _ident(fs, part) | {
+            "metric": pa.array([EVENTS_LOST_METRIC] * n),
+            "kind": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array(["counter", "gauge"])),
+            "unit": pa.array([""] * n),
+            "labels": pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()),
+                                              pa.array([], pa.string())),
+            "value": pa.array(np.array([v for _, v in lost], dtype=np.uint64)),
+            "gauge": pa.array(np.zeros(n)),
+        }
+        metrics = pa.concat_tables([metrics, pa.table(extra).cast(metrics.schema)])
+    out["metrics"] = metrics
+
+    h = frame.histograms.take(frame.rows_of("histograms", parts))
+    boff = pa.array((h.offsets("buckets") - h.offsets("buckets")[0]).astype(np.int32))
+    out["histograms"] = pa.table(_ident(fs, h["part"]) | {
+        "metric": fs.take(fs.fam_name[h["fam"]]),
+        "unit": fs.take(fs.fam_unit[h["fam"]]),
+        "labels": _labels(fs, h),
+        "scale": pa.array(np.zeros(len(h), np.int8)),
+        "count": pa.array(h["count"]),
+        "sum": pa.array(h["sum"]),
+        "zero_count": pa.array(h["zero"]),
+        "bucket_index": pa.ListArray.from_arrays(boff, pa.array(h.values("buckets", "index"))),
+        "bucket_count": pa.ListArray.from_arrays(boff, pa.array(h.values("buckets", "count"))),
+    })
+
+    p = frame.profiles.take(frame.rows_of("profiles", parts))
+    sids = fs.stack_ids()
+    new_stacks: list[int] = []
+    if len(p):
+        used = np.unique(np.concatenate([p["kstack"], p["ustack"]]))
+        used = used[used >= 0]
+        ids = sids[used].tolist()
+        fresh = [i for i, sid in enumerate(ids) if known_stacks is None or sid not in known_stacks]
+        if fresh:
+            st = frame.stacks.take(used[fresh])
+            off = st.offsets("frames")
+            out["profile_stacks"] = pa.table({
+                "stack_id": pa.array(np.array([ids[i] for i in fresh], dtype=np.uint64)),
+                "frames": pa.ListArray.from_arrays(pa.array(off.astype(np.int32)),
+                                                   fs.take(st.values("frames", "values"))),
+                "last_seen": pa.array(np.full(len(fresh), int(time.time()), np.uint32)),
+            })
+            new_stacks = [ids[i] for i in fresh]
+        out["profile_samples"] = pa.table(_ident(fs, p["part"]) | {
+            "profile": fs.take(p["name"]),
+            "period_ns": pa.array(p["period"]),
+            "pid": pa.array(p["pid"]),
+            "comm": fs.take(p["comm"]),
+            "cgroup": fs.take(p["cgroup"]),
+            "kernel_stack_id": pa.array(sids[p["kstack"]]),
+            "user_stack_id": pa.array(sids[p["ustack"]]),
+            "samples": pa.array(p["samples"]),
+        })
+
+    e = frame.events.take(frame.rows_of("events", parts))
+    if len(e):
+        ident = _ident(fs, e["part"], with_time=False)
+        out["events"] = pa.table({
+            "ts": pa.array(e["time"].astype(np.int64)).cast(pa.timestamp("ns", tz="UTC")),
+            **ident,
+            "kind": fs.take(e["kind"]),
+            "pid": pa.array(e["pid"]),
+            "ppid": pa.array(e["ppid"]),
+            "comm": fs.take(e["comm"]),
+            "cgroup": fs.take(e["cgroup"]),
+            "detail": fs.take(e["detail"]),
+            "code": pa.array(e["code"]),
+        })
+
+    part = np.asarray(parts, dtype=np.int64)
+    label_off = np.zeros(len(parts) + 1, dtype=np.int32)
+    label_off[1:] = np.cumsum([len(frame.parts[i].labels) for i in parts])
+    keys = [k for i in parts for k, _ in frame.parts[i].labels]
+    vals = [v for i in parts for _, v in frame.parts[i].labels]
+    out["nodes"] = pa.table(_ident(fs, part, with_time=False) | {
+        "node_labels": pa.MapArray.from_arrays(pa.array(label_off), fs.take(np.array(keys, dtype=np.int64)),
+                                               fs.take(np.array(vals, dtype=np.int64))),
+        "last_seen": pa.array(np.full(len(parts), frame.end_ns // NS, np.uint32)),
+    })
+    return {k: v for k, v in out.items() if v.num_rows}, new_stacks
+
+
+def row_counts(tables: dict[str, pa.Table]) -> dict[str, int]:
+    return {k: v.num_rows for k, v in tables.items()}
+
+
