@@ -38,19 +38,53 @@ class Grouping:
 
 
 def group(keys: U32) -> Grouping:
+    """Group equal rows of a uint32 key matrix; keys come out sorted (column 0 first).
+
+    The columns are bit-packed into as few uint64 words as their largest values
+    allow (window string ids are small: four labels usually fit one word), so the
+    sort is one argsort of a 1-D column -- exact, and ~4x faster than a lexsort
+    pass per column plus comparing whole rows.
+    """
     n = len(keys)
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Grouping(keys, empty, empty, empty)
-    order = np.lexsort(keys.T[::-1]).astype(np.int64)
-    k = keys[order]
-    change = np.ones(n, dtype=bool)
-    if n > 1:
-        change[1:] = np.any(k[1:] != k[:-1], axis=1)
+    words = pack_columns(keys)
+    if len(words) == 1:
+        order = np.argsort(words[0]).astype(np.int64)
+    else:
+        order = np.lexsort(words[::-1]).astype(np.int64)
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for w in words:
+        sw = w[order]
+        change[1:] |= sw[1:] != sw[:-1]
     starts = np.flatnonzero(change).astype(np.int64)
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.cumsum(change) - 1
-    return Grouping(k[starts], order, starts, inverse)
+    return Grouping(np.take(keys, order[starts], axis=0), order, starts, inverse)
+
+
+def pack_columns(keys: U32) -> list[npt.NDArray[np.uint64]]:
+    """The rows of a uint32 matrix as big-endian bit-packed uint64 words (exact)."""
+    words: list[npt.NDArray[np.uint64]] = []
+    cur: npt.NDArray[np.uint64] | None = None
+    used = 0
+    for j in range(keys.shape[1]):
+        col = keys[:, j]
+        width = max(1, int(col.max()).bit_length())
+        c = col.astype(np.uint64)
+        if cur is None:
+            cur, used = c, width
+        elif used + width <= 64:
+            cur = (cur << np.uint64(width)) | c
+            used += width
+        else:
+            words.append(cur)
+            cur, used = c, width
+    assert cur is not None
+    words.append(cur)
+    return words
 
 
 # -- hashing and ragged columns ------------------------------------------------------
@@ -78,24 +112,26 @@ def hash_rows(columns: list[npt.NDArray[np.generic]], seed: int) -> U64:
         return h
 
 
-def hash_ragged(offsets: I64, values: U32, seed: int) -> U64:
-    """A 64-bit hash per variable-length row ``values[offsets[i]:offsets[i+1]]``.
+def hash_ragged(offsets: I64, values: U32) -> tuple[U64, U64]:
+    """Two independent 64-bit hashes per variable-length row ``values[offsets[i]:offsets[i+1]]``.
 
     Position-dependent, so [a, b] and [b, a] differ. Used for stack identity inside
-    one window (two seeds give 128 bits: a collision is ~2^-100 for a window's stacks).
+    one window: 128 bits make a collision among a window's stacks ~2^-90 likely.
     """
     n = len(offsets) - 1
     lens = np.diff(offsets)
+    h1 = np.zeros(n, dtype=np.uint64)
+    h2 = np.zeros(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        if len(values) == 0:
-            sums = np.zeros(n, dtype=np.uint64)
-        else:
+        if len(values):
             pos = np.arange(len(values), dtype=np.uint64) - np.repeat(offsets[:-1], lens).astype(np.uint64)
-            v = mix64(values.astype(np.uint64) * _GOLDEN + pos * _M1 + np.uint64(seed))
-            sums = np.zeros(n, dtype=np.uint64)
+            x = values.astype(np.uint64) * _GOLDEN + pos * _M1
             nonempty = lens > 0
-            sums[nonempty] = np.add.reduceat(v, offsets[:-1][nonempty])
-        return mix64(sums ^ (lens.astype(np.uint64) * _M2 + np.uint64(seed)))
+            starts = offsets[:-1][nonempty]
+            h1[nonempty] = np.add.reduceat(mix64(x + np.uint64(1)), starts)
+            h2[nonempty] = np.add.reduceat(mix64(x ^ _M2), starts)
+        tail = lens.astype(np.uint64) * _M2
+        return mix64(h1 ^ (tail + np.uint64(1))), mix64(h2 ^ (tail + np.uint64(2)))
 
 
 def ragged_index(offsets: I64, rows: I64) -> tuple[I64, I64]:

@@ -328,17 +328,15 @@ class StringTable:
         self.index: dict[str, int] = {"": 0}
         self.items: list[str] = [""]
 
-    def intern_all(self, strings: Iterable[str]) -> npt.NDArray[np.uint32]:
-        index, items = self.index, self.items
-        get = index.get
-        out = []
-        for s in strings:
-            i = get(s)
-            if i is None:
-                i = index[s] = len(items)
-                items.append(s)
-            out.append(i)
-        return np.asarray(out, dtype=np.uint32)
+    def intern_all(self, strings: list[str]) -> npt.NDArray[np.uint32]:
+        """Table ids of ``strings``: one C-level dict lookup each, Python only for new ones."""
+        get = self.index.get
+        ids = list(map(get, strings))
+        if None in ids:
+            for i, v in enumerate(ids):
+                if v is None:
+                    ids[i] = self(strings[i])
+        return np.array(ids, dtype=np.uint32)
 
     def __call__(self, s: str) -> int:
         i = self.index.get(s)

@@ -238,8 +238,9 @@ class Aggregator:
             return
         frames = gmap[p.stack_frames]
         # hashes of every stack, plus a (0, 0) sentinel at index -1 for "no stack"
-        h1 = np.append(hash_ragged(p.stack_offsets, frames, 1), np.uint64(0))
-        h2 = np.append(hash_ragged(p.stack_offsets, frames, 2), np.uint64(0))
+        s1, s2 = hash_ragged(p.stack_offsets, frames)
+        h1 = np.append(s1, np.uint64(0))
+        h2 = np.append(s2, np.uint64(0))
         w.stacks.append((h1[:-1], h2[:-1], p.stack_offsets, frames))
         w.profiles.append({
             "node": np.full(n, node, np.uint32), "name": np.full(n, gmap[p.name], np.uint32),
@@ -462,9 +463,30 @@ def _event_table(w: _Window, part_of: npt.NDArray[np.int32]) -> Table:
     return Table({k: cols[k][rows].astype(t) for k, t in EVENT_COLS.items()})
 
 
+#: Dense bucket accumulation is used up to this many (series x bucket) cells.
+_DENSE_CELLS = 1 << 25
+#: float64 sums are exact while every partial sum stays below 2^53.
+_EXACT_F64 = 1 << 53
+
+
 def _reduce_buckets(series: I64, idx: I64, cnt: U64) -> tuple[I64, I64, U64]:
+    """Sum bucket counts per (series, bucket index); output sorted by series, then index.
+
+    Usually a dense (series x bucket range) bincount -- linear, no sort -- which is
+    exact while the total count stays below 2^53 (a window of sample counts always
+    does); otherwise the general sort-based grouping.
+    """
     if len(series) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    lo, hi = int(idx.min()), int(idx.max())
+    width = hi - lo + 1
+    n_series = int(series.max()) + 1
+    if n_series * width <= _DENSE_CELLS and int(cnt.sum(dtype=np.uint64)) < _EXACT_F64:
+        dense = np.bincount(series * width + (idx - lo), weights=cnt.astype(np.float64),
+                            minlength=n_series * width)
+        cells = np.flatnonzero(dense)
+        return (cells // width).astype(np.int64), (cells % width + lo).astype(np.int64), \
+            dense[cells].astype(np.uint64)
     keys = np.column_stack([series, idx + _BUCKET_SHIFT]).astype(np.uint32)
     g = group(keys)
     return (g.keys[:, 0].astype(np.int64), g.keys[:, 1].astype(np.int64) - _BUCKET_SHIFT,

@@ -72,7 +72,51 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
     """The structural rules alone: columns agree in length, indices are in range.
 
     Also what a sink checks of a block that arrived as protobuf (not from the merge).
+    String indices are checked with one max() over all index columns of the batch;
+    only a batch that fails it is searched for the column to name.
     """
+    _check_shapes(b, limits)
+    n = len(b.strings)
+    cols = _index_columns(b)
+    scalars = [i for m in b.metrics for i in (m.name, m.unit, m.help)]
+    scalars += [i for h in b.histograms for i in (h.name, h.unit, h.help)]
+    scalars += [p.name for p in b.profiles]
+    top = max([int(c.max()) for c in cols if c.size] + scalars + [0])
+    if top >= n:
+        for where, *columns in _named_index_columns(b):
+            _check_indices(where, n, *columns)
+        raise BatchRejected("a string index is out of range")
+
+
+def _index_columns(b: BatchCols) -> list[npt.NDArray[np.uint32]]:
+    cols = [b.node_label_keys, b.node_label_values]
+    for m in b.metrics:
+        cols += [m.label_keys, m.label_values]
+    for h in b.histograms:
+        cols += [h.label_keys, h.label_values]
+    for p in b.profiles:
+        cols += [p.comm, p.cgroup, p.stack_frames]
+    if b.events is not None:
+        e = b.events
+        cols += [e.kind, e.comm, e.cgroup, e.detail]
+    return cols
+
+
+def _named_index_columns(b: BatchCols) -> list[list]:  # type: ignore[type-arg]
+    out: list[list] = [["node labels", b.node_label_keys, b.node_label_values]]  # type: ignore[type-arg]
+    out += [[f"metrics[{i}]", [m.name, m.unit, m.help], m.label_keys, m.label_values]
+            for i, m in enumerate(b.metrics)]
+    out += [[f"histograms[{i}]", [h.name, h.unit, h.help], h.label_keys, h.label_values]
+            for i, h in enumerate(b.histograms)]
+    out += [[f"profiles[{i}]", [p.name], p.comm, p.cgroup, p.stack_frames]
+            for i, p in enumerate(b.profiles)]
+    if b.events is not None:
+        e = b.events
+        out.append(["events", e.kind, e.comm, e.cgroup, e.detail])
+    return out
+
+
+def _check_shapes(b: BatchCols, limits: Limits) -> None:
     n = len(b.strings)
     if n == 0 or b.strings[0] != "":
         raise BatchRejected("string table must start with the empty string")
@@ -82,7 +126,6 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
         raise BatchRejected(f"a string exceeds {limits.max_string_bytes} characters")
     if len(b.node_label_keys) != len(b.node_label_values):
         raise BatchRejected("node label keys and values differ in length")
-    _check_indices("node labels", n, b.node_label_keys, b.node_label_values)
     series = 0
     for i, m in enumerate(b.metrics):
         where = f"metrics[{i}]"
@@ -96,7 +139,6 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
             raise BatchRejected(f"{where}: label matrix does not match {values} series")
         if len(set(m.label_keys.tolist())) != len(m.label_keys):
             raise BatchRejected(f"{where}: a label key appears twice")
-        _check_indices(where, n, [m.name, m.unit, m.help], m.label_keys, m.label_values)
         series += values
     for i, h in enumerate(b.histograms):
         where = f"histograms[{i}]"
@@ -120,7 +162,6 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
         idx = h.bucket_index
         if idx.size and (idx.min() < -64 or idx.max() > 127):
             raise BatchRejected(f"{where}: bucket index outside [-64, 127]")
-        _check_indices(where, n, [h.name, h.unit, h.help], h.label_keys, h.label_values)
         series += k
     for i, p in enumerate(b.profiles):
         where = f"profiles[{i}]"
@@ -138,7 +179,6 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
         for ids in (p.kernel_stack, p.user_stack):
             if ids.size and (ids.min() < -1 or ids.max() >= stacks):
                 raise BatchRejected(f"{where}: stack id out of range")
-        _check_indices(where, n, [p.name], p.comm, p.cgroup, p.stack_frames)
         series += rows
     e = b.events
     if e is not None:
@@ -147,6 +187,5 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
             raise BatchRejected("events: columns differ in length")
         if rows > limits.max_events:
             raise BatchRejected(f"{rows} events exceed {limits.max_events}")
-        _check_indices("events", n, e.kind, e.comm, e.cgroup, e.detail)
     if series > limits.max_series:
         raise BatchRejected(f"{series} series exceed {limits.max_series}")
