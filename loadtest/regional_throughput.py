@@ -63,7 +63,7 @@ Results and discussion: docs/BENCHMARKS.md, section "Regional throughput".
 
 5. Limits of the parts, single core, in a subprocess: protobuf parse + numpy column
    decode; Regional.accept (validate, dedup, Aggregator.record); Aggregator.flush;
-   shape_blocks; a bare clickhouse-connect -> chdb insert of the same rows into a fresh
+   the Arrow tables the ClickHouse sink builds; a bare clickhouse-connect -> chdb insert of the same rows into a fresh
    store with the real schema (hourly materialized views included); a cProfile of
    accept + flush + shape; and the row reduction on the recorded real minute.
 
@@ -1147,18 +1147,12 @@ def run_phase(
 def parts_main(spec_path: str) -> None:
     """Single-core limits of the parts, on the same batches; prints one JSON object."""
     import numpy as np
+    import pyarrow as pa
 
     from regional.merge import MergeSettings
     from regional.service import Regional as Core
-    from regional.sinks.clickhouse import (
-        INSERT_COLUMNS,
-        INSERT_ORDER,
-        apply_migrations,
-        connect,
-        dedup_token,
-        gc_paused,
-        shape_blocks,
-    )
+    from regional.sinks.clickhouse import apply_migrations, connect, dedup_token
+    from regional.sinks.clickhouse_arrow import INSERT_ORDER, arrow_tables
     from stratoscope.v1 import batch_pb2 as pb
     from stratoscope.v1 import ingest_pb2
 
@@ -1228,6 +1222,16 @@ def parts_main(spec_path: str) -> None:
     def rss() -> float:
         return rss_mb(os.getpid())[0]
 
+    def shape(blocks: list[Any]) -> dict[str, Any]:
+        """Arrow tables of every frame (one window here), as the ClickHouse sink builds them."""
+        frames = {id(b.frame): b.frame for b in blocks}
+        out: dict[str, Any] = {}
+        for f in frames.values():
+            tabs, _ = arrow_tables(f, list(range(len(f.parts))))
+            for name, t in tabs.items():
+                out[name] = pa.concat_tables([out[name], t]) if name in out else t
+        return out
+
     def accept_flush(batches: list[Any]) -> dict[str, Any]:
         r = core()
         gc.collect()
@@ -1241,11 +1245,10 @@ def parts_main(spec_path: str) -> None:
         blocks = r.aggregator.flush(clock, force=True)
         t2 = time.perf_counter()
         m2 = rss()
-        with gc_paused():
-            tables, _ = shape_blocks(blocks)
+        tables = shape(blocks)
         t3 = time.perf_counter()
         m3 = rss()
-        rows = {n: tb.rows for n, tb in tables.items()}
+        rows = {n: tb.num_rows for n, tb in tables.items()}
         # bytes of resident memory added per edge point by each stage (state kept alive)
         mem = {"window_state": (m1 - m0) * 2**20 / points, "blocks": (m2 - m1) * 2**20 / points,
                "shaped_rows": (m3 - m2) * 2**20 / points}
@@ -1268,7 +1271,7 @@ def parts_main(spec_path: str) -> None:
             "flush_s": r["flush_s"], "shape_s": r["shape_s"], "blocks": r["blocks"],
             "rows": r["rows"], "reduction": points / mh if mh else 0.0,
             "merge_points_s": points / (r["accept_s"] + r["flush_s"] + r["shape_s"]),
-            "bytes_out": sum(b.batch.ByteSize() for b in r["_blocks"]),
+            "bytes_out": sum({id(b.frame): b.frame.nbytes for b in r["_blocks"]}.values()),
         }
         if mem:
             out["mem_bytes_per_point"] = mem
@@ -1283,8 +1286,7 @@ def parts_main(spec_path: str) -> None:
     for b in parsed:
         r.accept(b, None, b.ByteSize())
     bl = r.aggregator.flush(clock, force=True)
-    with gc_paused():
-        shape_blocks(bl)
+    shape(bl)
     prof.disable()
     buf = io.StringIO()
     st = pstats.Stats(prof, stream=buf)
@@ -1304,28 +1306,23 @@ def parts_main(spec_path: str) -> None:
     ][:14]
 
     # 3. bare clickhouse-connect -> chdb insert of the same rows (fresh store, real schema)
-    from clickhouse_connect.datatypes.registry import get_from_name
-
     d = tempfile.mkdtemp(prefix="rt-insert-", dir=spec["workdir"])
     client = connect(f"chdb://{d}/ch")
     apply_migrations(client, "stratoscope")
     ids = [b.block_id for b in blocks]
     ins: dict[str, Any] = {}
     for name in INSERT_ORDER:
-        tb = tables[name]
-        if not tb.rows:
+        tb = tables.get(name)
+        if tb is None:
             continue
         t0 = time.perf_counter()
-        client.insert(
-            name, [tb.data[c] for c in tb.columns], column_names=list(tb.columns),
-            database="stratoscope",
-            column_types=[get_from_name(ty) for _, ty in INSERT_COLUMNS[name]],
-            column_oriented=True,
+        client.insert_arrow(
+            name, tb, database="stratoscope",
             settings={"insert_deduplication_token": dedup_token(name, ids), "insert_deduplicate": 1,
                       "deduplicate_blocks_in_dependent_materialized_views": 1, "async_insert": 0,
                       "optimize_on_insert": 0},
         )
-        ins[name] = {"rows": tb.rows, "s": time.perf_counter() - t0}
+        ins[name] = {"rows": tb.num_rows, "s": time.perf_counter() - t0}
     mh_rows = ins["metrics"]["rows"] + ins["histograms"]["rows"]
     mh_s = ins["metrics"]["s"] + ins["histograms"]["s"]
     out["insert"] = ins
@@ -1464,12 +1461,12 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
           f"({f['accept_ms_per_batch']:.2f} ms/batch); series only {fmt(so['accept_points_s'])}")
         p(f"  Aggregator.flush                        {fmt(f['flush_points_s'])} points/s "
           f"({f['flush_s']:.2f} s for the window); series only {fmt(so['flush_points_s'])}")
-        p(f"  shape_blocks                            {fmt(f['shape_rows_s'])} rows/s "
+        p(f"  Arrow tables for ClickHouse             {fmt(f['shape_rows_s'])} rows/s "
           f"({f['shape_s']:.2f} s); series only {fmt(so['shape_rows_s'])}")
         p(f"  accept+flush+shape together             {fmt(f['merge_points_s'])} points/s; "
           f"series only {fmt(so['merge_points_s'])}")
         ins = parts["insert"]
-        p(f"  clickhouse-connect -> chdb insert       {fmt(parts['insert_rows_s_metrics_histograms'])}"
+        p(f"  clickhouse-connect Arrow -> chdb insert {fmt(parts['insert_rows_s_metrics_histograms'])}"
           f" rows/s metrics+histograms (= {fmt(parts['insert_points_equiv_s'])} edge points/s at "
           f"{f['reduction']:.1f}x), {fmt(parts['insert_rows_s_all'])} rows/s all tables: " + ", ".join(
               f"{k} {v['rows']:,} rows {v['s']:.2f}s" for k, v in ins.items()))
