@@ -7,7 +7,9 @@ exact for uint64 (no float round trip as np.bincount would do).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,40 +40,67 @@ class Grouping:
 
 
 def group(keys: U32) -> Grouping:
-    """Group equal rows of a uint32 key matrix; keys come out sorted (column 0 first).
-
-    The columns are bit-packed into as few uint64 words as their largest values
-    allow (window string ids are small: four labels usually fit one word), so the
-    sort is one argsort of a 1-D column -- exact, and ~4x faster than a lexsort
-    pass per column plus comparing whole rows.
-    """
+    """Group equal rows of a uint32 key matrix (exact; see group_columns)."""
     n = len(keys)
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Grouping(keys, empty, empty, empty)
-    words = pack_columns(keys)
-    if len(words) == 1:
-        order = np.argsort(words[0]).astype(np.int64)
-    else:
-        order = np.lexsort(words[::-1]).astype(np.int64)
-    change = np.zeros(n, dtype=bool)
-    change[0] = True
-    for w in words:
-        sw = w[order]
-        change[1:] |= sw[1:] != sw[:-1]
-    starts = np.flatnonzero(change).astype(np.int64)
-    inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = np.cumsum(change) - 1
+    order, starts, inverse = group_columns([keys[:, j] for j in range(keys.shape[1])])
     return Grouping(np.take(keys, order[starts], axis=0), order, starts, inverse)
 
 
-def pack_columns(keys: U32) -> list[npt.NDArray[np.uint64]]:
-    """The rows of a uint32 matrix as big-endian bit-packed uint64 words (exact)."""
+def group_columns(columns: list[npt.NDArray[np.generic]]) -> tuple[I64, I64, I64]:
+    """Group rows of equal-length unsigned integer columns: (order, starts, inverse).
+
+    Rows ``order[starts[g]:starts[g+1]]`` are group g; ``inverse`` maps a row to its
+    group. Exact. The columns are bit-packed into as few uint64 words as their
+    largest values allow (window string ids are small: a node and four labels
+    usually fit one word), so the sort is one argsort of a 1-D column -- several
+    times faster than a lexsort pass per column. Keys wider than one word are
+    sorted by a hash of their words and then verified word by word; a hash
+    collision between different keys falls back to the exact lexsort.
+    """
+    n = len(columns[0])
+    if n == 0:
+        e = np.zeros(0, dtype=np.int64)
+        return e, e, e
+    words = pack_columns(columns)
+    if len(words) == 1:
+        order = np.argsort(words[0]).astype(np.int64)
+        change = _changes([words[0][order]])
+    else:
+        with np.errstate(over="ignore"):
+            h = words[0]
+            for w in words[1:]:
+                h = mix64(h ^ (w + _GOLDEN + (h << np.uint64(6))))
+        order = np.argsort(h).astype(np.int64)
+        change = _changes([h[order]])
+        sorted_words = [w[order] for w in words]
+        if np.any(_changes(sorted_words) & ~change):  # equal hash, different key
+            order = np.lexsort(words[::-1]).astype(np.int64)
+            change = _changes([w[order] for w in words])
+    starts = np.flatnonzero(change).astype(np.int64)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.cumsum(change) - 1
+    return order, starts, inverse
+
+
+def _changes(sorted_columns: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.bool_]:
+    """True where a row differs from the previous one in any column (row 0: True)."""
+    n = len(sorted_columns[0])
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for c in sorted_columns:
+        change[1:] |= c[1:] != c[:-1]
+    return change
+
+
+def pack_columns(columns: list[npt.NDArray[np.generic]]) -> list[npt.NDArray[np.uint64]]:
+    """Rows of unsigned integer columns as big-endian bit-packed uint64 words (exact)."""
     words: list[npt.NDArray[np.uint64]] = []
     cur: npt.NDArray[np.uint64] | None = None
     used = 0
-    for j in range(keys.shape[1]):
-        col = keys[:, j]
+    for col in columns:
         width = max(1, int(col.max()).bit_length())
         c = col.astype(np.uint64)
         if cur is None:

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from regional.batchcols import BatchCols, EventCols, HistCols, MetricCols, ProfileCols, decode
-from regional.columns import group, group_hashes, hash_ragged, hash_rows
+from regional.columns import group, group_columns, hash_ragged, ragged_index
 from regional.frame import (
     EVENT_COLS,
     HISTOGRAM,
@@ -130,10 +130,11 @@ class _Window:
     strings: StringTable = field(default_factory=StringTable)
     counters: dict[tuple[int, int, tuple[int, ...]], _Counters] = field(default_factory=dict)
     hists: dict[tuple[int, tuple[int, ...]], _Hists] = field(default_factory=dict)
-    #: profile row chunks: PROFILE_COLS but node instead of part, stack hashes instead of ids
+    #: profile row chunks: PROFILE_COLS with the node instead of the part
     profiles: list[dict[str, npt.NDArray[np.generic]]] = field(default_factory=list)
-    #: stack chunks: (hash1, hash2, offsets, frames)
-    stacks: list[tuple[U64, U64, I64, U32]] = field(default_factory=list)
+    #: the window's distinct stacks: 128-bit content hash -> index, and their frames
+    stack_index: dict[tuple[int, int], int] = field(default_factory=dict)
+    stacks: list[tuple[I64, U32]] = field(default_factory=list)
     events: list[dict[str, npt.NDArray[np.generic]]] = field(default_factory=list)
     events_lost: dict[int, int] = field(default_factory=dict)
     node_labels: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
@@ -237,17 +238,29 @@ class Aggregator:
         if not n:
             return
         frames = gmap[p.stack_frames]
-        # hashes of every stack, plus a (0, 0) sentinel at index -1 for "no stack"
-        s1, s2 = hash_ragged(p.stack_offsets, frames)
-        h1 = np.append(s1, np.uint64(0))
-        h2 = np.append(s2, np.uint64(0))
-        w.stacks.append((h1[:-1], h2[:-1], p.stack_offsets, frames))
+        # Stacks are interned per window by a content hash computed over whole
+        # columns; one dict lookup per *stack* (not per frame) maps them to ids.
+        h1, h2 = hash_ragged(p.stack_offsets, frames)
+        index = w.stack_index
+        keys = list(zip(h1.tolist(), h2.tolist(), strict=True))
+        ids = list(map(index.get, keys))
+        if None in ids:
+            new = []
+            for i, v in enumerate(ids):
+                if v is None:
+                    v = index.get(keys[i])
+                    if v is None:
+                        v = index[keys[i]] = len(index)
+                        new.append(i)
+                    ids[i] = v
+            off, idx = ragged_index(p.stack_offsets, np.asarray(new, dtype=np.int64))
+            w.stacks.append((off, frames[idx]))
+        local = np.asarray(ids + [-1], dtype=np.int64)  # index -1: "no stack"
         w.profiles.append({
             "node": np.full(n, node, np.uint32), "name": np.full(n, gmap[p.name], np.uint32),
             "period": np.full(n, p.period_ns, np.uint64), "pid": p.pid,
             "comm": gmap[p.comm], "cgroup": gmap[p.cgroup],
-            "kh1": h1[p.kernel_stack], "kh2": h2[p.kernel_stack],
-            "uh1": h1[p.user_stack], "uh2": h2[p.user_stack], "samples": p.samples,
+            "kstack": local[p.kernel_stack], "ustack": local[p.user_stack], "samples": p.samples,
         })
         w.points += n
 
@@ -391,43 +404,40 @@ class Aggregator:
     def _reduce_profiles(w: _Window, part_of: npt.NDArray[np.int32]) -> tuple[Table, Table]:
         if not w.profiles:
             return empty_profiles(), empty_stacks()
-        # unique stacks of the window
-        sh1 = np.concatenate([s[0] for s in w.stacks])
-        sh2 = np.concatenate([s[1] for s in w.stacks])
-        s_off = [np.zeros(1, np.int64)]
-        base = 0
-        for s in w.stacks:
-            s_off.append(s[2][1:] + base)
-            base += int(s[2][-1])
-        all_off = np.concatenate(s_off)
-        all_frames = np.concatenate([s[3] for s in w.stacks])
-        order, starts, _ = group_hashes(sh1, sh2)
-        first = order[starts]  # one occurrence of every distinct stack
-        stacks = Table({"id": np.arange(len(first), dtype=np.int64)},
-                       {"frames": (all_off, {"values": all_frames})}).take(first)
-        u1, u2 = sh1[first], sh2[first]
-        # rows: name the stacks by their index in `stacks`
+        stacks = Table.concat([
+            Table({"id": np.zeros(len(off) - 1, np.int64)}, {"frames": (off, {"values": frames})})
+            for off, frames in w.stacks
+        ])
+        stacks.cols["id"] = np.arange(len(stacks), dtype=np.int64)
         cols = {k: np.concatenate([c[k] for c in w.profiles]) for k in w.profiles[0]}
-        n = len(cols["samples"])
-        _, _, inv = group_hashes(np.concatenate([u1, cols["kh1"], cols["uh1"]]),
-                                 np.concatenate([u2, cols["kh2"], cols["uh2"]]))
-        to_stack = np.full(int(inv.max()) + 1 if len(inv) else 0, -1, dtype=np.int64)
-        to_stack[inv[: len(first)]] = np.arange(len(first))
-        kstack = to_stack[inv[len(first):len(first) + n]]
-        ustack = to_stack[inv[len(first) + n:]]
-        key_cols = [cols["node"], cols["name"], cols["period"], cols["pid"], cols["comm"],
-                    cols["cgroup"], kstack, ustack]
-        order, starts, _ = group_hashes(hash_rows(key_cols, 1), hash_rows(key_cols, 2))
+        # (name, period) pairs are few: a small id instead of a 64-bit period in the key
+        kind = _pair_ids(cols["name"], cols["period"])
+        order, starts, _ = group_columns([
+            cols["node"], kind.astype(np.uint32), cols["pid"], cols["comm"], cols["cgroup"],
+            (cols["kstack"] + 1).astype(np.uint64), (cols["ustack"] + 1).astype(np.uint64),
+        ])
         rep = order[starts]
         out = {
             "part": part_of[cols["node"][rep]], "name": cols["name"][rep],
             "period": cols["period"][rep], "pid": cols["pid"][rep], "comm": cols["comm"][rep],
-            "cgroup": cols["cgroup"][rep], "kstack": kstack[rep], "ustack": ustack[rep],
+            "cgroup": cols["cgroup"][rep], "kstack": cols["kstack"][rep], "ustack": cols["ustack"][rep],
             "samples": np.add.reduceat(cols["samples"][order], starts).astype(np.uint64),
         }
         rows = np.lexsort((out["period"], out["name"], out["part"]))
         t = Table({k: out[k][rows].astype(PROFILE_COLS[k]) for k in PROFILE_COLS})
         return t, stacks
+
+
+def _pair_ids(name: U32, period: U64) -> I64:
+    """Small ids of (name, period) pairs; rows come in long runs of one pair (a chunk each)."""
+    ids: dict[tuple[int, int], int] = {}
+    change = np.ones(len(name), dtype=bool)
+    change[1:] = (name[1:] != name[:-1]) | (period[1:] != period[:-1])
+    starts = np.flatnonzero(change)
+    run_ids = [ids.setdefault((a, b), len(ids)) for a, b in
+               zip(name[starts].tolist(), period[starts].tolist(), strict=True)]
+    lens = np.diff(np.append(starts, len(name)))
+    return np.repeat(np.asarray(run_ids, dtype=np.int64), lens)
 
 
 def _metric_table(part_of: npt.NDArray[np.int32], fam: int, kind: int, keys: U32,

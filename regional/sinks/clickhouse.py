@@ -48,7 +48,13 @@ import pyarrow as pa
 from regional.batchcols import BatchCols, decode
 from regional.frame import Frame, frame_from_batches
 from regional.sinks.base import Block, PermanentError, RetriableError, SinkError
-from regional.sinks.clickhouse_arrow import EVENTS_LOST_METRIC, INSERT_ORDER, arrow_tables, stack_id  # noqa: F401
+from regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
+    EVENTS_LOST_METRIC,
+    INSERT_ORDER,
+    TARGET,
+    arrow_tables,
+    stack_id,
+)
 from regional.validate import BatchRejected, Limits, check_columns
 from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
 
@@ -152,8 +158,9 @@ def apply_migrations(
 ) -> list[str]:
     """Apply the pending migrations in order; return the versions applied (``[]`` if none).
 
-    Every statement is ``CREATE ... IF NOT EXISTS``, so a migration interrupted
-    half way is simply re-run. ``client`` is a clickhouse-connect client.
+    Every statement can run twice (``CREATE ... IF NOT EXISTS``, ``DROP ... IF
+    EXISTS``, ``ALTER ... MODIFY COLUMN``), so a migration interrupted half way is
+    simply re-run. ``client`` is a clickhouse-connect client.
     """
     _check_database(database)
     migrations = load_migrations(directory)
@@ -466,12 +473,14 @@ class ClickHouseSink:
                     "optimize_on_insert": 0,
                 }
                 try:
-                    client.insert_arrow(name, table, database=self.database, settings=settings)
+                    client.insert_arrow(TARGET.get(name, name), table, database=self.database,
+                                        settings=settings)
                 except Exception as exc:
                     raise classify_error(
                         exc, f"inserting {table.num_rows} rows into {self.database}.{name}"
                     ) from exc
-                written[name] = written.get(name, 0) + table.num_rows
+                target = TARGET.get(name, name)
+                written[target] = written.get(target, 0) + table.num_rows
             now = time.monotonic()
             for sid in new_stacks:
                 self._known_stacks[sid] = now

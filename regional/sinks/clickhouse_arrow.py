@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,8 +24,11 @@ from stratoscope.v1 import batch_pb2 as pb
 NS = 1_000_000_000
 EVENTS_LOST_METRIC = "stratoscope_events_lost"
 
-#: Insert order: stacks before the samples that reference them.
-INSERT_ORDER = ("profile_stacks", "metrics", "histograms", "profile_samples", "events", "nodes")
+#: Insert order: stacks before the samples that reference them. Arrow table name ->
+#: ClickHouse table (the lost-events counters are metrics rows of their own insert).
+INSERT_ORDER = ("profile_stacks", "metrics", "metrics_events_lost", "histograms", "profile_samples",
+                "events", "nodes")
+TARGET = {"metrics_events_lost": "metrics"}
 
 
 def stack_id(frames: Sequence[str]) -> int:
@@ -48,9 +52,16 @@ class _FrameStrings:
         self.fam_gauge = np.array([f.kind == pb.GAUGE for f in fams], dtype=np.int8)
         self.fam_k = np.array([len(f.label_keys) for f in fams], dtype=np.int64)
         width = max([len(f.label_keys) for f in fams] + [1])
+        # Label maps are written sorted by key (the schema relies on it: series_id =
+        # cityHash64(labels), no mapSort per row). Per family: the keys in string
+        # order, and which of the row's values goes to each position.
         self.fam_keys = np.zeros((max(len(fams), 1), width), dtype=np.int64)
+        self.fam_perm = np.zeros((max(len(fams), 1), width), dtype=np.int64)
         for i, f in enumerate(fams):
-            self.fam_keys[i, : len(f.label_keys)] = f.label_keys
+            names = [frame.strings[k] for k in f.label_keys]
+            perm = sorted(range(len(names)), key=names.__getitem__)
+            self.fam_keys[i, : len(perm)] = [f.label_keys[j] for j in perm]
+            self.fam_perm[i, : len(perm)] = perm
         self.part_node = np.array([p.node for p in frame.parts], dtype=np.int64)
         region, cluster = [], []
         for p in frame.parts:
@@ -84,69 +95,86 @@ def frame_strings(frame: Frame) -> _FrameStrings:
     return fs
 
 
-def _labels(fs: _FrameStrings, rows: Table) -> pa.Array:
+def _encode(fs: _FrameStrings, ids: Mapping[str, npt.NDArray[Any]]) -> dict[str, pa.Array]:
+    """String columns (frame string ids) as dictionary arrays over one compact dictionary.
+
+    The dictionary holds just the strings this insert uses (a bitmap over the frame's
+    table, no sort), so the Arrow stream carries each distinct string once per column
+    instead of once per row, and ClickHouse reads LowCardinality columns directly.
+    """
+    used = np.zeros(len(fs.frame.strings), dtype=bool)
+    for v in ids.values():
+        used[v] = True
+    dict_ids = np.flatnonzero(used)
+    remap = np.zeros(len(used), dtype=np.int32)
+    remap[dict_ids] = np.arange(len(dict_ids), dtype=np.int32)
+    dictionary = fs.take(dict_ids)
+    return {k: pa.DictionaryArray.from_arrays(pa.array(remap[v]), dictionary) for k, v in ids.items()}
+
+
+def _label_ids(fs: _FrameStrings, rows: Table) -> tuple[pa.Array, npt.NDArray[np.int64], npt.NDArray[Any]]:
+    """Map offsets, key ids and value ids of the rows' label sets."""
     off = rows.offsets("labels")
     values = rows.values("labels", "values")
     fam = rows["fam"]
     k = fs.fam_k[fam]
-    pos = np.arange(len(values), dtype=np.int64) - np.repeat(off[:-1], k)
-    keys = fs.fam_keys[np.repeat(fam, k), pos]
-    return pa.MapArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), fs.take(keys), fs.take(values))
+    row_start = np.repeat(off[:-1], k)
+    pos = np.arange(len(values), dtype=np.int64) - row_start
+    row_fam = np.repeat(fam, k)
+    keys = fs.fam_keys[row_fam, pos]
+    values = values[row_start - off[0] + fs.fam_perm[row_fam, pos]]
+    return pa.array((off - off[0]).astype(np.int32)), keys, values
 
 
-def _ident(fs: _FrameStrings, part: npt.NDArray[np.generic], with_time: bool = True) -> dict[str, pa.Array]:
-    n = len(part)
-    out: dict[str, pa.Array] = {}
-    if with_time:
-        out["resolution"] = pa.array(np.full(n, fs.frame.resolution_s, np.uint32))
-        out["ts"] = pa.array(np.full(n, fs.frame.start_ns // NS, np.uint32))
-    out["region"] = fs.take(fs.part_region[part])
-    out["cluster"] = fs.take(fs.part_cluster[part])
-    out["node"] = fs.take(fs.part_node[part])
-    return out
+def _ident_ids(fs: _FrameStrings, part: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
+    return {"region": fs.part_region[part], "cluster": fs.part_cluster[part], "node": fs.part_node[part]}
+
+
+def _time(fs: _FrameStrings, n: int) -> dict[str, pa.Array]:
+    return {"resolution": pa.array(np.full(n, fs.frame.resolution_s, np.uint32)),
+            "ts": pa.array(np.full(n, fs.frame.start_ns // NS, np.uint32))}
+
+
+def _series_table(fs: _FrameStrings, rows: Table, extra_ids: dict[str, npt.NDArray[Any]],
+                  values: dict[str, pa.Array]) -> pa.Table:
+    off, keys, vals = _label_ids(fs, rows)
+    enc = _encode(fs, _ident_ids(fs, rows["part"]) | extra_ids | {"_k": keys, "_v": vals})
+    labels = pa.MapArray.from_arrays(off, enc.pop("_k"), enc.pop("_v"))
+    return pa.table(_time(fs, len(rows)) | enc | {"labels": labels} | values)
 
 
 def arrow_tables(
     frame: Frame, parts: Sequence[int], known_stacks: dict[int, float] | None = None,
 ) -> tuple[dict[str, pa.Table], list[int]]:
-    """Arrow tables of ``parts`` (sorted) of a frame; also the stack ids sent as new."""
+    """Arrow tables of ``parts`` (sorted) of a frame; also the stack ids sent as new.
+
+    ``metrics_events_lost`` holds the edge's lost-event counters, rows of the metrics
+    table inserted separately (their metric name is not a frame string).
+    """
     fs = frame_strings(frame)
     out: dict[str, pa.Table] = {}
 
     m = frame.metrics.take(frame.rows_of("metrics", parts))
     fam = m["fam"]
-    cols = _ident(fs, m["part"])
-    cols |= {
-        "metric": fs.take(fs.fam_name[fam]),
+    out["metrics"] = _series_table(fs, m, {"metric": fs.fam_name[fam], "unit": fs.fam_unit[fam]}, {
         "kind": pa.DictionaryArray.from_arrays(pa.array(fs.fam_gauge[fam]), pa.array(["counter", "gauge"])),
-        "unit": fs.take(fs.fam_unit[fam]),
-        "labels": _labels(fs, m),
         "value": pa.array(m["value"]),
         "gauge": pa.array(m["gauge"]),
-    }
-    metrics = pa.table(cols)
+    })
     lost = [(i, frame.parts[i].events_lost) for i in parts if frame.parts[i].events_lost]
     if lost:
         part = np.array([i for i, _ in lost], dtype=np.int64)
         n = len(lost)
-        extra = _ident(fs, part) | {
+        out["metrics_events_lost"] = pa.table(_time(fs, n) | _encode(fs, _ident_ids(fs, part)) | {
             "metric": pa.array([EVENTS_LOST_METRIC] * n),
-            "kind": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array(["counter", "gauge"])),
+            "kind": pa.array(["counter"] * n),
             "unit": pa.array([""] * n),
-            "labels": pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()),
-                                              pa.array([], pa.string())),
             "value": pa.array(np.array([v for _, v in lost], dtype=np.uint64)),
-            "gauge": pa.array(np.zeros(n)),
-        }
-        metrics = pa.concat_tables([metrics, pa.table(extra).cast(metrics.schema)])
-    out["metrics"] = metrics
+        })
 
     h = frame.histograms.take(frame.rows_of("histograms", parts))
     boff = pa.array((h.offsets("buckets") - h.offsets("buckets")[0]).astype(np.int32))
-    out["histograms"] = pa.table(_ident(fs, h["part"]) | {
-        "metric": fs.take(fs.fam_name[h["fam"]]),
-        "unit": fs.take(fs.fam_unit[h["fam"]]),
-        "labels": _labels(fs, h),
+    out["histograms"] = _series_table(fs, h, {"metric": fs.fam_name[h["fam"]], "unit": fs.fam_unit[h["fam"]]}, {
         "scale": pa.array(np.zeros(len(h), np.int8)),
         "count": pa.array(h["count"]),
         "sum": pa.array(h["sum"]),
@@ -173,12 +201,11 @@ def arrow_tables(
                 "last_seen": pa.array(np.full(len(fresh), int(time.time()), np.uint32)),
             })
             new_stacks = [ids[i] for i in fresh]
-        out["profile_samples"] = pa.table(_ident(fs, p["part"]) | {
-            "profile": fs.take(p["name"]),
+        enc = _encode(fs, _ident_ids(fs, p["part"]) | {"profile": p["name"], "comm": p["comm"],
+                                                       "cgroup": p["cgroup"]})
+        out["profile_samples"] = pa.table(_time(fs, len(p)) | enc | {
             "period_ns": pa.array(p["period"]),
             "pid": pa.array(p["pid"]),
-            "comm": fs.take(p["comm"]),
-            "cgroup": fs.take(p["cgroup"]),
             "kernel_stack_id": pa.array(sids[p["kstack"]]),
             "user_stack_id": pa.array(sids[p["ustack"]]),
             "samples": pa.array(p["samples"]),
@@ -186,27 +213,25 @@ def arrow_tables(
 
     e = frame.events.take(frame.rows_of("events", parts))
     if len(e):
-        ident = _ident(fs, e["part"], with_time=False)
+        enc = _encode(fs, _ident_ids(fs, e["part"]) | {"kind": e["kind"], "comm": e["comm"],
+                                                       "cgroup": e["cgroup"], "detail": e["detail"]})
         out["events"] = pa.table({
             "ts": pa.array(e["time"].astype(np.int64)).cast(pa.timestamp("ns", tz="UTC")),
-            **ident,
-            "kind": fs.take(e["kind"]),
+            **enc,
             "pid": pa.array(e["pid"]),
             "ppid": pa.array(e["ppid"]),
-            "comm": fs.take(e["comm"]),
-            "cgroup": fs.take(e["cgroup"]),
-            "detail": fs.take(e["detail"]),
             "code": pa.array(e["code"]),
         })
 
     part = np.asarray(parts, dtype=np.int64)
     label_off = np.zeros(len(parts) + 1, dtype=np.int32)
     label_off[1:] = np.cumsum([len(frame.parts[i].labels) for i in parts])
-    keys = [k for i in parts for k, _ in frame.parts[i].labels]
-    vals = [v for i in parts for _, v in frame.parts[i].labels]
-    out["nodes"] = pa.table(_ident(fs, part, with_time=False) | {
-        "node_labels": pa.MapArray.from_arrays(pa.array(label_off), fs.take(np.array(keys, dtype=np.int64)),
-                                               fs.take(np.array(vals, dtype=np.int64))),
+    keys = np.array([k for i in parts for k, _ in frame.parts[i].labels], dtype=np.int64)
+    vals = np.array([v for i in parts for _, v in frame.parts[i].labels], dtype=np.int64)
+    enc = _encode(fs, _ident_ids(fs, part) | {"_k": keys, "_v": vals})
+    out["nodes"] = pa.table({
+        "node_labels": pa.MapArray.from_arrays(pa.array(label_off), enc.pop("_k"), enc.pop("_v")),
+        **enc,
         "last_seen": pa.array(np.full(len(parts), frame.end_ns // NS, np.uint32)),
     })
     return {k: v for k, v in out.items() if v.num_rows}, new_stacks
