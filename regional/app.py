@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,20 +41,26 @@ class RegionalOptions:
     rollups: tuple[Rollup, ...] = DEFAULT_ROLLUPS
     tls: ServerTls | None = None
     regional_id: str = field(default_factory=socket.gethostname)
+    #: Run each sink in a child process (own GIL and core; the embedded store lives
+    #: there). Off only for embedding a regional where that is not wanted.
+    sink_processes: bool = True
 
 
 def build_sinks(opts: RegionalOptions) -> list[Sink]:
-    sinks: list[Sink] = []
+    specs: list[tuple[str, dict[str, object]]] = []
     if opts.clickhouse:
-        from regional.sinks.clickhouse import ClickHouseSink
-
         migrate = opts.migrate if opts.migrate is not None else opts.clickhouse.startswith("chdb:")
-        sinks.append(ClickHouseSink(opts.clickhouse, database=opts.clickhouse_database, migrate=migrate))
+        specs.append(("clickhouse", {"dsn": opts.clickhouse, "database": opts.clickhouse_database,
+                                     "migrate": migrate}))
     if opts.kafka:
-        from regional.sinks.kafka import KafkaSink
+        specs.append(("kafka", {"bootstrap": opts.kafka, "topic_prefix": opts.kafka_topic_prefix}))
+    if opts.sink_processes:
+        from regional.sinks.process import ProcessSink
 
-        sinks.append(KafkaSink(opts.kafka, topic_prefix=opts.kafka_topic_prefix))
-    return sinks
+        return [ProcessSink(kind, kind, **kwargs) for kind, kwargs in specs]
+    from regional.sinks.process import make_sink
+
+    return [make_sink(kind, kwargs) for kind, kwargs in specs]
 
 
 async def check(opts: RegionalOptions) -> int:
@@ -83,7 +90,7 @@ class RunningRegional:
         # only past QUEUE_MAX. In a saturation benchmark a 50k-block allowance let the
         # regional grow to 14.7 GB while ClickHouse fell behind.
         self.queues = [
-            DeliveryQueue(s, batch_max_blocks=2000, batch_max_wait_s=0.5, max_queue_blocks=QUEUE_MAX)
+            DeliveryQueue(s, batch_max_blocks=500, batch_max_wait_s=0.5, max_queue_blocks=QUEUE_MAX)
             for s in self.sinks
         ]
         settings = MergeSettings(resolution_s=opts.resolution_s, lateness_s=opts.lateness_s,
@@ -122,7 +129,15 @@ class RunningRegional:
             await s.stop()
 
 
+#: The GIL hand-over interval of the regional process. Window merges and sink
+#: encoding run in worker threads; with CPython's default 5 ms, every time the
+#: event loop comes back from I/O it can wait 5 ms for the GIL, several times per
+#: batch, and acks queue up behind a window close. 1 ms bounds that wait.
+SWITCH_INTERVAL_S = 0.001
+
+
 async def run(opts: RegionalOptions) -> int:
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     running = RunningRegional(opts)
     await running.start()
     stop = asyncio.Event()

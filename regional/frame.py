@@ -216,6 +216,38 @@ class Frame:
     def points(self) -> int:
         return len(self.metrics) + len(self.histograms)
 
+    def subset(self, parts: Sequence[int]) -> Frame:
+        """A frame of just ``parts`` (sorted, distinct): their rows, parts numbered anew.
+
+        What a sink in another process is sent for a delivery of some of the blocks.
+        """
+        index = np.full(len(self.parts), -1, dtype=np.int32)
+        index[list(parts)] = np.arange(len(parts), dtype=np.int32)
+
+        def rows(name: str) -> Table:
+            t = getattr(self, name).take(self.rows_of(name, parts))
+            t.cols["part"] = index[t["part"]]
+            return t
+
+        profiles = rows("profiles")
+        used = np.unique(np.concatenate([profiles["kstack"], profiles["ustack"]]))
+        used = used[used >= 0]
+        stacks = self.stacks.take(used)
+        stacks.cols["id"] = np.arange(len(used), dtype=np.int64)
+        for col in ("kstack", "ustack"):
+            ids = np.asarray(profiles[col], dtype=np.int64)
+            profiles.cols[col] = np.where(ids >= 0, np.searchsorted(used, ids), -1).astype(np.int64)
+        return Frame(self.start_ns, self.end_ns, self.resolution_s, self.late, self.strings,
+                     [self.parts[i] for i in parts], self.families,
+                     metrics=rows("metrics"), histograms=rows("histograms"), profiles=profiles,
+                     stacks=stacks, events=rows("events"))
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state.pop("_bounds", None)  # derived, rebuilt on demand
+        state["cache"] = {}
+        return state
+
     # -- per-node protobuf ------------------------------------------------------------
     def batch_for(self, part: int) -> pb.Batch:
         """The part's rows as one stratoscope.v1.Batch with its own compact string table."""

@@ -31,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-async def regional(chdb_dir: str, anchor: Any) -> AsyncIterator[RunningRegional]:
+async def regional(tmp_path: Path) -> AsyncIterator[RunningRegional]:
+    # The sinks run in child processes (the production setup); the embedded store
+    # belongs to the ClickHouse one, so tests read it through the regional (sql()).
     opts = RegionalOptions(
-        listen="127.0.0.1:0", metrics_port=0, clickhouse=f"chdb://{chdb_dir}",
+        listen="127.0.0.1:0", metrics_port=0, clickhouse=f"chdb://{tmp_path}/ch",
         clickhouse_database=f"e2e_{uuid.uuid4().hex[:10]}", kafka=kafka_bootstrap(),
         kafka_topic_prefix=f"e2e-{uuid.uuid4().hex[:10]}", resolution_s=60, lateness_s=0,
         rollups=(Rollup("syscalls_total", ("syscall",)), Rollup("syscall_latency", ("syscall",))),
@@ -46,8 +48,13 @@ async def regional(chdb_dir: str, anchor: Any) -> AsyncIterator[RunningRegional]
         await running.stop()
 
 
-def one(anchor: Any, sql: str, **params: Any) -> Any:
-    return anchor.query(sql, parameters=params).result_rows[0][0]
+async def sql(regional: RunningRegional, query: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Rows of a SELECT, run by the regional's ClickHouse sink process."""
+    return await regional.sink("clickhouse").query(query, params)  # type: ignore[attr-defined, no-any-return]
+
+
+async def one(regional: RunningRegional, query: str, **params: Any) -> Any:
+    return (await sql(regional, query, **params))[0][0]
 
 
 async def consume_all(bootstrap: str, topic: str) -> list[tuple[str, Any]]:
@@ -71,7 +78,7 @@ async def consume_all(bootstrap: str, topic: str) -> list[tuple[str, Any]]:
 
 
 async def test_openat_exact_through_regional_into_clickhouse_and_kafka(
-    regional: RunningRegional, anchor: Any, workload_bin: dict[str, Path]
+    regional: RunningRegional, workload_bin: dict[str, Path]
 ) -> None:
     comm = unique_comm("e2eop")
     target = [f"127.0.0.1:{regional.port}"]
@@ -84,15 +91,15 @@ async def test_openat_exact_through_regional_into_clickhouse_and_kafka(
     run = await asyncio.to_thread(edge_side)
     assert run.forward_stats.acked == len(run.batches) >= 2
     await regional.regional.drain()
-    db = regional.sink("clickhouse").database  # type: ignore[attr-defined]
-    calls = one(anchor, f"""SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total'
+    db = regional.opts.clickhouse_database
+    calls = await one(regional, f"""SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total'
         AND node = 'e2e-node' AND labels['comm'] = {{c:String}} AND labels['syscall'] = 'openat'""",
         c=comm)
-    errors = one(anchor, f"""SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscall_errors_total'
+    errors = await one(regional, f"""SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscall_errors_total'
         AND node = 'e2e-node' AND labels['comm'] = {{c:String}} AND labels['syscall'] = 'openat'
         AND labels['errno'] = 'ENOENT'""", c=comm)
     assert (calls, errors) == (15000, 5000)
-    hist = one(anchor, f"""SELECT sum(count) FROM {db}.histograms WHERE metric = 'syscall_latency'
+    hist = await one(regional, f"""SELECT sum(count) FROM {db}.histograms WHERE metric = 'syscall_latency'
         AND node = 'e2e-node' AND labels['comm'] = {{c:String}} AND labels['syscall'] = 'openat'""",
         c=comm)
     assert hist == 15000
@@ -133,7 +140,7 @@ def send(regional: RunningRegional, batches: list[Any]) -> Any:
 
 
 async def test_three_edges_merge_roll_up_dedupe_and_late_data(
-    regional: RunningRegional, anchor: Any
+    regional: RunningRegional
 ) -> None:
     minute = (time.time_ns() // (60 * NS) - 3) * 60 * NS  # a closed minute, three minutes ago
     batches = []
@@ -144,32 +151,32 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     stats = await asyncio.to_thread(send, regional, batches)
     assert (stats.acked, stats.duplicates) == (18, 0)
     await regional.regional.drain()
-    db = regional.sink("clickhouse").database  # type: ignore[attr-defined]
+    db = regional.opts.clickhouse_database
 
-    def per_node() -> dict[str, int]:
-        rows = anchor.query(f"""SELECT node, sum(value) FROM {db}.metrics
+    async def per_node() -> dict[str, int]:
+        rows = await sql(regional, f"""SELECT node, sum(value) FROM {db}.metrics
             WHERE metric = 'syscalls_total' AND labels['syscall'] = 'read' AND resolution = 60
-            GROUP BY node ORDER BY node""").result_rows
+            GROUP BY node ORDER BY node""")
         return dict(rows)
 
-    assert per_node() == {"": 3600, "n1": 600, "n2": 1200, "n3": 1800}
-    buckets = anchor.query(f"""SELECT node, sumMap(bucket_index, bucket_count), sum(zero_count),
+    assert (await per_node()) == {"": 3600, "n1": 600, "n2": 1200, "n3": 1800}
+    buckets = await sql(regional, f"""SELECT node, sumMap(bucket_index, bucket_count), sum(zero_count),
         sum(count), sum(sum) FROM {db}.histograms WHERE metric = 'syscall_latency'
-        GROUP BY node ORDER BY node""").result_rows
+        GROUP BY node ORDER BY node""")
     assert [(n, dict(zip(*m, strict=True)), z, c, s) for n, m, z, c, s in buckets] == [
         ("", {3: 36, 10: 18}, 18, 72, 36000),
         ("n1", {3: 6, 10: 6}, 6, 18, 6000),
         ("n2", {3: 12, 10: 6}, 6, 24, 12000),
         ("n3", {3: 18, 10: 6}, 6, 30, 18000),
     ]
-    ts = one(anchor, f"SELECT toUnixTimestamp(min(ts)) FROM {db}.metrics")
+    ts = await one(regional, f"SELECT toUnixTimestamp(min(ts)) FROM {db}.metrics")
     assert ts * NS == minute
 
     # Resending the very same batches: acknowledged as duplicates, nothing changes.
     stats = await asyncio.to_thread(send, regional, batches[:6])
     assert (stats.acked, stats.duplicates) == (0, 6)
     await regional.regional.drain()
-    assert per_node()["n1"] == 600
+    assert (await per_node())["n1"] == 600
 
     # A late batch for the closed window: stored as an extra partial, totals add up.
     h = Histogram({3: 1}, zero=0, count=1, sum=5)
@@ -177,7 +184,7 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     stats = await asyncio.to_thread(send, regional, [late])
     assert stats.acked == 1
     await regional.regional.drain()
-    assert per_node() == {"": 3611, "n1": 611, "n2": 1200, "n3": 1800}
+    assert (await per_node()) == {"": 3611, "n1": 611, "n2": 1200, "n3": 1800}
     assert regional.regional.aggregator.late_batches == 1
 
     # Re-running the same ClickHouse insert (a retry after a timeout) changes nothing.
@@ -189,7 +196,7 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     blocks = agg.flush(0, force=True)
     await ch.deliver(blocks)
     await ch.deliver(blocks)
-    assert per_node()["n9"] == 5
+    assert (await per_node())["n9"] == 5
 
 
 async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: RunningRegional) -> None:
