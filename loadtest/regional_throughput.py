@@ -676,6 +676,32 @@ def proc_cpu(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def child_pids(pid: int) -> list[int]:
+    """The regional's child processes (its sinks run in them)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def children_cpu(pid: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for c in child_pids(pid):
+        with contextlib.suppress(OSError, ValueError):
+            out[c] = proc_cpu(c)
+    return out
+
+
+def family_rss_mb(pid: int, peak: bool = False) -> float:
+    """RSS (or peak RSS) of the regional plus its sink processes."""
+    total = rss_mb(pid)[1 if peak else 0]
+    for c in child_pids(pid):
+        with contextlib.suppress(OSError, ValueError):
+            total += rss_mb(c)[1 if peak else 0]
+    return total
+
+
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     """tid -> (thread name, CPU seconds)."""
     out: dict[int, tuple[str, float]] = {}
@@ -856,6 +882,7 @@ class RunResult:
     regional_cpu_pct: float = 0.0
     regional_cpu_s: float = 0.0
     thread_cpu_pct: dict[str, float] = field(default_factory=dict)
+    sinks_cpu_pct: float = 0.0
     top_threads: list[dict[str, Any]] = field(default_factory=list)
     rss_mb_max: float = 0.0
     loadgen_cpu_pct: float = 0.0
@@ -955,7 +982,7 @@ def run_phase(
         def sampler() -> None:
             while not stop_sampling.is_set():
                 with contextlib.suppress(Exception):
-                    rss_max[0] = max(rss_max[0], rss_mb(reg.pid)[0])
+                    rss_max[0] = max(rss_max[0], family_rss_mb(reg.pid))
                 if mem_available_mb() < args.min_free_mb:  # protect the shared machine
                     res.errors.append(f"machine below {args.min_free_mb:.0f} MB available at "
                                       f"regional RSS {rss_max[0]:.0f} MB: regional killed")
@@ -970,6 +997,7 @@ def run_phase(
         while time.time() < t_start:
             time.sleep(0.01)
         cpu0, th0, m0 = proc_cpu(reg.pid), thread_cpu(reg.pid), machine_cpu()
+        kids0 = children_cpu(reg.pid)
         sampler_t = threading.Thread(target=sampler, daemon=True)
         sampler_t.start()
         results = []
@@ -1017,7 +1045,8 @@ def run_phase(
             res.errors.append(f"sinks had not caught up {args.tail_timeout:.0f} s after the last window")
             t_done = time.time()
         cpu1, th1, m1 = proc_cpu(reg.pid), thread_cpu(reg.pid), machine_cpu()
-        rss_max[0] = max(rss_max[0], rss_mb(reg.pid)[1])  # VmHWM: the peak
+        kids1 = children_cpu(reg.pid)
+        rss_max[0] = max(rss_max[0], family_rss_mb(reg.pid, peak=True))  # VmHWM: the peak
         stop_sampling.set()
         sampler_t.join(5)
         final = None
@@ -1083,8 +1112,10 @@ def run_phase(
             res.stalls.append({"t_s": s_, "max_ms": mx,
                                "s_after_window_close": (t_abs - LATENESS_S) % RES_S})
     dcpu = cpu1 - cpu0
-    res.regional_cpu_s = dcpu
-    res.regional_cpu_pct = 100 * dcpu / el
+    sinks_cpu = sum(c1 - kids0.get(pid_, 0.0) for pid_, c1 in kids1.items())
+    res.regional_cpu_s = dcpu + sinks_cpu
+    res.regional_cpu_pct = 100 * (dcpu + sinks_cpu) / el
+    res.sinks_cpu_pct = 100 * sinks_cpu / el
     tg = thread_groups(reg.pid, th0, th1, dcpu)
     res.thread_cpu_pct = {"main": 100 * tg["main"] / el, "other": 100 * tg["other"] / el}
     res.top_threads = [dict(t, pct=100 * t["cpu_s"] / el) for t in tg["top"]]
@@ -1425,7 +1456,8 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
               f"profile_samples {rows['profile_samples']:,}, events {rows['events']:,}, "
               f"nodes {rows['nodes']:,}, windows {rows['windows']}; reduction "
               f"{r.reduction:.2f}x (per-node rows only {r.reduction_nodes_only:.2f}x)")
-        p(f"    regional CPU {r.regional_cpu_pct:.0f}% of one core (main thread = event loop "
+        p(f"    regional CPU {r.regional_cpu_pct:.0f}% of one core (sink processes "
+          f"{r.sinks_cpu_pct:.0f}%; main thread = event loop "
           f"{r.thread_cpu_pct.get('main', 0):.0f}%, other threads "
           f"{r.thread_cpu_pct.get('other', 0):.0f}%: "
           + ", ".join(f"{t['name']}/{t['tid']} {t['pct']:.0f}%" for t in r.top_threads[:4]) + "),"

@@ -473,8 +473,8 @@ def _event_table(w: _Window, part_of: npt.NDArray[np.int32]) -> Table:
     return Table({k: cols[k][rows].astype(t) for k, t in EVENT_COLS.items()})
 
 
-#: Dense bucket accumulation is used up to this many (series x bucket) cells.
-_DENSE_CELLS = 1 << 25
+#: Cells (series x bucket range) of one dense bucket accumulation pass (128 MB of float64).
+_DENSE_CELLS = 1 << 24
 #: float64 sums are exact while every partial sum stays below 2^53.
 _EXACT_F64 = 1 << 53
 
@@ -482,25 +482,41 @@ _EXACT_F64 = 1 << 53
 def _reduce_buckets(series: I64, idx: I64, cnt: U64) -> tuple[I64, I64, U64]:
     """Sum bucket counts per (series, bucket index); output sorted by series, then index.
 
-    Usually a dense (series x bucket range) bincount -- linear, no sort -- which is
+    Dense (series x bucket range) bincounts over ranges of series -- linear, no sort --
     exact while the total count stays below 2^53 (a window of sample counts always
-    does); otherwise the general sort-based grouping.
+    does); otherwise one sort of packed (series, index) keys.
     """
     if len(series) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint64)
     lo, hi = int(idx.min()), int(idx.max())
     width = hi - lo + 1
     n_series = int(series.max()) + 1
-    if n_series * width <= _DENSE_CELLS and int(cnt.sum(dtype=np.uint64)) < _EXACT_F64:
-        dense = np.bincount(series * width + (idx - lo), weights=cnt.astype(np.float64),
-                            minlength=n_series * width)
-        cells = np.flatnonzero(dense)
-        return (cells // width).astype(np.int64), (cells % width + lo).astype(np.int64), \
-            dense[cells].astype(np.uint64)
-    keys = np.column_stack([series, idx + _BUCKET_SHIFT]).astype(np.uint32)
-    g = group(keys)
-    return (g.keys[:, 0].astype(np.int64), g.keys[:, 1].astype(np.int64) - _BUCKET_SHIFT,
-            g.sum(cnt).astype(np.uint64))
+    if int(cnt.sum(dtype=np.uint64)) < _EXACT_F64:
+        step = max(1, _DENSE_CELLS // width)
+        cell = series * width + (idx - lo)
+        weights = cnt.astype(np.float64)
+        out_s, out_i, out_c = [], [], []
+        for a in range(0, n_series, step):
+            b = min(n_series, a + step)
+            if a == 0 and b == n_series:
+                sel_cell, sel_w = cell, weights
+            else:
+                sel = (series >= a) & (series < b)
+                sel_cell, sel_w = cell[sel] - a * width, weights[sel]
+            dense = np.bincount(sel_cell, weights=sel_w, minlength=(b - a) * width)
+            cells = np.flatnonzero(dense)
+            out_s.append(cells // width + a)
+            out_i.append(cells % width + lo)
+            out_c.append(dense[cells].astype(np.uint64))
+        return (np.concatenate(out_s).astype(np.int64), np.concatenate(out_i).astype(np.int64),
+                np.concatenate(out_c))
+    key = (series.astype(np.uint64) << np.uint64(8)) | (idx + _BUCKET_SHIFT).astype(np.uint64)
+    order = np.argsort(key)
+    k = key[order]
+    starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+    uk = k[starts]
+    return ((uk >> np.uint64(8)).astype(np.int64), (uk & np.uint64(0xFF)).astype(np.int64) - _BUCKET_SHIFT,
+            np.add.reduceat(cnt[order], starts).astype(np.uint64))
 
 
 def _project(

@@ -142,3 +142,25 @@ def test_merge_equals_naive_sum(batches: list[tuple[str, int, dict]]) -> None:
         for (node, labels), v in totals([blk], "syscalls_total").items():
             got[(blk.batch.start_ns, node, labels)] += v
     assert got == expected
+
+
+def test_bucket_sums_agree_across_dense_chunked_and_sorted_paths(monkeypatch: Any) -> None:
+    import numpy as np
+
+    from regional import merge
+
+    rng = np.random.default_rng(7)
+    series = rng.integers(0, 500, 20_000)
+    idx = rng.integers(-3, 40, 20_000)
+    cnt = rng.integers(1, 1000, 20_000).astype(np.uint64)
+    expected: Counter[tuple[int, int]] = Counter()
+    for s, i, c in zip(series.tolist(), idx.tolist(), cnt.tolist(), strict=True):
+        expected[(s, i)] += c
+    results = [merge._reduce_buckets(series, idx, cnt)]  # one dense pass
+    monkeypatch.setattr(merge, "_DENSE_CELLS", 1000)  # many series ranges
+    results.append(merge._reduce_buckets(series, idx, cnt))
+    monkeypatch.setattr(merge, "_EXACT_F64", 0)  # the sort path
+    results.append(merge._reduce_buckets(series, idx, cnt))
+    for s_, i_, c_ in results:
+        got = list(zip(s_.tolist(), i_.tolist(), c_.tolist(), strict=True))
+        assert got == sorted((s, i, c) for (s, i), c in expected.items())
