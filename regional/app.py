@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from regional.delivery import DeliveryQueue
+from regional.ingest import IngestProcess
 from regional.merge import DEFAULT_ROLLUPS, MergeSettings, Rollup
 from regional.server import ServerTls, flush_forever, serve
 from regional.service import Regional
@@ -44,6 +45,8 @@ class RegionalOptions:
     #: Run each sink in a child process (own GIL and core; the embedded store lives
     #: there). Off only for embedding a regional where that is not wanted.
     sink_processes: bool = True
+    #: Run the gRPC ingest in a child process (acks never wait for the merge's GIL).
+    ingest_process: bool = True
 
 
 def build_sinks(opts: RegionalOptions) -> list[Sink]:
@@ -98,7 +101,9 @@ class RunningRegional:
         self.regional = Regional(settings, self.queues, regional_id=opts.regional_id,
                                  max_queued_blocks=QUEUE_RETRY)
         self._server = None
+        self._ingest: IngestProcess | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._backlog_task: asyncio.Task[None] | None = None
         self.port = 0
 
     def sink(self, name: str) -> Sink:
@@ -109,13 +114,40 @@ class RunningRegional:
             await s.start()
             await s.health_check()
         await self.regional.start()
-        self._server = await serve(self.regional, self.opts.listen, self.opts.tls)
-        self.port = self._server.bound_port  # type: ignore[attr-defined]
+        if self.opts.ingest_process:
+            self._ingest = IngestProcess(self.opts.listen, self.opts.tls, self.regional.gate.limits,
+                                         QUEUE_RETRY, on_batch=self.regional.count)
+            await self._ingest.start()
+            self.port = self._ingest.port
+            self.regional.before_drain = self._ingest.barrier
+            self._backlog_task = asyncio.create_task(self._push_backlog(self._ingest))
+        else:
+            self._server = await serve(self.regional, self.opts.listen, self.opts.tls)
+            self.port = self._server.bound_port  # type: ignore[attr-defined]
         self._flusher = asyncio.create_task(flush_forever(self.regional))
         if self.opts.metrics_port:
             start_http_server(self.opts.metrics_port, registry=self.regional.registry)
 
+    async def _push_backlog(self, ingest: IngestProcess, every_s: float = 0.2) -> None:
+        """Keep the ingest process's view of the sink backlog current (it answers RETRY)."""
+        last = -1
+        while True:
+            backlog = self.regional.backlog
+            if backlog != last:
+                await asyncio.to_thread(ingest.set_backlog, backlog)
+                last = backlog
+            await asyncio.sleep(every_s)
+
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self._ingest is not None:
+            await self._ingest.stop(grace_s)  # every acked batch is merged after this
+            self.regional.before_drain = None
+            self._ingest = None
+        if self._backlog_task is not None:
+            self._backlog_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._backlog_task
+            self._backlog_task = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from regional.batchcols import BatchCols
 from regional.dedup import Deduplicator
 from regional.delivery import DeliveryQueue
 from regional.merge import Aggregator, MergeSettings
@@ -64,6 +65,55 @@ class RegionalMetrics:
         self.flush_seconds = Histogram(f"{ns}_flush_seconds", "Time to close windows into blocks.", registry=registry)
 
 
+class Gate:
+    """Admission of one batch: identity, validation, de-duplication, backpressure.
+
+    Pure (no metrics, no merge) so that it can run where the gRPC server runs: in
+    the regional process, or in its ingest process (regional/ingest.py).
+    ``backlog`` is the largest sink backlog in blocks, kept current by the owner.
+    """
+
+    def __init__(self, limits: Limits | None = None, clock: Callable[[], int] = time.time_ns,
+                 max_queued_blocks: int = 50_000) -> None:
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.dedup = Deduplicator()
+        self.max_queued_blocks = max_queued_blocks
+        self.backlog = 0
+        #: Extra reason to answer RETRY (e.g. the hand-over queue to the merge is full).
+        self.saturated: Callable[[], bool] = lambda: False
+
+    def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
+              ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
+        """(ack, columns if ACCEPTED, reason label for metrics)."""
+        ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
+        if peer_node is not None and peer_node != batch.node_id:
+            ack.status = ingest_pb2.Ack.REJECTED
+            ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
+            return ack, None, "identity"
+        try:
+            cols = validate(batch, self.limits, self.clock(), size)
+        except BatchRejected as exc:
+            log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
+            ack.status = ingest_pb2.Ack.REJECTED
+            ack.reason = str(exc)
+            return ack, None, str(exc).split(":")[0][:40]
+        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
+            ack.status = ingest_pb2.Ack.DUPLICATE
+            return ack, None, ""
+        if self.backlog >= self.max_queued_blocks or self.saturated():
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional overloaded: sinks are behind"
+            return ack, None, ""
+        self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
+        ack.status = ingest_pb2.Ack.ACCEPTED
+        return ack, cols, ""
+
+
+_STATUS: dict[int, str] = {ingest_pb2.Ack.ACCEPTED: "accepted", ingest_pb2.Ack.REJECTED: "rejected",
+           ingest_pb2.Ack.DUPLICATE: "duplicate", ingest_pb2.Ack.RETRY: "retry"}
+
+
 class Regional:
     def __init__(
         self,
@@ -76,52 +126,40 @@ class Regional:
         max_queued_blocks: int = 50_000,
     ) -> None:
         self.aggregator = Aggregator(settings, regional_id)
-        self.dedup = Deduplicator()
+        self.gate = Gate(limits, clock, max_queued_blocks)
         self.sinks = sinks
-        self.limits = limits or Limits()
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = RegionalMetrics(self.registry)
         self.registry.register(_SinkStats(lambda: self.sinks))
-        self.max_queued_blocks = max_queued_blocks
         self._flush_lock = asyncio.Lock()
+        #: Awaited before a drain: e.g. until an ingest process handed over what it acked.
+        self.before_drain: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """The largest sink backlog, in blocks (what RETRY is decided on)."""
+        return max((q.queued for q in self.sinks), default=0)
 
     def accept(self, batch: pb.Batch, peer_node: str | None = None, size: int | None = None) -> ingest_pb2.Ack:
         """Validate, de-duplicate and merge one batch; the Ack says what happened."""
-        ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
-        if peer_node is not None and peer_node != batch.node_id:
-            self.metrics.rejected.labels("identity").inc()
-            self.metrics.batches.labels("rejected").inc()
-            ack.status = ingest_pb2.Ack.REJECTED
-            ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
-            return ack
-        try:
-            cols = validate(batch, self.limits, self.clock(), size)
-        except BatchRejected as exc:
-            self.metrics.rejected.labels(str(exc).split(":")[0][:40]).inc()
-            self.metrics.batches.labels("rejected").inc()
-            log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
-            ack.status = ingest_pb2.Ack.REJECTED
-            ack.reason = str(exc)
-            return ack
-        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
-            self.metrics.batches.labels("duplicate").inc()
-            ack.status = ingest_pb2.Ack.DUPLICATE
-            return ack
-        if any(q.queued >= self.max_queued_blocks for q in self.sinks):
-            self.metrics.batches.labels("retry").inc()
-            ack.status = ingest_pb2.Ack.RETRY
-            ack.reason = "regional overloaded: sinks are behind"
-            return ack
+        self.gate.backlog = self.backlog
+        ack, cols, label = self.gate.admit(batch, peer_node, size)
+        self.count(ack.status, label, cols, size)
+        return ack
+
+    def count(self, status: int, label: str, cols: BatchCols | None, size: int | None) -> None:
+        """Record an admitted batch into the merge, and count every outcome."""
+        self.metrics.batches.labels(_STATUS[status]).inc()
+        if status == ingest_pb2.Ack.REJECTED:
+            self.metrics.rejected.labels(label).inc()
+        if cols is None:
+            return
         if self.aggregator.record(cols):
             self.metrics.late.inc()
-        self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
-        self.metrics.batches.labels("accepted").inc()
         self.metrics.points.inc(cols.points)
         if size:
             self.metrics.bytes_in.inc(size)
-        ack.status = ingest_pb2.Ack.ACCEPTED
-        return ack
 
     async def flush(self, force: bool = False) -> list[Block]:
         """Close due windows and hand their blocks to every sink's queue."""
@@ -149,6 +187,8 @@ class Regional:
 
     async def drain(self) -> None:
         """Flush every window (open or not) and wait until the sinks have it."""
+        if self.before_drain is not None:
+            await self.before_drain()
         await self.flush(force=True)
         for q in self.sinks:
             await q.flush()

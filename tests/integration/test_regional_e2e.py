@@ -206,6 +206,7 @@ async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: Runn
     good = synthetic("good-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
     stats = await asyncio.to_thread(send, regional, [bad, good])
     assert (stats.rejected, stats.acked) == (1, 1)
+    await regional.regional.drain()  # the ingest process has handed over every outcome
     samples = regional.regional.registry.get_sample_value(
         "stratoscope_regional_batches_total", {"status": "rejected"})
     assert samples == 1.0
