@@ -677,7 +677,7 @@ def proc_cpu(pid: int, tid: int | None = None) -> float:
 
 
 def child_pids(pid: int) -> list[int]:
-    """The regional's child processes (its sinks run in them)."""
+    """The regional's child processes (its gRPC ingest and its sinks run in them)."""
     out: list[int] = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
@@ -1456,8 +1456,8 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
               f"profile_samples {rows['profile_samples']:,}, events {rows['events']:,}, "
               f"nodes {rows['nodes']:,}, windows {rows['windows']}; reduction "
               f"{r.reduction:.2f}x (per-node rows only {r.reduction_nodes_only:.2f}x)")
-        p(f"    regional CPU {r.regional_cpu_pct:.0f}% of one core (sink processes "
-          f"{r.sinks_cpu_pct:.0f}%; main thread = event loop "
+        p(f"    regional CPU {r.regional_cpu_pct:.0f}% of one core (its ingest and sink processes "
+          f"{r.sinks_cpu_pct:.0f}%; merge process: main thread "
           f"{r.thread_cpu_pct.get('main', 0):.0f}%, other threads "
           f"{r.thread_cpu_pct.get('other', 0):.0f}%: "
           + ", ".join(f"{t['name']}/{t['tid']} {t['pct']:.0f}%" for t in r.top_threads[:4]) + "),"

@@ -25,7 +25,6 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
-import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -39,11 +38,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for the child to exit after "stop".
 STOP_TIMEOUT_S = 60.0
-#: Scheduling niceness of a sink process. Acks are latency-bound and cheap; sink
-#: work is throughput-bound and can lag (the delivery queue holds it, bounded,
-#: and edges get RETRY past its limit). When the cores are busy, the kernel then
-#: runs the ingest loop first instead of sharing the CPU evenly with inserts.
-SINK_NICE = 10
 
 
 def make_sink(kind: str, kwargs: dict[str, Any]) -> Sink:
@@ -91,7 +85,6 @@ def unpack_blocks(items: list[tuple[Any, ...]]) -> list[Block]:
 def _child_main(conn: Connection, kind: str, kwargs: dict[str, Any], log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.nice(SINK_NICE)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [sink %(process)d] %(name)s: %(message)s")
     try:
         import uvloop
