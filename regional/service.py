@@ -144,7 +144,8 @@ class Regional:
         """The largest sink backlog, in blocks (what RETRY is decided on)."""
         return max((q.queued for q in self.sinks), default=0)
 
-    def accept(self, batch: pb.Batch, peer_node: str | None = None, size: int | None = None) -> ingest_pb2.Ack:
+    def accept(self, batch: pb.Batch, peer_node: str | None = None, size: int | None = None,
+               raw: bytes | None = None) -> ingest_pb2.Ack:
         """Validate, de-duplicate and merge one batch; the Ack says what happened."""
         self.gate.backlog = self.backlog
         ack, cols, label = self.gate.admit(batch, peer_node, size)
