@@ -52,8 +52,9 @@ Results and discussion: docs/BENCHMARKS.md, section "Regional throughput".
    delivered to every sink. End-to-end rate = points / (first send -> last delivery).
 
 3. Measured: points (series) accepted from the regional's /metrics, batches/s, ack
-   latency p50/p90/p99/max, regional CPU (% of one core, /proc/PID/stat; its main
-   thread = the asyncio event loop; the busiest other threads) and RSS, machine CPU
+   latency p50/p90/p99/max, regional CPU (% of one core, /proc/PID/stat, the merge
+   process plus its ingest and sink child processes; the merge process's main thread and
+   busiest other threads) and RSS (all three kinds of process), machine CPU
    used by other processes, rows in ClickHouse (counted after the regional stopped, by a
    separate process opening its chdb directory), bytes in vs out, row reduction (edge
    series points / metric+histogram rows stored), window flush durations.
@@ -717,10 +718,10 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
 
 def thread_groups(pid: int, th0: dict[int, tuple[str, float]],
                   th1: dict[int, tuple[str, float]], total: float) -> dict[str, Any]:
-    """CPU seconds of the main thread (the asyncio event loop: gRPC handlers, accept, and
-    everything not sent to a thread), of all other threads (asyncio.to_thread workers:
-    block building, row shaping, insert encoding; chdb's and gRPC's native threads),
-    and the busiest threads by name. Thread names are not a reliable role: chdb renames
+    """CPU seconds of the merge process's main thread (its asyncio loop: flush timer,
+    delivery queues), of all its other threads (the hand-over reader that decodes and
+    records batches, the frame builder, sink packing), and the busiest threads by name.
+    The ingest and sink processes are counted separately (children_cpu). Thread names are not a reliable role: chdb renames
     the Python worker threads it runs queries on."""
     per = {tid: (name, cpu - th0.get(tid, (name, 0.0))[1]) for tid, (name, cpu) in th1.items()}
     main = per.get(pid, ("", 0.0))[1]
