@@ -105,6 +105,9 @@ class RunningRegional:
         self._flusher: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
         self.port = 0
+        #: Set when a part of the regional failed on its own (the ingest process died):
+        #: the regional then stops, flushing what it holds, and exits non-zero.
+        self.failed = asyncio.Event()
 
     def sink(self, name: str) -> Sink:
         return next(s for s in self.sinks if s.name == name)
@@ -117,6 +120,7 @@ class RunningRegional:
         if self.opts.ingest_process:
             self._ingest = IngestProcess(self.opts.listen, self.opts.tls, self.regional.gate.limits,
                                          QUEUE_RETRY, on_batch=self.regional.count)
+            self._ingest.on_exit = lambda code: self.failed.set()
             await self._ingest.start()
             self.port = self._ingest.port
             self.regional.before_drain = self._ingest.barrier
@@ -178,9 +182,16 @@ async def run(opts: RegionalOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("regional up: ingest on %s, resolution %ss, sinks: %s", opts.listen, opts.resolution_s,
              ", ".join(s.name for s in running.sinks) or "none")
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(running.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (stopped, failed):
+        t.cancel()
     log.info("stopping: flushing every window")
     await running.stop()
+    if running.failed.is_set():
+        log.error("regional stopped because its ingest process died; a supervisor restarts it")
+        return 1
     return 0
 
 

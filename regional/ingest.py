@@ -146,7 +146,10 @@ class IngestProcess:
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._port_ready = threading.Event()
         self._stopped = threading.Event()
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Called (in the event loop) if the ingest process dies on its own.
+        self.on_exit: Callable[[int | None], None] | None = None
 
     async def start(self, timeout_s: float = 60.0) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -176,6 +179,11 @@ class IngestProcess:
                 self._stopped.set()
                 for n in list(self._waiting):
                     self._release(n)
+                if not self._stopping and self.on_exit is not None and self._loop is not None:
+                    proc = self._proc
+                    code = proc.exitcode if proc is not None else None
+                    log.error("the ingest process exited unexpectedly (code %s)", code)
+                    self._loop.call_soon_threadsafe(self.on_exit, code)
                 return
             kind = msg[0]
             try:
@@ -229,6 +237,7 @@ class IngestProcess:
         """Stop accepting (the server gets ``grace_s``), then hand over what was acked."""
         if self._proc is None:
             return
+        self._stopping = True
         if self._proc.is_alive():
             self._send(("stop", grace_s))
             await asyncio.to_thread(self._stopped.wait, grace_s + 60)

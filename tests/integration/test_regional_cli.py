@@ -59,3 +59,23 @@ def test_bad_setting_is_one_line_exit_2(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip() == "stratoscope: error: invalid duration 'soon' (use e.g. 10s, 500ms, 2m)"
+
+
+async def test_regional_fails_fast_when_its_ingest_process_dies(tmp_path: Path) -> None:
+    """A dead ingest process must not leave a regional that looks alive but acks nothing."""
+    import asyncio
+
+    from regional.app import RegionalOptions, RunningRegional
+
+    running = RunningRegional(RegionalOptions(listen="127.0.0.1:0", metrics_port=0,
+                                              clickhouse=f"chdb://{tmp_path}/ch"))
+    await running.start()
+    try:
+        assert running.port > 0 and not running.failed.is_set()
+        ingest = running._ingest
+        assert ingest is not None and ingest._proc is not None
+        ingest._proc.kill()
+        await asyncio.wait_for(running.failed.wait(), 20)
+    finally:
+        await running.stop()
+    assert running.failed.is_set()
