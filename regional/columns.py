@@ -132,15 +132,6 @@ def mix64(x: U64) -> U64:
     return x ^ (x >> np.uint64(31))
 
 
-def hash_rows(columns: list[npt.NDArray[np.generic]], seed: int) -> U64:
-    """A 64-bit hash per row of several integer columns (order-sensitive)."""
-    with np.errstate(over="ignore"):
-        h = np.full(len(columns[0]), np.uint64(seed) * _GOLDEN + np.uint64(1), dtype=np.uint64)
-        for c in columns:
-            h = mix64(h ^ (c.astype(np.uint64) + _GOLDEN + (h << np.uint64(6)) + (h >> np.uint64(2))))
-        return h
-
-
 def hash_ragged(offsets: I64, values: U32) -> tuple[U64, U64]:
     """Two independent 64-bit hashes per variable-length row ``values[offsets[i]:offsets[i+1]]``.
 
@@ -171,19 +162,3 @@ def ragged_index(offsets: I64, rows: I64) -> tuple[I64, I64]:
     starts = offsets[:-1][rows]
     idx = np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1] - starts, lens)
     return new_off, idx
-
-
-def group_hashes(h1: U64, h2: U64) -> tuple[I64, I64, I64]:
-    """Group rows by a 128-bit hash: (order, starts, inverse) like Grouping."""
-    n = len(h1)
-    if n == 0:
-        e = np.zeros(0, dtype=np.int64)
-        return e, e, e
-    order = np.lexsort((h2, h1)).astype(np.int64)
-    a, b = h1[order], h2[order]
-    change = np.ones(n, dtype=bool)
-    change[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    starts = np.flatnonzero(change).astype(np.int64)
-    inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = np.cumsum(change) - 1
-    return order, starts, inverse

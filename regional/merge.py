@@ -91,10 +91,6 @@ class MergeSettings:
     remember_closed: int = 10_000
 
 
-#: Kept for callers of the old name.
-Strings = StringTable
-
-
 @dataclass
 class _Counters:
     kind: int

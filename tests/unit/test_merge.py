@@ -164,3 +164,25 @@ def test_bucket_sums_agree_across_dense_chunked_and_sorted_paths(monkeypatch: An
     for s_, i_, c_ in results:
         got = list(zip(s_.tolist(), i_.tolist(), c_.tolist(), strict=True))
         assert got == sorted((s, i, c) for (s, i), c in expected.items())
+
+
+def test_grouping_is_exact_for_wide_keys_and_survives_hash_collisions(monkeypatch: Any) -> None:
+    import numpy as np
+
+    from regional import columns
+
+    rng = np.random.default_rng(3)
+    # 5 columns of up to 2^20: 100 bits, two packed words, so the hash path is taken
+    base = rng.integers(0, 1 << 20, (300, 5)).astype(np.uint32)
+    keys = base[rng.integers(0, 300, 5000)]
+    expected = Counter(map(tuple, keys.tolist()))
+
+    def check() -> None:
+        g = columns.group(keys)
+        got = {tuple(k): int(n) for k, n in zip(g.keys.tolist(), np.diff(np.append(g.starts, len(keys))).tolist(), strict=True)}
+        assert got == dict(expected)
+        assert all(tuple(keys[i]) == tuple(g.keys[g.inverse[i]]) for i in range(0, 5000, 97))
+
+    check()
+    monkeypatch.setattr(columns, "mix64", lambda x: x * 0)  # every key collides
+    check()
