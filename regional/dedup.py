@@ -44,9 +44,3 @@ class Deduplicator:
             boot.above.discard(boot.floor)
         if len(boot.above) > 100_000:  # a pathological gap: forget the oldest
             boot.floor = min(boot.above) - 1
-
-    def forget(self, node_id: str, boot_id: str, seq: int) -> None:
-        """Undo add() of a batch that was not kept after all (it will be resent)."""
-        boot = self._boots.get((node_id, boot_id))
-        if boot is not None:
-            boot.above.discard(seq)

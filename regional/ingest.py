@@ -52,28 +52,29 @@ HANDOVER_QUEUE = 2000
 
 
 class _Admission:
-    """What the gRPC service calls: the gate, then the hand-over queue."""
+    """What the gRPC service calls: the gate, then the hand-over queue.
 
-    def __init__(self, gate: Gate, out: queue.Queue[tuple[Any, ...]]) -> None:
+    The queue itself is unbounded (outcome messages must never block the event
+    loop); accepted batches are bounded by ``HANDOVER_QUEUE``: past it, RETRY.
+    ``queued``/``sent`` are each written by one thread only (loop / sender).
+    """
+
+    def __init__(self, gate: Gate, out: queue.SimpleQueue[tuple[Any, ...]]) -> None:
         self.gate = gate
         self.out = out
-        gate.saturated = out.full
+        self.queued = 0
+        self.sent = 0
+        gate.saturated = lambda: self.queued - self.sent >= HANDOVER_QUEUE
 
     def accept(self, batch: Any, peer_node: str | None = None, size: int | None = None,
                raw: bytes | None = None) -> ingest_pb2.Ack:
         ack, cols, label = self.gate.admit(batch, peer_node, size)
         if cols is not None:
-            try:
-                # The wire bytes, not the decoded columns: 44 KiB that parse + decode
-                # again in ~0.5 ms, where pickled columns are 3x larger and take ~1.5 ms
-                # to unpickle.
-                self.out.put_nowait(("batch", raw if raw is not None else batch.SerializeToString(), size))
-            except queue.Full:  # raced with another stream: undo, ask to resend
-                self.gate.dedup.forget(batch.node_id, batch.boot_id, batch.seq)
-                ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
-                                     reason="regional overloaded: merge is behind")
-                self.out.put(("stat", ack.status, ""))
-                return ack
+            # The wire bytes, not the decoded columns: 44 KiB that parse + decode
+            # again in ~0.5 ms, where pickled columns are 3x larger and take ~1.5 ms
+            # to unpickle.
+            self.queued += 1
+            self.out.put(("batch", raw if raw is not None else batch.SerializeToString(), size))
         else:
             self.out.put(("stat", ack.status, label))
         return ack
@@ -92,7 +93,7 @@ def _ingest_main(conn: Connection, listen: str, tls: ServerTls | None, limits: L
 async def _ingest_loop(conn: Connection, listen: str, tls: ServerTls | None, limits: Limits,
                        max_queued_blocks: int) -> None:
     loop = asyncio.get_running_loop()
-    out: queue.Queue[tuple[Any, ...]] = queue.Queue(HANDOVER_QUEUE)
+    out: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
     gate = Gate(limits, max_queued_blocks=max_queued_blocks)
     admission = _Admission(gate, out)
     server = await serve(admission, listen, tls)  # type: ignore[arg-type]
@@ -104,6 +105,8 @@ async def _ingest_loop(conn: Connection, listen: str, tls: ServerTls | None, lim
                 conn.send(msg)
             except (OSError, ValueError):
                 return
+            if msg[0] == "batch":
+                admission.sent += 1
             if msg[0] == "stopped":
                 return
 
