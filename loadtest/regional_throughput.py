@@ -1656,15 +1656,20 @@ def main() -> int:
             configs = [c for c in configs if c[0] in args.configs.split(",")]
         if args.parts_only:
             configs = []
+        def paced(name: str, kafka: str | None, rate: float) -> None:
+            try:
+                pc = run_phase(args, name, kafka, "paced", rate, tpath, points_per_batch, workroot)
+            except Exception as exc:
+                log(f"{name}/paced FAILED: {exc}")
+                failed.append(f"{name}/paced: {exc}")
+                return
+            runs.append(pc)
+            log(f"{name}/paced: {pc.ingest_points_s:,.0f} points/s in, ack p99 "
+                f"{pc.ack_ms.get('p99', math.nan):.0f} ms, CPU {pc.regional_cpu_pct:.0f}%")
+
         for name, kafka in configs:
             if args.rate and "saturation" not in args.phases.split(","):
-                rate = args.rate
-                try:
-                    runs.append(run_phase(args, name, kafka, "paced", rate, tpath,
-                                          points_per_batch, workroot))
-                except Exception as exc:
-                    log(f"{name}/paced FAILED: {exc}")
-                    failed.append(f"{name}/paced: {exc}")
+                paced(name, kafka, args.rate)
                 continue
             try:
                 sat = run_phase(args, name, kafka, "saturation", None, tpath, points_per_batch,
@@ -1680,16 +1685,7 @@ def main() -> int:
             if rate is None:
                 rate = min(TARGETS["points_per_s"], 0.7 * sat.e2e_points_s)
             if rate and rate > 0 and "paced" in args.phases.split(","):
-                try:
-                    pc = run_phase(args, name, kafka, "paced", rate, tpath, points_per_batch,
-                                   workroot)
-                except Exception as exc:
-                    log(f"{name}/paced FAILED: {exc}")
-                    failed.append(f"{name}/paced: {exc}")
-                    continue
-                runs.append(pc)
-                log(f"{name}/paced: {pc.ingest_points_s:,.0f} points/s in, ack p99 "
-                    f"{pc.ack_ms.get('p99', math.nan):.0f} ms, CPU {pc.regional_cpu_pct:.0f}%")
+                paced(name, kafka, rate)
     finally:
         text = report(args, tinfo, parts, runs, mach, real_red) if (runs or parts) else ""
         text += "".join(f"\nFAILED {f}" for f in failed)

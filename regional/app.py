@@ -147,22 +147,23 @@ class RunningRegional:
             await self._ingest.stop(grace_s)  # every acked batch is merged after this
             self.regional.before_drain = None
             self._ingest = None
-        if self._backlog_task is not None:
-            self._backlog_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._backlog_task
-            self._backlog_task = None
+        await _cancel(self._backlog_task)
+        self._backlog_task = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await _cancel(self._flusher)
+        self._flusher = None
         await self.regional.stop()
         for s in self.sinks:
             await s.stop()
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 #: The GIL hand-over interval of the regional process. Window merges and sink

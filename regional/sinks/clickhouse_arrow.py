@@ -235,9 +235,3 @@ def arrow_tables(
         "last_seen": pa.array(np.full(len(parts), frame.end_ns // NS, np.uint32)),
     })
     return {k: v for k, v in out.items() if v.num_rows}, new_stacks
-
-
-def row_counts(tables: dict[str, pa.Table]) -> dict[str, int]:
-    return {k: v.num_rows for k, v in tables.items()}
-
-
