@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -65,6 +65,9 @@ class EdgeConfig(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_server_name: str | None = None
+    #: Batch compression to the regional: zstd (sealed body, stratoscope/wire.py), gzip
+    #: (gRPC's, for regionals older than the sealed form) or none.
+    compression: Literal["zstd", "gzip", "none"] = "zstd"
     metrics_port: int = Field(default=9431, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
     bpf_dir: Path | None = None

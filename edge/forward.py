@@ -1,7 +1,8 @@
 """Ships batches to a regional over one gRPC bidirectional stream, acked by seq.
 
 Unacked batches stay in a bounded in-memory buffer (oldest dropped first, and
-counted) and are resent in order after a reconnect; the regional
+counted) and are resent in order after a reconnect (a batch is compressed once, when written:
+zstd by default, see stratoscope/wire.py); the regional
 de-duplicates by (node_id, boot_id, seq), so resending is safe. Several
 regionals may be given: the forwarder fails over in order, with jittered
 exponential backoff between full rounds.
@@ -23,6 +24,7 @@ import grpc
 from edge.errors import ConfigError
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2, ingest_pb2_grpc
+from stratoscope.wire import seal
 
 log = logging.getLogger("stratoscope.edge.forward")
 
@@ -55,6 +57,7 @@ class GrpcForwarder:
         tls: ClientTls | None = None,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        compression: str = "zstd",
     ) -> None:
         if not targets:
             raise ConfigError("at least one --regional HOST:PORT is required")
@@ -62,7 +65,10 @@ class GrpcForwarder:
             host, sep, port = t.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ConfigError(f"--regional {t!r}: use HOST:PORT")
+        if compression not in ("zstd", "gzip", "none"):
+            raise ConfigError(f"compression {compression!r}: use zstd, gzip or none")
         self.targets = targets
+        self.compression = compression
         self.max_unacked = max_unacked
         self.tls = tls
         self.backoff_initial_s = backoff_initial_s
@@ -83,6 +89,8 @@ class GrpcForwarder:
             return len(self._pending)
 
     def write(self, batch: pb.Batch) -> None:
+        if self.compression == "zstd":
+            batch = seal(batch)  # once: a resend reuses the sealed bytes
         with self._cv:
             self._pending[batch.seq] = batch
             while len(self._pending) > self.max_unacked:
@@ -116,8 +124,9 @@ class GrpcForwarder:
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
         ]
+        gzip = grpc.Compression.Gzip if self.compression == "gzip" else grpc.Compression.NoCompression
         if self.tls is None:
-            return grpc.insecure_channel(target, options=options, compression=grpc.Compression.Gzip)
+            return grpc.insecure_channel(target, options=options, compression=gzip)
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.tls.ca.read_bytes(),
             private_key=self.tls.key.read_bytes() if self.tls.key else None,
@@ -125,7 +134,7 @@ class GrpcForwarder:
         )
         if self.tls.server_name:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name))  # type: ignore[arg-type]
-        return grpc.secure_channel(target, creds, options=options, compression=grpc.Compression.Gzip)
+        return grpc.secure_channel(target, creds, options=options, compression=gzip)
 
     def _requests(self) -> Iterator[pb.Batch]:
         while True:

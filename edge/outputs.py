@@ -36,11 +36,12 @@ class JsonlOutput:
 class ForwardOutput:
     """Batches to one or more regionals over gRPC (see edge/forward.py)."""
 
-    def __init__(self, targets: list[str], tls: object | None = None, close_timeout_s: float = 15.0) -> None:
+    def __init__(self, targets: list[str], tls: object | None = None, close_timeout_s: float = 15.0,
+                 compression: str = "zstd") -> None:
         from edge.forward import ClientTls, GrpcForwarder
 
         assert tls is None or isinstance(tls, ClientTls)
-        self.forwarder = GrpcForwarder(targets, tls=tls)
+        self.forwarder = GrpcForwarder(targets, tls=tls, compression=compression)
         self.close_timeout_s = close_timeout_s
 
     def write(self, batch: pb.Batch) -> None:

@@ -20,7 +20,7 @@ from regional.dedup import Deduplicator
 from regional.delivery import DeliveryQueue
 from regional.merge import Aggregator, MergeSettings
 from regional.sinks.base import Block
-from regional.validate import BatchRejected, Limits, validate
+from regional.validate import BatchRejected, Limits, open_batch, validate
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
@@ -102,7 +102,8 @@ class Gate:
             ack.reason = "regional overloaded: sinks are behind"
             return ack, None, ""
         try:
-            cols = validate(batch, self.limits, self.clock(), size)
+            whole, inflated = open_batch(batch, self.limits)
+            cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
         except BatchRejected as exc:
             log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
             ack.status = ingest_pb2.Ack.REJECTED

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from regional.batchcols import BatchCols, decode
 from stratoscope.v1 import batch_pb2 as pb
+from stratoscope.wire import WireError, open_sealed
 
 NS = 1_000_000_000
 
@@ -35,6 +36,15 @@ class Limits:
     max_future_skew_s: int = 300
     max_age_s: int = 7 * 24 * 3600
     max_node_id: int = 253
+
+
+def open_batch(batch: pb.Batch, limits: Limits) -> tuple[pb.Batch, int]:
+    """The whole batch behind a sealed one (stratoscope/wire.py) and its inflated size
+    (-1 when it was not sealed); a body that cannot be opened rejects the batch."""
+    try:
+        return open_sealed(batch, limits.max_bytes)
+    except WireError as exc:
+        raise BatchRejected(f"compressed body: {exc}") from None
 
 
 def _check_indices(name: str, n_strings: int, *columns: npt.NDArray[np.generic] | list[int]) -> None:

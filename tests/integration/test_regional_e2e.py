@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from edge.batch import BatchBuilder, batch_to_dict
@@ -21,6 +22,7 @@ from edge.forward import GrpcForwarder
 from regional.app import RegionalOptions, RunningRegional
 from regional.merge import Rollup
 from regional.sinks.kafka import decode_message
+from stratoscope.v1 import batch_pb2 as pb
 from tests.conftest import kafka_bootstrap, run_edge, unique_comm
 
 pytestmark = [pytest.mark.kernel, pytest.mark.kafka]
@@ -126,11 +128,14 @@ def synthetic(node: str, seq: int, end_ns: int, read: int, hist: Histogram, boot
     return b.build()
 
 
-def send(regional: RunningRegional, batches: list[Any]) -> Any:
-    """Each node sends its own batches over its own stream, as edges do."""
+def send(regional: RunningRegional, batches: list[Any],
+         compression: dict[str, str] | None = None) -> Any:
+    """Each node sends its own batches over its own stream, as edges do (compressed as
+    ``compression[node]`` says; zstd, the edge's default, otherwise)."""
     total = Counter()
     for node in dict.fromkeys(b.node_id for b in batches):
-        fwd = GrpcForwarder([f"127.0.0.1:{regional.port}"])
+        fwd = GrpcForwarder([f"127.0.0.1:{regional.port}"],
+                            compression=(compression or {}).get(node, "zstd"))
         for b in batches:
             if b.node_id == node:
                 fwd.write(b)
@@ -148,7 +153,9 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
         for k in range(6):
             h = Histogram({3: i, 10: 1}, zero=1, count=i + 2, sum=1000 * i)
             batches.append(synthetic(node, k + 1, minute + (k + 1) * 10 * NS, 100 * i, h))
-    stats = await asyncio.to_thread(send, regional, batches)
+    # every wire form the regional takes: sealed zstd bodies, gRPC gzip, plain
+    wire_forms = {"n1": "zstd", "n2": "gzip", "n3": "none"}
+    stats = await asyncio.to_thread(send, regional, batches, wire_forms)
     assert (stats.acked, stats.duplicates) == (18, 0)
     await regional.regional.drain()
     db = regional.opts.clickhouse_database
@@ -172,8 +179,9 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     ts = await one(regional, f"SELECT toUnixTimestamp(min(ts)) FROM {db}.metrics")
     assert ts * NS == minute
 
-    # Resending the very same batches: acknowledged as duplicates, nothing changes.
-    stats = await asyncio.to_thread(send, regional, batches[:6])
+    # Resending the very same batches: acknowledged as duplicates, nothing changes
+    # (also when the resend comes in another wire form).
+    stats = await asyncio.to_thread(send, regional, batches[:6], {"n1": "gzip"})
     assert (stats.acked, stats.duplicates) == (0, 6)
     await regional.regional.drain()
     assert (await per_node())["n1"] == 600
@@ -199,17 +207,30 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     assert (await per_node())["n9"] == 5
 
 
+def _samples(regional: RunningRegional, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(s.labels, s.value) for m in regional.regional.registry.collect()
+            for s in m.samples if s.name == name]
+
+
 async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: RunningRegional) -> None:
     now = time.time_ns()
     bad = synthetic("bad-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
     bad.metrics[0].label_values.append(9999)  # index past the string table
     good = synthetic("good-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
-    stats = await asyncio.to_thread(send, regional, [bad, good])
-    assert (stats.rejected, stats.acked) == (1, 1)
+    # a sealed batch whose body is not zstd, and one whose body would inflate past the
+    # regional's 16 MiB batch limit (declared in the frame: refused before allocating)
+    garbage = pb.Batch(node_id="zstd-node", boot_id="b", seq=1, start_ns=now - 10 * NS, end_ns=now,
+                       codec=pb.CODEC_ZSTD, body=b"\x28\xb5\x2f\xfd garbage")
+    bomb = pb.Batch(node_id="zstd-node", boot_id="b", seq=2, start_ns=now - 10 * NS, end_ns=now,
+                    codec=pb.CODEC_ZSTD, body=zstandard.ZstdCompressor().compress(b"\0" * (64 << 20)))
+    stats = await asyncio.to_thread(send, regional, [bad, good, garbage, bomb], {"zstd-node": "none"})
+    assert (stats.rejected, stats.acked) == (3, 1)
     await regional.regional.drain()  # the ingest process has handed over every outcome
     samples = regional.regional.registry.get_sample_value(
         "stratoscope_regional_batches_total", {"status": "rejected"})
-    assert samples == 1.0
+    assert samples == 3.0
+    reasons = {labels["reason"]: v for labels, v in _samples(regional, "stratoscope_regional_rejected_batches_total")}
+    assert reasons == {"compressed body": 2.0, "metrics[0]": 1.0}, reasons
 
 
 def test_demo_command_reports_every_section(tmp_path: Path) -> None:

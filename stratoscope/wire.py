@@ -1,0 +1,74 @@
+"""Batch compression on the wire: an edge seals a batch once, a regional opens it.
+
+Why not gRPC's own gzip: on a regional fed by thousands of edges, inflating gzip
+was a fifth of the ingest process's CPU, and a load generator (or a busy edge)
+spends ~1.7 ms compressing a 44 KiB batch. zstd at level 3 compresses the same
+batch in ~0.3 ms to about the same size and inflates in ~0.07 ms. The sealed
+batch keeps identity and window outside the compressed body, so a regional can
+answer a duplicate or a RETRY without inflating anything, and a resend reuses
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import zstandard
+
+from stratoscope.v1 import batch_pb2 as pb
+
+#: Fields that stay outside the compressed body.
+_HEADER = ("node_id", "boot_id", "seq", "start_ns", "end_ns")
+CODECS = ("zstd", "none")
+
+
+class WireError(ValueError):
+    """A sealed batch cannot be opened; the message says why."""
+
+
+def seal(batch: pb.Batch, level: int = 3) -> pb.Batch:
+    """The compressed form of ``batch``: identity and window, plus the zstd body."""
+    body = pb.Batch()
+    body.CopyFrom(batch)
+    sealed = pb.Batch(codec=pb.CODEC_ZSTD)
+    for name in _HEADER:
+        setattr(sealed, name, getattr(batch, name))
+        body.ClearField(name)
+    sealed.body = zstandard.ZstdCompressor(level=level).compress(body.SerializeToString())
+    return sealed
+
+
+def header_bytes(batch: pb.Batch) -> bytes:
+    """Fields 1-5 of ``batch`` serialized alone (appended to a body they win: protobuf
+    keeps the last value of a singular field)."""
+    return pb.Batch(**{name: getattr(batch, name) for name in _HEADER}).SerializeToString()
+
+
+def open_sealed(batch: pb.Batch, max_bytes: int) -> tuple[pb.Batch, int]:
+    """(the whole batch, its uncompressed size). A batch that is not sealed comes back
+    as it is, with size -1 (its wire size is its size).
+
+    Raises WireError for an unknown codec, a body that is not zstd, one that inflates
+    beyond ``max_bytes`` (checked while inflating: a small body cannot balloon), or
+    one that does not parse.
+    """
+    if batch.codec == pb.CODEC_NONE:
+        if batch.body:
+            raise WireError("body present without a codec")
+        return batch, -1
+    if batch.codec != pb.CODEC_ZSTD:
+        raise WireError(f"unknown codec {batch.codec}")
+    try:
+        # max_output_size bounds only frames without a declared size: a declared one
+        # is trusted by the library, so it is checked here before any allocation
+        declared = zstandard.frame_content_size(batch.body)
+        if declared > max_bytes:
+            raise WireError(f"body inflates to {declared} bytes, more than {max_bytes}")
+        raw = zstandard.ZstdDecompressor().decompress(batch.body, max_output_size=max_bytes)
+    except zstandard.ZstdError as exc:
+        raise WireError(f"body does not inflate within {max_bytes} bytes: {exc}") from None
+    try:
+        whole = pb.Batch.FromString(raw + header_bytes(batch))
+    except Exception as exc:  # protobuf's DecodeError, a message of its own
+        raise WireError(f"inflated body is not a Batch: {exc}") from None
+    if whole.codec != pb.CODEC_NONE or whole.body:
+        raise WireError("a sealed body must not be sealed again")
+    return whole, len(raw)
