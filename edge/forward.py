@@ -77,6 +77,8 @@ class GrpcForwarder:
         self._pending: OrderedDict[int, pb.Batch] = OrderedDict()
         self._sent: set[int] = set()
         self._hold_until = 0.0
+        #: Number of the current stream; requests of an older one stop.
+        self._stream = 0
         self._cv = threading.Condition()
         self._closing = threading.Event()
         self._call: grpc.Future | None = None
@@ -136,12 +138,14 @@ class GrpcForwarder:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name))  # type: ignore[arg-type]
         return grpc.secure_channel(target, creds, options=options, compression=gzip)
 
-    def _requests(self) -> Iterator[pb.Batch]:
+    def _requests(self, stream: int) -> Iterator[pb.Batch]:
+        # gRPC may keep pulling from a dead stream's iterator for a while: one that is
+        # not the current stream's any more must not take (and lose) a batch.
         while True:
             with self._cv:
                 batch = None
                 while batch is None:
-                    if self._closing.is_set():
+                    if self._closing.is_set() or stream != self._stream:
                         return
                     if time.monotonic() >= self._hold_until:
                         batch = next(
@@ -182,7 +186,9 @@ class GrpcForwarder:
                     stub = ingest_pb2_grpc.IngestStub(channel)
                     with self._cv:
                         self._sent.clear()  # a new stream resends everything unacked, in order
-                    call = stub.Stream(self._requests())
+                        self._stream += 1
+                        stream = self._stream
+                    call = stub.Stream(self._requests(stream))
                     self._call = call
                     for ack in call:
                         got_ack = True
@@ -195,6 +201,9 @@ class GrpcForwarder:
                 log.warning("stream to %s ended: %s", target, code)
             finally:
                 self._call = None
+                with self._cv:  # retire this stream's request iterator now
+                    self._stream += 1
+                    self._cv.notify_all()
             if self._closing.is_set():
                 return
             self.stats.reconnects += 1

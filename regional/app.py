@@ -119,7 +119,8 @@ class RunningRegional:
         await self.regional.start()
         if self.opts.ingest_process:
             self._ingest = IngestProcess(self.opts.listen, self.opts.tls, self.regional.gate.limits,
-                                         QUEUE_RETRY, on_batch=self.regional.count)
+                                         QUEUE_RETRY, on_batch=self.regional.count,
+                                         on_wire=self.regional.accept_checked)
             self._ingest.on_exit = lambda code: self.failed.set()
             await self._ingest.start()
             self.port = self._ingest.port

@@ -1,27 +1,30 @@
-"""gRPC ingest in a process of its own, so acks never wait for the merge.
+"""gRPC ingest in a process of its own, so acks never wait behind a window close.
 
-Why: acking a batch costs ~1 ms of Python (parse, validate, de-duplicate); closing
-a window costs seconds (group-by of millions of points, then the frames for the
-sinks). In one process they share one GIL, and acks queued behind window closes
-(p99 of seconds at 300k points/s on 2 cores). Here the ingest process runs the
-gRPC server and the ``Gate`` (identity, validation, de-duplication, backpressure)
-and answers every batch; accepted batches travel as numpy columns over a pipe to
-the regional process, which merges them and feeds the sinks.
+Why: closing a window costs seconds (group-by of millions of points, then the
+frames for the sinks) and the sinks' encoding is heavy; in one process they share
+one GIL with the gRPC server, and acks queued behind them (p99 of seconds at 300k
+points/s on 2 cores). Here the ingest process runs the gRPC server and the first
+half of the ``Gate``: identity, de-duplication and backpressure, decided from the
+batch's identity alone. A batch that passes crosses as its wire bytes (compressed,
+if it came sealed) to the regional process, which opens, validates and merges it
+(decoded once, where it is used) and answers with the verdict; the ingest process
+acks with that verdict. An ACCEPTED ack therefore means: merged into its window
+(in memory, not yet durable).
 
 Pipe protocol (one duplex pipe):
 
-- ingest -> regional: ``("port", n)`` once the server listens; ``("batch", wire
-  bytes, size)`` per accepted batch (validated: the regional only decodes it); ``("stat", status, reason)`` per other outcome (for
-  the regional's /metrics); ``("barrier", n)`` echoes a barrier once every batch
-  acked before it has been sent; ``("stopped",)`` last.
-- regional -> ingest: ``("backlog", blocks)`` (the largest sink backlog: RETRY past
-  the limit), ``("barrier", n)``, ``("stop", grace_s)``.
+- ingest -> regional: ``("port", n)`` once the server listens; ``("batch", id, wire
+  bytes, size)`` per screened batch; ``("stat", status, reason)`` per batch answered
+  by the screen (for the regional's /metrics); ``("barrier", n)`` echoes a barrier
+  once every batch screened before it has been sent; ``("stopped",)`` last.
+- regional -> ingest: ``("verdict", id, status, reason)`` per batch; ``("backlog",
+  blocks)`` (the largest sink backlog: RETRY past the limit), ``("barrier", n)``,
+  ``("stop", grace_s)``.
 
-An accepted batch is acked when it is in the bounded hand-over queue (the same
-promise as before: in memory, not yet durable); a full queue answers RETRY. The
-ingest process ignores SIGINT/SIGTERM (the regional stops it in order: server
-first, then the queue is drained, then windows are flushed) and exits when the
-pipe closes.
+Batches in flight to the regional are bounded (``HANDOVER_QUEUE``: past it, RETRY).
+The ingest process ignores SIGINT/SIGTERM (the regional stops it in order: server
+first, then every batch in flight gets its verdict, then windows are flushed) and
+exits when the pipe closes.
 """
 
 from __future__ import annotations
@@ -34,51 +37,73 @@ import multiprocessing
 import queue
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from regional.batchcols import decode
 from regional.server import ServerTls, serve
 from regional.service import Gate
 from regional.validate import Limits
-from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
-from stratoscope.wire import open_sealed
 
 log = logging.getLogger("stratoscope.regional")
 
-#: Accepted batches waiting to cross to the regional process (~45 KiB each).
+#: Batches in flight to the regional process (~25 KiB each, sealed): past it, RETRY.
 HANDOVER_QUEUE = 2000
 
 
 class _Admission:
-    """What the gRPC service calls: the gate, then the hand-over queue.
+    """What the gRPC service calls: the gate's screen, then the hand-over.
 
     The queue itself is unbounded (outcome messages must never block the event
-    loop); accepted batches are bounded by ``HANDOVER_QUEUE``: past it, RETRY.
-    ``queued``/``sent`` are each written by one thread only (loop / sender).
+    loop); batches in flight are bounded by ``HANDOVER_QUEUE``. Runs on the event
+    loop only, except ``sent``, written by the sender thread alone.
     """
 
     def __init__(self, gate: Gate, out: queue.SimpleQueue[tuple[Any, ...]]) -> None:
         self.gate = gate
         self.out = out
-        self.queued = 0
         self.sent = 0
-        gate.saturated = lambda: self.queued - self.sent >= HANDOVER_QUEUE
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[asyncio.Future[tuple[int, str]], tuple[str, str, int]]] = {}
+        gate.saturated = lambda: len(self._waiting) >= HANDOVER_QUEUE
 
     def accept(self, batch: Any, peer_node: str | None = None, size: int | None = None,
-               raw: bytes | None = None) -> ingest_pb2.Ack:
-        ack, cols, label = self.gate.admit(batch, peer_node, size)
-        if cols is not None:
-            # The wire bytes, not the decoded columns: 44 KiB that parse + decode
-            # again in ~0.5 ms, where pickled columns are 3x larger and take ~1.5 ms
-            # to unpickle.
-            self.queued += 1
-            self.out.put(("batch", raw if raw is not None else batch.SerializeToString(), size))
-        else:
+               raw: bytes | None = None) -> ingest_pb2.Ack | Awaitable[ingest_pb2.Ack]:
+        ack, label = self.gate.screen(batch, peer_node)
+        if ack is not None:
             self.out.put(("stat", ack.status, label))
-        return ack
+            return ack
+        key = (batch.node_id, batch.boot_id, batch.seq)
+        self.gate.pending.add(key)
+        n = next(self._ids)
+        fut: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        self._waiting[n] = (fut, key)
+        # The wire bytes, not decoded columns: they cross in a third of the size and
+        # are decoded once, by the merge.
+        self.out.put(("batch", n, raw if raw is not None else batch.SerializeToString(), size))
+        return self._ack(fut, batch.boot_id, batch.seq)
+
+    @staticmethod
+    async def _ack(fut: asyncio.Future[tuple[int, str]], boot_id: str, seq: int) -> ingest_pb2.Ack:
+        # shielded: a stream cancelled meanwhile must not cancel the verdict's future
+        status, reason = await asyncio.shield(fut)
+        return ingest_pb2.Ack(boot_id=boot_id, seq=seq, status=status, reason=reason)  # type: ignore[arg-type]
+
+    def verdict(self, n: int, status: int, reason: str) -> None:
+        fut, key = self._waiting.pop(n)
+        self.gate.pending.discard(key)
+        if status == ingest_pb2.Ack.ACCEPTED:
+            self.gate.dedup.add(*key)
+        if not fut.done():
+            fut.set_result((status, reason))
+
+    def fail_all(self, why: str) -> None:
+        """The regional is gone: no verdict will come (the streams end with an error)."""
+        for fut, _ in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(why))
+        self._waiting.clear()
 
 
 def _ingest_main(conn: Connection, listen: str, tls: ServerTls | None, limits: Limits,
@@ -118,9 +143,12 @@ async def _ingest_loop(conn: Connection, listen: str, tls: ServerTls | None, lim
         try:
             msg = await loop.run_in_executor(None, conn.recv)
         except (EOFError, OSError):  # the regional is gone
+            admission.fail_all("the regional process is gone")
             await server.stop(0)
             return
-        if msg[0] == "backlog":
+        if msg[0] == "verdict":
+            admission.verdict(msg[1], msg[2], msg[3])
+        elif msg[0] == "backlog":
             gate.backlog = msg[1]
         elif msg[0] == "barrier":
             out.put(msg)
@@ -135,13 +163,17 @@ class IngestProcess:
     """The regional's handle on its ingest process."""
 
     def __init__(self, listen: str, tls: ServerTls | None, limits: Limits, max_queued_blocks: int,
-                 on_batch: Callable[[int, str, Any, int | None], None]) -> None:
-        """``on_batch(status, reason, cols_or_None, size)`` runs in a reader thread."""
+                 on_batch: Callable[[int, str, Any, int | None], None],
+                 on_wire: Callable[[bytes, int | None], tuple[int, str]]) -> None:
+        """Both run in a reader thread: ``on_batch(status, label, None, size)`` counts a
+        batch the ingest process answered itself; ``on_wire(wire bytes, size)`` checks
+        and merges a screened batch and returns its verdict (status, reason)."""
         self.listen = listen
         self.tls = tls
         self.limits = limits
         self.max_queued_blocks = max_queued_blocks
         self.on_batch = on_batch
+        self.on_wire = on_wire
         self.port = 0
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -192,10 +224,12 @@ class IngestProcess:
             kind = msg[0]
             try:
                 if kind == "batch":
-                    # accepted in the ingest process, so it opens: the raw bytes cross,
-                    # compressed if they came so (a third of the size of the columns)
-                    cols = decode(open_sealed(pb.Batch.FromString(msg[1]), 1 << 62)[0])
-                    self.on_batch(ingest_pb2.Ack.ACCEPTED, "", cols, msg[2])
+                    try:
+                        status, reason = self.on_wire(msg[2], msg[3])
+                    except Exception as exc:  # a bug here must still answer the edge
+                        log.exception("merging a batch failed")
+                        status, reason = ingest_pb2.Ack.REJECTED, f"internal error: {exc}"
+                    self._send(("verdict", msg[1], status, reason))
                 elif kind == "stat":
                     self.on_batch(msg[1], msg[2], None, None)
                 elif kind == "port":

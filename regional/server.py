@@ -55,7 +55,9 @@ class IngestService:
         if self.require_identity and peer is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         async for raw, batch in request_iterator:
-            yield self.regional.accept(batch, peer, len(raw), raw)
+            ack = self.regional.accept(batch, peer, len(raw), raw)
+            # an ingest process answers after the merge's verdict (an awaitable)
+            yield ack if isinstance(ack, ingest_pb2.Ack) else await ack
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -72,8 +74,9 @@ class IngestService:
 
 async def serve(regional: Regional, listen: str, tls: ServerTls | None = None) -> grpc.aio.Server:
     """Start the server (returns it running); the caller stops it."""
+    # Acks go out uncompressed (a few bytes; gzip would set up a deflate stream per
+    # ack). Requests in any encoding gRPC knows are inflated by gRPC itself.
     server = grpc.aio.server(
-        compression=grpc.Compression.Gzip,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),

@@ -66,10 +66,12 @@ class RegionalMetrics:
 
 
 class Gate:
-    """Admission of one batch: identity, validation, de-duplication, backpressure.
+    """Admission of one batch: identity, de-duplication, backpressure, validation.
 
-    Pure (no metrics, no merge) so that it can run where the gRPC server runs: in
-    the regional process, or in its ingest process (regional/ingest.py).
+    Two steps, so that they can run in different processes: ``screen`` needs only
+    the batch's identity (an ingest process answers duplicates and RETRY from it
+    without inflating or decoding anything); ``check`` opens and validates the whole
+    batch (where it is merged, so it is decoded once). Pure: no metrics, no merge.
     ``backlog`` is the largest sink backlog in blocks, kept current by the owner.
     """
 
@@ -78,40 +80,58 @@ class Gate:
         self.limits = limits or Limits()
         self.clock = clock
         self.dedup = Deduplicator()
+        #: (node, boot, seq) of batches screened but not yet checked (a copy arriving
+        #: meanwhile is a duplicate: same identity, same bytes, same verdict).
+        self.pending: set[tuple[str, str, int]] = set()
         self.max_queued_blocks = max_queued_blocks
         self.backlog = 0
         #: Extra reason to answer RETRY (e.g. the hand-over queue to the merge is full).
         self.saturated: Callable[[], bool] = lambda: False
 
-    def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
-              ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
-        """(ack, columns if ACCEPTED, reason label for metrics)."""
-        ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
+    def screen(self, batch: pb.Batch, peer_node: str | None) -> tuple[ingest_pb2.Ack | None, str]:
+        """(ack, reason label) if the identity alone answers the batch, else (None, "")."""
         if peer_node is not None and peer_node != batch.node_id:
-            ack.status = ingest_pb2.Ack.REJECTED
+            ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.REJECTED)
             ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
-            return ack, None, "identity"
+            return ack, "identity"
         # Cheap answers first: a duplicate or a RETRY needs no validation (an edge
         # told to retry resends the same batch; validating it every time would make
         # an overloaded regional spend its CPU on batches it refuses).
-        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
-            ack.status = ingest_pb2.Ack.DUPLICATE
-            return ack, None, ""
+        key = (batch.node_id, batch.boot_id, batch.seq)
+        if key in self.pending or self.dedup.seen(*key):
+            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.DUPLICATE), ""
         if self.backlog >= self.max_queued_blocks or self.saturated():
-            ack.status = ingest_pb2.Ack.RETRY
-            ack.reason = "regional overloaded: sinks are behind"
-            return ack, None, ""
+            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
+                                  reason="regional overloaded: sinks are behind"), ""
+        return None, ""
+
+    def check(self, batch: pb.Batch, size: int | None) -> BatchCols:
+        """The whole batch, opened (if sealed), decoded and validated; BatchRejected if not."""
+        whole, inflated = open_batch(batch, self.limits)
+        return validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
+
+    def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
+              ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
+        """Both steps in one place: (ack, columns if ACCEPTED, reason label for metrics)."""
+        ack, label = self.screen(batch, peer_node)
+        if ack is not None:
+            return ack, None, label
+        ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
         try:
-            whole, inflated = open_batch(batch, self.limits)
-            cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
+            cols = self.check(batch, size)
         except BatchRejected as exc:
             log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
             ack.status = ingest_pb2.Ack.REJECTED
             ack.reason = str(exc)
-            return ack, None, str(exc).split(":")[0][:40]
+            return ack, None, reason_label(exc)
         self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
         ack.status = ingest_pb2.Ack.ACCEPTED
         return ack, cols, ""
+
+
+def reason_label(exc: BatchRejected) -> str:
+    """The rule a rejection broke, short enough to be a metric label."""
+    return str(exc).split(":")[0][:40]
 
 
 _STATUS: dict[int, str] = {ingest_pb2.Ack.ACCEPTED: "accepted", ingest_pb2.Ack.REJECTED: "rejected",
@@ -152,6 +172,19 @@ class Regional:
         ack, cols, label = self.gate.admit(batch, peer_node, size)
         self.count(ack.status, label, cols, size)
         return ack
+
+    def accept_checked(self, raw: bytes, size: int | None) -> tuple[int, str]:
+        """Check and merge a batch screened elsewhere (an ingest process, which acks with
+        the (status, reason) returned here): the batch is decoded once, here."""
+        batch = pb.Batch.FromString(raw)
+        try:
+            cols = self.gate.check(batch, size)
+        except BatchRejected as exc:
+            log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
+            self.count(ingest_pb2.Ack.REJECTED, reason_label(exc), None, size)
+            return ingest_pb2.Ack.REJECTED, str(exc)
+        self.count(ingest_pb2.Ack.ACCEPTED, "", cols, size)
+        return ingest_pb2.Ack.ACCEPTED, ""
 
     def count(self, status: int, label: str, cols: BatchCols | None, size: int | None) -> None:
         """Record an admitted batch into the merge, and count every outcome."""
