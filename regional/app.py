@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from regional.delivery import DeliveryQueue
 from regional.ingest import IngestProcess
 from regional.merge import DEFAULT_ROLLUPS, MergeSettings, Rollup
+from regional.runtime import tune_gc
 from regional.server import ServerTls, flush_forever, serve
 from regional.service import Regional
 from regional.sinks.base import Sink, SinkError
@@ -176,6 +177,7 @@ SWITCH_INTERVAL_S = 0.001
 
 async def run(opts: RegionalOptions) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    tune_gc()
     running = RunningRegional(opts)
     await running.start()
     stop = asyncio.Event()

@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from regional.runtime import tune_gc
 from regional.server import ServerTls, serve
 from regional.service import Gate
 from regional.validate import Limits
@@ -113,6 +114,7 @@ def _ingest_main(conn: Connection, listen: str, tls: ServerTls | None, limits: L
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [ingest %(process)d] %(name)s: %(message)s")
     import uvloop
 
+    tune_gc()
     uvloop.run(_ingest_loop(conn, listen, tls, limits, max_queued_blocks))
 
 

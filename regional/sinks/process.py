@@ -32,6 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from regional.frame import Frame
+from regional.runtime import tune_gc
 from regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def _child_main(conn: Connection, kind: str, kwargs: dict[str, Any], log_level: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [sink %(process)d] %(name)s: %(message)s")
+    tune_gc()
     try:
         import uvloop
 
