@@ -48,6 +48,8 @@ class RegionalOptions:
     sink_processes: bool = True
     #: Run the gRPC ingest in a child process (acks never wait for the merge's GIL).
     ingest_process: bool = True
+    #: Reduce closed windows in a forked child (its own GIL and core), not a thread.
+    frames_in_child: bool = True
 
 
 def build_sinks(opts: RegionalOptions) -> list[Sink]:
@@ -100,7 +102,7 @@ class RunningRegional:
         settings = MergeSettings(resolution_s=opts.resolution_s, lateness_s=opts.lateness_s,
                                  rollups=opts.rollups)
         self.regional = Regional(settings, self.queues, regional_id=opts.regional_id,
-                                 max_queued_blocks=QUEUE_RETRY)
+                                 max_queued_blocks=QUEUE_RETRY, frames_in_child=opts.frames_in_child)
         self._server = None
         self._ingest: IngestProcess | None = None
         self._flusher: asyncio.Task[None] | None = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +90,8 @@ class MergeSettings:
     rollups: tuple[Rollup, ...] = DEFAULT_ROLLUPS
     #: Closed windows remembered to route late batches (older ones still merge correctly).
     remember_closed: int = 10_000
+    #: Nodes per frame when a window is reduced (see Aggregator.emit_chunks).
+    frame_nodes: int = 250
 
 
 @dataclass
@@ -302,12 +305,27 @@ class Aggregator:
 
     def emit(self, windows: list[_Window]) -> list[Block]:
         """Merged blocks of detached windows (the expensive, columnar part)."""
-        blocks: list[Block] = []
+        return [b for chunk in self.emit_chunks(windows) for b in chunk]
+
+    def emit_chunks(self, windows: list[_Window], skip: int = 0,
+                    chunk_nodes: int | None = None) -> Iterator[list[Block]]:
+        """The blocks of detached windows, one frame of up to ``chunk_nodes`` nodes at a
+        time, so that sinks can write the first while the next is reduced.
+
+        The chunks of a window are fixed by the window alone (its nodes in string-id
+        order), so ``skip`` resumes after the first chunks (a caller whose frame child
+        died part-way). Each chunk rolls its own nodes up: the roll-up of a window
+        arrives as additive partials, like a late batch's.
+        """
+        n = 0
         for w in windows:
-            frame = self.frame(w)
-            blocks.extend(Block(p.block_id, None, frame.resolution_s, frame=frame, part=i)
-                          for i, p in enumerate(frame.parts))
-        return blocks
+            for sub in _split_by_nodes(w, chunk_nodes or self.settings.frame_nodes):
+                n += 1
+                if n <= skip:
+                    continue
+                frame = self.frame(sub)
+                yield [Block(p.block_id, None, frame.resolution_s, frame=frame, part=i)
+                       for i, p in enumerate(frame.parts)]
 
     def _block_id(self, w: _Window, node: str, sources: list[tuple[str, int]]) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -321,8 +339,7 @@ class Aggregator:
         counters = [self._reduce_counters(f) for f in w.counters.values()]
         hists = [self._reduce_hists(f) for f in w.hists.values()]
         rollup_counters, rollup_hists = self._rollups(w, counters, hists)
-        nodes = sorted(set(w.sources) | {int(c["node"][0]) for c in w.profiles}
-                       | {int(c["node"][0]) for c in w.events})
+        nodes = _window_nodes(w)
         if rollup_counters or rollup_hists:
             nodes.insert(0, 0)  # node "" (string id 0) sorts first
         part_of = np.full(len(strings), -1, dtype=np.int32)
@@ -422,6 +439,54 @@ class Aggregator:
         rows = np.lexsort((out["period"], out["name"], out["part"]))
         t = Table({k: out[k][rows].astype(PROFILE_COLS[k]) for k in PROFILE_COLS})
         return t, stacks
+
+
+def _window_nodes(w: _Window) -> list[int]:
+    return sorted(set(w.sources) | {int(c["node"][0]) for c in w.profiles}
+                  | {int(c["node"][0]) for c in w.events})
+
+
+def _split_by_nodes(w: _Window, chunk: int) -> Iterator[_Window]:
+    """``w`` as windows of up to ``chunk`` nodes each (``w`` itself if it is small).
+
+    Every recorded column chunk comes from one batch, so from one node: splitting
+    moves whole chunks; only histogram bucket rows are renumbered.
+    """
+    nodes = _window_nodes(w)
+    if len(nodes) <= chunk:
+        yield w
+        return
+    for i in range(0, len(nodes), chunk):
+        keep = set(nodes[i:i + chunk])
+        sub = _Window(w.start_ns, w.end_ns, w.late, strings=w.strings, stack_index=w.stack_index,
+                      stacks=w.stacks)
+        sub.sources = {n: s for n, s in w.sources.items() if n in keep}
+        sub.node_labels = {n: v for n, v in w.node_labels.items() if n in keep}
+        sub.events_lost = {n: v for n, v in w.events_lost.items() if n in keep}
+        sub.profiles = [c for c in w.profiles if int(c["node"][0]) in keep]
+        sub.events = [c for c in w.events if int(c["node"][0]) in keep]
+        for key, fam in w.counters.items():
+            idx = [j for j, k in enumerate(fam.keys) if len(k) and int(k[0, 0]) in keep]
+            if idx:
+                sub.counters[key] = _Counters(fam.kind, fam.name, fam.unit, fam.help, fam.label_keys,
+                                              [fam.keys[j] for j in idx], [fam.values[j] for j in idx])
+        for hkey, h in w.hists.items():
+            idx = [j for j, k in enumerate(h.keys) if len(k) and int(k[0, 0]) in keep]
+            if not idx:
+                continue
+            starts = np.cumsum([0] + [len(c) for c in h.count])
+            sh = _Hists(h.name, h.unit, h.help, h.label_keys)
+            for j in idx:
+                sh.keys.append(h.keys[j])
+                sh.count.append(h.count[j])
+                sh.sum.append(h.sum[j])
+                sh.zero.append(h.zero[j])
+                sh.b_row.append(h.b_row[j] - int(starts[j]) + sh.rows)
+                sh.b_idx.append(h.b_idx[j])
+                sh.b_cnt.append(h.b_cnt[j])
+                sh.rows += len(h.count[j])
+            sub.hists[hkey] = sh
+        yield sub
 
 
 def _pair_ids(name: U32, period: U64) -> I64:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,6 +20,7 @@ from prometheus_client.registry import Collector
 from regional.batchcols import BatchCols
 from regional.dedup import Deduplicator
 from regional.delivery import DeliveryQueue
+from regional.forkframe import ChildFailed, stream_in_fork
 from regional.merge import Aggregator, MergeSettings
 from regional.sinks.base import Block
 from regional.validate import BatchRejected, Limits, open_batch, validate
@@ -63,6 +66,7 @@ class RegionalMetrics:
         self.window_lag = Gauge(f"{ns}_window_lag_seconds", "Age of the oldest open window's end.", registry=registry)
         self.blocks = Counter(f"{ns}_blocks", "Merged blocks emitted to sinks.", registry=registry)
         self.flush_seconds = Histogram(f"{ns}_flush_seconds", "Time to close windows into blocks.", registry=registry)
+        self.frame_fallbacks = Counter(f"{ns}_frame_fallbacks", "Windows reduced in-process because the forked frame child failed.", registry=registry)
 
 
 class Gate:
@@ -148,8 +152,11 @@ class Regional:
         clock: Callable[[], int] = time.time_ns,
         regional_id: str = "regional",
         max_queued_blocks: int = 50_000,
+        frames_in_child: bool = False,
     ) -> None:
         self.aggregator = Aggregator(settings, regional_id)
+        #: Reduce closed windows in a forked child (regional/forkframe.py), not a thread.
+        self.frames_in_child = frames_in_child
         self.gate = Gate(limits, clock, max_queued_blocks)
         self.sinks = sinks
         self.clock = clock
@@ -200,24 +207,56 @@ class Regional:
             self.metrics.bytes_in.inc(size)
 
     async def flush(self, force: bool = False) -> list[Block]:
-        """Close due windows and hand their blocks to every sink's queue."""
+        """Close due windows and hand their blocks to every sink's queue, a frame (of up
+        to MergeSettings.frame_nodes nodes) at a time: sinks write the first frames of a
+        window while the next ones are reduced."""
         async with self._flush_lock:
             now = self.clock()
             t0 = time.perf_counter()
             due = self.aggregator.take_due(now, force=force)
-            # Building blocks takes ~4 ms per node-window: in a thread, so acks keep flowing.
-            blocks = await asyncio.to_thread(self.aggregator.emit, due) if due else []
+            out: list[Block] = []
+            if due:
+                # Reducing takes ~10 ms per node-window: in a thread (and, in a running
+                # regional, a forked child), so batches keep being merged and acked.
+                loop = asyncio.get_running_loop()
+                chunks: asyncio.Queue[list[Block] | None] = asyncio.Queue()
+
+                def hand_over(blocks: list[Block]) -> None:  # in the worker thread
+                    loop.call_soon_threadsafe(chunks.put_nowait, blocks)
+
+                worker = asyncio.ensure_future(asyncio.to_thread(self._emit, due, hand_over))
+                # scheduled after every chunk the worker handed over (call_soon is FIFO)
+                worker.add_done_callback(lambda _: chunks.put_nowait(None))
+                while (blocks := await chunks.get()) is not None:
+                    out.extend(blocks)
+                    self.metrics.blocks.inc(len(blocks))
+                    frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
+                    self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
+                    for q in self.sinks:
+                        await q.put(blocks)
+                await worker  # re-raises a failure of the in-process reduction
             self.metrics.flush_seconds.observe(time.perf_counter() - t0)
             open_ws = self.aggregator.open_windows()
             res_ns = self.aggregator.settings.resolution_s * 1_000_000_000
             self.metrics.window_lag.set(max(0.0, (now - (open_ws[0] + res_ns)) / 1e9) if open_ws else 0.0)
-            if blocks:
-                self.metrics.blocks.inc(len(blocks))
-                frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
-                self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
-                for q in self.sinks:
-                    await q.put(blocks)
-            return blocks
+            return out
+
+    def _emit(self, due: list[Any], hand_over: Callable[[list[Block]], None]) -> None:
+        """Reduce ``due`` chunk by chunk (in a forked child if configured; here for what
+        a failed child did not deliver) and hand each chunk's blocks over."""
+        delivered = 0
+        if self.frames_in_child:
+            try:
+                for blocks in stream_in_fork(self.aggregator.emit_chunks, due):
+                    hand_over(blocks)
+                    delivered += 1
+                return
+            except (ChildFailed, OSError, EOFError, pickle.UnpicklingError) as exc:
+                log.warning("reducing %d windows in a child failed after %d frames (%s); "
+                            "reducing the rest here", len(due), delivered, exc)
+                self.metrics.frame_fallbacks.inc()
+        for blocks in self.aggregator.emit_chunks(due, skip=delivered):
+            hand_over(blocks)
 
     async def start(self) -> None:
         for q in self.sinks:

@@ -1,0 +1,97 @@
+"""Build the frames of closed windows in a forked child of the merge process.
+
+Why: the merge process records every incoming batch (the ingest process waits
+for its verdict) and, once a minute, reduces the closed window into frames:
+seconds of numpy work. In one process both share one GIL; at 500k points/s the
+merge process was the bottleneck at 100 % of one core while the other core idled,
+and acks waited behind the reduction. A forked child sees the detached window
+copy-on-write at no cost (a detached window is never written again), reduces it
+on the other core with a GIL of its own and sends the blocks back pickled, which
+costs the parent a small fraction of the reduction.
+
+The child runs only numpy and pickle over the detached windows, then leaves with
+``os._exit`` (no atexit handlers, no logging: a lock held by another thread at
+fork time stays held in the child). If anything goes wrong the caller reduces the
+windows itself: block ids depend only on the windows, so the result is the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ChildFailed(RuntimeError):
+    """The forked child did not deliver a result (the message says how it ended)."""
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if k == 0:
+            raise EOFError(f"frame child ended after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T) -> Iterator[R]:
+    """The items of ``fn(arg)``, computed in a forked child, each as soon as it is ready.
+
+    Each item crosses as a length-prefixed pickle. Blocks the calling thread between
+    items (iterate it in a worker thread). Raises ChildFailed if the child fails
+    part-way, after the items it delivered; its traceback goes to stderr.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, write, leave without any cleanup
+        code = 1
+        try:
+            os.close(r)
+            for item in fn(arg):
+                data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+                _write_all(w, len(data).to_bytes(8, "little"))
+                _write_all(w, data)
+            code = 0
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                os.write(2, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        while True:
+            head = os.read(r, 8)
+            if not head:
+                break
+            if len(head) < 8:
+                head += _read_exact(r, 8 - len(head))
+            yield pickle.loads(_read_exact(r, int.from_bytes(head, "little")))
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise ChildFailed(f"frame child {pid} exited with {code}")
+
+
+def run_in_fork(fn: Callable[[T], R], arg: T) -> R:
+    """``fn(arg)`` computed in a forked child (see stream_in_fork)."""
+    (result,) = stream_in_fork(lambda a: [fn(a)], arg)
+    return result

@@ -1,0 +1,90 @@
+"""Windows reduced in a forked child give exactly the blocks of an in-process reduction."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from edge.decode import Histogram
+from regional.forkframe import ChildFailed, run_in_fork
+from regional.merge import Aggregator, MergeSettings, Rollup
+from regional.service import Regional
+from tests.unit.test_merge import NS, T0, edge_batch, hist_totals, totals
+
+SETTINGS = MergeSettings(resolution_s=60, lateness_s=0,
+                         rollups=(Rollup("syscalls_total", ("syscall",)),))
+
+
+def recorded() -> Aggregator:
+    agg = Aggregator(SETTINGS, "r1")
+    for n, node in enumerate(["n1", "n2", "n3"], 1):
+        for k in range(6):
+            agg.record(edge_batch(node, k + 1, k * 10, {("read", "app"): n * 100 + k, ("write", "app"): n},
+                                  {("read", "app"): Histogram({3: n, 9: k}, zero=1, count=n + k + 1, sum=7)}))
+    return agg
+
+
+def test_child_reduction_equals_in_process_reduction() -> None:
+    here = recorded().flush(0, force=True)
+    agg = recorded()
+    child = run_in_fork(agg.emit, agg.take_due(0, force=True))
+    assert [b.block_id for b in child] == [b.block_id for b in here]
+    assert totals(child, "syscalls_total") == totals(here, "syscalls_total")
+    assert totals(child, "syscalls_total")[("", (("syscall", "read"),))] == 6 * 600 + 3 * 15
+    assert hist_totals(child, "syscall_latency") == hist_totals(here, "syscall_latency")
+
+
+def test_a_failing_child_is_reported() -> None:
+    parent = os.getpid()
+
+    def fails_in_child(x: int) -> int:
+        if os.getpid() != parent:
+            raise RuntimeError("boom")
+        return x
+
+    with pytest.raises(ChildFailed, match="exited with 1"):
+        run_in_fork(fails_in_child, 1)
+
+
+def test_windows_split_into_node_chunks_add_up_to_the_whole() -> None:
+    whole = recorded().flush(0, force=True)
+    agg = recorded()
+    chunks = list(agg.emit_chunks(agg.take_due(0, force=True), chunk_nodes=1))
+    assert len(chunks) == 3  # one frame per node, each with its own roll-up partial
+    split = [b for c in chunks for b in c]
+    assert totals(split, "syscalls_total") == {
+        **{k: v for k, v in totals(whole, "syscalls_total").items() if k[0]},
+        # the roll-up arrives as one additive partial per chunk: readers SUM
+        ("", (("syscall", "read"),)): 6 * 600 + 3 * 15, ("", (("syscall", "write"),)): 36,
+    }
+    assert hist_totals(split, "syscall_latency") == hist_totals(whole, "syscall_latency")
+    assert len({b.block_id for b in split}) == len(split)
+
+
+def test_regional_resumes_in_process_after_the_child_died_part_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = MergeSettings(resolution_s=60, lateness_s=0, rollups=(), frame_nodes=1)
+    regional = Regional(settings, [], regional_id="r1", frames_in_child=True, clock=lambda: T0 + 120 * NS)
+    for i, node in enumerate(["n1", "n2", "n3"], 1):
+        for k in range(2):
+            assert regional.accept(edge_batch(node, k + 1, k * 10, {("read", "app"): i})).status == 1
+    parent = os.getpid()
+    chunks = regional.aggregator.emit_chunks
+
+    def dies_after_one_frame(due: list, skip: int = 0) -> Iterator[list]:  # type: ignore[type-arg]
+        for n, blocks in enumerate(chunks(due, skip), 1):
+            yield blocks
+            if os.getpid() != parent and n == 1:
+                os._exit(3)  # a real child dying after it delivered one frame
+
+    monkeypatch.setattr(regional.aggregator, "emit_chunks", dies_after_one_frame)
+    blocks = asyncio.run(regional.flush(force=True))
+    assert totals(blocks, "syscalls_total") == {
+        ("n1", (("comm", "app"), ("syscall", "read"))): 2,
+        ("n2", (("comm", "app"), ("syscall", "read"))): 4,
+        ("n3", (("comm", "app"), ("syscall", "read"))): 6,
+    }
+    assert len(blocks) == 3  # nothing doubled: the first frame came from the child only
+    assert regional.registry.get_sample_value("stratoscope_regional_frame_fallbacks_total") == 1.0
