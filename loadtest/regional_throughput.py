@@ -771,6 +771,9 @@ def rss_mb(pid: int) -> tuple[float, float]:
 class Regional:
     """`stratoscope regional` as a child process, on a fresh chdb directory."""
 
+    #: Extra `stratoscope regional` arguments (--regional-arg), e.g. --no-fork-frames.
+    extra: list[str] = []
+
     def __init__(self, workdir: Path, kafka: str | None, topic_prefix: str) -> None:
         self.port = free_port()
         self.mport = free_port()
@@ -781,6 +784,7 @@ class Regional:
                     "--resolution", f"{RES_S}s", "--lateness", f"{LATENESS_S}s"]
         if kafka:
             self.cmd += ["--kafka", kafka, "--kafka-topic-prefix", topic_prefix]
+        self.cmd += self.extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 180) -> None:
@@ -1596,6 +1600,8 @@ def main() -> int:
                     help="offered points/s of the paced phase (default: min(target, 70%% of "
                          "the saturation end-to-end rate)); 0 skips the paced phase")
     ap.add_argument("--configs", help="subset of: clickhouse,clickhouse+kafka")
+    ap.add_argument("--regional-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `stratoscope regional` (repeat), e.g. --no-fork-frames")
     ap.add_argument("--phases", default="saturation,paced",
                     help="saturation,paced (paced alone needs --rate)")
     ap.add_argument("--parts-nodes", type=int, default=100, help="nodes in the parts benchmark")
@@ -1616,6 +1622,7 @@ def main() -> int:
     if args._parts:
         parts_main(args._parts)
         return 0
+    Regional.extra = list(args.regional_arg)
     if args.quick:
         args.nodes = min(args.nodes, 50)
         args.seconds = min(args.seconds, 20)

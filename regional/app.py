@@ -123,7 +123,7 @@ class RunningRegional:
         if self.opts.ingest_process:
             self._ingest = IngestProcess(self.opts.listen, self.opts.tls, self.regional.gate.limits,
                                          QUEUE_RETRY, on_batch=self.regional.count,
-                                         on_wire=self.regional.accept_checked)
+                                         on_wire=self.regional.accept_admitted)
             self._ingest.on_exit = lambda code: self.failed.set()
             await self._ingest.start()
             self.port = self._ingest.port

@@ -55,9 +55,7 @@ class IngestService:
         if self.require_identity and peer is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         async for raw, batch in request_iterator:
-            ack = self.regional.accept(batch, peer, len(raw), raw)
-            # an ingest process answers after the merge's verdict (an awaitable)
-            yield ack if isinstance(ack, ingest_pb2.Ack) else await ack
+            yield self.regional.accept(batch, peer, len(raw), raw)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from regional.batchcols import BatchCols
+from regional.batchcols import BatchCols, decode
 from regional.dedup import Deduplicator
 from regional.delivery import DeliveryQueue
 from regional.forkframe import ChildFailed, stream_in_fork
@@ -72,10 +72,10 @@ class RegionalMetrics:
 class Gate:
     """Admission of one batch: identity, de-duplication, backpressure, validation.
 
-    Two steps, so that they can run in different processes: ``screen`` needs only
-    the batch's identity (an ingest process answers duplicates and RETRY from it
-    without inflating or decoding anything); ``check`` opens and validates the whole
-    batch (where it is merged, so it is decoded once). Pure: no metrics, no merge.
+    Two steps: ``screen`` needs only the batch's identity (duplicates and RETRY are
+    answered without inflating or decoding anything); ``check`` opens and validates
+    the whole batch. Pure (no metrics, no merge), so that it can run where the gRPC
+    server runs: in the regional process, or in its ingest process.
     ``backlog`` is the largest sink backlog in blocks, kept current by the owner.
     """
 
@@ -84,9 +84,6 @@ class Gate:
         self.limits = limits or Limits()
         self.clock = clock
         self.dedup = Deduplicator()
-        #: (node, boot, seq) of batches screened but not yet checked (a copy arriving
-        #: meanwhile is a duplicate: same identity, same bytes, same verdict).
-        self.pending: set[tuple[str, str, int]] = set()
         self.max_queued_blocks = max_queued_blocks
         self.backlog = 0
         #: Extra reason to answer RETRY (e.g. the hand-over queue to the merge is full).
@@ -101,8 +98,7 @@ class Gate:
         # Cheap answers first: a duplicate or a RETRY needs no validation (an edge
         # told to retry resends the same batch; validating it every time would make
         # an overloaded regional spend its CPU on batches it refuses).
-        key = (batch.node_id, batch.boot_id, batch.seq)
-        if key in self.pending or self.dedup.seen(*key):
+        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
             return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.DUPLICATE), ""
         if self.backlog >= self.max_queued_blocks or self.saturated():
             return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
@@ -180,18 +176,10 @@ class Regional:
         self.count(ack.status, label, cols, size)
         return ack
 
-    def accept_checked(self, raw: bytes, size: int | None) -> tuple[int, str]:
-        """Check and merge a batch screened elsewhere (an ingest process, which acks with
-        the (status, reason) returned here): the batch is decoded once, here."""
-        batch = pb.Batch.FromString(raw)
-        try:
-            cols = self.gate.check(batch, size)
-        except BatchRejected as exc:
-            log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
-            self.count(ingest_pb2.Ack.REJECTED, reason_label(exc), None, size)
-            return ingest_pb2.Ack.REJECTED, str(exc)
-        self.count(ingest_pb2.Ack.ACCEPTED, "", cols, size)
-        return ingest_pb2.Ack.ACCEPTED, ""
+    def accept_admitted(self, raw: bytes, size: int | None) -> None:
+        """Merge a batch another Gate accepted (an ingest process's): only decoded here."""
+        whole, _ = open_batch(pb.Batch.FromString(raw), self.gate.limits)
+        self.count(ingest_pb2.Ack.ACCEPTED, "", decode(whole), size)
 
     def count(self, status: int, label: str, cols: BatchCols | None, size: int | None) -> None:
         """Record an admitted batch into the merge, and count every outcome."""

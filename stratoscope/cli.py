@@ -148,6 +148,8 @@ def _regional_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kafka-topic-prefix", default="stratoscope")
     p.add_argument("--resolution", default="60s", help="output window (default 60s)")
     p.add_argument("--lateness", default="15s", help="allowed lateness before a window closes")
+    p.add_argument("--fork-frames", action=argparse.BooleanOptionalAction, default=True,
+                   help="reduce closed windows in a forked child (default) or in a thread")
 
 
 def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
@@ -163,6 +165,7 @@ def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
             kafka_topic_prefix=args.kafka_topic_prefix,
             resolution_s=int(parse_duration(args.resolution)),
             lateness_s=parse_duration(args.lateness),
+            frames_in_child=getattr(args, "fork_frames", True),
             tls=tls_from_paths(getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
                                getattr(args, "tls_client_ca", None)),
             **over,
