@@ -1,13 +1,13 @@
 """Build the frames of closed windows in a forked child of the merge process.
 
-Why: the merge process records every incoming batch (the ingest process waits
-for its verdict) and, once a minute, reduces the closed window into frames:
-seconds of numpy work. In one process both share one GIL; at 500k points/s the
-merge process was the bottleneck at 100 % of one core while the other core idled,
-and acks waited behind the reduction. A forked child sees the detached window
-copy-on-write at no cost (a detached window is never written again), reduces it
-on the other core with a GIL of its own and sends the blocks back pickled, which
-costs the parent a small fraction of the reduction.
+Why: the merge process records every incoming batch and, once a minute, reduces
+the closed window into frames: seconds of numpy work. In one process both share
+one GIL; at 500k points/s offered the merge process was the bottleneck at 100 % of
+one core while the machine had a third of a core idle. A forked child sees the
+detached window copy-on-write at no cost (a detached window is never written
+again), reduces it on the other core with a GIL of its own and streams the blocks
+back pickled, a frame at a time, which costs the parent a small fraction of the
+reduction.
 
 The child runs only numpy and pickle over the detached windows, then leaves with
 ``os._exit`` (no atexit handlers, no logging: a lock held by another thread at
