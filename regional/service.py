@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from regional.batchcols import BatchCols, decode
 from regional.dedup import Deduplicator
 from regional.delivery import DeliveryQueue
-from regional.forkframe import ChildFailed, stream_in_fork
+from regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
 from regional.merge import Aggregator, MergeSettings
 from regional.sinks.base import Block
 from regional.validate import BatchRejected, Limits, open_batch, validate
@@ -235,7 +235,7 @@ class Regional:
         delivered = 0
         if self.frames_in_child:
             try:
-                for blocks in stream_in_fork(self.aggregator.emit_chunks, due):
+                for blocks in stream_in_fork(self.aggregator.emit_chunks, due, nice=FRAME_CHILD_NICE):
                     hand_over(blocks)
                     delivered += 1
                 return

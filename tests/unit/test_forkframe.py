@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from edge.decode import Histogram
-from regional.forkframe import ChildFailed, run_in_fork
+from regional.forkframe import FRAME_CHILD_NICE, ChildFailed, run_in_fork, stream_in_fork
 from regional.merge import Aggregator, MergeSettings, Rollup
 from regional.service import Regional
 from tests.unit.test_merge import NS, T0, edge_batch, hist_totals, totals
@@ -88,3 +88,10 @@ def test_regional_resumes_in_process_after_the_child_died_part_way(monkeypatch: 
     }
     assert len(blocks) == 3  # nothing doubled: the first frame came from the child only
     assert regional.registry.get_sample_value("stratoscope_regional_frame_fallbacks_total") == 1.0
+
+
+def test_the_child_runs_at_a_lower_priority() -> None:
+    here = os.nice(0)
+    assert list(stream_in_fork(lambda _: [os.nice(0)], None, nice=FRAME_CHILD_NICE)) == [
+        min(19, here + FRAME_CHILD_NICE)]
+    assert os.nice(0) == here  # the parent's priority is untouched
