@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -73,6 +74,12 @@ def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Ite
         code = 1
         try:
             os.close(r)
+            # the parent's handlers would write to its event loop's wakeup fd, which
+            # the child shares: a signal for the child must not stop the parent
+            with contextlib.suppress(ValueError, OSError):
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_DFL)
             if nice:
                 os.nice(nice)
             for item in fn(arg):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -95,3 +96,14 @@ def test_the_child_runs_at_a_lower_priority() -> None:
     assert list(stream_in_fork(lambda _: [os.nice(0)], None, nice=FRAME_CHILD_NICE)) == [
         min(19, here + FRAME_CHILD_NICE)]
     assert os.nice(0) == here  # the parent's priority is untouched
+
+
+def test_a_signal_for_the_child_does_not_reach_the_parent() -> None:
+    got: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda sig, _frame: got.append(sig))
+    try:
+        with pytest.raises(ChildFailed, match="exited with -15"):
+            run_in_fork(lambda _: os.kill(os.getpid(), signal.SIGTERM), None)
+        assert got == []
+    finally:
+        signal.signal(signal.SIGTERM, old)
