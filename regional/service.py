@@ -72,10 +72,8 @@ class RegionalMetrics:
 class Gate:
     """Admission of one batch: identity, de-duplication, backpressure, validation.
 
-    Two steps: ``screen`` needs only the batch's identity (duplicates and RETRY are
-    answered without inflating or decoding anything); ``check`` opens and validates
-    the whole batch. Pure (no metrics, no merge), so that it can run where the gRPC
-    server runs: in the regional process, or in its ingest process.
+    Pure (no metrics, no merge) so that it can run where the gRPC server runs: in
+    the regional process, or in its ingest process (regional/ingest.py).
     ``backlog`` is the largest sink backlog in blocks, kept current by the owner.
     """
 
@@ -89,49 +87,35 @@ class Gate:
         #: Extra reason to answer RETRY (e.g. the hand-over queue to the merge is full).
         self.saturated: Callable[[], bool] = lambda: False
 
-    def screen(self, batch: pb.Batch, peer_node: str | None) -> tuple[ingest_pb2.Ack | None, str]:
-        """(ack, reason label) if the identity alone answers the batch, else (None, "")."""
-        if peer_node is not None and peer_node != batch.node_id:
-            ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.REJECTED)
-            ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
-            return ack, "identity"
-        # Cheap answers first: a duplicate or a RETRY needs no validation (an edge
-        # told to retry resends the same batch; validating it every time would make
-        # an overloaded regional spend its CPU on batches it refuses).
-        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
-            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.DUPLICATE), ""
-        if self.backlog >= self.max_queued_blocks or self.saturated():
-            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
-                                  reason="regional overloaded: sinks are behind"), ""
-        return None, ""
-
-    def check(self, batch: pb.Batch, size: int | None) -> BatchCols:
-        """The whole batch, opened (if sealed), decoded and validated; BatchRejected if not."""
-        whole, inflated = open_batch(batch, self.limits)
-        return validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
-
     def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
-        """Both steps in one place: (ack, columns if ACCEPTED, reason label for metrics)."""
-        ack, label = self.screen(batch, peer_node)
-        if ack is not None:
-            return ack, None, label
+        """(ack, columns if ACCEPTED, reason label for metrics)."""
         ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
+        if peer_node is not None and peer_node != batch.node_id:
+            ack.status = ingest_pb2.Ack.REJECTED
+            ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
+            return ack, None, "identity"
+        # Cheap answers first: a duplicate or a RETRY needs no inflating or validation
+        # (an edge told to retry resends the same batch; validating it every time would
+        # make an overloaded regional spend its CPU on batches it refuses).
+        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
+            ack.status = ingest_pb2.Ack.DUPLICATE
+            return ack, None, ""
+        if self.backlog >= self.max_queued_blocks or self.saturated():
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional overloaded: sinks are behind"
+            return ack, None, ""
         try:
-            cols = self.check(batch, size)
+            whole, inflated = open_batch(batch, self.limits)
+            cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
         except BatchRejected as exc:
             log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
             ack.status = ingest_pb2.Ack.REJECTED
             ack.reason = str(exc)
-            return ack, None, reason_label(exc)
+            return ack, None, str(exc).split(":")[0][:40]
         self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
         ack.status = ingest_pb2.Ack.ACCEPTED
         return ack, cols, ""
-
-
-def reason_label(exc: BatchRejected) -> str:
-    """The rule a rejection broke, short enough to be a metric label."""
-    return str(exc).split(":")[0][:40]
 
 
 _STATUS: dict[int, str] = {ingest_pb2.Ack.ACCEPTED: "accepted", ingest_pb2.Ack.REJECTED: "rejected",

@@ -17,7 +17,6 @@ from stratoscope.v1 import batch_pb2 as pb
 
 #: Fields that stay outside the compressed body.
 _HEADER = ("node_id", "boot_id", "seq", "start_ns", "end_ns")
-CODECS = ("zstd", "none")
 
 
 class WireError(ValueError):
