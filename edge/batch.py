@@ -1,7 +1,8 @@
 """Build a stratoscope.v1.Batch from decoded series, and render it as JSON.
 
 Strings are interned once per batch; labels are a row-major matrix of string
-indices; numbers go into packed columns. ``batch_to_dict`` resolves every
+indices; numbers go into columns, sent as raw little-endian bytes (the ``_le``
+fields: a regional maps them onto arrays without parsing; stratoscope/columns.py). ``batch_to_dict`` resolves every
 index so a person or a script can read a batch without the string table.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.decode import Histogram, ProfileRow
+from stratoscope.columns import to_packed, to_raw
 from stratoscope.v1 import batch_pb2 as pb
 
 Labels = tuple[str, ...]
@@ -161,7 +163,13 @@ class BatchBuilder:
         if self._events.time_ns or self._events.lost:
             self.batch.events.CopyFrom(self._events)
         self.batch.strings.extend(self.s.strings)
-        return self.batch
+        return to_raw(self.batch)
+
+
+def _copy(b: pb.Batch) -> pb.Batch:
+    out = pb.Batch()
+    out.CopyFrom(b)
+    return out
 
 
 def _labels(strings: list[str], keys: list[int], values: list[int], i: int) -> dict[str, str]:
@@ -171,6 +179,7 @@ def _labels(strings: list[str], keys: list[int], values: list[int], i: int) -> d
 
 def batch_to_dict(b: pb.Batch) -> dict[str, Any]:
     """Every string index resolved: the JSON-lines form people and tests read."""
+    b = to_packed(_copy(b))  # the repeated fields are what the code below reads
     st = list(b.strings)
     out: dict[str, Any] = {
         "node_id": b.node_id,

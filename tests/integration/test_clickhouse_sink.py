@@ -34,6 +34,7 @@ from regional.sinks.clickhouse import (
     split_statements,
     stack_id,
 )
+from stratoscope.columns import to_packed
 from stratoscope.v1 import batch_pb2 as pb
 
 NS = 1_000_000_000
@@ -530,6 +531,7 @@ async def test_malformed_block_is_permanent_and_writes_nothing(
     sink: ClickHouseSink, anchor: Any, db: str
 ) -> None:
     bad = node_block("bad")
+    to_packed(bad.batch)  # the builder sends raw columns; edit the packed form
     bad.batch.metrics[0].label_values.append(10_000)  # matrix no longer n x k
     with pytest.raises(PermanentError, match="'bad'.*label matrix"):
         await sink.deliver([node_block("good"), bad])

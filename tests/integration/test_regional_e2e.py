@@ -22,6 +22,7 @@ from edge.forward import GrpcForwarder
 from regional.app import RegionalOptions, RunningRegional
 from regional.merge import Rollup
 from regional.sinks.kafka import decode_message
+from stratoscope.columns import to_packed
 from stratoscope.v1 import batch_pb2 as pb
 from tests.conftest import kafka_bootstrap, run_edge, unique_comm
 
@@ -214,8 +215,13 @@ def _samples(regional: RunningRegional, name: str) -> list[tuple[dict[str, str],
 
 async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: RunningRegional) -> None:
     now = time.time_ns()
-    bad = synthetic("bad-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
+    bad = to_packed(synthetic("bad-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3)))
     bad.metrics[0].label_values.append(9999)  # index past the string table
+    # the edge sends raw little-endian columns: one given in both encodings, one cut short
+    both = synthetic("both-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
+    both.metrics[0].label_values.append(1)
+    odd = synthetic("odd-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
+    odd.histograms[0].bucket_count_le = odd.histograms[0].bucket_count_le[:-1]
     good = synthetic("good-node", 1, now, 1, Histogram({3: 1}, count=1, sum=3))
     # a sealed batch whose body is not zstd, and one whose body would inflate past the
     # regional's 16 MiB batch limit (declared in the frame: refused before allocating)
@@ -223,14 +229,15 @@ async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: Runn
                        codec=pb.CODEC_ZSTD, body=b"\x28\xb5\x2f\xfd garbage")
     bomb = pb.Batch(node_id="zstd-node", boot_id="b", seq=2, start_ns=now - 10 * NS, end_ns=now,
                     codec=pb.CODEC_ZSTD, body=zstandard.ZstdCompressor().compress(b"\0" * (64 << 20)))
-    stats = await asyncio.to_thread(send, regional, [bad, good, garbage, bomb], {"zstd-node": "none"})
-    assert (stats.rejected, stats.acked) == (3, 1)
+    stats = await asyncio.to_thread(send, regional, [bad, both, odd, good, garbage, bomb],
+                                    {"zstd-node": "none"})
+    assert (stats.rejected, stats.acked) == (5, 1)
     await regional.regional.drain()  # the ingest process has handed over every outcome
     samples = regional.regional.registry.get_sample_value(
         "stratoscope_regional_batches_total", {"status": "rejected"})
-    assert samples == 3.0
+    assert samples == 5.0
     reasons = {labels["reason"]: v for labels, v in _samples(regional, "stratoscope_regional_rejected_batches_total")}
-    assert reasons == {"compressed body": 2.0, "metrics[0]": 1.0}, reasons
+    assert reasons == {"compressed body": 2.0, "metrics[0]": 1.0, "column": 2.0}, reasons
 
 
 def test_demo_command_reports_every_section(tmp_path: Path) -> None:
