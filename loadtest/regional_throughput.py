@@ -917,6 +917,9 @@ class RunResult:
     sink_failed: dict[str, float] = field(default_factory=dict)
     last_delivery_s: dict[str, float] = field(default_factory=dict)
     flushes: list[dict[str, float]] = field(default_factory=list)
+    #: per window: its end (s after start), blocks, seconds from its close to stored
+    window_lags: list[dict[str, float | None]] = field(default_factory=list)
+    sustained: bool = False
     rows: dict[str, int] = field(default_factory=dict)
     rows_s: float = 0.0
     reduction: float = 0.0
@@ -1170,6 +1173,15 @@ def run_phase(
                     - metric(ps, "stratoscope_regional_flush_seconds_sum"),
                 })
         prev = (t, s)
+    # the sampler stops before the last scrape: it closes the timeline at t_done
+    res.timeline.append({"t_s": round(t_done - t_start, 2), "points": res.points, "blocks": res.blocks,
+                         "flush_sum_s": metric(final, "stratoscope_regional_flush_seconds_sum"),
+                         "delivered": dict(res.delivered)})
+    res.window_lags = window_lags(res.timeline, t_start, t_stop, res.sinks)
+    # sustained: every batch offered was accepted (no RETRY) and every window was stored
+    # before the next one closed, so the backlog cannot grow however long it runs
+    res.sustained = (res.batch_status.get("retry", 0) == 0 and bool(res.window_lags)
+                     and all(w["lag_s"] is not None and w["lag_s"] < RES_S for w in res.window_lags))
     if res.points and res.regional_cpu_s:
         res.points_per_cpu_s = res.points / res.regional_cpu_s
         main = res.thread_cpu_pct["main"] * el / 100
@@ -1193,6 +1205,30 @@ def run_phase(
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return res
+
+
+def window_lags(timeline: list[dict[str, Any]], t_start: float, t_stop: float,
+                sinks: list[str]) -> list[dict[str, float | None]]:
+    """Per window of the phase: seconds from its close (end + lateness) until the sinks
+    had delivered every block emitted before the next window closed (None: never).
+
+    A regional that keeps up stores each window within one window length of its close;
+    one that falls behind shows lags that grow from window to window.
+    """
+    ends = list(range(math.ceil((t_start + 1e-6) / RES_S) * RES_S, int(t_stop) + 1, RES_S))
+    out: list[dict[str, float | None]] = []
+    for i, end in enumerate(ends):
+        close = end + LATENESS_S - t_start
+        nxt = ends[i + 1] + LATENESS_S - t_start if i + 1 < len(ends) else math.inf
+        before = [t for t in timeline if t["t_s"] < nxt]
+        if not before:
+            continue
+        blocks = before[-1]["blocks"]
+        done = next((t["t_s"] for t in timeline
+                     if min(t["delivered"].get(k, 0.0) for k in sinks) >= blocks and t["t_s"] >= close), None)
+        out.append({"end_s": end - t_start, "blocks": blocks,
+                    "lag_s": None if done is None else round(done - close, 1)})
+    return out
 
 
 # ============================================================================ parts (subprocess)
@@ -1460,6 +1496,10 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
           f"{json.dumps({k: int(v) for k, v in r.delivered.items()})}"
           + f" (last delivery took {', '.join(f'{k} {v:.1f}s' for k, v in r.last_delivery_s.items())})"
           + (f", failed/dropped {json.dumps(r.sink_failed)}" if any(r.sink_failed.values()) else ""))
+        if r.window_lags:
+            lags = ", ".join("never" if w["lag_s"] is None else f"{w['lag_s']:.1f} s" for w in r.window_lags)
+            p(f"    window close -> stored: {lags}; sustained: "
+              + ("yes (no RETRY, every window stored before the next closed)" if r.sustained else "NO"))
         rows = r.rows
         if rows:
             p(f"    rows: metrics {rows['metrics']:,} (+rollup {rows['metrics_rollup']:,} of them), "

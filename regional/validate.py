@@ -95,7 +95,8 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
     scalars = [i for m in b.metrics for i in (m.name, m.unit, m.help)]
     scalars += [i for h in b.histograms for i in (h.name, h.unit, h.help)]
     scalars += [p.name for p in b.profiles]
-    top = max([int(c.max()) for c in cols if c.size] + scalars + [0])
+    flat = np.concatenate(cols) if cols else np.zeros(0, np.uint32)  # one max, not ~50
+    top = max([int(flat.max()) if flat.size else 0, *scalars])
     if top >= n:
         for where, *columns in _named_index_columns(b):
             _check_indices(where, n, *columns)
