@@ -68,6 +68,9 @@ class EdgeConfig(BaseModel):
     #: Batch compression to the regional: zstd (sealed body, stratoscope/wire.py), gzip
     #: (gRPC's, for regionals older than the sealed form) or none.
     compression: Literal["zstd", "gzip", "none"] = "zstd"
+    #: Numeric columns to the regional: raw little-endian arrays (the ``_le`` fields), or
+    #: packed for regionals that predate them (they would read raw columns as empty).
+    wire_columns: Literal["raw", "packed"] = "raw"
     metrics_port: int = Field(default=9431, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
     bpf_dir: Path | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from edge.errors import ConfigError
+from stratoscope.columns import to_packed
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2, ingest_pb2_grpc
 from stratoscope.wire import seal
@@ -58,6 +59,7 @@ class GrpcForwarder:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         compression: str = "zstd",
+        wire_columns: str = "raw",
     ) -> None:
         if not targets:
             raise ConfigError("at least one --regional HOST:PORT is required")
@@ -67,8 +69,13 @@ class GrpcForwarder:
                 raise ConfigError(f"--regional {t!r}: use HOST:PORT")
         if compression not in ("zstd", "gzip", "none"):
             raise ConfigError(f"compression {compression!r}: use zstd, gzip or none")
+        if wire_columns not in ("raw", "packed"):
+            raise ConfigError(f"wire columns {wire_columns!r}: use raw or packed")
         self.targets = targets
         self.compression = compression
+        #: "packed" for regionals older than raw columns: they would read a raw batch's
+        #: numeric columns as empty (proto3 skips fields it does not know)
+        self.wire_columns = wire_columns
         self.max_unacked = max_unacked
         self.tls = tls
         self.backoff_initial_s = backoff_initial_s
@@ -91,6 +98,10 @@ class GrpcForwarder:
             return len(self._pending)
 
     def write(self, batch: pb.Batch) -> None:
+        if self.wire_columns == "packed":
+            copy = pb.Batch()
+            copy.CopyFrom(batch)
+            batch = to_packed(copy)
         if self.compression == "zstd":
             batch = seal(batch)  # once: a resend reuses the sealed bytes
         with self._cv:

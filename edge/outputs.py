@@ -37,11 +37,12 @@ class ForwardOutput:
     """Batches to one or more regionals over gRPC (see edge/forward.py)."""
 
     def __init__(self, targets: list[str], tls: object | None = None, close_timeout_s: float = 15.0,
-                 compression: str = "zstd") -> None:
+                 compression: str = "zstd", wire_columns: str = "raw") -> None:
         from edge.forward import ClientTls, GrpcForwarder
 
         assert tls is None or isinstance(tls, ClientTls)
-        self.forwarder = GrpcForwarder(targets, tls=tls, compression=compression)
+        self.forwarder = GrpcForwarder(targets, tls=tls, compression=compression,
+                                       wire_columns=wire_columns)
         self.close_timeout_s = close_timeout_s
 
     def write(self, batch: pb.Batch) -> None:

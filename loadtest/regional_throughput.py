@@ -1410,7 +1410,68 @@ def parts_main(spec_path: str) -> None:
     out["insert_check_metrics_rows"] = stored
     client.close()
     shutil.rmtree(d, ignore_errors=True)
+    out["storage"] = storage_cpu(tables, ids, spec["workdir"])
     print(json.dumps(out))
+
+
+#: inserts of the parts window per storage-cost measurement (a MergeTree merges parts
+#: only once there are several)
+STORAGE_REPEATS = 10
+
+
+def storage_cpu(tables: dict[str, Any], ids: list[str], workdir: str) -> dict[str, Any]:
+    """CPU a chdb store spends per stored metric/histogram row, background merges included.
+
+    An insert's own time is only part of what storage costs: MergeTree merges every
+    part again in background threads (twice for the hourly roll-ups, which are
+    collapsed only by merges). The same window is inserted ``STORAGE_REPEATS`` times
+    (fresh dedup tokens) into a fresh store, and this process's CPU (every chdb thread)
+    is counted until no merge has run for 3 s; then again with merges stopped.
+    """
+    import resource
+
+    from regional.sinks.clickhouse import apply_migrations, connect, dedup_token
+    from regional.sinks.clickhouse_arrow import INSERT_ORDER
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    out: dict[str, Any] = {}
+    for mode in ("merges_stopped", "with_merges"):
+        d = tempfile.mkdtemp(prefix="rt-storage-", dir=workdir)
+        client = connect(f"chdb://{d}/ch")
+        apply_migrations(client, "stratoscope")
+        if mode == "merges_stopped":
+            client.command("SYSTEM STOP MERGES")
+        rows = 0
+        c0, t0 = cpu(), time.perf_counter()
+        for k in range(STORAGE_REPEATS):
+            for name in INSERT_ORDER:
+                tb = tables.get(name)
+                if tb is None:
+                    continue
+                client.insert_arrow(
+                    name, tb, database="stratoscope",
+                    settings={"insert_deduplication_token": f"{k}:" + dedup_token(name, ids),
+                              "insert_deduplicate": 1, "optimize_on_insert": 0,
+                              "deduplicate_blocks_in_dependent_materialized_views": 1})
+                if name in ("metrics", "histograms"):
+                    rows += tb.num_rows
+        c1, t1 = cpu(), time.perf_counter()
+        quiet = time.monotonic()
+        while mode == "with_merges" and time.monotonic() - quiet < 3 and time.perf_counter() - t1 < 600:
+            if int(client.command("SELECT count() FROM system.merges")):
+                quiet = time.monotonic()
+            time.sleep(0.2)
+        c2, t2 = cpu(), time.perf_counter()
+        parts = int(client.command("SELECT count() FROM system.parts WHERE active AND database = 'stratoscope'"))
+        out[mode] = {"rows": rows, "insert_cpu_s": c1 - c0, "insert_wall_s": t1 - t0,
+                     "after_cpu_s": c2 - c1, "after_wall_s": t2 - t1, "active_parts": parts,
+                     "cpu_us_per_row": 1e6 * (c2 - c0) / rows}
+        client.close()
+        shutil.rmtree(d, ignore_errors=True)
+    return out
 
 
 def run_parts(templates_path: Path, nodes: int, workroot: Path) -> dict[str, Any]:
@@ -1553,6 +1614,15 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
           f" rows/s metrics+histograms (= {fmt(parts['insert_points_equiv_s'])} edge points/s at "
           f"{f['reduction']:.1f}x), {fmt(parts['insert_rows_s_all'])} rows/s all tables: " + ", ".join(
               f"{k} {v['rows']:,} rows {v['s']:.2f}s" for k, v in ins.items()))
+        sto = parts.get("storage")
+        if sto:
+            a, b = sto["with_merges"], sto["merges_stopped"]
+            p(f"  chdb storage CPU per stored row, background merges included ({STORAGE_REPEATS} inserts of "
+              f"this window, {a['rows']:,} rows): {a['cpu_us_per_row']:.1f} us ({a['insert_cpu_s']:.1f} s during "
+              f"the inserts + {a['after_cpu_s']:.1f} s of merges after, {a['active_parts']} parts left); "
+              f"merges stopped: {b['cpu_us_per_row']:.1f} us = {fmt(1e6 / a['cpu_us_per_row'] * f['reduction'])}"
+              f" edge points per storage CPU-second with merges, {fmt(1e6 / b['cpu_us_per_row'] * f['reduction'])}"
+              " without")
         mb = parts.get("mem_bytes_per_point")
         if mb:
             p(f"  resident memory per edge point: window state {mb['window_state']:.0f} B, merged "

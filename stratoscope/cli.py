@@ -28,6 +28,9 @@ def _edge_parser(sub: Any) -> None:
                    help="regional aggregator; repeat for failover in order")
     p.add_argument("--compression", choices=("zstd", "gzip", "none"),
                    help="batch compression to the regional (default zstd)")
+    p.add_argument("--wire-columns", choices=("raw", "packed"),
+                   help="numeric columns as raw little-endian arrays (default) or packed, "
+                        "for regionals older than raw columns")
     p.add_argument("--tls-ca", type=Path, help="CA that signed the regional's certificate (enables TLS)")
     p.add_argument("--tls-cert", type=Path, help="this node's client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, help="this node's client key (mTLS)")
@@ -77,6 +80,7 @@ def _run_edge(args: argparse.Namespace) -> int:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "compression": args.compression,
+        "wire_columns": args.wire_columns,
     }
     params = _parse_params(args.param)
     cfg = load_config(args.config, overrides)
@@ -132,7 +136,8 @@ def _edge_output(cfg: Any) -> Any:
             from edge.forward import ClientTls
 
             tls = ClientTls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name)
-        outputs.append(ForwardOutput(cfg.regional, tls, compression=cfg.compression))
+        outputs.append(ForwardOutput(cfg.regional, tls, compression=cfg.compression,
+                                     wire_columns=cfg.wire_columns))
     if cfg.output or not cfg.regional:
         outputs.append(open_output(cfg.output or "jsonl:-"))
     return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)

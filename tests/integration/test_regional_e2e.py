@@ -132,11 +132,13 @@ def synthetic(node: str, seq: int, end_ns: int, read: int, hist: Histogram, boot
 def send(regional: RunningRegional, batches: list[Any],
          compression: dict[str, str] | None = None) -> Any:
     """Each node sends its own batches over its own stream, as edges do (compressed as
-    ``compression[node]`` says; zstd, the edge's default, otherwise)."""
+    ``compression[node]`` says; zstd, the edge's default, otherwise; a ``+packed``
+    suffix sends packed numeric columns instead of raw ones)."""
     total = Counter()
     for node in dict.fromkeys(b.node_id for b in batches):
-        fwd = GrpcForwarder([f"127.0.0.1:{regional.port}"],
-                            compression=(compression or {}).get(node, "zstd"))
+        form, _, columns = (compression or {}).get(node, "zstd").partition("+")
+        fwd = GrpcForwarder([f"127.0.0.1:{regional.port}"], compression=form,
+                            wire_columns=columns or "raw")
         for b in batches:
             if b.node_id == node:
                 fwd.write(b)
@@ -154,8 +156,9 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
         for k in range(6):
             h = Histogram({3: i, 10: 1}, zero=1, count=i + 2, sum=1000 * i)
             batches.append(synthetic(node, k + 1, minute + (k + 1) * 10 * NS, 100 * i, h))
-    # every wire form the regional takes: sealed zstd bodies, gRPC gzip, plain
-    wire_forms = {"n1": "zstd", "n2": "gzip", "n3": "none"}
+    # every wire form the regional takes: sealed zstd bodies, gRPC gzip, plain; raw
+    # little-endian columns (the edge's default) and packed ones (older edges)
+    wire_forms = {"n1": "zstd", "n2": "gzip+packed", "n3": "none"}
     stats = await asyncio.to_thread(send, regional, batches, wire_forms)
     assert (stats.acked, stats.duplicates) == (18, 0)
     await regional.regional.drain()

@@ -109,3 +109,19 @@ def test_signed_columns_round_trip_through_either_encoding(values: list[int]) ->
     assert not len(b.histograms[0].bucket_index)
     assert read(b.histograms[0], "bucket_index", np.int64).tolist() == values
     assert list(to_packed(b).histograms[0].bucket_index) == values
+
+
+def test_the_forwarder_can_send_packed_columns_for_older_regionals() -> None:
+    from edge.forward import ConfigError, GrpcForwarder
+
+    with pytest.raises(ConfigError, match="wire columns 'dense'"):
+        GrpcForwarder(["127.0.0.1:1"], wire_columns="dense")
+    fwd = GrpcForwarder(["127.0.0.1:1"], compression="none", wire_columns="packed")
+    try:
+        raw = full_batch()
+        fwd.write(raw)
+        sent = fwd._pending[raw.seq]
+        assert list(sent.metrics[0].counter_values) == [2**64 - 1, 3] and not sent.metrics[0].counter_values_le
+        assert raw.metrics[0].counter_values_le  # the caller's batch is left as it was
+    finally:
+        fwd.close(0)
