@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""What embedded ClickHouse (chdb) costs per stored row, background merges included.
+
+Results and discussion: docs/BENCHMARKS.md, "Where storage time goes".
+
+Why: a single insert into a fresh store (what regional_throughput.py's parts measured
+until session 4) shows only the insert. MergeTree then merges every part again in
+background threads (and the hourly roll-up tables are collapsed only by merges), on the
+same cores as the regional. This script builds ``--minutes`` consecutive windows of
+``--nodes`` simulated nodes each, from the same realistic batches as the throughput
+benchmark (real recorded shapes, churn, a third histograms), reduces each with the
+regional's own merge into one frame, and inserts the frames through the ClickHouse
+sink's Arrow path into a fresh chdb store with the real schema. It prints the CPU of this
+process (every chdb thread) during the inserts and until no merge has run for 3 s,
+the rows stored, parts left and bytes per table.
+
+Variants change the fresh store before the inserts (one per run, ``--variant``):
+``shipped`` (as migrated), ``stop-merges`` (``SYSTEM STOP MERGES``: a lower bound,
+parts pile up), ``no-hourly-views``, ``lz4`` (every ZSTD(1) codec of a plain column
+replaced by LZ4), or ``setting:NAME=VALUE`` (a MergeTree setting on every table).
+
+    .venv/bin/python loadtest/chdb_storage.py --variant shipped --minutes 12 --nodes 250
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+TABLES = ("metrics", "histograms", "metrics_1h", "histograms_1h", "profile_samples", "events")
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def frames(minutes: int, nodes: int) -> list[Any]:
+    """One reduced frame per minute, ``nodes`` nodes x 6 batches each."""
+    import regional_throughput as rt
+
+    from regional.batchcols import decode
+    from regional.merge import Aggregator, MergeSettings
+    from stratoscope.v1 import batch_pb2 as pb
+
+    templates = rt.build_templates(rt.load_real(rt.DATA), 24, 2000, 1 / 3, 1000, 100, 1,
+                                   rt.churn_model(rt.MINUTE))
+    base = (int(time.time()) // 60 - minutes - 10) * 60
+    out = []
+    for k in range(minutes):
+        agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=5))
+        w = base + k * 60
+        for n in range(nodes):
+            tpl = templates[n % len(templates)]
+            for slot in range(rt.SLOTS):
+                s_ns = (w + slot * 10) * rt.NS
+                raw = tpl.bodies[slot] + rt.header(f"node-{n:05d}", "boot", slot + 1, s_ns, s_ns + 10 * rt.NS)
+                agg.record(decode(pb.Batch.FromString(raw)))
+        out.append(agg.flush((w + 100) * rt.NS, force=True)[0].frame)
+    return out
+
+
+def prepare(client: Any, variant: str) -> None:
+    if variant == "stop-merges":
+        client.command("SYSTEM STOP MERGES")
+    elif variant == "no-hourly-views":
+        for mv in ("metrics_1h_mv", "histograms_1h_mv"):
+            client.command(f"DROP VIEW stratoscope.{mv}")
+    elif variant == "lz4":
+        cols = client.query(
+            "SELECT table, name, type, compression_codec FROM system.columns WHERE database = "
+            "'stratoscope' AND compression_codec LIKE '%ZSTD%' AND default_kind = ''").result_rows
+        for table, name, type_, codec in cols:
+            client.command(f"ALTER TABLE stratoscope.{table} MODIFY COLUMN {name} {type_} "
+                           f"{codec.replace('ZSTD(1)', 'LZ4')}")
+    elif variant.startswith("setting:"):
+        setting = variant.split(":", 1)[1]
+        for table in TABLES:
+            client.command(f"ALTER TABLE stratoscope.{table} MODIFY SETTING {setting}")
+    elif variant != "shipped":
+        raise SystemExit(f"unknown variant {variant!r}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", default="shipped")
+    ap.add_argument("--minutes", type=int, default=12, help="windows (one insert per table each)")
+    ap.add_argument("--nodes", type=int, default=250, help="nodes per window (the regional's frame size)")
+    ap.add_argument("--settle-timeout", type=float, default=600)
+    args = ap.parse_args()
+
+    from regional.sinks.clickhouse import TARGET, apply_migrations, connect, dedup_token
+    from regional.sinks.clickhouse_arrow import INSERT_ORDER, arrow_tables
+
+    fs = frames(args.minutes, args.nodes)
+    d = tempfile.mkdtemp(prefix="chdb-storage-")
+    try:
+        client = connect(f"chdb://{d}/ch")
+        apply_migrations(client, "stratoscope")
+        prepare(client, args.variant)
+        rows = 0
+        c0, t0 = cpu_s(), time.perf_counter()
+        for f in fs:
+            tables, _ = arrow_tables(f, list(range(len(f.parts))))
+            ids = [p.block_id for p in f.parts]
+            for name in INSERT_ORDER:
+                table = tables.get(name)
+                if table is None:
+                    continue
+                client.insert_arrow(TARGET.get(name, name), table, database="stratoscope", settings={
+                    "insert_deduplication_token": dedup_token(name, ids), "insert_deduplicate": 1,
+                    "deduplicate_blocks_in_dependent_materialized_views": 1, "optimize_on_insert": 0})
+                if name in ("metrics", "histograms"):
+                    rows += table.num_rows
+        c1, t1 = cpu_s(), time.perf_counter()
+        quiet = time.monotonic()
+        while time.monotonic() - quiet < 3 and time.perf_counter() - t1 < args.settle_timeout:
+            if int(client.command("SELECT count() FROM system.merges")):
+                quiet = time.monotonic()
+            time.sleep(0.2)
+        c2, t2 = cpu_s(), time.perf_counter()
+        parts = client.command("SELECT count() FROM system.parts WHERE active AND database = 'stratoscope'")
+        sizes = client.query("SELECT table, sum(data_compressed_bytes), sum(rows) FROM system.parts "
+                             "WHERE active AND database = 'stratoscope' GROUP BY table ORDER BY 2 DESC").result_rows
+        total = c2 - c0
+        print(f"{args.variant}: {args.minutes} windows x {args.nodes} nodes, {rows:,} metric+histogram rows")
+        print(f"  CPU during the inserts {c1 - c0:.1f} s (wall {t1 - t0:.1f} s), merges after "
+              f"{c2 - c1:.1f} s (wall {t2 - t1:.1f} s): total {total:.1f} s = "
+              f"{1e6 * total / rows:.1f} us per row, {rows / total:,.0f} rows per CPU-second; "
+              f"{parts} active parts")
+        print("  stored: " + ", ".join(f"{t} {b / 1e6:.1f} MB ({n:,} rows)" for t, b, n in sizes))
+        client.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
