@@ -46,7 +46,8 @@ def cpu_s() -> float:
 
 
 def frames(minutes: int, nodes: int) -> list[Any]:
-    """One reduced frame per minute, ``nodes`` nodes x 6 batches each."""
+    """One reduced frame per minute, ``nodes`` nodes x 6 batches each (one frame, so one
+    insert per table per minute; the regional's frames hold 250 nodes)."""
     import regional_throughput as rt
 
     from regional.batchcols import decode
@@ -58,7 +59,7 @@ def frames(minutes: int, nodes: int) -> list[Any]:
     base = (int(time.time()) // 60 - minutes - 10) * 60
     out = []
     for k in range(minutes):
-        agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=5))
+        agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=5, frame_nodes=nodes))
         w = base + k * 60
         for n in range(nodes):
             tpl = templates[n % len(templates)]
@@ -95,7 +96,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="shipped")
     ap.add_argument("--minutes", type=int, default=12, help="windows (one insert per table each)")
-    ap.add_argument("--nodes", type=int, default=250, help="nodes per window (the regional's frame size)")
+    ap.add_argument("--nodes", type=int, default=250,
+                    help="nodes per window, inserted as one frame (the regional's frames hold 250)")
     ap.add_argument("--settle-timeout", type=float, default=600)
     args = ap.parse_args()
 
