@@ -2,8 +2,9 @@
 
 Strings are interned once per batch; labels are a row-major matrix of string
 indices; numbers go into columns, sent as raw little-endian bytes (the ``_le``
-fields: a regional maps them onto arrays without parsing; stratoscope/columns.py). ``batch_to_dict`` resolves every
-index so a person or a script can read a batch without the string table.
+fields, which a regional maps onto arrays without parsing a value; see
+stratoscope/columns.py). ``batch_to_dict`` resolves every index so a person or a
+script can read a batch without the string table.
 """
 
 from __future__ import annotations
