@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.decode import Histogram, ProfileRow
-from stratoscope.columns import to_packed, to_raw
+from stratoscope.columns import packed_copy, to_raw
 from stratoscope.v1 import batch_pb2 as pb
 
 Labels = tuple[str, ...]
@@ -167,12 +167,6 @@ class BatchBuilder:
         return to_raw(self.batch)
 
 
-def _copy(b: pb.Batch) -> pb.Batch:
-    out = pb.Batch()
-    out.CopyFrom(b)
-    return out
-
-
 def _labels(strings: list[str], keys: list[int], values: list[int], i: int) -> dict[str, str]:
     n = len(keys)
     return {strings[keys[k]]: strings[values[i * n + k]] for k in range(n)}
@@ -180,7 +174,7 @@ def _labels(strings: list[str], keys: list[int], values: list[int], i: int) -> d
 
 def batch_to_dict(b: pb.Batch) -> dict[str, Any]:
     """Every string index resolved: the JSON-lines form people and tests read."""
-    b = to_packed(_copy(b))  # the repeated fields are what the code below reads
+    b = packed_copy(b)  # the repeated fields are what the code below reads
     st = list(b.strings)
     out: dict[str, Any] = {
         "node_id": b.node_id,

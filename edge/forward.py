@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from edge.errors import ConfigError
-from stratoscope.columns import to_packed
+from stratoscope.columns import packed_copy
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2, ingest_pb2_grpc
 from stratoscope.wire import seal
@@ -99,9 +99,7 @@ class GrpcForwarder:
 
     def write(self, batch: pb.Batch) -> None:
         if self.wire_columns == "packed":
-            copy = pb.Batch()
-            copy.CopyFrom(batch)
-            batch = to_packed(copy)
+            batch = packed_copy(batch)
         if self.compression == "zstd":
             batch = seal(batch)  # once: a resend reuses the sealed bytes
         with self._cv:

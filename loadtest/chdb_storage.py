@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,53 @@ def prepare(client: Any, variant: str) -> None:
         raise SystemExit(f"unknown variant {variant!r}")
 
 
+def store_cost(inserts: Sequence[tuple[dict[str, Any], list[str]]], variant: str = "shipped",
+               settle_timeout_s: float = 600, workdir: str | None = None) -> dict[str, Any]:
+    """Insert ``(Arrow tables by name, block ids)`` sets, in order, into a fresh chdb store
+    changed by ``variant``, as the ClickHouse sink does; the CPU of this process (every
+    chdb thread) during the inserts and until no merge has run for 3 s, and what is left.
+
+    Also what regional_throughput.py's parts measure. Each set's dedup tokens get its
+    position as a prefix, so the same set can be inserted several times.
+    """
+    from regional.sinks.clickhouse import TARGET, apply_migrations, connect, dedup_token
+    from regional.sinks.clickhouse_arrow import INSERT_ORDER
+
+    d = tempfile.mkdtemp(prefix="chdb-storage-", dir=workdir)
+    try:
+        client = connect(f"chdb://{d}/ch")
+        apply_migrations(client, "stratoscope")
+        prepare(client, variant)
+        rows = 0
+        c0, t0 = cpu_s(), time.perf_counter()
+        for k, (tables, ids) in enumerate(inserts):
+            for name in INSERT_ORDER:
+                table = tables.get(name)
+                if table is None:
+                    continue
+                client.insert_arrow(TARGET.get(name, name), table, database="stratoscope", settings={
+                    "insert_deduplication_token": f"{k}:" + dedup_token(name, ids), "insert_deduplicate": 1,
+                    "deduplicate_blocks_in_dependent_materialized_views": 1, "optimize_on_insert": 0})
+                if name in ("metrics", "histograms"):
+                    rows += table.num_rows
+        c1, t1 = cpu_s(), time.perf_counter()
+        quiet = time.monotonic()
+        while time.monotonic() - quiet < 3 and time.perf_counter() - t1 < settle_timeout_s:
+            if int(client.command("SELECT count() FROM system.merges")):
+                quiet = time.monotonic()
+            time.sleep(0.2)
+        c2, t2 = cpu_s(), time.perf_counter()
+        parts = int(client.command("SELECT count() FROM system.parts WHERE active AND database = 'stratoscope'"))
+        sizes = client.query("SELECT table, sum(data_compressed_bytes), sum(rows) FROM system.parts "
+                             "WHERE active AND database = 'stratoscope' GROUP BY table ORDER BY 2 DESC").result_rows
+        client.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return {"rows": rows, "insert_cpu_s": c1 - c0, "insert_wall_s": t1 - t0, "after_cpu_s": c2 - c1,
+            "after_wall_s": t2 - t1, "active_parts": parts, "cpu_us_per_row": 1e6 * (c2 - c0) / rows,
+            "sizes": [(t, int(b), int(n)) for t, b, n in sizes]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="shipped")
@@ -101,49 +149,20 @@ def main() -> int:
     ap.add_argument("--settle-timeout", type=float, default=600)
     args = ap.parse_args()
 
-    from regional.sinks.clickhouse import TARGET, apply_migrations, connect, dedup_token
-    from regional.sinks.clickhouse_arrow import INSERT_ORDER, arrow_tables
+    from regional.sinks.clickhouse_arrow import arrow_tables
 
-    fs = frames(args.minutes, args.nodes)
-    d = tempfile.mkdtemp(prefix="chdb-storage-")
-    try:
-        client = connect(f"chdb://{d}/ch")
-        apply_migrations(client, "stratoscope")
-        prepare(client, args.variant)
-        rows = 0
-        c0, t0 = cpu_s(), time.perf_counter()
-        for f in fs:
-            tables, _ = arrow_tables(f, list(range(len(f.parts))))
-            ids = [p.block_id for p in f.parts]
-            for name in INSERT_ORDER:
-                table = tables.get(name)
-                if table is None:
-                    continue
-                client.insert_arrow(TARGET.get(name, name), table, database="stratoscope", settings={
-                    "insert_deduplication_token": dedup_token(name, ids), "insert_deduplicate": 1,
-                    "deduplicate_blocks_in_dependent_materialized_views": 1, "optimize_on_insert": 0})
-                if name in ("metrics", "histograms"):
-                    rows += table.num_rows
-        c1, t1 = cpu_s(), time.perf_counter()
-        quiet = time.monotonic()
-        while time.monotonic() - quiet < 3 and time.perf_counter() - t1 < args.settle_timeout:
-            if int(client.command("SELECT count() FROM system.merges")):
-                quiet = time.monotonic()
-            time.sleep(0.2)
-        c2, t2 = cpu_s(), time.perf_counter()
-        parts = client.command("SELECT count() FROM system.parts WHERE active AND database = 'stratoscope'")
-        sizes = client.query("SELECT table, sum(data_compressed_bytes), sum(rows) FROM system.parts "
-                             "WHERE active AND database = 'stratoscope' GROUP BY table ORDER BY 2 DESC").result_rows
-        total = c2 - c0
-        print(f"{args.variant}: {args.minutes} windows x {args.nodes} nodes, {rows:,} metric+histogram rows")
-        print(f"  CPU during the inserts {c1 - c0:.1f} s (wall {t1 - t0:.1f} s), merges after "
-              f"{c2 - c1:.1f} s (wall {t2 - t1:.1f} s): total {total:.1f} s = "
-              f"{1e6 * total / rows:.1f} us per row, {rows / total:,.0f} rows per CPU-second; "
-              f"{parts} active parts")
-        print("  stored: " + ", ".join(f"{t} {b / 1e6:.1f} MB ({n:,} rows)" for t, b, n in sizes))
-        client.close()
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    inserts = []
+    for f in frames(args.minutes, args.nodes):
+        tables, _ = arrow_tables(f, list(range(len(f.parts))))
+        inserts.append((tables, [p.block_id for p in f.parts]))
+    r = store_cost(inserts, args.variant, args.settle_timeout)
+    total = r["insert_cpu_s"] + r["after_cpu_s"]
+    print(f"{args.variant}: {args.minutes} windows x {args.nodes} nodes, {r['rows']:,} metric+histogram rows")
+    print(f"  CPU during the inserts {r['insert_cpu_s']:.1f} s (wall {r['insert_wall_s']:.1f} s), merges after "
+          f"{r['after_cpu_s']:.1f} s (wall {r['after_wall_s']:.1f} s): total {total:.1f} s = "
+          f"{r['cpu_us_per_row']:.1f} us per row, {r['rows'] / total:,.0f} rows per CPU-second; "
+          f"{r['active_parts']} active parts")
+    print("  stored: " + ", ".join(f"{t} {b / 1e6:.1f} MB ({n:,} rows)" for t, b, n in r["sizes"]))
     return 0
 
 

@@ -1427,53 +1427,14 @@ def storage_cpu(tables: dict[str, Any], ids: list[str], workdir: str) -> dict[st
     An insert's own time is only part of what storage costs: MergeTree merges every
     part again in background threads (twice for the hourly roll-ups, which are
     collapsed only by merges). The same window is inserted ``STORAGE_REPEATS`` times
-    (fresh dedup tokens) into a fresh store, and this process's CPU (every chdb thread)
-    is counted until no merge has run for 3 s; then again with merges stopped.
+    into a fresh store and CPU is counted until the merges have settled, then again
+    with merges stopped (loadtest/chdb_storage.py).
     """
-    import resource
+    from chdb_storage import store_cost
 
-    from regional.sinks.clickhouse import apply_migrations, connect, dedup_token
-    from regional.sinks.clickhouse_arrow import INSERT_ORDER
-
-    def cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
-    out: dict[str, Any] = {}
-    for mode in ("merges_stopped", "with_merges"):
-        d = tempfile.mkdtemp(prefix="rt-storage-", dir=workdir)
-        client = connect(f"chdb://{d}/ch")
-        apply_migrations(client, "stratoscope")
-        if mode == "merges_stopped":
-            client.command("SYSTEM STOP MERGES")
-        rows = 0
-        c0, t0 = cpu(), time.perf_counter()
-        for k in range(STORAGE_REPEATS):
-            for name in INSERT_ORDER:
-                tb = tables.get(name)
-                if tb is None:
-                    continue
-                client.insert_arrow(
-                    name, tb, database="stratoscope",
-                    settings={"insert_deduplication_token": f"{k}:" + dedup_token(name, ids),
-                              "insert_deduplicate": 1, "optimize_on_insert": 0,
-                              "deduplicate_blocks_in_dependent_materialized_views": 1})
-                if name in ("metrics", "histograms"):
-                    rows += tb.num_rows
-        c1, t1 = cpu(), time.perf_counter()
-        quiet = time.monotonic()
-        while mode == "with_merges" and time.monotonic() - quiet < 3 and time.perf_counter() - t1 < 600:
-            if int(client.command("SELECT count() FROM system.merges")):
-                quiet = time.monotonic()
-            time.sleep(0.2)
-        c2, t2 = cpu(), time.perf_counter()
-        parts = int(client.command("SELECT count() FROM system.parts WHERE active AND database = 'stratoscope'"))
-        out[mode] = {"rows": rows, "insert_cpu_s": c1 - c0, "insert_wall_s": t1 - t0,
-                     "after_cpu_s": c2 - c1, "after_wall_s": t2 - t1, "active_parts": parts,
-                     "cpu_us_per_row": 1e6 * (c2 - c0) / rows}
-        client.close()
-        shutil.rmtree(d, ignore_errors=True)
-    return out
+    inserts = [(tables, ids)] * STORAGE_REPEATS
+    return {"merges_stopped": store_cost(inserts, "stop-merges", workdir=workdir),
+            "with_merges": store_cost(inserts, "shipped", workdir=workdir)}
 
 
 def run_parts(templates_path: Path, nodes: int, workroot: Path) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def _read_exact(fd: int, n: int) -> bytes:
+def _read_exact(fd: int, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -57,7 +57,7 @@ def _read_exact(fd: int, n: int) -> bytes:
         if k == 0:
             raise EOFError(f"frame child ended after {got} of {n} bytes")
         got += k
-    return bytes(buf)
+    return buf  # pickle reads a bytearray as it is: no copy of a frame's megabytes
 
 
 def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Iterator[R]:

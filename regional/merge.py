@@ -307,10 +307,9 @@ class Aggregator:
         """Merged blocks of detached windows (the expensive, columnar part)."""
         return [b for chunk in self.emit_chunks(windows) for b in chunk]
 
-    def emit_chunks(self, windows: list[_Window], skip: int = 0,
-                    chunk_nodes: int | None = None) -> Iterator[list[Block]]:
-        """The blocks of detached windows, one frame of up to ``chunk_nodes`` nodes at a
-        time, so that sinks can write the first while the next is reduced.
+    def emit_chunks(self, windows: list[_Window], skip: int = 0) -> Iterator[list[Block]]:
+        """The blocks of detached windows, one frame of up to ``settings.frame_nodes``
+        nodes at a time, so that sinks can write the first while the next is reduced.
 
         The chunks of a window are fixed by the window alone (its nodes in string-id
         order), so ``skip`` resumes after the first chunks (a caller whose frame child
@@ -319,7 +318,7 @@ class Aggregator:
         """
         n = 0
         for w in windows:
-            for sub in _split_by_nodes(w, chunk_nodes or self.settings.frame_nodes):
+            for sub in _split_by_nodes(w, self.settings.frame_nodes):
                 n += 1
                 if n <= skip:
                     continue

@@ -106,6 +106,13 @@ def to_raw(batch: pb.Batch) -> pb.Batch:
     return batch
 
 
+def packed_copy(batch: pb.Batch) -> pb.Batch:
+    """A copy of ``batch`` with every column packed; ``batch`` itself is left as it is."""
+    copy = pb.Batch()
+    copy.CopyFrom(batch)
+    return to_packed(copy)
+
+
 def to_packed(batch: pb.Batch) -> pb.Batch:
     """Move every ``_le`` column of ``batch`` into its packed field (in place; returned),
     for code that reads the repeated fields directly. Raises ColumnError like read()."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections.abc import Iterator
@@ -19,8 +20,8 @@ SETTINGS = MergeSettings(resolution_s=60, lateness_s=0,
                          rollups=(Rollup("syscalls_total", ("syscall",)),))
 
 
-def recorded() -> Aggregator:
-    agg = Aggregator(SETTINGS, "r1")
+def recorded(settings: MergeSettings = SETTINGS) -> Aggregator:
+    agg = Aggregator(settings, "r1")
     for n, node in enumerate(["n1", "n2", "n3"], 1):
         for k in range(6):
             agg.record(edge_batch(node, k + 1, k * 10, {("read", "app"): n * 100 + k, ("write", "app"): n},
@@ -52,8 +53,8 @@ def test_a_failing_child_is_reported() -> None:
 
 def test_windows_split_into_node_chunks_add_up_to_the_whole() -> None:
     whole = recorded().flush(0, force=True)
-    agg = recorded()
-    chunks = list(agg.emit_chunks(agg.take_due(0, force=True), chunk_nodes=1))
+    agg = recorded(dataclasses.replace(SETTINGS, frame_nodes=1))
+    chunks = list(agg.emit_chunks(agg.take_due(0, force=True)))
     assert len(chunks) == 3  # one frame per node, each with its own roll-up partial
     split = [b for c in chunks for b in c]
     assert totals(split, "syscalls_total") == {
