@@ -17,7 +17,8 @@ the rows stored, parts left and bytes per table.
 Variants change the fresh store before the inserts (one per run, ``--variant``):
 ``shipped`` (as migrated), ``stop-merges`` (``SYSTEM STOP MERGES``: a lower bound,
 parts pile up), ``no-hourly-views``, ``lz4`` (every ZSTD(1) codec of a plain column
-replaced by LZ4), or ``setting:NAME=VALUE`` (a MergeTree setting on every table).
+replaced by LZ4), ``setting:NAME=VALUE`` (a MergeTree setting on every table), or
+``sql:FILE`` (the statements of FILE, ``{db}`` replaced, e.g. another schema to compare).
 
     .venv/bin/python loadtest/chdb_storage.py --variant shipped --minutes 12 --nodes 250
 """
@@ -38,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-TABLES = ("metrics", "histograms", "metrics_1h", "histograms_1h", "profile_samples", "events")
+TABLES = ("metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h", "series",
+          "profile_samples", "events")
 
 
 def cpu_s() -> float:
@@ -76,7 +78,7 @@ def prepare(client: Any, variant: str) -> None:
     if variant == "stop-merges":
         client.command("SYSTEM STOP MERGES")
     elif variant == "no-hourly-views":
-        for mv in ("metrics_1h_mv", "histograms_1h_mv"):
+        for mv in ("metric_points_1h_mv", "histogram_points_1h_mv"):
             client.command(f"DROP VIEW stratoscope.{mv}")
     elif variant == "lz4":
         cols = client.query(
@@ -89,6 +91,10 @@ def prepare(client: Any, variant: str) -> None:
         setting = variant.split(":", 1)[1]
         for table in TABLES:
             client.command(f"ALTER TABLE stratoscope.{table} MODIFY SETTING {setting}")
+    elif variant.startswith("sql:"):
+        from regional.sinks.clickhouse import split_statements
+        for stmt in split_statements(Path(variant[4:]).read_text().replace("{db}", "stratoscope")):
+            client.command(stmt)
     elif variant != "shipped":
         raise SystemExit(f"unknown variant {variant!r}")
 

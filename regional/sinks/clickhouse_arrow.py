@@ -25,10 +25,14 @@ NS = 1_000_000_000
 EVENTS_LOST_METRIC = "stratoscope_events_lost"
 
 #: Insert order: stacks before the samples that reference them. Arrow table name ->
-#: ClickHouse table (the lost-events counters are metrics rows of their own insert).
+#: ClickHouse table. Metric and histogram rows go to the Null ``*_ingest`` tables of
+#: migration 0006, whose materialized views store the points, the series and the
+#: hourly roll-ups (readers see them through the ``metrics`` / ``histograms`` views);
+#: the lost-events counters are metrics rows of their own insert.
 INSERT_ORDER = ("profile_stacks", "metrics", "metrics_events_lost", "histograms", "profile_samples",
                 "events", "nodes")
-TARGET = {"metrics_events_lost": "metrics"}
+TARGET = {"metrics": "metrics_ingest", "metrics_events_lost": "metrics_ingest",
+          "histograms": "histograms_ingest"}
 
 
 def stack_id(frames: Sequence[str]) -> int:

@@ -1,0 +1,306 @@
+-- Cluster variant of ../migrations/0006_series_table.sql (see there): narrow
+-- point tables, label maps once per series, Null ingest tables whose views
+-- store points, series and hourly roll-ups on the shard the insert reaches.
+--
+-- Sharding by node keeps a node's points and the series rows written by the
+-- same inserts on one shard, so each reader view joins locally on the shard
+-- (metrics_local = metric_points_local joined with series_local) and the
+-- Distributed table over it merges the shards' results.
+DROP VIEW IF EXISTS {db}.metrics_1h_mv ON CLUSTER '{cluster}'
+;
+
+DROP VIEW IF EXISTS {db}.histograms_1h_mv ON CLUSTER '{cluster}'
+;
+
+DROP TABLE IF EXISTS {db}.metrics ON CLUSTER '{cluster}'
+;
+
+RENAME TABLE IF EXISTS {db}.metrics_local TO {db}.metrics_v0_local ON CLUSTER '{cluster}'
+;
+
+DROP TABLE IF EXISTS {db}.histograms ON CLUSTER '{cluster}'
+;
+
+RENAME TABLE IF EXISTS {db}.histograms_local TO {db}.histograms_v0_local ON CLUSTER '{cluster}'
+;
+
+DROP TABLE IF EXISTS {db}.metrics_1h ON CLUSTER '{cluster}'
+;
+
+RENAME TABLE IF EXISTS {db}.metrics_1h_local TO {db}.metrics_1h_v0_local ON CLUSTER '{cluster}'
+;
+
+DROP TABLE IF EXISTS {db}.histograms_1h ON CLUSTER '{cluster}'
+;
+
+RENAME TABLE IF EXISTS {db}.histograms_1h_local TO {db}.histograms_1h_v0_local ON CLUSTER '{cluster}'
+;
+
+CREATE TABLE IF NOT EXISTS {db}.series_local ON CLUSTER '{cluster}'
+(
+    metric     LowCardinality(String),
+    series_id  UInt64,
+    unit       LowCardinality(String),
+    labels     Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    last_seen  DateTime('UTC')
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', last_seen)
+ORDER BY (metric, series_id)
+TTL last_seen + INTERVAL 400 DAY
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE TABLE IF NOT EXISTS {db}.series ON CLUSTER '{cluster}' AS {db}.series_local
+ENGINE = Distributed('{cluster}', '{db}', 'series_local', cityHash64(series_id))
+;
+
+CREATE TABLE IF NOT EXISTS {db}.metric_points_local ON CLUSTER '{cluster}'
+(
+    resolution  UInt32 CODEC(ZSTD(1)),
+    ts          DateTime('UTC') CODEC(DoubleDelta, ZSTD(1)),
+    region      LowCardinality(String),
+    cluster     LowCardinality(String),
+    node        LowCardinality(String),
+    metric      LowCardinality(String),
+    kind        Enum8('counter' = 1, 'gauge' = 2),
+    series_id   UInt64,
+    value       UInt64 CODEC(T64, ZSTD(1)),
+    gauge       Float64 CODEC(Gorilla, ZSTD(1))
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')
+PARTITION BY (resolution, toDate(ts))
+ORDER BY (metric, kind, region, cluster, node, series_id, resolution, ts)
+TTL ts + toIntervalDay(if(resolution < 60, 7, 35))
+SETTINGS replicated_deduplication_window = 10000, ttl_only_drop_parts = 1
+;
+
+CREATE TABLE IF NOT EXISTS {db}.metric_points ON CLUSTER '{cluster}' AS {db}.metric_points_local
+ENGINE = Distributed('{cluster}', '{db}', 'metric_points_local', cityHash64(node))
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histogram_points_local ON CLUSTER '{cluster}'
+(
+    resolution    UInt32 CODEC(ZSTD(1)),
+    ts            DateTime('UTC') CODEC(DoubleDelta, ZSTD(1)),
+    region        LowCardinality(String),
+    cluster       LowCardinality(String),
+    node          LowCardinality(String),
+    metric        LowCardinality(String),
+    series_id     UInt64,
+    scale         Int8 DEFAULT 0,
+    count         UInt64 CODEC(T64, ZSTD(1)),
+    sum           UInt64 CODEC(T64, ZSTD(1)),
+    zero_count    UInt64 CODEC(T64, ZSTD(1)),
+    bucket_index  Array(Int16) CODEC(ZSTD(1)),
+    bucket_count  Array(UInt64) CODEC(ZSTD(1))
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')
+PARTITION BY (resolution, toDate(ts))
+ORDER BY (metric, region, cluster, node, series_id, resolution, ts)
+TTL ts + toIntervalDay(if(resolution < 60, 7, 35))
+SETTINGS replicated_deduplication_window = 10000, ttl_only_drop_parts = 1
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histogram_points ON CLUSTER '{cluster}' AS {db}.histogram_points_local
+ENGINE = Distributed('{cluster}', '{db}', 'histogram_points_local', cityHash64(node))
+;
+
+CREATE TABLE IF NOT EXISTS {db}.metric_points_1h_local ON CLUSTER '{cluster}'
+(
+    ts         DateTime('UTC') CODEC(DoubleDelta, ZSTD(1)),
+    region     LowCardinality(String),
+    cluster    LowCardinality(String),
+    node       LowCardinality(String),
+    metric     LowCardinality(String),
+    kind       Enum8('counter' = 1, 'gauge' = 2),
+    series_id  UInt64,
+    value      SimpleAggregateFunction(sum, UInt64) CODEC(T64, ZSTD(1)),
+    gauge_sum  SimpleAggregateFunction(sum, Float64),
+    gauge_min  SimpleAggregateFunction(min, Float64),
+    gauge_max  SimpleAggregateFunction(max, Float64),
+    rows       SimpleAggregateFunction(sum, UInt64)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')
+PARTITION BY toYYYYMM(ts)
+ORDER BY (metric, kind, region, cluster, node, series_id, ts)
+TTL ts + INTERVAL 400 DAY
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE TABLE IF NOT EXISTS {db}.metric_points_1h ON CLUSTER '{cluster}' AS {db}.metric_points_1h_local
+ENGINE = Distributed('{cluster}', '{db}', 'metric_points_1h_local', cityHash64(node))
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histogram_points_1h_local ON CLUSTER '{cluster}'
+(
+    ts          DateTime('UTC') CODEC(DoubleDelta, ZSTD(1)),
+    region      LowCardinality(String),
+    cluster     LowCardinality(String),
+    node        LowCardinality(String),
+    metric      LowCardinality(String),
+    series_id   UInt64,
+    count       SimpleAggregateFunction(sum, UInt64),
+    sum         SimpleAggregateFunction(sum, UInt64),
+    zero_count  SimpleAggregateFunction(sum, UInt64),
+    buckets     SimpleAggregateFunction(sumMap, Tuple(Array(Int16), Array(UInt64))) CODEC(ZSTD(1))
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')
+PARTITION BY toYYYYMM(ts)
+ORDER BY (metric, region, cluster, node, series_id, ts)
+TTL ts + INTERVAL 400 DAY
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histogram_points_1h ON CLUSTER '{cluster}' AS {db}.histogram_points_1h_local
+ENGINE = Distributed('{cluster}', '{db}', 'histogram_points_1h_local', cityHash64(node))
+;
+
+CREATE TABLE IF NOT EXISTS {db}.metrics_ingest_local ON CLUSTER '{cluster}'
+(
+    resolution  UInt32,
+    ts          DateTime('UTC'),
+    region      LowCardinality(String),
+    cluster     LowCardinality(String),
+    node        LowCardinality(String),
+    metric      LowCardinality(String),
+    kind        Enum8('counter' = 1, 'gauge' = 2),
+    unit        LowCardinality(String),
+    labels      Map(LowCardinality(String), String),
+    value       UInt64,
+    gauge       Float64
+)
+ENGINE = Null
+;
+
+CREATE TABLE IF NOT EXISTS {db}.metrics_ingest ON CLUSTER '{cluster}' AS {db}.metrics_ingest_local
+ENGINE = Distributed('{cluster}', '{db}', 'metrics_ingest_local', cityHash64(node))
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histograms_ingest_local ON CLUSTER '{cluster}'
+(
+    resolution    UInt32,
+    ts            DateTime('UTC'),
+    region        LowCardinality(String),
+    cluster       LowCardinality(String),
+    node          LowCardinality(String),
+    metric        LowCardinality(String),
+    unit          LowCardinality(String),
+    labels        Map(LowCardinality(String), String),
+    scale         Int8 DEFAULT 0,
+    count         UInt64,
+    sum           UInt64,
+    zero_count    UInt64,
+    bucket_index  Array(Int16),
+    bucket_count  Array(UInt64)
+)
+ENGINE = Null
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histograms_ingest ON CLUSTER '{cluster}' AS {db}.histograms_ingest_local
+ENGINE = Distributed('{cluster}', '{db}', 'histograms_ingest_local', cityHash64(node))
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_mv ON CLUSTER '{cluster}'
+TO {db}.metric_points_local AS
+SELECT resolution, ts, region, cluster, node, metric, kind, cityHash64(labels) AS series_id, value, gauge
+FROM {db}.metrics_ingest_local
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_1h_mv ON CLUSTER '{cluster}'
+TO {db}.metric_points_1h_local AS
+SELECT
+    toStartOfHour(ts) AS ts,
+    region, cluster, node, metric, kind, cityHash64(labels) AS series_id,
+    value,
+    gauge AS gauge_sum,
+    gauge AS gauge_min,
+    gauge AS gauge_max,
+    toUInt64(1) AS rows
+FROM {db}.metrics_ingest_local
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_series_mv ON CLUSTER '{cluster}'
+TO {db}.series_local AS
+SELECT metric, series_id, any(u) AS unit, any(l) AS labels, max(t) AS last_seen
+FROM (SELECT metric, cityHash64(labels) AS series_id, unit AS u, labels AS l, ts AS t FROM {db}.metrics_ingest_local)
+GROUP BY metric, series_id
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_points_mv ON CLUSTER '{cluster}'
+TO {db}.histogram_points_local AS
+SELECT resolution, ts, region, cluster, node, metric, cityHash64(labels) AS series_id, scale, count, sum,
+       zero_count, bucket_index, bucket_count
+FROM {db}.histograms_ingest_local
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_points_1h_mv ON CLUSTER '{cluster}'
+TO {db}.histogram_points_1h_local AS
+SELECT
+    toStartOfHour(ts) AS ts,
+    region, cluster, node, metric, cityHash64(labels) AS series_id,
+    count,
+    sum,
+    zero_count,
+    (bucket_index, bucket_count) AS buckets
+FROM {db}.histograms_ingest_local
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_series_mv ON CLUSTER '{cluster}'
+TO {db}.series_local AS
+SELECT metric, series_id, any(u) AS unit, any(l) AS labels, max(t) AS last_seen
+FROM (SELECT metric, cityHash64(labels) AS series_id, unit AS u, labels AS l, ts AS t FROM {db}.histograms_ingest_local)
+GROUP BY metric, series_id
+;
+
+CREATE VIEW IF NOT EXISTS {db}.metrics_local ON CLUSTER '{cluster}' AS
+SELECT
+    p.resolution AS resolution, p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node,
+    p.metric AS metric, p.kind AS kind, s.unit AS unit, s.labels AS labels, p.series_id AS series_id,
+    p.value AS value, p.gauge AS gauge
+FROM {db}.metric_points_local AS p
+LEFT ANY JOIN {db}.series_local AS s ON s.metric = p.metric AND s.series_id = p.series_id
+;
+
+CREATE TABLE IF NOT EXISTS {db}.metrics ON CLUSTER '{cluster}' AS {db}.metrics_local
+ENGINE = Distributed('{cluster}', '{db}', 'metrics_local', cityHash64(node))
+;
+
+CREATE VIEW IF NOT EXISTS {db}.histograms_local ON CLUSTER '{cluster}' AS
+SELECT
+    p.resolution AS resolution, p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node,
+    p.metric AS metric, s.unit AS unit, s.labels AS labels, p.series_id AS series_id, p.scale AS scale,
+    p.count AS count, p.sum AS sum, p.zero_count AS zero_count, p.bucket_index AS bucket_index,
+    p.bucket_count AS bucket_count, (p.bucket_index, p.bucket_count) AS buckets
+FROM {db}.histogram_points_local AS p
+LEFT ANY JOIN {db}.series_local AS s ON s.metric = p.metric AND s.series_id = p.series_id
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histograms ON CLUSTER '{cluster}' AS {db}.histograms_local
+ENGINE = Distributed('{cluster}', '{db}', 'histograms_local', cityHash64(node))
+;
+
+CREATE VIEW IF NOT EXISTS {db}.metrics_1h_local ON CLUSTER '{cluster}' AS
+SELECT
+    p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node, p.metric AS metric,
+    p.kind AS kind, p.series_id AS series_id, s.labels AS labels, s.unit AS unit, p.value AS value,
+    p.gauge_sum AS gauge_sum, p.gauge_min AS gauge_min, p.gauge_max AS gauge_max, p.rows AS rows
+FROM {db}.metric_points_1h_local AS p
+LEFT ANY JOIN {db}.series_local AS s ON s.metric = p.metric AND s.series_id = p.series_id
+;
+
+CREATE TABLE IF NOT EXISTS {db}.metrics_1h ON CLUSTER '{cluster}' AS {db}.metrics_1h_local
+ENGINE = Distributed('{cluster}', '{db}', 'metrics_1h_local', cityHash64(node))
+;
+
+CREATE VIEW IF NOT EXISTS {db}.histograms_1h_local ON CLUSTER '{cluster}' AS
+SELECT
+    p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node, p.metric AS metric,
+    p.series_id AS series_id, s.labels AS labels, s.unit AS unit, p.count AS count, p.sum AS sum,
+    p.zero_count AS zero_count, p.buckets AS buckets
+FROM {db}.histogram_points_1h_local AS p
+LEFT ANY JOIN {db}.series_local AS s ON s.metric = p.metric AND s.series_id = p.series_id
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histograms_1h ON CLUSTER '{cluster}' AS {db}.histograms_1h_local
+ENGINE = Distributed('{cluster}', '{db}', 'histograms_1h_local', cityHash64(node))
+;
