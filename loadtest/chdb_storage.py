@@ -126,7 +126,7 @@ def store_cost(inserts: Sequence[tuple[dict[str, Any], list[str]]], variant: str
                 client.insert_arrow(TARGET.get(name, name), table, database="stratoscope", settings={
                     "insert_deduplication_token": f"{k}:" + dedup_token(name, ids), "insert_deduplicate": 1,
                     "deduplicate_blocks_in_dependent_materialized_views": 1, "optimize_on_insert": 0})
-                if name in ("metrics", "histograms"):
+                if name in ("metric_points", "histogram_points"):
                     rows += table.num_rows
         c1, t1 = cpu_s(), time.perf_counter()
         quiet = time.monotonic()
@@ -159,7 +159,7 @@ def main() -> int:
 
     inserts = []
     for f in frames(args.minutes, args.nodes):
-        tables, _ = arrow_tables(f, list(range(len(f.parts))))
+        tables = arrow_tables(f, list(range(len(f.parts)))).tables
         inserts.append((tables, [p.block_id for p in f.parts]))
     r = store_cost(inserts, args.variant, args.settle_timeout)
     total = r["insert_cpu_s"] + r["after_cpu_s"]

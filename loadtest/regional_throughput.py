@@ -851,8 +851,11 @@ def mem_available_mb() -> float:
     return float("inf")
 
 
-COUNT_TABLES = ("metrics", "histograms", "profile_samples", "profile_stacks", "events", "nodes",
-                "metrics_1h", "histograms_1h")
+#: what the report calls a table -> the ClickHouse table counted (the point tables, not
+#: the views that join them to their labels)
+COUNT_TABLES = {"metrics": "metric_points", "histograms": "histogram_points", "series": "series",
+                "profile_samples": "profile_samples", "profile_stacks": "profile_stacks", "events": "events",
+                "nodes": "nodes", "metrics_1h": "metric_points_1h", "histograms_1h": "histogram_points_1h"}
 
 
 def count_rows(chdir: Path) -> dict[str, int]:
@@ -862,13 +865,13 @@ def count_rows(chdir: Path) -> dict[str, int]:
         "from regional.sinks.clickhouse import connect\n"
         "c = connect('chdb://' + sys.argv[1])\n"
         "out = {}\n"
-        f"for t in {COUNT_TABLES!r}:\n"
-        "    out[t] = c.query(f'SELECT count() FROM stratoscope.{t}').result_rows[0][0]\n"
-        "for t in ('metrics', 'histograms'):\n"
-        "    out[t + '_rollup'] = c.query(\n"
+        f"for k, t in {COUNT_TABLES!r}.items():\n"
+        "    out[k] = c.query(f'SELECT count() FROM stratoscope.{t}').result_rows[0][0]\n"
+        "for k, t in (('metrics', 'metric_points'), ('histograms', 'histogram_points')):\n"
+        "    out[k + '_rollup'] = c.query(\n"
         "        f\"SELECT count() FROM stratoscope.{t} WHERE node = ''\").result_rows[0][0]\n"
-        "out['windows'] = c.query('SELECT uniqExact(ts) FROM stratoscope.metrics').result_rows[0][0]\n"
-        "out['nodes_distinct'] = c.query(\"SELECT uniqExact(node) FROM stratoscope.metrics WHERE node != ''\").result_rows[0][0]\n"
+        "out['windows'] = c.query('SELECT uniqExact(ts) FROM stratoscope.metric_points').result_rows[0][0]\n"
+        "out['nodes_distinct'] = c.query(\"SELECT uniqExact(node) FROM stratoscope.metric_points WHERE node != ''\").result_rows[0][0]\n"
         "print(json.dumps(out))\n"
     )
     r = subprocess.run([str(PYTHON), "-c", code, str(chdir)], capture_output=True, text=True,
@@ -1241,7 +1244,7 @@ def parts_main(spec_path: str) -> None:
     from regional.merge import MergeSettings
     from regional.service import Regional as Core
     from regional.sinks.clickhouse import apply_migrations, connect, dedup_token
-    from regional.sinks.clickhouse_arrow import INSERT_ORDER, arrow_tables
+    from regional.sinks.clickhouse_arrow import INSERT_ORDER, TARGET, arrow_tables
     from stratoscope.v1 import batch_pb2 as pb
     from stratoscope.v1 import ingest_pb2
 
@@ -1304,7 +1307,7 @@ def parts_main(spec_path: str) -> None:
         frames = {id(b.frame): b.frame for b in blocks}
         out: dict[str, Any] = {}
         for f in frames.values():
-            tabs, _ = arrow_tables(f, list(range(len(f.parts))))
+            tabs = arrow_tables(f, list(range(len(f.parts)))).tables
             for name, t in tabs.items():
                 out[name] = pa.concat_tables([out[name], t]) if name in out else t
         return out
@@ -1342,7 +1345,7 @@ def parts_main(spec_path: str) -> None:
                 runs = [min(runs, key=lambda x: x["accept_s"] + x["flush_s"] + x["shape_s"])]
         mem = runs[0]["mem"] if label == "full" else None
         r = runs[0]
-        mh = r["rows"]["metrics"] + r["rows"]["histograms"]
+        mh = r["rows"]["metric_points"] + r["rows"]["histogram_points"]
         out[label] = {
             "accept_points_s": points / r["accept_s"], "flush_points_s": points / r["flush_s"],
             "shape_rows_s": sum(r["rows"].values()) / r["shape_s"],
@@ -1396,19 +1399,19 @@ def parts_main(spec_path: str) -> None:
             continue
         t0 = time.perf_counter()
         client.insert_arrow(
-            name, tb, database="stratoscope",
+            TARGET.get(name, name), tb, database="stratoscope",
             settings={"insert_deduplication_token": dedup_token(name, ids), "insert_deduplicate": 1,
                       "deduplicate_blocks_in_dependent_materialized_views": 1, "async_insert": 0,
                       "optimize_on_insert": 0},
         )
         ins[name] = {"rows": tb.num_rows, "s": time.perf_counter() - t0}
-    mh_rows = ins["metrics"]["rows"] + ins["histograms"]["rows"]
-    mh_s = ins["metrics"]["s"] + ins["histograms"]["s"]
+    mh_rows = ins["metric_points"]["rows"] + ins["histogram_points"]["rows"]
+    mh_s = ins["metric_points"]["s"] + ins["histogram_points"]["s"]
     out["insert"] = ins
     out["insert_rows_s_metrics_histograms"] = mh_rows / mh_s
     out["insert_rows_s_all"] = sum(v["rows"] for v in ins.values()) / sum(v["s"] for v in ins.values())
     out["insert_points_equiv_s"] = out["insert_rows_s_metrics_histograms"] * out["full"]["reduction"]
-    stored = client.query("SELECT count() FROM stratoscope.metrics").result_rows[0][0]
+    stored = client.query("SELECT count() FROM stratoscope.metric_points").result_rows[0][0]
     out["insert_check_metrics_rows"] = stored
     client.close()
     shutil.rmtree(d, ignore_errors=True)
@@ -1529,7 +1532,7 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
             p(f"    rows: metrics {rows['metrics']:,} (+rollup {rows['metrics_rollup']:,} of them), "
               f"histograms {rows['histograms']:,} (rollup {rows['histograms_rollup']:,}), "
               f"profile_samples {rows['profile_samples']:,}, events {rows['events']:,}, "
-              f"nodes {rows['nodes']:,}, windows {rows['windows']}; reduction "
+              f"nodes {rows['nodes']:,}, series {rows.get('series', 0):,}, windows {rows['windows']}; reduction "
               f"{r.reduction:.2f}x (per-node rows only {r.reduction_nodes_only:.2f}x)")
         p(f"    regional CPU {r.regional_cpu_pct:.0f}% of one core (its ingest and sink processes "
           f"{r.sinks_cpu_pct:.0f}%; merge process: main thread "

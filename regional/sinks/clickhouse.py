@@ -40,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pyarrow as pa
@@ -315,9 +315,11 @@ class ClickHouseSink:
 
     name = "clickhouse"
 
-    #: Re-send a stack to profile_stacks at least this often (refreshes last_seen / TTL).
+    #: Re-send a stack to profile_stacks, a series to series, at least this often
+    #: (refreshes last_seen, so the TTL only removes what nobody sends any more).
     STACK_RESEND_S = 6 * 3600
     MAX_KNOWN_STACKS = 1_000_000
+    MAX_KNOWN_SERIES = 2_000_000
     #: Block ids remembered as delivered (oldest forgotten first).
     MAX_DELIVERED_IDS = 200_000
 
@@ -340,6 +342,7 @@ class ClickHouseSink:
         self._lock = asyncio.Lock()
         self._types: dict[str, list] = {}
         self._known_stacks: dict[int, float] = {}
+        self._known_series: dict[tuple[str, int], float] = {}
         self._delivered: dict[str, None] = {}  # insertion-ordered set of block ids
         #: Versions applied by the last start() (for logs and tests).
         self.applied: list[str] = []
@@ -451,12 +454,14 @@ class ClickHouseSink:
                 unique.setdefault(blk.block_id, blk)
         if not unique:
             return {}
-        self._expire_stacks()
+        self._known_stacks = _expire(self._known_stacks, self.STACK_RESEND_S, self.MAX_KNOWN_STACKS)
+        self._known_series = _expire(self._known_series, self.STACK_RESEND_S, self.MAX_KNOWN_SERIES)
         written: dict[str, int] = {}
         for frame, parts in _frames_of(list(unique.values())):
             ids = [frame.parts[i].block_id for i in parts]
             try:
-                tables, new_stacks = arrow_tables(frame, parts, self._known_stacks)
+                tables, new_stacks, new_series = arrow_tables(frame, parts, self._known_stacks,
+                                                              self._known_series)
             except (IndexError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
                 raise PermanentError(f"blocks {ids[:3]} cannot be shaped into rows: {exc}") from exc
             for name in INSERT_ORDER:
@@ -468,8 +473,8 @@ class ClickHouseSink:
                     "insert_deduplicate": 1,
                     "deduplicate_blocks_in_dependent_materialized_views": 1,
                     "async_insert": 0,
-                    # merge-on-insert of the *_1h targets is slow on their Map key
-                    # column and useless: background merges collapse those rows
+                    # merge-on-insert of the *_1h and series targets is useless:
+                    # background merges collapse those rows
                     "optimize_on_insert": 0,
                 }
                 try:
@@ -484,6 +489,8 @@ class ClickHouseSink:
             now = time.monotonic()
             for sid in new_stacks:
                 self._known_stacks[sid] = now
+            for key in new_series:
+                self._known_series[key] = now
             delivered = self._delivered
             for bid in ids:
                 delivered[bid] = None
@@ -491,24 +498,26 @@ class ClickHouseSink:
             self._delivered = dict.fromkeys(list(self._delivered)[-(self.MAX_DELIVERED_IDS // 2):])
         return written
 
-    def _expire_stacks(self) -> None:
-        """Forget stacks sent more than STACK_RESEND_S ago, so they are sent again.
 
-        Entries are only ever added with the current time, so the dict is in
-        time order and the expired ones are a prefix.
-        """
-        known = self._known_stacks
-        if len(known) > self.MAX_KNOWN_STACKS:
-            self._known_stacks = {}
-            return
-        horizon = time.monotonic() - self.STACK_RESEND_S
-        expired = 0
-        for t in known.values():
-            if t >= horizon:
-                break
-            expired += 1
-        if expired:
-            self._known_stacks = dict(list(known.items())[expired:])
+_K = TypeVar("_K")
+
+
+def _expire(known: dict[_K, float], resend_s: float, limit: int) -> dict[_K, float]:
+    """``known`` without the entries sent more than ``resend_s`` ago (so they are sent
+    again), or empty past ``limit`` entries.
+
+    Entries are only ever added with the current time, so the dict is in time order and
+    the expired ones are a prefix.
+    """
+    if len(known) > limit:
+        return {}
+    horizon = time.monotonic() - resend_s
+    expired = 0
+    for t in known.values():
+        if t >= horizon:
+            break
+        expired += 1
+    return dict(list(known.items())[expired:]) if expired else known
 
 
 # --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -24,15 +24,47 @@ from stratoscope.v1 import batch_pb2 as pb
 NS = 1_000_000_000
 EVENTS_LOST_METRIC = "stratoscope_events_lost"
 
-#: Insert order: stacks before the samples that reference them. Arrow table name ->
-#: ClickHouse table. Metric and histogram rows go to the Null ``*_ingest`` tables of
-#: migration 0006, whose materialized views store the points, the series and the
-#: hourly roll-ups (readers see them through the ``metrics`` / ``histograms`` views);
-#: the lost-events counters are metrics rows of their own insert.
-INSERT_ORDER = ("profile_stacks", "metrics", "metrics_events_lost", "histograms", "profile_samples",
-                "events", "nodes")
-TARGET = {"metrics": "metrics_ingest", "metrics_events_lost": "metrics_ingest",
-          "histograms": "histograms_ingest"}
+#: Insert order: stacks and series before the rows that reference them. Arrow table
+#: name -> ClickHouse table (the lost-events counters are metric rows of their own
+#: insert). Point rows carry ``series_id`` and no labels (migration 0006): a series'
+#: labels and unit go to ``series`` once, when this sink has not sent it lately.
+INSERT_ORDER = ("profile_stacks", "series", "metric_points", "metrics_events_lost", "histogram_points",
+                "profile_samples", "events", "nodes")
+TARGET = {"metrics_events_lost": "metric_points"}
+
+#: series_id of a label map (keys sorted): fold over its pairs of
+#: h = (h XOR md5_64(key)) * P, then h = (h XOR md5_64(value)) * P, from SERIES_SEED,
+#: where md5_64 is the first 8 bytes of MD5, little endian. ClickHouse computes the same
+#: (migration 0006, ``metrics_ingest``): ``series_id_sql``.
+SERIES_SEED = 0x6A09E667F3BCC908
+SERIES_P = 0x9E3779B97F4A7C15
+_U64 = (1 << 64) - 1
+
+
+def md5_64(s: str) -> int:
+    return int.from_bytes(hashlib.md5(s.encode(), usedforsecurity=False).digest()[:8], "little")
+
+
+def series_id(labels: Mapping[str, str]) -> int:
+    """The series_id of one label map (what the sink computes column-wise)."""
+    h = SERIES_SEED
+    for k in sorted(labels):
+        h = ((h ^ md5_64(k)) * SERIES_P) & _U64
+        h = ((h ^ md5_64(labels[k])) * SERIES_P) & _U64
+    return h
+
+
+def series_id_sql(labels: str = "labels") -> str:
+    """ClickHouse SQL for series_id() of a Map(String, String) expression."""
+    m = f"mapSort({labels})"
+    return (f"arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * {SERIES_P},"
+            f" reinterpretAsUInt64(MD5(v))) * {SERIES_P}, mapKeys({m}), mapValues({m}), toUInt64({SERIES_SEED}))")
+
+
+_SERIES_SCHEMA = pa.schema([
+    ("metric", pa.string()), ("series_id", pa.uint64()), ("unit", pa.string()),
+    ("labels", pa.map_(pa.string(), pa.string())), ("last_seen", pa.uint32()),
+])
 
 
 def stack_id(frames: Sequence[str]) -> int:
@@ -75,9 +107,16 @@ class _FrameStrings:
         self.part_region = np.array(region, dtype=np.int64)
         self.part_cluster = np.array(cluster, dtype=np.int64)
         self._stack_ids: npt.NDArray[np.uint64] | None = None
+        self._str_md5: npt.NDArray[np.uint64] | None = None
 
     def take(self, ids: npt.NDArray[np.generic]) -> pa.Array:
         return self.strings.take(pa.array(np.asarray(ids, dtype=np.int64)))
+
+    def str_md5(self) -> npt.NDArray[np.uint64]:
+        """md5_64() of every string of the frame (once per frame, not per row)."""
+        if self._str_md5 is None:
+            self._str_md5 = np.array([md5_64(x) for x in self.frame.strings], dtype=np.uint64)
+        return self._str_md5
 
     def stack_ids(self) -> npt.NDArray[np.uint64]:
         """stack_id() of every stack of the frame, plus 0 at index -1 (no stack)."""
@@ -116,7 +155,8 @@ def _encode(fs: _FrameStrings, ids: Mapping[str, npt.NDArray[Any]]) -> dict[str,
     return {k: pa.DictionaryArray.from_arrays(pa.array(remap[v]), dictionary) for k, v in ids.items()}
 
 
-def _label_ids(fs: _FrameStrings, rows: Table) -> tuple[pa.Array, npt.NDArray[np.int64], npt.NDArray[Any]]:
+def _label_ids(fs: _FrameStrings, rows: Table) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64],
+                                                       npt.NDArray[Any]]:
     """Map offsets, key ids and value ids of the rows' label sets."""
     off = rows.offsets("labels")
     values = rows.values("labels", "values")
@@ -127,7 +167,7 @@ def _label_ids(fs: _FrameStrings, rows: Table) -> tuple[pa.Array, npt.NDArray[np
     row_fam = np.repeat(fam, k)
     keys = fs.fam_keys[row_fam, pos]
     values = values[row_start - off[0] + fs.fam_perm[row_fam, pos]]
-    return pa.array((off - off[0]).astype(np.int32)), keys, values
+    return (off - off[0]).astype(np.int32), keys, values
 
 
 def _ident_ids(fs: _FrameStrings, part: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
@@ -139,53 +179,123 @@ def _time(fs: _FrameStrings, n: int) -> dict[str, pa.Array]:
             "ts": pa.array(np.full(n, fs.frame.start_ns // NS, np.uint32))}
 
 
-def _series_table(fs: _FrameStrings, rows: Table, extra_ids: dict[str, npt.NDArray[Any]],
-                  values: dict[str, pa.Array]) -> pa.Table:
+def _series_ids(fs: _FrameStrings, off: npt.NDArray[np.int32], keys: npt.NDArray[np.int64],
+                vals: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
+    """series_id() of every row, column-wise: one step per label position."""
+    n = len(off) - 1
+    h = np.full(n, SERIES_SEED, dtype=np.uint64)
+    if not len(keys):
+        return h
+    md5 = fs.str_md5()
+    kh, vh = md5[keys], md5[vals]
+    width = np.diff(off)
+    p = np.uint64(SERIES_P)
+    for j in range(int(width.max())):
+        rows = np.flatnonzero(width > j)
+        at = off[rows] + j
+        h[rows] = ((h[rows] ^ kh[at]) * p ^ vh[at]) * p  # uint64 arithmetic wraps
+    return h
+
+
+class _NewSeries:
+    """Series of one insert that the sink has not sent lately: rows for ``series``."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int]] = []  # (metric string id, series_id)
+        self.tables: list[pa.Table] = []
+
+
+def _points_table(fs: _FrameStrings, rows: Table, fam: npt.NDArray[Any], values: dict[str, pa.Array],
+                  known: Mapping[tuple[str, int], float] | None, new: _NewSeries) -> pa.Table:
+    """The rows as narrow points (series_id, no labels); unseen series into ``new``."""
     off, keys, vals = _label_ids(fs, rows)
-    enc = _encode(fs, _ident_ids(fs, rows["part"]) | extra_ids | {"_k": keys, "_v": vals})
-    labels = pa.MapArray.from_arrays(off, enc.pop("_k"), enc.pop("_v"))
-    return pa.table(_time(fs, len(rows)) | enc | {"labels": labels} | values)
+    sids = _series_ids(fs, off, keys, vals)
+    metric = fs.fam_name[fam]
+    # one row per distinct (metric, series_id) of the insert, minus what was sent lately
+    pair = np.empty(len(sids), dtype=[("m", np.int64), ("s", np.uint64)])
+    pair["m"], pair["s"] = metric, sids
+    _, first = np.unique(pair, return_index=True)
+    strings = fs.frame.strings
+    fresh = [int(i) for i, m, sid in zip(first.tolist(), metric[first].tolist(), sids[first].tolist(), strict=True)
+             if known is None or (strings[m], sid) not in known]
+    if fresh:
+        pick = np.asarray(fresh, dtype=np.int64)
+        new.keys.extend(zip(metric[pick].tolist(), sids[pick].tolist(), strict=True))
+        sub = rows.take(pick)
+        s_off, s_keys, s_vals = _label_ids(fs, sub)
+        new.tables.append(pa.table({
+            "metric": fs.take(metric[pick]),
+            "series_id": pa.array(sids[pick]),
+            "unit": fs.take(fs.fam_unit[fam[pick]]),
+            "labels": pa.MapArray.from_arrays(pa.array(s_off), fs.take(s_keys), fs.take(s_vals)),
+            "last_seen": pa.array(np.full(len(pick), fs.frame.start_ns // NS, np.uint32)),
+        }, schema=_SERIES_SCHEMA))
+    enc = _encode(fs, _ident_ids(fs, rows["part"]) | {"metric": metric})
+    return pa.table(_time(fs, len(rows)) | enc | {"series_id": pa.array(sids)} | values)
+
+
+class Shaped(NamedTuple):
+    """What one insert of a frame's parts consists of."""
+
+    tables: dict[str, pa.Table]
+    #: stack ids and (metric, series_id) keys sent as new (to remember once written)
+    new_stacks: list[int]
+    new_series: list[tuple[str, int]]
 
 
 def arrow_tables(
-    frame: Frame, parts: Sequence[int], known_stacks: dict[int, float] | None = None,
-) -> tuple[dict[str, pa.Table], list[int]]:
-    """Arrow tables of ``parts`` (sorted) of a frame; also the stack ids sent as new.
+    frame: Frame, parts: Sequence[int], known_stacks: Mapping[int, float] | None = None,
+    known_series: Mapping[tuple[str, int], float] | None = None,
+) -> Shaped:
+    """Arrow tables of ``parts`` (sorted) of a frame, without the stacks and series
+    in ``known_*`` (``None``: send all).
 
-    ``metrics_events_lost`` holds the edge's lost-event counters, rows of the metrics
-    table inserted separately (their metric name is not a frame string).
+    ``metrics_events_lost`` holds the edge's lost-event counters, rows of the metric
+    points table inserted separately (their metric name is not a frame string).
     """
     fs = frame_strings(frame)
     out: dict[str, pa.Table] = {}
+    new = _NewSeries()
 
     m = frame.metrics.take(frame.rows_of("metrics", parts))
     fam = m["fam"]
-    out["metrics"] = _series_table(fs, m, {"metric": fs.fam_name[fam], "unit": fs.fam_unit[fam]}, {
+    out["metric_points"] = _points_table(fs, m, fam, {
         "kind": pa.DictionaryArray.from_arrays(pa.array(fs.fam_gauge[fam]), pa.array(["counter", "gauge"])),
         "value": pa.array(m["value"]),
         "gauge": pa.array(m["gauge"]),
-    })
+    }, known_series, new)
     lost = [(i, frame.parts[i].events_lost) for i in parts if frame.parts[i].events_lost]
+    new_series = [(frame.strings[mi], sid) for mi, sid in new.keys]
     if lost:
         part = np.array([i for i, _ in lost], dtype=np.int64)
         n = len(lost)
         out["metrics_events_lost"] = pa.table(_time(fs, n) | _encode(fs, _ident_ids(fs, part)) | {
             "metric": pa.array([EVENTS_LOST_METRIC] * n),
             "kind": pa.array(["counter"] * n),
-            "unit": pa.array([""] * n),
+            "series_id": pa.array(np.full(n, SERIES_SEED, np.uint64)),
             "value": pa.array(np.array([v for _, v in lost], dtype=np.uint64)),
         })
+        if known_series is None or (EVENTS_LOST_METRIC, SERIES_SEED) not in known_series:
+            new_series.append((EVENTS_LOST_METRIC, SERIES_SEED))
+            new.tables.append(pa.table({
+                "metric": [EVENTS_LOST_METRIC], "series_id": [SERIES_SEED], "unit": [""], "labels": [[]],
+                "last_seen": [frame.start_ns // NS],
+            }, schema=_SERIES_SCHEMA))
 
     h = frame.histograms.take(frame.rows_of("histograms", parts))
     boff = pa.array((h.offsets("buckets") - h.offsets("buckets")[0]).astype(np.int32))
-    out["histograms"] = _series_table(fs, h, {"metric": fs.fam_name[h["fam"]], "unit": fs.fam_unit[h["fam"]]}, {
+    n_metric_series = len(new.keys)
+    out["histogram_points"] = _points_table(fs, h, h["fam"], {
         "scale": pa.array(np.zeros(len(h), np.int8)),
         "count": pa.array(h["count"]),
         "sum": pa.array(h["sum"]),
         "zero_count": pa.array(h["zero"]),
         "bucket_index": pa.ListArray.from_arrays(boff, pa.array(h.values("buckets", "index"))),
         "bucket_count": pa.ListArray.from_arrays(boff, pa.array(h.values("buckets", "count"))),
-    })
+    }, known_series, new)
+    new_series += [(frame.strings[mi], sid) for mi, sid in new.keys[n_metric_series:]]
+    if new.tables:
+        out["series"] = pa.concat_tables(new.tables)
 
     p = frame.profiles.take(frame.rows_of("profiles", parts))
     sids = fs.stack_ids()
@@ -238,4 +348,4 @@ def arrow_tables(
         **enc,
         "last_seen": pa.array(np.full(len(parts), frame.end_ns // NS, np.uint32)),
     })
-    return {k: v for k, v in out.items() if v.num_rows}, new_stacks
+    return Shaped({k: v for k, v in out.items() if v.num_rows}, new_stacks, new_series)

@@ -34,6 +34,7 @@ from regional.sinks.clickhouse import (
     split_statements,
     stack_id,
 )
+from regional.sinks.clickhouse_arrow import series_id, series_id_sql
 from stratoscope.columns import to_packed
 from stratoscope.v1 import batch_pb2 as pb
 
@@ -359,22 +360,57 @@ async def test_retry_after_timeout_changes_nothing(
     assert await snapshot(sink) == after
 
 
-async def test_label_maps_are_stored_sorted_with_canonical_series_ids(
+async def test_series_ids_agree_between_regional_ingest_tables_and_python(
     sink: ClickHouseSink, anchor: Any, db: str
 ) -> None:
-    """The schema hashes labels as stored (no mapSort per row): the sink must sort keys."""
+    """The sink computes series_id column-wise, the ingest tables' views in SQL, and
+    series_id() in Python: all three agree, and both write paths give one series."""
     bb = BatchBuilder("n-sort", "boot-1", 3, HOUR * NS, (HOUR + 60) * NS, LABELS)
     bb.add_counters("x_total", "1", "", ["zeta", "alpha", "mid"], {("z1", "a1", "m1"): 5, ("z2", "a2", "m2"): 6})
     bb.add_histograms("x_latency", "ns", "", ["syscall", "comm"], {("read", "nginx"): hist({3: 2}, total=9)})
     await sink.deliver([Block("sorted-1", bb.build(), 60)])
-    rows = anchor.query(f"SELECT mapKeys(labels), labels['zeta'], labels['alpha'], value,"
-                        f" series_id = cityHash64(mapSort(labels)) FROM {db}.metrics"
-                        f" WHERE metric = 'x_total' ORDER BY value").result_rows
-    assert rows == [(["alpha", "mid", "zeta"], "z1", "a1", 5, True),
-                    (["alpha", "mid", "zeta"], "z2", "a2", 6, True)]
-    hrows = anchor.query(f"SELECT mapKeys(labels), labels['comm'], series_id = cityHash64(mapSort(labels))"
-                         f" FROM {db}.histograms WHERE metric = 'x_latency'").result_rows
-    assert hrows == [(["comm", "syscall"], "nginx", True)]
+    expr = series_id_sql("labels")
+    got = anchor.query(f"SELECT mapKeys(labels), labels['zeta'], labels['alpha'], value, series_id,"
+                       f" series_id = {expr} FROM {db}.metrics"
+                       f" WHERE metric = 'x_total' ORDER BY value").result_rows
+    assert got == [
+        (["alpha", "mid", "zeta"], "z1", "a1", 5, series_id({"zeta": "z1", "alpha": "a1", "mid": "m1"}), True),
+        (["alpha", "mid", "zeta"], "z2", "a2", 6, series_id({"zeta": "z2", "alpha": "a2", "mid": "m2"}), True),
+    ]
+    assert rows(anchor, f"SELECT mapKeys(labels), labels['comm'], series_id, series_id = {expr}"
+                        f" FROM {db}.histograms WHERE metric = 'x_latency'") == [
+        (["comm", "syscall"], "nginx", series_id({"syscall": "read", "comm": "nginx"}), True)]
+    # another writer, through the ingest table, keys in any order: the same series
+    anchor.command(f"""INSERT INTO {db}.metrics_ingest (resolution, ts, node, metric, kind, unit, labels, value)
+                       VALUES (60, {HOUR}, 'n-other', 'x_total', 'counter', '1',
+                               map('zeta', 'z1', 'mid', 'm1', 'alpha', 'a1'), 7)""")
+    assert rows(anchor, f"SELECT node, value, labels['zeta'], series_id FROM {db}.metrics"
+                        f" WHERE metric = 'x_total' AND labels['alpha'] = 'a1' ORDER BY node") == [
+        ("n-other", 7, "z1", got[0][4]), ("n-sort", 5, "z1", got[0][4])]
+    assert one(anchor, f"SELECT count() FROM (SELECT DISTINCT metric, series_id FROM {db}.series"
+                       f" WHERE metric = 'x_total')") == 2
+    assert one(anchor, f"SELECT sum(value) FROM {db}.metrics_1h WHERE metric = 'x_total'") == 18
+
+
+async def test_series_sent_once_then_again_after_resend_interval(
+    sink: ClickHouseSink, anchor: Any, db: str
+) -> None:
+    """A series already sent is not sent again by the same sink until STACK_RESEND_S."""
+    def block(bid: str, start: int) -> Block:
+        bb = BatchBuilder("n-once", "boot-1", 1, start * NS, (start + 60) * NS, LABELS)
+        bb.add_counters("once_total", "1", "", ["k"], {("a",): 1, ("b",): 2})
+        return Block(bid, bb.build(), 60)
+
+    series_rows = f"SELECT count() FROM {db}.series WHERE metric = 'once_total'"
+    await sink.deliver([block("once-1", HOUR)])
+    assert one(anchor, series_rows) == 2
+    await sink.deliver([block("once-2", HOUR + 60)])
+    assert one(anchor, series_rows) == 2  # known: points only
+    sink._known_series = {k: t - sink.STACK_RESEND_S - 1 for k, t in sink._known_series.items()}
+    await sink.deliver([block("once-3", HOUR + 120)])
+    assert one(anchor, series_rows) == 4  # sent again (ReplacingMergeTree keeps the newest)
+    assert rows(anchor, f"SELECT labels['k'], sum(value) FROM {db}.metrics WHERE metric = 'once_total'"
+                        f" GROUP BY 1 ORDER BY 1") == [("a", 3), ("b", 6)]
 
 
 async def test_late_partial_window_adds_up(sink: ClickHouseSink, anchor: Any, db: str) -> None:
@@ -610,17 +646,25 @@ def test_cluster_files_mirror_migrations(anchor: Any) -> None:
         r"Replicated(\w*MergeTree)\('/clickhouse/tables/\{shard\}/\{database\}/\{table\}',"
         r" '\{replica\}'(?:, (\w+))?\)"
     )
+    distributed = re.compile(r"ENGINE = Distributed\('\{cluster\}', '\w+', '(\w+)'.*$", re.MULTILINE)
     for m in cluster:
         for stmt in m.statements:
             sql = stmt.replace("{db}", db)
             assert "ON CLUSTER '{cluster}'" in sql
             one(anchor, "SELECT formatQuery({q:String})", q=sql)  # parses
-            if "ENGINE = Distributed" in sql:
-                continue
-            # the local tables and views, made single-node, are valid DDL here
+            # made single-node (a Distributed table becomes a Merge table over its
+            # local table), every statement is valid DDL here
             local = replicated.sub(lambda x: f"{x.group(1)}({x.group(2) or ''})", sql)
+            local = distributed.sub(lambda x: f"ENGINE = Merge('{db}', '^{x.group(1)}$')", local)
             local = local.replace(" ON CLUSTER '{cluster}'", "").replace(
                 "replicated_deduplication_window", "non_replicated_deduplication_window")
             anchor.command(local)
-    assert one(anchor, "SELECT count() FROM system.tables WHERE database = {db:String}",
-               db=db) == 25  # 10 local objects by 0005; 0006 drops 2 views, adds 7 tables, 6 + 4 views
+    tables = dict(rows(anchor, "SELECT name, engine FROM system.tables WHERE database = {db:String}", db=db))
+    # 0001-0005: 10 local objects + 8 Distributed; 0006: -2 views, -4 Distributed, +7 local
+    # tables and their 7 Distributed tables, +6 materialized views, +4 reader views
+    assert len(tables) == 36, sorted(tables)
+    # what readers and the regional use has the single-node names
+    for name in ("metrics", "histograms", "metrics_1h", "histograms_1h"):
+        assert tables[name] == "View"
+    for name in ("metric_points", "histogram_points", "series", "metrics_ingest", "profile_samples", "events"):
+        assert tables[name] == "Merge" and tables[f"{name}_local"] != "Merge"

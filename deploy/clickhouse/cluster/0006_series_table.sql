@@ -1,11 +1,13 @@
 -- Cluster variant of ../migrations/0006_series_table.sql (see there): narrow
--- point tables, label maps once per series, Null ingest tables whose views
--- store points, series and hourly roll-ups on the shard the insert reaches.
+-- point tables, label maps once per series, reader views joining them.
 --
--- Sharding by node keeps a node's points and the series rows written by the
--- same inserts on one shard, so each reader view joins locally on the shard
--- (metrics_local = metric_points_local joined with series_local) and the
--- Distributed table over it merges the shards' results.
+-- The regional inserts into the Distributed point tables (sharded by node)
+-- and the Distributed `series` (sharded by series_id). Hourly views run on
+-- every shard, local table to local table. A series lives on one shard and
+-- the points that use it on many, so the reader views (`metrics`, ...; plain
+-- views on every node) join the Distributed point table to `series` with
+-- GLOBAL JOIN: the initiator reads the series once (filters on metric reach it)
+-- and ships them to the shards.
 DROP VIEW IF EXISTS {db}.metrics_1h_mv ON CLUSTER '{cluster}'
 ;
 
@@ -46,7 +48,7 @@ CREATE TABLE IF NOT EXISTS {db}.series_local ON CLUSTER '{cluster}'
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', last_seen)
 ORDER BY (metric, series_id)
-TTL last_seen + INTERVAL 400 DAY
+TTL last_seen + INTERVAL 401 DAY
 SETTINGS replicated_deduplication_window = 10000
 ;
 
@@ -155,6 +157,31 @@ CREATE TABLE IF NOT EXISTS {db}.histogram_points_1h ON CLUSTER '{cluster}' AS {d
 ENGINE = Distributed('{cluster}', '{db}', 'histogram_points_1h_local', cityHash64(node))
 ;
 
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_1h_mv ON CLUSTER '{cluster}'
+TO {db}.metric_points_1h_local AS
+SELECT
+    toStartOfHour(ts) AS ts,
+    region, cluster, node, metric, kind, series_id,
+    value,
+    gauge AS gauge_sum,
+    gauge AS gauge_min,
+    gauge AS gauge_max,
+    toUInt64(1) AS rows
+FROM {db}.metric_points_local
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_points_1h_mv ON CLUSTER '{cluster}'
+TO {db}.histogram_points_1h_local AS
+SELECT
+    toStartOfHour(ts) AS ts,
+    region, cluster, node, metric, series_id,
+    count,
+    sum,
+    zero_count,
+    (bucket_index, bucket_count) AS buckets
+FROM {db}.histogram_points_local
+;
+
 CREATE TABLE IF NOT EXISTS {db}.metrics_ingest_local ON CLUSTER '{cluster}'
 (
     resolution  UInt32,
@@ -202,105 +229,69 @@ ENGINE = Distributed('{cluster}', '{db}', 'histograms_ingest_local', cityHash64(
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_mv ON CLUSTER '{cluster}'
 TO {db}.metric_points_local AS
-SELECT resolution, ts, region, cluster, node, metric, kind, cityHash64(labels) AS series_id, value, gauge
-FROM {db}.metrics_ingest_local
-;
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_1h_mv ON CLUSTER '{cluster}'
-TO {db}.metric_points_1h_local AS
-SELECT
-    toStartOfHour(ts) AS ts,
-    region, cluster, node, metric, kind, cityHash64(labels) AS series_id,
-    value,
-    gauge AS gauge_sum,
-    gauge AS gauge_min,
-    gauge AS gauge_max,
-    toUInt64(1) AS rows
+SELECT resolution, ts, region, cluster, node, metric, kind,
+       arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * 11400714819323198485, reinterpretAsUInt64(MD5(v))) * 11400714819323198485, mapKeys(mapSort(labels)), mapValues(mapSort(labels)), toUInt64(7640891576956012808)) AS series_id,
+       value, gauge
 FROM {db}.metrics_ingest_local
 ;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_series_mv ON CLUSTER '{cluster}'
-TO {db}.series_local AS
+TO {db}.series AS
 SELECT metric, series_id, any(u) AS unit, any(l) AS labels, max(t) AS last_seen
-FROM (SELECT metric, cityHash64(labels) AS series_id, unit AS u, labels AS l, ts AS t FROM {db}.metrics_ingest_local)
+FROM (SELECT metric, arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * 11400714819323198485, reinterpretAsUInt64(MD5(v))) * 11400714819323198485, mapKeys(mapSort(labels)), mapValues(mapSort(labels)), toUInt64(7640891576956012808)) AS series_id,
+             unit AS u, mapSort(labels) AS l, ts AS t FROM {db}.metrics_ingest_local)
 GROUP BY metric, series_id
 ;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_points_mv ON CLUSTER '{cluster}'
 TO {db}.histogram_points_local AS
-SELECT resolution, ts, region, cluster, node, metric, cityHash64(labels) AS series_id, scale, count, sum,
-       zero_count, bucket_index, bucket_count
-FROM {db}.histograms_ingest_local
-;
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_points_1h_mv ON CLUSTER '{cluster}'
-TO {db}.histogram_points_1h_local AS
-SELECT
-    toStartOfHour(ts) AS ts,
-    region, cluster, node, metric, cityHash64(labels) AS series_id,
-    count,
-    sum,
-    zero_count,
-    (bucket_index, bucket_count) AS buckets
+SELECT resolution, ts, region, cluster, node, metric,
+       arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * 11400714819323198485, reinterpretAsUInt64(MD5(v))) * 11400714819323198485, mapKeys(mapSort(labels)), mapValues(mapSort(labels)), toUInt64(7640891576956012808)) AS series_id,
+       scale, count, sum, zero_count, bucket_index, bucket_count
 FROM {db}.histograms_ingest_local
 ;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_series_mv ON CLUSTER '{cluster}'
-TO {db}.series_local AS
+TO {db}.series AS
 SELECT metric, series_id, any(u) AS unit, any(l) AS labels, max(t) AS last_seen
-FROM (SELECT metric, cityHash64(labels) AS series_id, unit AS u, labels AS l, ts AS t FROM {db}.histograms_ingest_local)
+FROM (SELECT metric, arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * 11400714819323198485, reinterpretAsUInt64(MD5(v))) * 11400714819323198485, mapKeys(mapSort(labels)), mapValues(mapSort(labels)), toUInt64(7640891576956012808)) AS series_id,
+             unit AS u, mapSort(labels) AS l, ts AS t FROM {db}.histograms_ingest_local)
 GROUP BY metric, series_id
 ;
 
-CREATE VIEW IF NOT EXISTS {db}.metrics_local ON CLUSTER '{cluster}' AS
+CREATE VIEW IF NOT EXISTS {db}.metrics ON CLUSTER '{cluster}' AS
 SELECT
     p.resolution AS resolution, p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node,
     p.metric AS metric, p.kind AS kind, s.unit AS unit, s.labels AS labels, p.series_id AS series_id,
     p.value AS value, p.gauge AS gauge
-FROM {db}.metric_points_local AS p
-LEFT ANY JOIN {db}.series_local AS s ON s.metric = p.metric AND s.series_id = p.series_id
+FROM {db}.metric_points AS p
+GLOBAL LEFT ANY JOIN {db}.series AS s ON s.metric = p.metric AND s.series_id = p.series_id
 ;
 
-CREATE TABLE IF NOT EXISTS {db}.metrics ON CLUSTER '{cluster}' AS {db}.metrics_local
-ENGINE = Distributed('{cluster}', '{db}', 'metrics_local', cityHash64(node))
-;
-
-CREATE VIEW IF NOT EXISTS {db}.histograms_local ON CLUSTER '{cluster}' AS
+CREATE VIEW IF NOT EXISTS {db}.histograms ON CLUSTER '{cluster}' AS
 SELECT
     p.resolution AS resolution, p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node,
     p.metric AS metric, s.unit AS unit, s.labels AS labels, p.series_id AS series_id, p.scale AS scale,
     p.count AS count, p.sum AS sum, p.zero_count AS zero_count, p.bucket_index AS bucket_index,
     p.bucket_count AS bucket_count, (p.bucket_index, p.bucket_count) AS buckets
-FROM {db}.histogram_points_local AS p
-LEFT ANY JOIN {db}.series_local AS s ON s.metric = p.metric AND s.series_id = p.series_id
+FROM {db}.histogram_points AS p
+GLOBAL LEFT ANY JOIN {db}.series AS s ON s.metric = p.metric AND s.series_id = p.series_id
 ;
 
-CREATE TABLE IF NOT EXISTS {db}.histograms ON CLUSTER '{cluster}' AS {db}.histograms_local
-ENGINE = Distributed('{cluster}', '{db}', 'histograms_local', cityHash64(node))
-;
-
-CREATE VIEW IF NOT EXISTS {db}.metrics_1h_local ON CLUSTER '{cluster}' AS
+CREATE VIEW IF NOT EXISTS {db}.metrics_1h ON CLUSTER '{cluster}' AS
 SELECT
     p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node, p.metric AS metric,
     p.kind AS kind, p.series_id AS series_id, s.labels AS labels, s.unit AS unit, p.value AS value,
     p.gauge_sum AS gauge_sum, p.gauge_min AS gauge_min, p.gauge_max AS gauge_max, p.rows AS rows
-FROM {db}.metric_points_1h_local AS p
-LEFT ANY JOIN {db}.series_local AS s ON s.metric = p.metric AND s.series_id = p.series_id
+FROM {db}.metric_points_1h AS p
+GLOBAL LEFT ANY JOIN {db}.series AS s ON s.metric = p.metric AND s.series_id = p.series_id
 ;
 
-CREATE TABLE IF NOT EXISTS {db}.metrics_1h ON CLUSTER '{cluster}' AS {db}.metrics_1h_local
-ENGINE = Distributed('{cluster}', '{db}', 'metrics_1h_local', cityHash64(node))
-;
-
-CREATE VIEW IF NOT EXISTS {db}.histograms_1h_local ON CLUSTER '{cluster}' AS
+CREATE VIEW IF NOT EXISTS {db}.histograms_1h ON CLUSTER '{cluster}' AS
 SELECT
     p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node, p.metric AS metric,
     p.series_id AS series_id, s.labels AS labels, s.unit AS unit, p.count AS count, p.sum AS sum,
     p.zero_count AS zero_count, p.buckets AS buckets
-FROM {db}.histogram_points_1h_local AS p
-LEFT ANY JOIN {db}.series_local AS s ON s.metric = p.metric AND s.series_id = p.series_id
-;
-
-CREATE TABLE IF NOT EXISTS {db}.histograms_1h ON CLUSTER '{cluster}' AS {db}.histograms_1h_local
-ENGINE = Distributed('{cluster}', '{db}', 'histograms_1h_local', cityHash64(node))
+FROM {db}.histogram_points_1h AS p
+GLOBAL LEFT ANY JOIN {db}.series AS s ON s.metric = p.metric AND s.series_id = p.series_id
 ;

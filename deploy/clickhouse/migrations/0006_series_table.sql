@@ -2,33 +2,44 @@
 --
 -- Why: with every label map stored on every row, ClickHouse spent ~9.5 us of
 -- CPU per stored row once background merges were counted (raw tables and the
--- hourly tables, whose sort key held the map), most of it re-compressing and
--- comparing label maps. Stored once per series it is ~4.7 us per row
--- (loadtest/chdb_storage.py, docs/BENCHMARKS.md "Session 5").
+-- hourly tables, whose sort key held the map), most of it parsing,
+-- re-compressing and comparing label maps. With the map stored once per series
+-- it is ~4 us (loadtest/chdb_storage.py, docs/BENCHMARKS.md "Session 5").
 --
 -- Layout (what readers see is unchanged):
---   metrics_ingest / histograms_ingest   Null tables: where writers INSERT, with
---                                        the label map as before (sorted keys);
---                                        nothing is stored in them.
---   metric_points / histogram_points     the raw rows without labels or unit,
---                                        series_id = cityHash64(labels)
---   metric_points_1h / histogram_points_1h  hourly roll-ups keyed by series_id
+--   metric_points / histogram_points     the raw rows without labels or unit;
+--                                        series_id identifies the label map
+--   metric_points_1h / histogram_points_1h  hourly roll-ups keyed by series_id,
+--                                        fed by views on the point tables
 --   series                               (metric, series_id) -> unit, labels;
---                                        one row per series and insert,
 --                                        ReplacingMergeTree keeps the newest
 --   metrics, histograms, metrics_1h, histograms_1h
 --                                        VIEWs joining points to series: the
---                                        same columns as the tables they
---                                        replace, so queries keep working.
--- Queries that only need series_id (or filter on labels first and then read
--- points by series_id) can read the *_points tables and series directly.
+--                                        columns of the tables they replace, so
+--                                        queries keep working
+--   metrics_ingest / histograms_ingest   Null tables for other writers (and the
+--                                        copy of old data below): insert rows
+--                                        with their label map as before; their
+--                                        views compute series_id and store
+--                                        points and series
+--
+-- series_id of a label map: over its pairs in key order,
+--   h = (h XOR md5_64(key)) * P, then h = (h XOR md5_64(value)) * P,
+-- from a fixed seed; md5_64 = the first 8 bytes of MD5 as a little-endian
+-- UInt64 (regional/sinks/clickhouse_arrow.py: series_id, series_id_sql). The
+-- regional computes it itself and sends a series' labels only when it has not
+-- sent them in the last hours, so point inserts carry no label maps at all.
+-- A 64-bit hash: two label sets of one metric that collide share labels in
+-- the views (about 2^-64 per pair of sets; not a defence against a writer
+-- that forges collisions with MD5).
 --
 -- Data written before this migration stays in metrics_v0, histograms_v0,
--- metrics_1h_v0 and histograms_1h_v0 (same schema as before; their TTLs still
+-- metrics_1h_v0 and histograms_1h_v0 (the old schema; their TTLs still
 -- apply). To make it visible through the new views, copy it once:
 --   INSERT INTO {db}.metrics_ingest SELECT resolution, ts, region, cluster,
 --     node, metric, kind, unit, labels, value, gauge FROM {db}.metrics_v0
--- (and the same for histograms); then drop the *_v0 tables.
+-- (and the same for histograms; this recomputes the hourly roll-ups of the
+-- raw rows' 35 days); then drop the *_v0 tables.
 --
 -- Every statement can run again after an interruption. Re-running after the
 -- views exist fails loudly (the renames find metrics_v0 already there).
@@ -60,7 +71,7 @@ CREATE TABLE IF NOT EXISTS {db}.series
 )
 ENGINE = ReplacingMergeTree(last_seen)
 ORDER BY (metric, series_id)
-TTL last_seen + INTERVAL 400 DAY
+TTL last_seen + INTERVAL 401 DAY
 SETTINGS non_replicated_deduplication_window = 10000
 ;
 
@@ -151,8 +162,33 @@ TTL ts + INTERVAL 400 DAY
 SETTINGS non_replicated_deduplication_window = 10000
 ;
 
--- Where writers insert. Label maps sorted by key (the regional sorts them), so
--- series_id = cityHash64(labels) is what it was in 0005.
+-- Hourly roll-ups follow every insert into the point tables (the regional's
+-- and the ingest views'); a retried insert's token reaches them
+-- (deduplicate_blocks_in_dependent_materialized_views = 1).
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_1h_mv TO {db}.metric_points_1h AS
+SELECT
+    toStartOfHour(ts) AS ts,
+    region, cluster, node, metric, kind, series_id,
+    value,
+    gauge AS gauge_sum,
+    gauge AS gauge_min,
+    gauge AS gauge_max,
+    toUInt64(1) AS rows
+FROM {db}.metric_points
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_points_1h_mv TO {db}.histogram_points_1h AS
+SELECT
+    toStartOfHour(ts) AS ts,
+    region, cluster, node, metric, series_id,
+    count,
+    sum,
+    zero_count,
+    (bucket_index, bucket_count) AS buckets
+FROM {db}.histogram_points
+;
+
+-- For other writers: rows with label maps (any key order), as 0001 took them.
 CREATE TABLE IF NOT EXISTS {db}.metrics_ingest
 (
     resolution  UInt32,
@@ -190,62 +226,39 @@ CREATE TABLE IF NOT EXISTS {db}.histograms_ingest
 ENGINE = Null
 ;
 
--- Every view below reads the ingest tables and runs in the insert; the sink's
--- insert_deduplication_token reaches their targets
--- (deduplicate_blocks_in_dependent_materialized_views = 1), so a retried
--- insert is dropped there.
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_mv TO {db}.metric_points AS
-SELECT resolution, ts, region, cluster, node, metric, kind, cityHash64(labels) AS series_id, value, gauge
+SELECT resolution, ts, region, cluster, node, metric, kind,
+       arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * 11400714819323198485, reinterpretAsUInt64(MD5(v))) * 11400714819323198485, mapKeys(mapSort(labels)), mapValues(mapSort(labels)), toUInt64(7640891576956012808)) AS series_id,
+       value, gauge
 FROM {db}.metrics_ingest
 ;
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_1h_mv TO {db}.metric_points_1h AS
-SELECT
-    toStartOfHour(ts) AS ts,
-    region, cluster, node, metric, kind, cityHash64(labels) AS series_id,
-    value,
-    gauge AS gauge_sum,
-    gauge AS gauge_min,
-    gauge AS gauge_max,
-    toUInt64(1) AS rows
-FROM {db}.metrics_ingest
-;
-
--- One series row per distinct series of an insert (an insert holds many
--- nodes, which share most label sets).
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_series_mv TO {db}.series AS
 SELECT metric, series_id, any(u) AS unit, any(l) AS labels, max(t) AS last_seen
-FROM (SELECT metric, cityHash64(labels) AS series_id, unit AS u, labels AS l, ts AS t FROM {db}.metrics_ingest)
+FROM (SELECT metric, arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * 11400714819323198485, reinterpretAsUInt64(MD5(v))) * 11400714819323198485, mapKeys(mapSort(labels)), mapValues(mapSort(labels)), toUInt64(7640891576956012808)) AS series_id,
+             unit AS u, mapSort(labels) AS l, ts AS t FROM {db}.metrics_ingest)
 GROUP BY metric, series_id
 ;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_points_mv TO {db}.histogram_points AS
-SELECT resolution, ts, region, cluster, node, metric, cityHash64(labels) AS series_id, scale, count, sum,
-       zero_count, bucket_index, bucket_count
-FROM {db}.histograms_ingest
-;
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_points_1h_mv TO {db}.histogram_points_1h AS
-SELECT
-    toStartOfHour(ts) AS ts,
-    region, cluster, node, metric, cityHash64(labels) AS series_id,
-    count,
-    sum,
-    zero_count,
-    (bucket_index, bucket_count) AS buckets
+SELECT resolution, ts, region, cluster, node, metric,
+       arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * 11400714819323198485, reinterpretAsUInt64(MD5(v))) * 11400714819323198485, mapKeys(mapSort(labels)), mapValues(mapSort(labels)), toUInt64(7640891576956012808)) AS series_id,
+       scale, count, sum, zero_count, bucket_index, bucket_count
 FROM {db}.histograms_ingest
 ;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.histogram_series_mv TO {db}.series AS
 SELECT metric, series_id, any(u) AS unit, any(l) AS labels, max(t) AS last_seen
-FROM (SELECT metric, cityHash64(labels) AS series_id, unit AS u, labels AS l, ts AS t FROM {db}.histograms_ingest)
+FROM (SELECT metric, arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUInt64(MD5(k))) * 11400714819323198485, reinterpretAsUInt64(MD5(v))) * 11400714819323198485, mapKeys(mapSort(labels)), mapValues(mapSort(labels)), toUInt64(7640891576956012808)) AS series_id,
+             unit AS u, mapSort(labels) AS l, ts AS t FROM {db}.histograms_ingest)
 GROUP BY metric, series_id
 ;
 
 -- What readers query: the columns of the tables of 0001/0004. LEFT ANY JOIN: a
--- series is written in the same insert as its points, and never dropped before
--- them (TTL 400 days after its last point); copies of one series hold the same
--- labels, so any one will do.
+-- series is written before (regional) or with (ingest views) its points and
+-- outlives them (TTL 401 days after it was last sent, and the regional sends
+-- it again every few hours while it has points); copies of one series hold the
+-- same labels, so any one will do. Filters on metric reach both sides.
 CREATE VIEW IF NOT EXISTS {db}.metrics AS
 SELECT
     p.resolution AS resolution, p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node,
