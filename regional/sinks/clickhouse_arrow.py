@@ -197,6 +197,26 @@ def _series_ids(fs: _FrameStrings, off: npt.NDArray[np.int32], keys: npt.NDArray
     return h
 
 
+def _distinct_pairs(metric: npt.NDArray[np.int64], sids: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """One row index per distinct (metric, series_id) pair.
+
+    One sort of a 64-bit mix of both (a sort of the pairs themselves, as a structured
+    array, took ~2 s for 660k rows); rows that share a mixed key are checked to share
+    the pair too, with an exact two-key sort if two pairs ever collide.
+    """
+    if not len(sids):
+        return np.zeros(0, dtype=np.int64)
+    key = sids ^ (metric.astype(np.uint64) * np.uint64(SERIES_P))
+    order = np.argsort(key)
+    ks, ms, ss = key[order], metric[order], sids[order]
+    new_run = ks[1:] != ks[:-1]
+    if not np.all(new_run | ((ms[1:] == ms[:-1]) & (ss[1:] == ss[:-1]))):
+        order = np.lexsort((sids, metric))
+        ms, ss = metric[order], sids[order]
+        new_run = (ms[1:] != ms[:-1]) | (ss[1:] != ss[:-1])
+    return np.asarray(order[np.concatenate(([0], np.flatnonzero(new_run) + 1))], dtype=np.int64)
+
+
 class _NewSeries:
     """Series of one insert that the sink has not sent lately: rows for ``series``."""
 
@@ -212,9 +232,7 @@ def _points_table(fs: _FrameStrings, rows: Table, fam: npt.NDArray[Any], values:
     sids = _series_ids(fs, off, keys, vals)
     metric = fs.fam_name[fam]
     # one row per distinct (metric, series_id) of the insert, minus what was sent lately
-    pair = np.empty(len(sids), dtype=[("m", np.int64), ("s", np.uint64)])
-    pair["m"], pair["s"] = metric, sids
-    _, first = np.unique(pair, return_index=True)
+    first = _distinct_pairs(metric, sids)
     strings = fs.frame.strings
     fresh = [int(i) for i, m, sid in zip(first.tolist(), metric[first].tolist(), sids[first].tolist(), strict=True)
              if known is None or (strings[m], sid) not in known]
