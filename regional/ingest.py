@@ -6,8 +6,8 @@ of the merge process's GIL. When the ack waited for the merge (one try: the merg
 validated and returned the verdict, saving the ingest process ~1 ms a batch), acks
 queued behind those seconds: p99 4.5 s at 190k points/s. So the ingest process runs
 the gRPC server and the whole ``Gate`` (identity, de-duplication, backpressure,
-validation) and answers every batch itself; accepted batches travel as their wire
-bytes (compressed, if they came sealed) to the regional process, which decodes and
+validation) and answers every batch itself; accepted batches travel as protobuf
+bytes (inflated, if they came sealed) to the regional process, which decodes and
 merges them and feeds the sinks.
 
 Pipe protocol (one duplex pipe):
@@ -48,8 +48,9 @@ from stratoscope.v1 import ingest_pb2
 
 log = logging.getLogger("stratoscope.regional")
 
-#: Accepted batches waiting to cross to the regional process (~27 KiB each, sealed).
-HANDOVER_QUEUE = 2000
+#: Accepted batches waiting to cross to the regional process (~128 KiB each, inflated:
+#: at most ~128 MiB; 5 s at 200 batches/s before RETRY).
+HANDOVER_QUEUE = 1000
 
 
 class _Admission:
@@ -71,10 +72,17 @@ class _Admission:
                raw: bytes | None = None) -> ingest_pb2.Ack:
         ack, cols, label = self.gate.admit(batch, peer_node, size)
         if cols is not None:
-            # The wire bytes, not the decoded columns: sealed, a fifth of the size, and
-            # decoding them again (~0.4 ms) is cheaper than unpickling columns.
+            # Protobuf bytes, not the decoded columns: parsing them again (~40 us with
+            # raw columns) is cheaper than unpickling columns. A sealed batch goes over
+            # inflated: serializing the opened batch costs ~26 us here, inflating it again
+            # ~150 us in the merge process (whose reader thread is the busier one).
+            opened = self.gate.opened
             self.queued += 1
-            self.out.put(("batch", raw if raw is not None else batch.SerializeToString(), size))
+            if opened is not None:
+                wire = opened.SerializeToString()
+            else:
+                wire = raw if raw is not None else batch.SerializeToString()
+            self.out.put(("batch", wire, size))
         else:
             self.out.put(("stat", ack.status, label))
         return ack

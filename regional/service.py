@@ -86,10 +86,16 @@ class Gate:
         self.backlog = 0
         #: Extra reason to answer RETRY (e.g. the hand-over queue to the merge is full).
         self.saturated: Callable[[], bool] = lambda: False
+        self.opened: pb.Batch | None = None
 
     def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
-        """(ack, columns if ACCEPTED, reason label for metrics)."""
+        """(ack, columns if ACCEPTED, reason label for metrics).
+
+        An accepted sealed batch's inflated form is kept in ``self.opened`` until the
+        next call (the ingest process hands it over, so the merge does not inflate it
+        again)."""
+        self.opened = None
         ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
         if peer_node is not None and peer_node != batch.node_id:
             ack.status = ingest_pb2.Ack.REJECTED
@@ -115,6 +121,8 @@ class Gate:
             return ack, None, str(exc).split(":")[0][:40]
         self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
         ack.status = ingest_pb2.Ack.ACCEPTED
+        if inflated >= 0:
+            self.opened = whole
         return ack, cols, ""
 
 
