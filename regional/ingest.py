@@ -48,25 +48,27 @@ from stratoscope.v1 import ingest_pb2
 
 log = logging.getLogger("stratoscope.regional")
 
-#: Accepted batches waiting to cross to the regional process (~128 KiB each, inflated:
-#: at most ~128 MiB; 5 s at 200 batches/s before RETRY).
-HANDOVER_QUEUE = 1000
+#: Bytes of accepted batches waiting to cross to the regional process, past which the
+#: gate answers RETRY. Batches cross inflated (~128 KiB for 2,000 series; up to the
+#: validation limit, 16 MiB, for a batch that inflates a lot), so the bound is in bytes:
+#: 256 MiB is ~2,000 ordinary batches, ~10 s at 200 batches/s.
+HANDOVER_BYTES = 256 << 20
 
 
 class _Admission:
     """What the gRPC service calls: the gate, then the hand-over queue.
 
     The queue itself is unbounded (outcome messages must never block the event
-    loop); accepted batches are bounded by ``HANDOVER_QUEUE``: past it, RETRY.
-    ``queued``/``sent`` are each written by one thread only (loop / sender).
+    loop); accepted batches are bounded by ``HANDOVER_BYTES``: past it, RETRY.
+    ``queued_bytes``/``sent_bytes`` are each written by one thread only (loop / sender).
     """
 
     def __init__(self, gate: Gate, out: queue.SimpleQueue[tuple[Any, ...]]) -> None:
         self.gate = gate
         self.out = out
-        self.queued = 0
-        self.sent = 0
-        gate.saturated = lambda: self.queued - self.sent >= HANDOVER_QUEUE
+        self.queued_bytes = 0
+        self.sent_bytes = 0
+        gate.saturated = lambda: self.queued_bytes - self.sent_bytes >= HANDOVER_BYTES
 
     def accept(self, batch: Any, peer_node: str | None = None, size: int | None = None,
                raw: bytes | None = None) -> ingest_pb2.Ack:
@@ -77,11 +79,11 @@ class _Admission:
             # inflated: serializing the opened batch costs ~26 us here, inflating it again
             # ~150 us in the merge process (whose reader thread is the busier one).
             opened = self.gate.opened
-            self.queued += 1
             if opened is not None:
                 wire = opened.SerializeToString()
             else:
                 wire = raw if raw is not None else batch.SerializeToString()
+            self.queued_bytes += len(wire)
             self.out.put(("batch", wire, size))
         else:
             self.out.put(("stat", ack.status, label))
@@ -115,7 +117,7 @@ async def _ingest_loop(conn: Connection, listen: str, tls: ServerTls | None, lim
             except (OSError, ValueError):
                 return
             if msg[0] == "batch":
-                admission.sent += 1
+                admission.sent_bytes += len(msg[1])
             if msg[0] == "stopped":
                 return
 

@@ -88,9 +88,9 @@ class _FrameStrings:
         self.fam_gauge = np.array([f.kind == pb.GAUGE for f in fams], dtype=np.int8)
         self.fam_k = np.array([len(f.label_keys) for f in fams], dtype=np.int64)
         width = max([len(f.label_keys) for f in fams] + [1])
-        # Label maps are written sorted by key (the schema relies on it: series_id =
-        # cityHash64(labels), no mapSort per row). Per family: the keys in string
-        # order, and which of the row's values goes to each position.
+        # Label pairs in key order (series_id folds over them in that order, and the
+        # series table stores maps sorted). Per family: the keys in string order, and
+        # which of the row's values goes to each position.
         self.fam_keys = np.zeros((max(len(fams), 1), width), dtype=np.int64)
         self.fam_perm = np.zeros((max(len(fams), 1), width), dtype=np.int64)
         for i, f in enumerate(fams):

@@ -33,16 +33,32 @@
 -- the views (about 2^-64 per pair of sets; not a defence against a writer
 -- that forges collisions with MD5).
 --
+-- Other writers insert into the *_ingest tables; for a retried insert to be
+-- dropped they must send insert_deduplication_token with
+-- deduplicate_blocks_in_dependent_materialized_views = 1 (as the sink does).
+--
 -- Data written before this migration stays in metrics_v0, histograms_v0,
 -- metrics_1h_v0 and histograms_1h_v0 (the old schema; their TTLs still
--- apply). To make it visible through the new views, copy it once:
+-- apply) and is not visible through the new views. To copy it, with H = the
+-- first whole hour of metrics_v0 (toStartOfHour(min(ts)) + 3600):
 --   INSERT INTO {db}.metrics_ingest SELECT resolution, ts, region, cluster,
---     node, metric, kind, unit, labels, value, gauge FROM {db}.metrics_v0
--- (and the same for histograms; this recomputes the hourly roll-ups of the
--- raw rows' 35 days); then drop the *_v0 tables.
+--     node, metric, kind, unit, labels, value, gauge
+--     FROM {db}.metrics_v0 WHERE ts >= H
+--   (raw rows, their series and their hourly roll-ups), then the older hours:
+--   INSERT INTO {db}.metric_points_1h SELECT ts, region, cluster, node,
+--     metric, kind, <series_id_sql(labels)>, value, gauge_sum, gauge_min,
+--     gauge_max, rows FROM {db}.metrics_1h_v0 WHERE ts < H
+--   INSERT INTO {db}.series SELECT metric, <series_id_sql(labels)>,
+--     any(unit), any(mapSort(labels)), max(ts) FROM {db}.metrics_1h_v0
+--     WHERE ts < H GROUP BY 1, 2
+-- and the same for histograms; then drop the *_v0 tables. <series_id_sql> is
+-- the arrayFold expression of metric_points_mv below.
 --
--- Every statement can run again after an interruption. Re-running after the
--- views exist fails loudly (the renames find metrics_v0 already there).
+-- Every statement can run again after an interruption, except in one case: if
+-- a run stopped after the reader views were created but before the version
+-- was recorded, the next run stops at the first RENAME (metrics_v0 exists);
+-- drop the views metrics, histograms, metrics_1h and histograms_1h and run
+-- again.
 DROP VIEW IF EXISTS {db}.metrics_1h_mv
 ;
 
