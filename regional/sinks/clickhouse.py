@@ -132,6 +132,12 @@ def _bootstrap(client: Any, database: str) -> None:
         " applied_at DateTime64(3, 'UTC') DEFAULT now64(3))"
         " ENGINE = MergeTree ORDER BY version"
     )
+    # statements done of a migration not yet recorded whole (see apply_migrations)
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {database}.schema_migration_steps ("
+        " version String, step UInt32, applied_at DateTime64(3, 'UTC') DEFAULT now64(3))"
+        " ENGINE = MergeTree ORDER BY (version, step)"
+    )
 
 
 def applied_migrations(client: Any, database: str) -> dict[str, str]:
@@ -158,9 +164,12 @@ def apply_migrations(
 ) -> list[str]:
     """Apply the pending migrations in order; return the versions applied (``[]`` if none).
 
-    Every statement can run twice (``CREATE ... IF NOT EXISTS``, ``DROP ... IF
-    EXISTS``, ``ALTER ... MODIFY COLUMN``), so a migration interrupted half way is
-    simply re-run. ``client`` is a clickhouse-connect client.
+    A migration interrupted half way resumes after its last statement recorded in
+    ``schema_migration_steps``; the statement running when it stopped runs again, so
+    every statement must be able to run twice (``CREATE ... IF NOT EXISTS``, ``DROP
+    ... IF EXISTS``, ``RENAME TABLE IF EXISTS``, ``ALTER ... MODIFY COLUMN``).
+    Statements are numbered in file order: do not edit a migration that may have
+    been applied in part. ``client`` is a clickhouse-connect client.
     """
     _check_database(database)
     migrations = load_migrations(directory)
@@ -176,8 +185,15 @@ def apply_migrations(
                     m.version, m.name, database, m.checksum, done[m.version],
                 )
             continue
-        for stmt in m.statements:
+        steps = {int(r[0]) for r in client.query(
+            f"SELECT step FROM {database}.schema_migration_steps WHERE version = {{v:String}}",
+            parameters={"v": m.version}).result_rows}
+        for i, stmt in enumerate(m.statements):
+            if i in steps:
+                continue
             client.command(stmt.replace("{db}", database))
+            client.insert("schema_migration_steps", [[m.version], [i]], column_names=["version", "step"],
+                          database=database, column_oriented=True)
         client.insert(
             "schema_migrations",
             [[m.version], [m.name], [m.checksum]],

@@ -192,6 +192,29 @@ def test_migrations_twice_same_state(anchor: Any, db: str) -> None:
         assert "non_replicated_deduplication_window = 10000" in ddl, table
 
 
+def test_interrupted_migration_resumes_after_its_last_step(
+    anchor: Any, db: str, tmp_path: Any
+) -> None:
+    """0006 stopped after its reader views exist: the re-run must not repeat the renames
+    (which would fail: metrics is a view and metrics_v0 exists) and must keep the data."""
+    for m in sorted(MIGRATIONS_DIR.glob("000[1-5]_*.sql")):
+        (tmp_path / m.name).write_text(m.read_text())
+    apply_migrations(anchor, db, directory=tmp_path)
+    anchor.command(f"INSERT INTO {db}.metrics (resolution, ts, node, metric, kind, labels, value)"
+                   f" VALUES (60, {HOUR}, 'n-old', 'old_total', 'counter', map('k', 'v'), 41)")
+    m6 = MIGRATIONS_DIR / "0006_series_table.sql"
+    (tmp_path / m6.name).write_text(m6.read_text() + "\nCREATE TABLE {db}.interrupted (x UInt8) ENGINE = NoSuchEngine\n;\n")
+    with pytest.raises(Exception, match="NoSuchEngine"):
+        apply_migrations(anchor, db, directory=tmp_path)
+    assert one(anchor, "SELECT engine FROM system.tables WHERE database = {db:String} AND name = 'metrics'",
+               db=db) == "View"
+    (tmp_path / m6.name).write_text(m6.read_text())
+    assert apply_migrations(anchor, db, directory=tmp_path) == ["0006"]
+    assert one(anchor, f"SELECT sum(value) FROM {db}.metrics_v0 WHERE metric = 'old_total'") == 41
+    assert one(anchor, f"SELECT count() FROM {db}.metrics") == 0  # old rows stay in metrics_v0
+    assert apply_migrations(anchor, db, directory=tmp_path) == []
+
+
 async def test_start_twice_applies_nothing_and_health(chdb_dir: str, anchor: Any, db: str) -> None:
     s1 = ClickHouseSink(f"chdb://{chdb_dir}", database=db)
     await s1.start()

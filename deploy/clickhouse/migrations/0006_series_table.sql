@@ -54,11 +54,10 @@
 -- and the same for histograms; then drop the *_v0 tables. <series_id_sql> is
 -- the arrayFold expression of metric_points_mv below.
 --
--- Every statement can run again after an interruption, except in one case: if
--- a run stopped after the reader views were created but before the version
--- was recorded, the next run stops at the first RENAME (metrics_v0 exists);
--- drop the views metrics, histograms, metrics_1h and histograms_1h and run
--- again.
+-- A run interrupted half way resumes after its last recorded statement
+-- (apply_migrations, schema_migration_steps), so the renames never run again
+-- once the reader views exist; the statement that was running when it stopped
+-- can run twice.
 DROP VIEW IF EXISTS {db}.metrics_1h_mv
 ;
 
