@@ -221,7 +221,7 @@ class _NewSeries:
     """Series of one insert that the sink has not sent lately: rows for ``series``."""
 
     def __init__(self) -> None:
-        self.keys: list[tuple[int, int]] = []  # (metric string id, series_id)
+        self.keys: list[tuple[str, int]] = []  # (metric, series_id)
         self.tables: list[pa.Table] = []
 
 
@@ -234,11 +234,11 @@ def _points_table(fs: _FrameStrings, rows: Table, fam: npt.NDArray[Any], values:
     # one row per distinct (metric, series_id) of the insert, minus what was sent lately
     first = _distinct_pairs(metric, sids)
     strings = fs.frame.strings
-    fresh = [int(i) for i, m, sid in zip(first.tolist(), metric[first].tolist(), sids[first].tolist(), strict=True)
-             if known is None or (strings[m], sid) not in known]
+    pairs = zip(first.tolist(), metric[first].tolist(), sids[first].tolist(), strict=True)
+    fresh = [(i, (strings[m], sid)) for i, m, sid in pairs if known is None or (strings[m], sid) not in known]
     if fresh:
-        pick = np.asarray(fresh, dtype=np.int64)
-        new.keys.extend(zip(metric[pick].tolist(), sids[pick].tolist(), strict=True))
+        pick = np.asarray([i for i, _ in fresh], dtype=np.int64)
+        new.keys.extend(key for _, key in fresh)
         sub = rows.take(pick)
         s_off, s_keys, s_vals = _label_ids(fs, sub)
         new.tables.append(pa.table({
@@ -283,7 +283,6 @@ def arrow_tables(
         "gauge": pa.array(m["gauge"]),
     }, known_series, new)
     lost = [(i, frame.parts[i].events_lost) for i in parts if frame.parts[i].events_lost]
-    new_series = [(frame.strings[mi], sid) for mi, sid in new.keys]
     if lost:
         part = np.array([i for i, _ in lost], dtype=np.int64)
         n = len(lost)
@@ -294,7 +293,7 @@ def arrow_tables(
             "value": pa.array(np.array([v for _, v in lost], dtype=np.uint64)),
         })
         if known_series is None or (EVENTS_LOST_METRIC, SERIES_SEED) not in known_series:
-            new_series.append((EVENTS_LOST_METRIC, SERIES_SEED))
+            new.keys.append((EVENTS_LOST_METRIC, SERIES_SEED))
             new.tables.append(pa.table({
                 "metric": [EVENTS_LOST_METRIC], "series_id": [SERIES_SEED], "unit": [""], "labels": [[]],
                 "last_seen": [frame.start_ns // NS],
@@ -302,7 +301,6 @@ def arrow_tables(
 
     h = frame.histograms.take(frame.rows_of("histograms", parts))
     boff = pa.array((h.offsets("buckets") - h.offsets("buckets")[0]).astype(np.int32))
-    n_metric_series = len(new.keys)
     out["histogram_points"] = _points_table(fs, h, h["fam"], {
         "scale": pa.array(np.zeros(len(h), np.int8)),
         "count": pa.array(h["count"]),
@@ -311,7 +309,6 @@ def arrow_tables(
         "bucket_index": pa.ListArray.from_arrays(boff, pa.array(h.values("buckets", "index"))),
         "bucket_count": pa.ListArray.from_arrays(boff, pa.array(h.values("buckets", "count"))),
     }, known_series, new)
-    new_series += [(frame.strings[mi], sid) for mi, sid in new.keys[n_metric_series:]]
     if new.tables:
         out["series"] = pa.concat_tables(new.tables)
 
@@ -366,4 +363,4 @@ def arrow_tables(
         **enc,
         "last_seen": pa.array(np.full(len(parts), frame.end_ns // NS, np.uint32)),
     })
-    return Shaped({k: v for k, v in out.items() if v.num_rows}, new_stacks, new_series)
+    return Shaped({k: v for k, v in out.items() if v.num_rows}, new_stacks, new.keys)
