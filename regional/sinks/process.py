@@ -25,6 +25,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -83,7 +84,16 @@ def unpack_blocks(items: list[tuple[Any, ...]]) -> list[Block]:
     return blocks
 
 
+#: Scheduling niceness of a sink process (and every thread it starts, e.g. chdb's
+#: insert and background-merge threads). Storing a window is batch work with a minute
+#: to finish; acks are not. At the same priority, chdb's merge threads outnumber the
+#: ingest process's one busy thread while a window is stored, and acks stall for
+#: seconds on 2 cores. Like the frame child (regional/forkframe.py), sinks yield.
+SINK_NICE = 10
+
+
 def _child_main(conn: Connection, kind: str, kwargs: dict[str, Any], log_level: int) -> None:
+    os.nice(SINK_NICE)  # first: threads started later inherit it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [sink %(process)d] %(name)s: %(message)s")
