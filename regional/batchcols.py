@@ -9,12 +9,11 @@ bytes are read-only views, so nothing downstream writes into a decoded column.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from stratoscope.columns import read_all
+from stratoscope.columns import read
 from stratoscope.v1 import batch_pb2 as pb
 
 U32 = npt.NDArray[np.uint32]
@@ -104,56 +103,41 @@ class BatchCols:
         return sum(m.rows for m in self.metrics) + sum(len(h.count) for h in self.histograms)
 
 
-_U32, _U64, _I64, _F64 = (np.dtype(t) for t in (np.uint32, np.uint64, np.int64, np.float64))
-#: What an absent column reads as (shared: an empty array cannot be written into).
-_EMPTY = {dt: np.zeros(0, dt) for dt in (_U32, _U64, _I64, _F64)}
-
-
-def _col(cols: dict[str, npt.NDArray[Any]], name: str, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
-    a = cols.get(name)
-    if a is None:
-        return _EMPTY[dtype]
-    return a if a.dtype == dtype else a.astype(dtype)
-
-
 def decode(b: pb.Batch) -> BatchCols:
     """All columns of ``b``, from either encoding (stratoscope/columns.py); lengths are
     not checked here (validate() does that). Raises ColumnError for a column that
     cannot be read."""
-    top = read_all(b)
-    metrics = []
-    for m in b.metrics:
-        c = read_all(m)
-        metrics.append(MetricCols(m.kind, m.name, m.unit, m.help, _col(c, "label_keys", _U32),
-                                  _col(c, "label_values", _U32), _col(c, "counter_values", _U64),
-                                  _col(c, "gauge_values", _F64)))
-    hists = []
-    for h in b.histograms:
-        c = read_all(h)
-        hists.append(HistCols(h.name, h.unit, h.help, h.scale, _col(c, "label_keys", _U32),
-                              _col(c, "label_values", _U32), _col(c, "count", _U64),
-                              _col(c, "sum", _U64), _col(c, "zero_count", _U64),
-                              _col(c, "bucket_offsets", _I64), _col(c, "bucket_index", _I64),
-                              _col(c, "bucket_count", _U64)))
-    profiles = []
-    for p in b.profiles:
-        c = read_all(p)
-        profiles.append(ProfileCols(p.name, p.period_ns, _col(c, "stack_offsets", _I64),
-                                    _col(c, "stack_frames", _U32), _col(c, "pid", _U32),
-                                    _col(c, "comm", _U32), _col(c, "cgroup", _U32),
-                                    _col(c, "kernel_stack", _I64), _col(c, "user_stack", _I64),
-                                    _col(c, "samples", _U64)))
-    events = None
-    if b.HasField("events"):
-        e = b.events
-        c = read_all(e)
-        events = EventCols(_col(c, "time_ns", _U64), _col(c, "kind", _U32), _col(c, "pid", _U32),
-                           _col(c, "ppid", _U32), _col(c, "comm", _U32), _col(c, "cgroup", _U32),
-                           _col(c, "detail", _U32), _col(c, "code", _I64), e.lost)
+    e = b.events
     return BatchCols(
         node_id=b.node_id, boot_id=b.boot_id, seq=b.seq, start_ns=b.start_ns, end_ns=b.end_ns,
         strings=list(b.strings),
-        node_label_keys=_col(top, "node_label_keys", _U32),
-        node_label_values=_col(top, "node_label_values", _U32),
-        metrics=metrics, histograms=hists, profiles=profiles, events=events,
+        node_label_keys=read(b, "node_label_keys", np.uint32),
+        node_label_values=read(b, "node_label_values", np.uint32),
+        metrics=[
+            MetricCols(m.kind, m.name, m.unit, m.help, read(m, "label_keys", np.uint32),
+                       read(m, "label_values", np.uint32), read(m, "counter_values", np.uint64),
+                       read(m, "gauge_values", np.float64))
+            for m in b.metrics
+        ],
+        histograms=[
+            HistCols(h.name, h.unit, h.help, h.scale, read(h, "label_keys", np.uint32),
+                     read(h, "label_values", np.uint32), read(h, "count", np.uint64),
+                     read(h, "sum", np.uint64), read(h, "zero_count", np.uint64),
+                     read(h, "bucket_offsets", np.int64), read(h, "bucket_index", np.int64),
+                     read(h, "bucket_count", np.uint64))
+            for h in b.histograms
+        ],
+        profiles=[
+            ProfileCols(p.name, p.period_ns, read(p, "stack_offsets", np.int64),
+                        read(p, "stack_frames", np.uint32), read(p, "pid", np.uint32),
+                        read(p, "comm", np.uint32), read(p, "cgroup", np.uint32),
+                        read(p, "kernel_stack", np.int64), read(p, "user_stack", np.int64),
+                        read(p, "samples", np.uint64))
+            for p in b.profiles
+        ],
+        events=EventCols(read(e, "time_ns", np.uint64), read(e, "kind", np.uint32),
+                         read(e, "pid", np.uint32), read(e, "ppid", np.uint32),
+                         read(e, "comm", np.uint32), read(e, "cgroup", np.uint32),
+                         read(e, "detail", np.uint32), read(e, "code", np.int64), e.lost)
+        if b.HasField("events") else None,
     )

@@ -86,43 +86,6 @@ def read(msg: Any, name: str, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
     return np.asarray(packed, dtype=dtype)
 
 
-#: Message name -> field name -> (column, wire dtype, raw?): both fields of a column.
-_FIELDS: dict[str, dict[str, tuple[str, np.dtype[Any], bool]]] = {
-    msg: {f: (col, wire, raw) for col, wire in cols.items()
-          for f, raw in ((col, False), (col + "_le", True))}
-    for msg, cols in WIRE.items()
-}
-
-
-def read_all(msg: Any) -> dict[str, npt.NDArray[Any]]:
-    """Every column set in ``msg``, by name, in its wire dtype (absent columns are absent).
-
-    The same rules as read(), for a whole message at once: one ``ListFields()`` call
-    visits only the fields that are set, where read() looks up both fields of every
-    column. A batch has ~90 columns, and this is done for each batch in both regional
-    processes. Raises ColumnError like read().
-    """
-    spec = _FIELDS[msg.DESCRIPTOR.name]
-    out: dict[str, npt.NDArray[Any]] = {}
-    for field, value in msg.ListFields():
-        s = spec.get(field.name)
-        if s is None:
-            continue
-        col, wire, raw = s
-        if col in out:
-            raise ColumnError(f"{msg.DESCRIPTOR.name}.{col} is given in both encodings")
-        if raw:
-            if len(value) % wire.itemsize:
-                raise ColumnError(f"{msg.DESCRIPTOR.name}.{col}_le has {len(value)} bytes, "
-                                  f"not a whole number of {wire.itemsize}-byte values")
-            out[col] = np.frombuffer(value, dtype=wire)
-        elif len(value) < _SMALL:
-            out[col] = np.fromiter(value, dtype=wire, count=len(value))
-        else:
-            out[col] = np.asarray(value, dtype=wire)
-    return out
-
-
 def _blocks(batch: pb.Batch) -> Iterator[Any]:
     yield batch
     yield from batch.metrics

@@ -11,7 +11,7 @@ from edge.batch import BatchBuilder, EventRow, batch_to_dict
 from edge.decode import Histogram, ProfileRow
 from regional.batchcols import decode
 from regional.validate import BatchRejected, Limits, validate
-from stratoscope.columns import WIRE, ColumnError, read, read_all, to_packed, to_raw
+from stratoscope.columns import WIRE, ColumnError, read, to_packed, to_raw
 from stratoscope.v1 import batch_pb2 as pb
 
 
@@ -77,28 +77,6 @@ def test_a_column_in_both_encodings_is_refused() -> None:
         read(b.metrics[0], "counter_values", np.uint64)
     with pytest.raises(BatchRejected, match=r"^column: MetricBlock.counter_values"):
         validate(b, Limits(), now_ns=20)
-
-
-def test_read_all_agrees_with_read_column_by_column() -> None:
-    """decode() reads whole messages with read_all(); read() is the one-column form."""
-    raw = full_batch()
-    packed = to_packed(pb.Batch.FromString(raw.SerializeToString()))
-    for b in (raw, packed):
-        for msg in (b, *b.metrics, *b.histograms, *b.profiles, b.events):
-            got = read_all(msg)
-            for name, wire in WIRE[msg.DESCRIPTOR.name].items():
-                want = read(msg, name, wire)
-                if len(want):
-                    assert got[name].dtype == wire and got[name].tolist() == want.tolist(), name
-                else:
-                    assert name not in got, name
-    b = full_batch()
-    b.metrics[0].counter_values.append(1)
-    with pytest.raises(ColumnError, match=r"MetricBlock.counter_values is given in both encodings"):
-        read_all(b.metrics[0])
-    b.histograms[0].sum_le += b"\x00"
-    with pytest.raises(ColumnError, match=r"HistogramBlock.sum_le has 9 bytes"):
-        read_all(b.histograms[0])
 
 
 def test_a_raw_column_that_is_not_whole_values_is_refused() -> None:
