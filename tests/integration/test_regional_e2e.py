@@ -22,6 +22,7 @@ from edge.forward import GrpcForwarder
 from regional.app import RegionalOptions, RunningRegional
 from regional.merge import Rollup
 from regional.sinks.kafka import decode_message
+from regional.sinks.process import SINK_NICE
 from stratoscope.columns import to_packed
 from stratoscope.v1 import batch_pb2 as pb
 from tests.conftest import kafka_bootstrap, run_edge, unique_comm
@@ -241,6 +242,34 @@ async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: Runn
     assert samples == 5.0
     reasons = {labels["reason"]: v for labels, v in _samples(regional, "stratoscope_regional_rejected_batches_total")}
     assert reasons == {"compressed body": 2.0, "metrics[0]": 1.0, "column": 2.0}, reasons
+
+
+def _thread_nices(pid: int) -> dict[str, set[int]]:
+    """Niceness of a process's threads, by thread name (field 19 of /proc/.../stat)."""
+    out: dict[str, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+        out.setdefault("main" if int(tid) == pid else name, set()).add(int(rest.split()[16]))
+    return out
+
+
+async def test_sinks_yield_the_cpu_to_ingest(regional: RunningRegional) -> None:
+    """Sink processes run SINK_NICE below the regional, and so do the threads chdb starts
+    in them (inserts, background merges); the ingest process, which answers acks, does
+    not. (Threads started at import, before the child lowers itself, e.g. an idle BLAS
+    pool, and chdb's tiny memory-accounting thread, which raises itself, are not checked.)"""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert base <= 9 and SINK_NICE >= 5
+    niced = min(19, base + SINK_NICE)
+    assert await one(regional, "SELECT count() FROM system.merge_tree_settings") > 0  # store open
+    ch = _thread_nices(regional.sink("clickhouse")._proc.pid)  # type: ignore[attr-defined]
+    assert ch["main"] == {niced}
+    assert {"MergeMutate", "ThreadPool", "BgSchPool"} <= set(ch), ch
+    for name in ("MergeMutate", "ThreadPool", "BgSchPool", "BgStrmSchPool", "PoolDelayExec", "Fetch", "Move"):
+        assert ch.get(name, {niced}) == {niced}, (name, ch)
+    assert _thread_nices(regional.sink("kafka")._proc.pid)["main"] == {niced}  # type: ignore[attr-defined]
+    assert _thread_nices(regional._ingest._proc.pid)["main"] == {base}  # type: ignore[union-attr]
 
 
 def test_demo_command_reports_every_section(tmp_path: Path) -> None:
