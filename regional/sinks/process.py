@@ -84,7 +84,7 @@ def unpack_blocks(items: list[tuple[Any, ...]]) -> list[Block]:
     return blocks
 
 
-#: Scheduling niceness of a sink process (and every thread it starts, e.g. chdb's
+#: Niceness a sink process adds to its own (inherited by every thread it starts, e.g. chdb's
 #: insert and background-merge threads). Storing a window is batch work with a minute
 #: to finish; acks are not. At the same priority, chdb's merge threads outnumber the
 #: ingest process's one busy thread while a window is stored, and acks stall for
@@ -93,10 +93,17 @@ SINK_NICE = 10
 
 
 def _child_main(conn: Connection, kind: str, kwargs: dict[str, Any], log_level: int) -> None:
-    os.nice(SINK_NICE)  # first: threads started later inherit it
+    refused = None
+    try:
+        os.nice(SINK_NICE)  # first: threads started later inherit it
+    except OSError as exc:  # a sandbox that refuses setpriority(): run at normal priority
+        refused = exc
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [sink %(process)d] %(name)s: %(message)s")
+    if refused is not None:
+        log.warning("sink %s cannot lower its priority (%s): acks may stall while windows are stored",
+                    kind, refused)
     tune_gc()
     try:
         import uvloop
