@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from regional.columns import ragged_index
 from regional.frame import Frame, Table
 from stratoscope.v1 import batch_pb2 as pb
 
@@ -239,13 +240,13 @@ def _points_table(fs: _FrameStrings, rows: Table, fam: npt.NDArray[Any], values:
     if fresh:
         pick = np.asarray([i for i, _ in fresh], dtype=np.int64)
         new.keys.extend(key for _, key in fresh)
-        sub = rows.take(pick)
-        s_off, s_keys, s_vals = _label_ids(fs, sub)
+        s_off, at = ragged_index(off.astype(np.int64), pick)  # their label pairs, found above
         new.tables.append(pa.table({
             "metric": fs.take(metric[pick]),
             "series_id": pa.array(sids[pick]),
             "unit": fs.take(fs.fam_unit[fam[pick]]),
-            "labels": pa.MapArray.from_arrays(pa.array(s_off), fs.take(s_keys), fs.take(s_vals)),
+            "labels": pa.MapArray.from_arrays(pa.array(s_off.astype(np.int32)), fs.take(keys[at]),
+                                              fs.take(vals[at])),
             "last_seen": pa.array(np.full(len(pick), fs.frame.start_ns // NS, np.uint32)),
         }, schema=_SERIES_SCHEMA))
     enc = _encode(fs, _ident_ids(fs, rows["part"]) | {"metric": metric})
