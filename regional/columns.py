@@ -134,28 +134,6 @@ def mix64(x: U64) -> U64:
     return x ^ (x >> np.uint64(31))
 
 
-def hash_ragged(offsets: I64, values: U32) -> tuple[U64, U64]:
-    """Two independent 64-bit hashes per variable-length row ``values[offsets[i]:offsets[i+1]]``.
-
-    Position-dependent, so [a, b] and [b, a] differ. Used for stack identity inside
-    one window: 128 bits make a collision among a window's stacks ~2^-90 likely.
-    """
-    n = len(offsets) - 1
-    lens = np.diff(offsets)
-    h1 = np.zeros(n, dtype=np.uint64)
-    h2 = np.zeros(n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        if len(values):
-            pos = np.arange(len(values), dtype=np.uint64) - np.repeat(offsets[:-1], lens).astype(np.uint64)
-            x = values.astype(np.uint64) * _GOLDEN + pos * _M1
-            nonempty = lens > 0
-            starts = offsets[:-1][nonempty]
-            h1[nonempty] = np.add.reduceat(mix64(x + np.uint64(1)), starts)
-            h2[nonempty] = np.add.reduceat(mix64(x ^ _M2), starts)
-        tail = lens.astype(np.uint64) * _M2
-        return mix64(h1 ^ (tail + np.uint64(1))), mix64(h2 ^ (tail + np.uint64(2)))
-
-
 def ragged_index(offsets: I64, rows: I64) -> tuple[I64, I64]:
     """For rows ``rows`` of a ragged column: their new offsets and the value indices."""
     lens = np.diff(offsets)[rows]

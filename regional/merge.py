@@ -9,7 +9,7 @@ are kept as they are.
 
 Work is columnar. record() remaps a batch's string indices into the window's
 string table (one Python step per *string*, not per point) and keeps the
-batch's columns; stacks get a 128-bit content hash computed over whole columns.
+batch's columns; stacks are interned by their content (one dict lookup per stack).
 emit() concatenates and reduces each family's columns with numpy and returns
 one ``Frame`` per window: every node's merged rows at once, which the sinks read
 as columns (see regional/frame.py). A node's ``Block`` is a part of the frame.
@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from regional.batchcols import BatchCols, EventCols, HistCols, MetricCols, ProfileCols, decode
-from regional.columns import group, group_columns, hash_ragged, ragged_index
+from regional.columns import group, group_columns, ragged_index
 from regional.frame import (
     EVENT_COLS,
     HISTOGRAM,
@@ -131,8 +131,9 @@ class _Window:
     hists: dict[tuple[int, tuple[int, ...]], _Hists] = field(default_factory=dict)
     #: profile row chunks: PROFILE_COLS with the node instead of the part
     profiles: list[dict[str, npt.NDArray[np.generic]]] = field(default_factory=list)
-    #: the window's distinct stacks: 128-bit content hash -> index, and their frames
-    stack_index: dict[tuple[int, int], int] = field(default_factory=dict)
+    #: the window's distinct stacks: their frames' window string ids as bytes -> index,
+    #: and their frames
+    stack_index: dict[bytes, int] = field(default_factory=dict)
     stacks: list[tuple[I64, U32]] = field(default_factory=list)
     events: list[dict[str, npt.NDArray[np.generic]]] = field(default_factory=list)
     events_lost: dict[int, int] = field(default_factory=dict)
@@ -237,11 +238,14 @@ class Aggregator:
         if not n:
             return
         frames = gmap[p.stack_frames]
-        # Stacks are interned per window by a content hash computed over whole
-        # columns; one dict lookup per *stack* (not per frame) maps them to ids.
-        h1, h2 = hash_ragged(p.stack_offsets, frames)
+        # Stacks are interned per window by their content: the bytes of their frames'
+        # window string ids, one slice and one dict lookup per *stack* (not per frame).
+        # Exact, and ~4x cheaper than hashing the frame column with numpy (193 -> 42 us
+        # for a batch of 246 stacks): at 2,400 frames numpy's per-call costs dominate.
+        raw = frames.tobytes()
+        bounds = (p.stack_offsets * frames.itemsize).tolist()
+        keys = [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         index = w.stack_index
-        keys = list(zip(h1.tolist(), h2.tolist(), strict=True))
         ids = list(map(index.get, keys))
         if None in ids:
             new = []

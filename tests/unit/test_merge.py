@@ -186,3 +186,37 @@ def test_grouping_is_exact_for_wide_keys_and_survives_hash_collisions(monkeypatc
     check()
     monkeypatch.setattr(columns, "mix64", lambda x: x * 0)  # every key collides
     check()
+
+
+def test_profile_rows_sum_per_stack_content_across_batches_and_nodes() -> None:
+    """Stacks are interned by content: the same frames under different batch-local string
+    ids are one stack; order, length and prefixes tell stacks apart."""
+    from edge.decode import ProfileRow
+
+    def batch(node: str, seq: int, rows: dict[ProfileRow, int], pad: int) -> Any:
+        b = BatchBuilder(node, "b", seq, T0 + seq * 10 * NS, T0 + (seq + 1) * 10 * NS, {})
+        for i in range(pad):  # shifts every string id of this batch
+            b.s(f"pad{i}")
+        b.add_profile("cpu", 10_000_000, rows)
+        return b.build()
+
+    ab, ba, a, abc = ("f_a", "f_b"), ("f_b", "f_a"), ("f_a",), ("f_a", "f_b", "f_c")
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))
+    agg.record(batch("n1", 1, {ProfileRow(7, "app", "/", ab, None): 3,
+                               ProfileRow(7, "app", "/", ba, None): 5,
+                               ProfileRow(7, "app", "/", a, abc): 1}, pad=0))
+    agg.record(batch("n1", 2, {ProfileRow(7, "app", "/", ab, None): 4,
+                               ProfileRow(7, "app", "/", a, abc): 2}, pad=3))
+    agg.record(batch("n2", 1, {ProfileRow(9, "db", "/", abc, ab): 6}, pad=5))
+    blocks = agg.flush(0, force=True)
+    got: Counter[tuple] = Counter()
+    for blk in blocks:
+        d = batch_to_dict(blk.batch)
+        for p in d["profiles"]:
+            for s in p["samples"]:
+                k, u = s["kernel_stack"], s["user_stack"]
+                got[(d["node_id"], s["pid"], tuple(k) if k else None, tuple(u) if u else None)] += s["count"]
+    assert got == {("n1", 7, ab, None): 7, ("n1", 7, ba, None): 5, ("n1", 7, a, abc): 3,
+                   ("n2", 9, abc, ab): 6}
+    frame = blocks[0].frame
+    assert frame is not None and len(frame.stacks) == 4  # ab, ba, a, abc: once each
