@@ -94,29 +94,74 @@ class MergeSettings:
     frame_nodes: int = 250
 
 
+class _Gmaps:
+    """Every recorded batch's map from its string indices to the window's (one array per
+    batch, shared by a window and the parts it is split into for emitting).
+
+    Why: record() keeps a family's label values as the batch sent them and the batch's
+    index here; emit() translates every chunk of a family with one gather over ``concat()``.
+    Translating at record time cost a matrix and three numpy calls per family per batch
+    (~170 us of the merge process's busiest thread per 2,000-series batch); at emit it is a
+    few calls per family per frame, in the frame child.
+    """
+
+    __slots__ = ("items", "_concat")
+
+    def __init__(self) -> None:
+        self.items: list[U32] = []
+        self._concat: tuple[U32, I64] | None = None
+
+    def add(self, gmap: U32) -> int:
+        self.items.append(gmap)
+        return len(self.items) - 1
+
+    def concat(self) -> tuple[U32, I64]:
+        """(every map end to end, where each batch's starts). Only for a detached window."""
+        if self._concat is None or len(self._concat[1]) != len(self.items):
+            sizes = np.fromiter(map(len, self.items), dtype=np.int64, count=len(self.items))
+            base = np.zeros(len(self.items), dtype=np.int64)
+            np.cumsum(sizes[:-1], out=base[1:])
+            self._concat = (np.concatenate(self.items) if self.items else np.zeros(0, np.uint32), base)
+        return self._concat
+
+
 @dataclass
-class _Counters:
-    kind: int
-    name: int
-    unit: int
-    help: int
-    label_keys: tuple[int, ...]
-    keys: list[U32] = field(default_factory=list)
+class _Chunks:
+    """One family's recorded chunks, one per batch: the batch's node (window string id),
+    its index in the window's ``_Gmaps`` and its label values (batch string indices,
+    row-major: rows x label keys)."""
+
+    nodes: list[int] = field(default_factory=list)
+    batches: list[int] = field(default_factory=list)
+    labels: list[U32] = field(default_factory=list)
+
+    def add(self, node: int, batch: int, labels: U32) -> None:
+        self.nodes.append(node)
+        self.batches.append(batch)
+        self.labels.append(labels)
+
+
+@dataclass
+class _Counters(_Chunks):
+    kind: int = 0
+    name: int = 0
+    unit: int = 0
+    help: int = 0
+    label_keys: tuple[int, ...] = ()
     values: list[npt.NDArray[np.generic]] = field(default_factory=list)
 
 
 @dataclass
-class _Hists:
-    name: int
-    unit: int
-    help: int
-    label_keys: tuple[int, ...]
-    rows: int = 0
-    keys: list[U32] = field(default_factory=list)
+class _Hists(_Chunks):
+    name: int = 0
+    unit: int = 0
+    help: int = 0
+    label_keys: tuple[int, ...] = ()
     count: list[U64] = field(default_factory=list)
     sum: list[U64] = field(default_factory=list)
     zero: list[U64] = field(default_factory=list)
-    b_row: list[I64] = field(default_factory=list)
+    #: the batch's bucket offsets (rows + 1, from 0)
+    offsets: list[I64] = field(default_factory=list)
     b_idx: list[I64] = field(default_factory=list)
     b_cnt: list[U64] = field(default_factory=list)
 
@@ -127,6 +172,7 @@ class _Window:
     end_ns: int
     late: bool
     strings: StringTable = field(default_factory=StringTable)
+    gmaps: _Gmaps = field(default_factory=_Gmaps)
     counters: dict[tuple[int, int, tuple[int, ...]], _Counters] = field(default_factory=dict)
     hists: dict[tuple[int, tuple[int, ...]], _Hists] = field(default_factory=dict)
     #: profile row chunks: PROFILE_COLS with the node instead of the part
@@ -176,6 +222,7 @@ class Aggregator:
         if late:
             self.late_batches += 1
         gmap = w.strings.intern_all(b.strings)
+        batch = w.gmaps.add(gmap)
         node = w.strings(b.node_id)
         w.sources.setdefault(node, []).append((b.boot_id, b.seq))
         if len(b.node_label_keys):
@@ -183,53 +230,45 @@ class Aggregator:
                 zip(gmap[b.node_label_keys].tolist(), gmap[b.node_label_values].tolist(), strict=True)
             )
         for m in b.metrics:
-            self._record_metric(w, gmap, node, m)
+            self._record_metric(w, gmap, node, batch, m)
         for h in b.histograms:
-            self._record_hist(w, gmap, node, h)
+            self._record_hist(w, gmap, node, batch, h)
         for p in b.profiles:
             self._record_profile(w, gmap, node, p)
         if b.events is not None:
             self._record_events(w, gmap, node, b.events)
         return late
 
-    @staticmethod
-    def _label_matrix(gmap: U32, node: int, keys: int, values: U32, n: int) -> U32:
-        out = np.empty((n, keys + 1), dtype=np.uint32)
-        out[:, 0] = node
-        if keys:
-            out[:, 1:] = gmap[values].reshape(n, keys)
-        return out
-
-    def _record_metric(self, w: _Window, gmap: U32, node: int, m: MetricCols) -> None:
+    def _record_metric(self, w: _Window, gmap: U32, node: int, batch: int, m: MetricCols) -> None:
         label_keys = tuple(gmap[m.label_keys].tolist())
         name = int(gmap[m.name])
         fam = w.counters.get((m.kind, name, label_keys))
         if fam is None:
             fam = w.counters[(m.kind, name, label_keys)] = _Counters(
-                m.kind, name, int(gmap[m.unit]), int(gmap[m.help]), label_keys
-            )
+                kind=m.kind, name=name, unit=int(gmap[m.unit]), help=int(gmap[m.help]),
+                label_keys=label_keys)
         vals: npt.NDArray[np.generic] = m.gauge_values if m.kind == pb.GAUGE else m.counter_values
         n = len(vals)
-        fam.keys.append(self._label_matrix(gmap, node, len(label_keys), m.label_values, n))
+        fam.add(node, batch, m.label_values)
         fam.values.append(vals)
         w.points += n
         self.points_in += n
 
-    def _record_hist(self, w: _Window, gmap: U32, node: int, h: HistCols) -> None:
+    def _record_hist(self, w: _Window, gmap: U32, node: int, batch: int, h: HistCols) -> None:
         label_keys = tuple(gmap[h.label_keys].tolist())
         name = int(gmap[h.name])
         fam = w.hists.get((name, label_keys))
         if fam is None:
-            fam = w.hists[(name, label_keys)] = _Hists(name, int(gmap[h.unit]), int(gmap[h.help]), label_keys)
+            fam = w.hists[(name, label_keys)] = _Hists(
+                name=name, unit=int(gmap[h.unit]), help=int(gmap[h.help]), label_keys=label_keys)
         n = len(h.count)
-        fam.keys.append(self._label_matrix(gmap, node, len(label_keys), h.label_values, n))
+        fam.add(node, batch, h.label_values)
         fam.count.append(h.count)
         fam.sum.append(h.sum)
         fam.zero.append(h.zero)
-        fam.b_row.append(np.repeat(np.arange(fam.rows, fam.rows + n, dtype=np.int64), np.diff(h.offsets)))
+        fam.offsets.append(h.offsets)
         fam.b_idx.append(h.bucket_index)
         fam.b_cnt.append(h.bucket_count)
-        fam.rows += n
         w.points += n
         self.points_in += n
 
@@ -339,8 +378,8 @@ class Aggregator:
     def frame(self, w: _Window) -> Frame:
         """Reduce one detached window to its Frame."""
         strings = w.strings.items
-        counters = [self._reduce_counters(f) for f in w.counters.values()]
-        hists = [self._reduce_hists(f) for f in w.hists.values()]
+        counters = [self._reduce_counters(w, f) for f in w.counters.values()]
+        hists = [self._reduce_hists(w, f) for f in w.hists.values()]
         rollup_counters, rollup_hists = self._rollups(w, counters, hists)
         nodes = _window_nodes(w)
         if rollup_counters or rollup_hists:
@@ -376,21 +415,22 @@ class Aggregator:
         )
 
     @staticmethod
-    def _reduce_counters(f: _Counters) -> tuple[_Counters, U32, npt.NDArray[np.generic]]:
-        keys = np.concatenate(f.keys)
+    def _reduce_counters(w: _Window, f: _Counters) -> tuple[_Counters, U32, npt.NDArray[np.generic]]:
         vals = np.concatenate(f.values)
+        keys = _keys(w, f, list(map(len, f.values)))
         g = group(keys)
         return f, g.keys, (g.max(vals) if f.kind == pb.GAUGE else g.sum(vals))
 
     @staticmethod
-    def _reduce_hists(f: _Hists) -> tuple:  # type: ignore[type-arg]
-        keys = np.concatenate(f.keys)
+    def _reduce_hists(w: _Window, f: _Hists) -> tuple:  # type: ignore[type-arg]
+        rows = list(map(len, f.count))
+        keys = _keys(w, f, rows)
         g = group(keys)
         cnt = g.sum(np.concatenate(f.count))
         sm = g.sum(np.concatenate(f.sum))
         zero = g.sum(np.concatenate(f.zero))
         b_sid, b_idx, b_cnt = _reduce_buckets(
-            g.inverse[np.concatenate(f.b_row)], np.concatenate(f.b_idx), np.concatenate(f.b_cnt),
+            g.inverse[_bucket_rows(f.offsets, rows)], np.concatenate(f.b_idx), np.concatenate(f.b_cnt),
         )
         return f, g.keys, cnt, sm, zero, b_sid, b_idx, b_cnt
 
@@ -403,7 +443,7 @@ class Aggregator:
                 continue
             proj, label_keys = _project(w, fam.label_keys, keys, rule.by)
             g = group(proj)
-            rf = _Counters(fam.kind, fam.name, fam.unit, fam.help, label_keys)
+            rf = _Counters(kind=fam.kind, name=fam.name, unit=fam.unit, help=fam.help, label_keys=label_keys)
             out_c.append((rf, g.keys, g.sum(vals)))
         for fam, keys, cnt, sm, zero, b_sid, b_idx, b_cnt in hists:
             rule = rules.get(w.strings.items[fam.name])
@@ -412,7 +452,7 @@ class Aggregator:
             proj, label_keys = _project(w, fam.label_keys, keys, rule.by)
             g = group(proj)
             rb_sid, rb_idx, rb_cnt = _reduce_buckets(g.inverse[b_sid], b_idx, b_cnt)
-            rh = _Hists(fam.name, fam.unit, fam.help, label_keys)
+            rh = _Hists(name=fam.name, unit=fam.unit, help=fam.help, label_keys=label_keys)
             out_h.append((rh, g.keys, g.sum(cnt), g.sum(sm), g.sum(zero), rb_sid, rb_idx, rb_cnt))
         return out_c, out_h
 
@@ -462,8 +502,8 @@ def _split_by_nodes(w: _Window, chunk: int) -> Iterator[_Window]:
         yield w
         return
     part_of = {n: i // chunk for i, n in enumerate(nodes)}
-    subs = [_Window(w.start_ns, w.end_ns, w.late, strings=w.strings, stack_index=w.stack_index,
-                    stacks=w.stacks) for _ in range(0, len(nodes), chunk)]
+    subs = [_Window(w.start_ns, w.end_ns, w.late, strings=w.strings, gmaps=w.gmaps,
+                    stack_index=w.stack_index, stacks=w.stacks) for _ in range(0, len(nodes), chunk)]
     for attr in ("sources", "node_labels", "events_lost"):
         for n, v in getattr(w, attr).items():
             getattr(subs[part_of[n]], attr)[n] = v
@@ -472,33 +512,59 @@ def _split_by_nodes(w: _Window, chunk: int) -> Iterator[_Window]:
     for c in w.events:
         subs[part_of[int(c["node"][0])]].events.append(c)
     for key, fam in w.counters.items():
-        for k, v in zip(fam.keys, fam.values, strict=True):
-            if len(k):
-                sub = subs[part_of[int(k[0, 0])]]
+        for j, node in enumerate(fam.nodes):
+            if len(fam.values[j]):
+                sub = subs[part_of[node]]
                 sf = sub.counters.get(key)
                 if sf is None:
-                    sf = sub.counters[key] = _Counters(fam.kind, fam.name, fam.unit, fam.help, fam.label_keys)
-                sf.keys.append(k)
-                sf.values.append(v)
+                    sf = sub.counters[key] = _Counters(kind=fam.kind, name=fam.name, unit=fam.unit,
+                                                       help=fam.help, label_keys=fam.label_keys)
+                sf.add(node, fam.batches[j], fam.labels[j])
+                sf.values.append(fam.values[j])
     for hkey, h in w.hists.items():
-        start = 0
-        for j, k in enumerate(h.keys):
-            rows = len(h.count[j])
-            if len(k):
-                sub = subs[part_of[int(k[0, 0])]]
+        for j, node in enumerate(h.nodes):
+            if len(h.count[j]):
+                sub = subs[part_of[node]]
                 sh = sub.hists.get(hkey)
                 if sh is None:
-                    sh = sub.hists[hkey] = _Hists(h.name, h.unit, h.help, h.label_keys)
-                sh.keys.append(k)
+                    sh = sub.hists[hkey] = _Hists(name=h.name, unit=h.unit, help=h.help,
+                                                  label_keys=h.label_keys)
+                sh.add(node, h.batches[j], h.labels[j])
                 sh.count.append(h.count[j])
                 sh.sum.append(h.sum[j])
                 sh.zero.append(h.zero[j])
-                sh.b_row.append(h.b_row[j] - start + sh.rows)
+                sh.offsets.append(h.offsets[j])
                 sh.b_idx.append(h.b_idx[j])
                 sh.b_cnt.append(h.b_cnt[j])
-                sh.rows += rows
-            start += rows
     yield from subs
+
+
+def _keys(w: _Window, f: _Chunks, rows: list[int]) -> U32:
+    """A family's key matrix: one row per recorded series, the node (window string id)
+    then the label values translated to window string ids (see ``_Gmaps``)."""
+    k = len(f.label_keys)  # type: ignore[attr-defined]
+    counts = np.asarray(rows, dtype=np.int64)
+    n = int(counts.sum())
+    keys = np.empty((n, k + 1), dtype=np.uint32)
+    keys[:, 0] = np.repeat(np.asarray(f.nodes, dtype=np.uint32), counts)
+    if k and n:
+        allg, base = w.gmaps.concat()
+        local = np.concatenate(f.labels).astype(np.int64)
+        local += np.repeat(base[f.batches], counts * k)
+        keys[:, 1:] = allg[local].reshape(n, k)
+    return keys
+
+
+def _bucket_rows(offsets: list[I64], rows: list[int]) -> I64:
+    """For every bucket of a family's chunks, the row (series) it belongs to, counted
+    across the chunks: from each chunk's bucket offsets (rows + 1 of them, from 0)."""
+    if not offsets:
+        return np.zeros(0, dtype=np.int64)
+    flat: I64 = np.concatenate(offsets).astype(np.int64, copy=False)
+    # the diff across two chunks' offsets (last of one, first of the next) is no row
+    ends = np.cumsum(np.asarray(rows, dtype=np.int64) + 1)[:-1] - 1
+    widths: I64 = np.delete(flat[1:] - flat[:-1], ends)
+    return np.repeat(np.arange(len(widths), dtype=np.int64), widths)
 
 
 def _pair_ids(name: U32, period: U64) -> I64:
