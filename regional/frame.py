@@ -15,9 +15,11 @@ plus offsets.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -364,11 +366,14 @@ class StringTable:
         """Table ids of ``strings``: one C-level dict lookup each, Python only for new ones."""
         get = self.index.get
         ids = list(map(get, strings))
-        if None in ids:
+        try:  # array.array: ~3x cheaper than np.array on a list of ints; a None raises
+            out = array.array("I", cast("list[int]", ids))
+        except TypeError:  # new strings
             for i, v in enumerate(ids):
                 if v is None:
                     ids[i] = self(strings[i])
-        return np.array(ids, dtype=np.uint32)
+            out = array.array("I", cast("list[int]", ids))
+        return np.frombuffer(out, dtype=np.uint32)
 
     def __call__(self, s: str) -> int:
         i = self.index.get(s)
