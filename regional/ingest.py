@@ -6,14 +6,14 @@ of the merge process's GIL. When the ack waited for the merge (one try: the merg
 validated and returned the verdict, saving the ingest process ~1 ms a batch), acks
 queued behind those seconds: p99 4.5 s at 190k points/s. So the ingest process runs
 the gRPC server and the whole ``Gate`` (identity, de-duplication, backpressure,
-validation) and answers every batch itself; accepted batches travel as protobuf
-bytes (inflated, if they came sealed) to the regional process, which decodes and
-merges them and feeds the sinks.
+validation) and answers every batch itself; accepted batches travel as their
+decoded columns (regional/handover.py: no second parse or decode) to the regional
+process, which merges them and feeds the sinks.
 
 Pipe protocol (one duplex pipe):
 
-- ingest -> regional: ``("port", n)`` once the server listens; ``("batch", wire
-  bytes, size)`` per accepted batch (validated: the regional only decodes it);
+- ingest -> regional: ``("port", n)`` once the server listens; ``("batch", packed
+  columns, size)`` per accepted batch (validated: the regional only maps them);
   ``("stat", status, reason)`` per other outcome (for the regional's /metrics);
   ``("barrier", n)`` echoes a barrier once every batch acked before it has been
   sent; ``("stopped",)`` last.
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from regional.handover import pack
 from regional.runtime import tune_gc
 from regional.server import ServerTls, serve
 from regional.service import Gate
@@ -49,9 +50,9 @@ from stratoscope.v1 import ingest_pb2
 log = logging.getLogger("stratoscope.regional")
 
 #: Bytes of accepted batches waiting to cross to the regional process, past which the
-#: gate answers RETRY. Batches cross inflated (~128 KiB for 2,000 series; up to the
-#: validation limit, 16 MiB, for a batch that inflates a lot), so the bound is in bytes:
-#: 256 MiB is ~2,000 ordinary batches, ~10 s at 200 batches/s.
+#: gate answers RETRY. Batches cross as decoded columns (~145 KiB for 2,000 series; about
+#: the inflated size, up to the validation limit of 16 MiB), so the bound is in bytes:
+#: 256 MiB is ~1,800 ordinary batches, ~9 s at 200 batches/s.
 HANDOVER_BYTES = 256 << 20
 
 
@@ -70,19 +71,12 @@ class _Admission:
         self.sent_bytes = 0
         gate.saturated = lambda: self.queued_bytes - self.sent_bytes >= HANDOVER_BYTES
 
-    def accept(self, batch: Any, peer_node: str | None = None, size: int | None = None,
-               raw: bytes | None = None) -> ingest_pb2.Ack:
+    def accept(self, batch: Any, peer_node: str | None = None, size: int | None = None) -> ingest_pb2.Ack:
         ack, cols, label = self.gate.admit(batch, peer_node, size)
         if cols is not None:
-            # Protobuf bytes, not the decoded columns: parsing them again (~40 us with
-            # raw columns) is cheaper than unpickling columns. A sealed batch goes over
-            # inflated: serializing the opened batch costs ~26 us here, inflating it again
-            # ~150 us in the merge process (whose reader thread is the busier one).
-            opened = self.gate.opened
-            if opened is not None:
-                wire = opened.SerializeToString()
-            else:
-                wire = raw if raw is not None else batch.SerializeToString()
+            # The decoded columns, packed (regional/handover.py): the merge maps them
+            # without parsing or decoding the batch again.
+            wire = pack(cols)
             self.queued_bytes += len(wire)
             self.out.put(("batch", wire, size))
         else:
@@ -148,8 +142,8 @@ class IngestProcess:
                  on_batch: Callable[[int, str, Any, int | None], None],
                  on_wire: Callable[[bytes, int | None], None]) -> None:
         """Both run in a reader thread: ``on_batch(status, label, None, size)`` counts a
-        batch the ingest process did not accept; ``on_wire(wire bytes, size)`` decodes
-        and merges an accepted one."""
+        batch the ingest process did not accept; ``on_wire(packed columns, size)``
+        merges an accepted one."""
         self.listen = listen
         self.tls = tls
         self.limits = limits

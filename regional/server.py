@@ -35,7 +35,7 @@ def _peer_node(context: grpc.aio.ServicerContext) -> str | None:
 
 def _deserialize(data: bytes) -> tuple[bytes, pb.Batch]:
     """Keep the wire bytes beside the message: their size is checked (recomputing it with
-    ByteSize costs ~250 us a batch), and an ingest process forwards them as they are."""
+    ByteSize costs ~250 us a batch)."""
     return data, pb.Batch.FromString(data)
 
 
@@ -55,7 +55,7 @@ class IngestService:
         if self.require_identity and peer is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         async for raw, batch in request_iterator:
-            yield self.regional.accept(batch, peer, len(raw), raw)
+            yield self.regional.accept(batch, peer, len(raw))
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

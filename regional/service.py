@@ -17,10 +17,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from regional.batchcols import BatchCols, decode
+from regional.batchcols import BatchCols
 from regional.dedup import Deduplicator
 from regional.delivery import DeliveryQueue
 from regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
+from regional.handover import unpack
 from regional.merge import Aggregator, MergeSettings
 from regional.sinks.base import Block
 from regional.validate import BatchRejected, Limits, open_batch, validate
@@ -86,16 +87,10 @@ class Gate:
         self.backlog = 0
         #: Extra reason to answer RETRY (e.g. the hand-over queue to the merge is full).
         self.saturated: Callable[[], bool] = lambda: False
-        self.opened: pb.Batch | None = None
 
     def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
-        """(ack, columns if ACCEPTED, reason label for metrics).
-
-        An accepted sealed batch's inflated form is kept in ``self.opened`` until the
-        next call (the ingest process hands it over, so the merge does not inflate it
-        again)."""
-        self.opened = None
+        """(ack, columns if ACCEPTED, reason label for metrics)."""
         ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
         if peer_node is not None and peer_node != batch.node_id:
             ack.status = ingest_pb2.Ack.REJECTED
@@ -121,8 +116,6 @@ class Gate:
             return ack, None, str(exc).split(":")[0][:40]
         self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
         ack.status = ingest_pb2.Ack.ACCEPTED
-        if inflated >= 0:
-            self.opened = whole
         return ack, cols, ""
 
 
@@ -160,18 +153,17 @@ class Regional:
         """The largest sink backlog, in blocks (what RETRY is decided on)."""
         return max((q.queued for q in self.sinks), default=0)
 
-    def accept(self, batch: pb.Batch, peer_node: str | None = None, size: int | None = None,
-               raw: bytes | None = None) -> ingest_pb2.Ack:
+    def accept(self, batch: pb.Batch, peer_node: str | None = None, size: int | None = None) -> ingest_pb2.Ack:
         """Validate, de-duplicate and merge one batch; the Ack says what happened."""
         self.gate.backlog = self.backlog
         ack, cols, label = self.gate.admit(batch, peer_node, size)
         self.count(ack.status, label, cols, size)
         return ack
 
-    def accept_admitted(self, raw: bytes, size: int | None) -> None:
-        """Merge a batch another Gate accepted (an ingest process's): only decoded here."""
-        whole, _ = open_batch(pb.Batch.FromString(raw), self.gate.limits)
-        self.count(ingest_pb2.Ack.ACCEPTED, "", decode(whole), size)
+    def accept_admitted(self, packed: bytes, size: int | None) -> None:
+        """Merge a batch another Gate accepted (an ingest process's), handed over as its
+        decoded columns (regional/handover.py)."""
+        self.count(ingest_pb2.Ack.ACCEPTED, "", unpack(packed), size)
 
     def count(self, status: int, label: str, cols: BatchCols | None, size: int | None) -> None:
         """Record an admitted batch into the merge, and count every outcome."""
