@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import signal
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
+
+from regional import pipes
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,30 +42,12 @@ class ChildFailed(RuntimeError):
     """The forked child did not deliver a result (the message says how it ended)."""
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _read_exact(fd: int, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = os.readv(fd, [view[got:]])
-        if k == 0:
-            raise EOFError(f"frame child ended after {got} of {n} bytes")
-        got += k
-    return buf  # pickle reads a bytearray as it is: no copy of a frame's megabytes
-
-
 def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Iterator[R]:
     """The items of ``fn(arg)``, computed in a forked child (at ``nice``), each as soon
     as it is ready.
 
-    Each item crosses as a length-prefixed pickle. Blocks the calling thread between
+    Each item crosses as a pickle with its arrays out of band (regional/pipes.py: no
+    copy into or out of the pickle). Blocks the calling thread between
     items (iterate it in a worker thread). Raises ChildFailed if the child fails
     part-way, after the items it delivered; its traceback goes to stderr.
     """
@@ -83,9 +66,7 @@ def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Ite
             if nice:
                 os.nice(nice)
             for item in fn(arg):
-                data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-                _write_all(w, len(data).to_bytes(8, "little"))
-                _write_all(w, data)
+                pipes.write(w, item)
             code = 0
         except BaseException:
             with contextlib.suppress(BaseException):
@@ -95,12 +76,11 @@ def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Ite
     os.close(w)
     try:
         while True:
-            head = os.read(r, 8)
-            if not head:
+            try:
+                item = pipes.read(r)
+            except pipes.EndOfStream:
                 break
-            if len(head) < 8:
-                head += _read_exact(r, 8 - len(head))
-            yield pickle.loads(_read_exact(r, int.from_bytes(head, "little")))
+            yield item
     finally:
         os.close(r)
         _, status = os.waitpid(pid, 0)

@@ -221,8 +221,11 @@ class Frame:
     def subset(self, parts: Sequence[int]) -> Frame:
         """A frame of just ``parts`` (sorted, distinct): their rows, parts numbered anew.
 
-        What a sink in another process is sent for a delivery of some of the blocks.
+        What a sink in another process is sent for a delivery of some of the blocks (the
+        frame itself, not a copy, for a delivery of all of them).
         """
+        if len(parts) == len(self.parts):
+            return self
         index = np.full(len(self.parts), -1, dtype=np.int32)
         index[list(parts)] = np.arange(len(parts), dtype=np.int32)
 

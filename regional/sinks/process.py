@@ -12,7 +12,9 @@ each call is a request over a pipe to the child, which runs the real sink on
 its own asyncio loop and answers with the result or the error class and
 message (``RetriableError`` / ``PermanentError`` cross the boundary as such).
 A delivery ships only the rows of the blocks being delivered: for blocks that
-are parts of one merged frame, a sub-frame holding just those parts.
+are parts of one merged frame, a sub-frame holding just those parts (the frame
+itself when all of them are). Frames cross with their arrays out of band
+(regional/pipes.py): no copy into or out of a pickle on either side.
 
 The child ignores SIGINT and SIGTERM: the regional drains its windows into the
 sinks on shutdown and then stops the child; a child whose parent is gone sees
@@ -32,6 +34,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from regional import pipes
 from regional.frame import Frame
 from regional.runtime import tune_gc
 from regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
@@ -117,7 +120,7 @@ async def _child_loop(conn: Connection, sink: Sink) -> None:
     loop = asyncio.get_running_loop()
     while True:
         try:
-            req_id, op, args = await loop.run_in_executor(None, conn.recv)
+            req_id, op, args = await loop.run_in_executor(None, pipes.recv, conn)
         except (EOFError, OSError):  # the regional is gone
             await sink.stop()
             return
@@ -141,7 +144,7 @@ async def _child_loop(conn: Connection, sink: Sink) -> None:
         except Exception as exc:  # a bug in the sink: report it, keep serving
             log.exception("sink %s: %s failed", sink.name, op)
             reply = (req_id, "error", f"{type(exc).__name__}: {exc}")
-        await loop.run_in_executor(None, conn.send, reply)
+        await loop.run_in_executor(None, pipes.send, conn, reply)
         if op == "stop":
             return
 
@@ -187,7 +190,7 @@ class ProcessSink:
         """Reader thread: hands every reply to the future waiting for it."""
         while True:
             try:
-                req_id, status, payload = conn.recv()
+                req_id, status, payload = pipes.recv(conn)
             except (EOFError, OSError):
                 proc.join(1.0)
                 err = RetriableError(f"sink process {self.kind} exited (code {proc.exitcode})")
@@ -226,7 +229,7 @@ class ProcessSink:
 
         def send() -> None:
             with self._send_lock:
-                conn.send((req_id, op, args))
+                pipes.send(conn, (req_id, op, args))
 
         try:
             await asyncio.to_thread(send)
