@@ -73,7 +73,7 @@ def pack(b: BatchCols) -> bytes:
     return b"".join(parts)
 
 
-def unpack(buf: bytes) -> BatchCols:
+def unpack(buf: bytes | memoryview) -> BatchCols:
     """The columns ``pack`` packed, as read-only views of ``buf``."""
     n = int.from_bytes(buf[-8:], "little")
     (node_id, boot_id, seq, start_ns, end_ns, strings, metrics, hists, profiles, lost,

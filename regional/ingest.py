@@ -12,13 +12,14 @@ process, which merges them and feeds the sinks.
 
 Pipe protocol (one duplex pipe):
 
-- ingest -> regional: ``("port", n)`` once the server listens; ``("batch", packed
-  columns, size)`` per accepted batch (validated: the regional only maps them);
+- ingest -> regional (regional/pipes.py: the packed columns out of band, no pickle
+  copy): ``("port", n)`` once the server listens; ``("batch", packed columns, size)``
+  per accepted batch (validated: the regional only maps them);
   ``("stat", status, reason)`` per other outcome (for the regional's /metrics);
   ``("barrier", n)`` echoes a barrier once every batch acked before it has been
   sent; ``("stopped",)`` last.
-- regional -> ingest: ``("backlog", blocks)`` (the largest sink backlog: RETRY past
-  the limit), ``("barrier", n)``, ``("stop", grace_s)``.
+- regional -> ingest (plain ``Connection.send``): ``("backlog", blocks)`` (the largest
+  sink backlog: RETRY past the limit), ``("barrier", n)``, ``("stop", grace_s)``.
 
 An accepted batch is acked when it is in the bounded hand-over queue (in memory,
 not yet durable); a full queue answers RETRY. The ingest process ignores
@@ -33,6 +34,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import pickle
 import queue
 import signal
 import threading
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from regional import pipes
 from regional.handover import pack
 from regional.runtime import tune_gc
 from regional.server import ServerTls, serve
@@ -107,7 +110,10 @@ async def _ingest_loop(conn: Connection, listen: str, tls: ServerTls | None, lim
         while True:
             msg = out.get()
             try:
-                conn.send(msg)
+                if msg[0] == "batch":  # the columns out of band: written as they are
+                    pipes.send(conn, ("batch", pickle.PickleBuffer(msg[1]), msg[2]))
+                else:
+                    pipes.send(conn, msg)
             except (OSError, ValueError):
                 return
             if msg[0] == "batch":
@@ -140,7 +146,7 @@ class IngestProcess:
 
     def __init__(self, listen: str, tls: ServerTls | None, limits: Limits, max_queued_blocks: int,
                  on_batch: Callable[[int, str, Any, int | None], None],
-                 on_wire: Callable[[bytes, int | None], None]) -> None:
+                 on_wire: Callable[[memoryview, int | None], None]) -> None:
         """Both run in a reader thread: ``on_batch(status, label, None, size)`` counts a
         batch the ingest process did not accept; ``on_wire(packed columns, size)``
         merges an accepted one."""
@@ -185,7 +191,7 @@ class IngestProcess:
         assert self._conn is not None
         while True:
             try:
-                msg = self._conn.recv()
+                msg = pipes.recv(self._conn)
             except (EOFError, OSError):
                 self._port_ready.set()
                 self._stopped.set()

@@ -160,7 +160,7 @@ class Regional:
         self.count(ack.status, label, cols, size)
         return ack
 
-    def accept_admitted(self, packed: bytes, size: int | None) -> None:
+    def accept_admitted(self, packed: bytes | memoryview, size: int | None) -> None:
         """Merge a batch another Gate accepted (an ingest process's), handed over as its
         decoded columns (regional/handover.py)."""
         self.count(ingest_pb2.Ack.ACCEPTED, "", unpack(packed), size)
