@@ -7,10 +7,11 @@ configured families are also rolled up across nodes (node "" in the output).
 Profile rows are summed per (node, profile, pid, comm, cgroup, stacks); events
 are kept as they are.
 
-Work is columnar. record() remaps a batch's string indices into the window's
-string table (one Python step per *string*, not per point) and keeps the
-batch's columns; stacks are interned by their content (one dict lookup per stack).
-emit() concatenates and reduces each family's columns with numpy and returns
+Work is columnar. record() maps a batch's strings into the window's string table
+(one Python step per *string*, not per point) and keeps the batch's columns and
+that map; stacks are interned by their content (one dict lookup per stack).
+emit() translates label values through the maps (one gather per family),
+concatenates and reduces each family's columns with numpy and returns
 one ``Frame`` per window: every node's merged rows at once, which the sinks read
 as columns (see regional/frame.py). A node's ``Block`` is a part of the frame.
 
@@ -460,11 +461,7 @@ class Aggregator:
     def _reduce_profiles(w: _Window, part_of: npt.NDArray[np.int32]) -> tuple[Table, Table]:
         if not w.profiles:
             return empty_profiles(), empty_stacks()
-        stacks = Table.concat([
-            Table({"id": np.zeros(len(off) - 1, np.int64)}, {"frames": (off, {"values": frames})})
-            for off, frames in w.stacks
-        ])
-        stacks.cols["id"] = np.arange(len(stacks), dtype=np.int64)
+        stacks = _stack_table(w.stacks)
         cols = {k: np.concatenate([c[k] for c in w.profiles]) for k in w.profiles[0]}
         # (name, period) pairs are few: a small id instead of a 64-bit period in the key
         kind = _pair_ids(cols["name"], cols["period"])
@@ -481,7 +478,26 @@ class Aggregator:
         }
         rows = np.lexsort((out["period"], out["name"], out["part"]))
         t = Table({k: out[k][rows].astype(PROFILE_COLS[k]) for k in PROFILE_COLS})
+        # Only the stacks these rows use: the parts of a split window share its stacks,
+        # and a frame carries (and a sink hashes) just its own.
+        used = np.unique(np.concatenate([t["kstack"], t["ustack"]]))
+        used = used[used >= 0]
+        if len(used) < len(stacks):
+            stacks = stacks.take(used)
+            for col in ("kstack", "ustack"):
+                ids: I64 = np.asarray(t[col], dtype=np.int64)
+                t.cols[col] = np.where(ids >= 0, np.searchsorted(used, ids), -1).astype(np.int64)
+        stacks.cols["id"] = np.arange(len(stacks), dtype=np.int64)
         return t, stacks
+
+
+def _stack_table(chunks: list[tuple[I64, U32]]) -> Table:
+    """A window's stacks (recorded chunks of new stacks) as one table, in id order."""
+    if not chunks:  # profile rows whose stacks are all absent (-1)
+        return empty_stacks()
+    tables = [Table({"id": np.zeros(len(off) - 1, np.int64)}, {"frames": (off, {"values": frames})})
+              for off, frames in chunks]
+    return tables[0] if len(tables) == 1 else Table.concat(tables)
 
 
 def _window_nodes(w: _Window) -> list[int]:
@@ -494,16 +510,20 @@ def _split_by_nodes(w: _Window, chunk: int) -> Iterator[_Window]:
 
     Every recorded column chunk comes from one batch, so from one node: splitting
     moves whole chunks, in one pass over them (a pass per part made this quadratic:
-    a third of a 3,400-node window's reduction); only histogram bucket rows are
-    renumbered.
+    a third of a 3,400-node window's reduction). The parts share the window's string
+    maps and its stacks (each frame keeps only the stacks its rows use).
     """
     nodes = _window_nodes(w)
     if len(nodes) <= chunk:
         yield w
         return
     part_of = {n: i // chunk for i, n in enumerate(nodes)}
+    # the window's stacks concatenated once, not once per part
+    full = _stack_table(w.stacks)
+    frames: U32 = np.asarray(full.values("frames", "values"), dtype=np.uint32)
+    stacks = [(full.offsets("frames"), frames)] if len(full) else []
     subs = [_Window(w.start_ns, w.end_ns, w.late, strings=w.strings, gmaps=w.gmaps,
-                    stack_index=w.stack_index, stacks=w.stacks) for _ in range(0, len(nodes), chunk)]
+                    stack_index=w.stack_index, stacks=stacks) for _ in range(0, len(nodes), chunk)]
     for attr in ("sources", "node_labels", "events_lost"):
         for n, v in getattr(w, attr).items():
             getattr(subs[part_of[n]], attr)[n] = v
@@ -539,10 +559,10 @@ def _split_by_nodes(w: _Window, chunk: int) -> Iterator[_Window]:
     yield from subs
 
 
-def _keys(w: _Window, f: _Chunks, rows: list[int]) -> U32:
+def _keys(w: _Window, f: _Counters | _Hists, rows: list[int]) -> U32:
     """A family's key matrix: one row per recorded series, the node (window string id)
     then the label values translated to window string ids (see ``_Gmaps``)."""
-    k = len(f.label_keys)  # type: ignore[attr-defined]
+    k = len(f.label_keys)
     counts = np.asarray(rows, dtype=np.int64)
     n = int(counts.sum())
     keys = np.empty((n, k + 1), dtype=np.uint32)
@@ -557,7 +577,8 @@ def _keys(w: _Window, f: _Chunks, rows: list[int]) -> U32:
 
 def _bucket_rows(offsets: list[I64], rows: list[int]) -> I64:
     """For every bucket of a family's chunks, the row (series) it belongs to, counted
-    across the chunks: from each chunk's bucket offsets (rows + 1 of them, from 0)."""
+    across the chunks: from each chunk's bucket offsets (rows + 1 of them, from 0, as
+    validate() guarantees for every histogram block)."""
     if not offsets:
         return np.zeros(0, dtype=np.int64)
     flat: I64 = np.concatenate(offsets).astype(np.int64, copy=False)

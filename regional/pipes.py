@@ -6,7 +6,8 @@ copied into the pickle on the way out and out of it on the way in, both into fre
 memory (page faults: ~3-10 us each on this VM), in the merge process (from its frame
 child, then to every sink process) and again in the sink. Out of band, the arrays'
 buffers are written to the pipe as they are and read into one buffer each that the
-unpickled arrays then use: the only copies left are the pipe's own.
+unpickled arrays then use (on a multiprocessing Connection, ``recv_bytes_into`` copies
+once more on the way in).
 
 A message is: 8-byte length of the header, the header (pickled: the buffer lengths and
 the object's pickle), then every out-of-band buffer, back to back.
@@ -43,7 +44,8 @@ def send(conn: Connection, obj: Any) -> None:
 
 
 def recv(conn: Connection) -> Any:
-    """Receive what ``send`` sent. Arrays come back writable (each its own bytearray)."""
+    """Receive what ``send`` sent. Each out-of-band buffer lands in a bytearray of its own;
+    what was read-only when sent comes back read-only (pickle keeps that)."""
 
     def read(n: int) -> bytearray:
         buf = bytearray(n)

@@ -220,3 +220,53 @@ def test_profile_rows_sum_per_stack_content_across_batches_and_nodes() -> None:
                    ("n2", 9, abc, ab): 6}
     frame = blocks[0].frame
     assert frame is not None and len(frame.stacks) == 4  # ab, ba, a, abc: once each
+
+
+def test_profile_rows_without_any_stack_are_merged() -> None:
+    """A window whose profile rows have no stacks at all (every id -1) still reduces."""
+    from edge.decode import ProfileRow
+
+    b = BatchBuilder("n1", "b", 1, T0, T0 + 10 * NS, {})
+    b.add_profile("cpu", 10_000_000, {ProfileRow(7, "app", "/", None, None): 4})
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))
+    agg.record(b.build())
+    blocks = agg.flush(0, force=True)
+    samples = [s for blk in blocks for p in batch_to_dict(blk.batch)["profiles"] for s in p["samples"]]
+    assert [(s["pid"], s["kernel_stack"], s["user_stack"], s["count"]) for s in samples] == [(7, None, None, 4)]
+
+
+def test_split_windows_keep_each_batchs_strings_and_only_their_stacks() -> None:
+    """Parts of a split window translate every chunk through its own batch's strings
+    (the batches below number their strings differently) and carry only their stacks."""
+    from edge.decode import ProfileRow
+
+    def batch(node: str, seq: int, pad: int) -> Any:
+        b = BatchBuilder(node, "b", seq, T0 + seq * 10 * NS, T0 + (seq + 1) * 10 * NS, {"region": "eu"})
+        for i in range(pad):
+            b.s(f"pad{node}{i}")
+        b.add_counters("syscalls_total", "calls", "h", KEYS, {("read", node): seq, ("write", "x"): 1})
+        b.add_histograms("syscall_latency", "ns", "h", KEYS, {
+            ("read", node): Histogram({seq: 2}, zero=0, count=2, sum=seq),
+            ("idle", node): Histogram({}, zero=1, count=1, sum=0),  # no buckets
+        })
+        b.add_profile("cpu", 10_000_000, {ProfileRow(1, node, "/", (f"k_{node}", "k_common"), None): seq})
+        return b.build()
+
+    def run(frame_nodes: int) -> list[Any]:
+        agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=(), frame_nodes=frame_nodes))
+        for i, node in enumerate(["n1", "n2", "n3", "n4"]):
+            for seq in (1, 2, 3):
+                agg.record(batch(node, seq, pad=3 * i + seq))
+        return agg.flush(0, force=True)
+
+    whole, split = run(250), run(1)
+    assert totals(split, "syscalls_total") == totals(whole, "syscalls_total")
+    assert totals(split, "syscalls_total")[("n3", (("comm", "n3"), ("syscall", "read")))] == 6
+    assert hist_totals(split, "syscall_latency") == hist_totals(whole, "syscall_latency")
+    assert hist_totals(split, "syscall_latency")[("n2", (("comm", "n2"), ("syscall", "read")))] == [
+        6, 6, 0, Counter({1: 2, 2: 2, 3: 2})]
+    frames = {id(b.frame): b.frame for b in split if b.frame is not None}
+    assert len(frames) == 4
+    for f in frames.values():  # one node each: its own stack, not the window's four
+        assert len(f.stacks) == 1
+        assert [f.strings[i] for i in f.stacks.values("frames", "values")][0].startswith("k_n")

@@ -65,3 +65,34 @@ def test_connection_round_trip() -> None:
     t.start()
     check(pipes.recv(b))
     t.join()
+
+
+def test_arrays_travel_out_of_band() -> None:
+    header, buffers = pipes._dumps(payload())
+    assert len(buffers) >= 1  # the big array at least
+    assert len(header) < 10_000  # its 2.4 MB are not in the pickle
+
+
+def test_sink_deliveries_of_some_or_all_parts_of_a_frame_round_trip() -> None:
+    """What a sink process is sent (regional/sinks/process.py): a sub-frame for some of a
+    frame's parts, the frame itself for all of them; either way exactly those blocks."""
+    from regional.merge import Aggregator, MergeSettings
+    from regional.sinks.process import pack_blocks, unpack_blocks
+    from tests.unit.test_merge import NS, T0, edge_batch
+
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))
+    for i, node in enumerate(["n1", "n2", "n3"]):
+        agg.record(edge_batch(node, 1, 0, {("read", "app"): i + 1}))
+    blocks = agg.flush(T0 + 60 * NS)
+    assert len(blocks) == 4  # the roll-up and three nodes
+    a, b = multiprocessing.Pipe(duplex=True)
+    for chosen in (blocks, blocks[1:3], [blocks[3]]):
+        items = pack_blocks(chosen)
+        (frame,) = [it[1] for it in items]
+        assert (frame is chosen[0].frame) == (len(chosen) == len(blocks))
+        t = threading.Thread(target=pipes.send, args=(a, items))
+        t.start()
+        got = unpack_blocks(pipes.recv(b))
+        t.join()
+        assert [g.block_id for g in got] == [c.block_id for c in chosen]
+        assert [g.batch.SerializeToString() for g in got] == [c.batch.SerializeToString() for c in chosen]
