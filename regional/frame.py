@@ -154,6 +154,19 @@ def empty_stacks() -> Table:
     return Table({"id": _empty(np.int64)}, {"frames": (np.zeros(1, np.int64), {"values": _empty(np.uint32)})})
 
 
+def used_stacks(profiles: Table, stacks: Table) -> Table:
+    """The stacks that ``profiles``' rows use, numbered anew from 0; the rows' ``kstack``
+    and ``ustack`` are renumbered to match (in place; -1, "no stack", stays)."""
+    used = np.unique(np.concatenate([profiles["kstack"], profiles["ustack"]]))
+    used = used[used >= 0]
+    if len(used) < len(stacks):
+        stacks = stacks.take(used)
+        for col in ("kstack", "ustack"):
+            ids = np.asarray(profiles[col], dtype=np.int64)
+            profiles.cols[col] = np.where(ids >= 0, np.searchsorted(used, ids), -1).astype(np.int64)
+    return Table({**stacks.cols, "id": np.arange(len(stacks), dtype=np.int64)}, stacks.ragged)
+
+
 def sort_by_part(t: Table) -> Table:
     """Stable sort on the part column (keeps each part's family order)."""
     if len(t) == 0:
@@ -235,13 +248,7 @@ class Frame:
             return t
 
         profiles = rows("profiles")
-        used = np.unique(np.concatenate([profiles["kstack"], profiles["ustack"]]))
-        used = used[used >= 0]
-        stacks = self.stacks.take(used)
-        stacks.cols["id"] = np.arange(len(used), dtype=np.int64)
-        for col in ("kstack", "ustack"):
-            ids = np.asarray(profiles[col], dtype=np.int64)
-            profiles.cols[col] = np.where(ids >= 0, np.searchsorted(used, ids), -1).astype(np.int64)
+        stacks = used_stacks(profiles, self.stacks)
         return Frame(self.start_ns, self.end_ns, self.resolution_s, self.late, self.strings,
                      [self.parts[i] for i in parts], self.families,
                      metrics=rows("metrics"), histograms=rows("histograms"), profiles=profiles,

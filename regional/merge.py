@@ -51,6 +51,7 @@ from regional.frame import (
     empty_profiles,
     empty_stacks,
     sort_by_part,
+    used_stacks,
 )
 from regional.sinks.base import Block
 from stratoscope.v1 import batch_pb2 as pb
@@ -478,17 +479,9 @@ class Aggregator:
         }
         rows = np.lexsort((out["period"], out["name"], out["part"]))
         t = Table({k: out[k][rows].astype(PROFILE_COLS[k]) for k in PROFILE_COLS})
-        # Only the stacks these rows use: the parts of a split window share its stacks,
-        # and a frame carries (and a sink hashes) just its own.
-        used = np.unique(np.concatenate([t["kstack"], t["ustack"]]))
-        used = used[used >= 0]
-        if len(used) < len(stacks):
-            stacks = stacks.take(used)
-            for col in ("kstack", "ustack"):
-                ids: I64 = np.asarray(t[col], dtype=np.int64)
-                t.cols[col] = np.where(ids >= 0, np.searchsorted(used, ids), -1).astype(np.int64)
-        stacks.cols["id"] = np.arange(len(stacks), dtype=np.int64)
-        return t, stacks
+        # only the stacks these rows use: the parts of a split window share its stacks,
+        # and a frame carries (and a sink hashes) just its own
+        return t, used_stacks(t, stacks)
 
 
 def _stack_table(chunks: list[tuple[I64, U32]]) -> Table:
