@@ -6,8 +6,8 @@ copied into the pickle on the way out and out of it on the way in, both into fre
 memory (page faults: ~3-10 us each on this VM), in the merge process (from its frame
 child, then to every sink process) and again in the sink. Out of band, the arrays'
 buffers are written to the pipe as they are and read into one buffer each that the
-unpickled arrays then use (on a multiprocessing Connection, ``recv_bytes_into`` copies
-once more on the way in).
+unpickled arrays then use, with one ``writev``/``readv`` for as many buffers as the pipe
+takes at once. A multiprocessing Connection carries the same frames on its socket.
 
 A message is: 8-byte length of the header, the header (pickled: the buffer lengths and
 the object's pickle), then every out-of-band buffer, back to back.
@@ -20,6 +20,8 @@ import pickle
 from multiprocessing.connection import Connection
 from typing import Any
 
+_IOV_MAX = 1024  # Linux's limit on buffers per readv/writev
+
 
 def _dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     buffers: list[pickle.PickleBuffer] = []
@@ -28,34 +30,23 @@ def _dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     return header, buffers
 
 
-def _loads(header: bytes | bytearray, read: Any) -> Any:
-    sizes, data = pickle.loads(header)
-    return pickle.loads(data, buffers=[read(n) for n in sizes])
-
-
 # -- multiprocessing connections ----------------------------------------------------------
 
 def send(conn: Connection, obj: Any) -> None:
-    """Send ``obj`` (the caller serializes concurrent senders)."""
-    header, buffers = _dumps(obj)
-    conn.send_bytes(header)
-    for b in buffers:
-        conn.send_bytes(b.raw())
+    """Send ``obj`` over a multiprocessing Connection, framed as ``write`` frames it (the
+    caller serializes concurrent senders). Only ``recv`` may read it."""
+    write(conn.fileno(), obj)
 
 
 def recv(conn: Connection) -> Any:
     """Receive what ``send`` sent. Each out-of-band buffer lands in a bytearray of its own;
-    what was read-only when sent comes back read-only (pickle keeps that)."""
+    what was read-only when sent comes back read-only (pickle keeps that).
 
-    def read(n: int) -> bytearray:
-        buf = bytearray(n)
-        if n:
-            conn.recv_bytes_into(buf)
-        else:
-            conn.recv_bytes()
-        return buf
-
-    return _loads(conn.recv_bytes(), read)
+    Reads the Connection's socket directly: ``Connection.recv_bytes_into`` reads a large
+    message into a BytesIO chunk by chunk and copies it out again (~300 us for a
+    145 KiB batch on this VM, against ~55 us read straight into its buffer).
+    """
+    return read(conn.fileno())
 
 
 # -- raw file descriptors (a forked child's pipe) -----------------------------------------
@@ -66,10 +57,7 @@ class EndOfStream(EOFError):
 
 def write(fd: int, obj: Any) -> None:
     header, buffers = _dumps(obj)
-    _write_all(fd, len(header).to_bytes(8, "little"))
-    _write_all(fd, header)
-    for b in buffers:
-        _write_all(fd, b.raw())
+    _write_all(fd, [len(header).to_bytes(8, "little"), header, *(b.raw() for b in buffers)])
 
 
 def read(fd: int) -> Any:
@@ -80,24 +68,48 @@ def read(fd: int) -> Any:
         raise EndOfStream("end of stream")
     if len(head) < 8:
         head += read_exact(fd, 8 - len(head))
-    return _loads(read_exact(fd, int.from_bytes(head, "little")), lambda n: read_exact(fd, n))
+    sizes, data = pickle.loads(read_exact(fd, int.from_bytes(head, "little")))
+    buffers = [bytearray(n) for n in sizes]
+    _read_into(fd, buffers)
+    return pickle.loads(data, buffers=buffers)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    """Write every part, in order, with as few ``writev`` calls as the pipe allows."""
+    views = [v for v in map(memoryview, parts) if v.nbytes]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i:i + _IOV_MAX])
+        while n:  # skip what was written
+            if n >= views[i].nbytes:
+                n -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+def _read_into(fd: int, buffers: list[bytearray]) -> None:
+    """Fill every buffer, in order, straight from ``fd`` (``readv``; no staging copy);
+    EOFError if the stream ends first."""
+    views = [memoryview(b) for b in buffers if b]
+    i = got = 0
+    while i < len(views):
+        k = os.readv(fd, views[i:i + _IOV_MAX])
+        if k == 0:
+            raise EOFError(f"stream ended after {got} of {sum(map(len, buffers))} bytes")
+        got += k
+        while k:  # skip what was filled
+            if k >= views[i].nbytes:
+                k -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][k:]
+                k = 0
 
 
 def read_exact(fd: int, n: int) -> bytearray:
     """Exactly ``n`` bytes from ``fd`` (EOFError if the stream ends first)."""
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = os.readv(fd, [view[got:]])
-        if k == 0:
-            raise EOFError(f"stream ended after {got} of {n} bytes")
-        got += k
+    _read_into(fd, [buf])
     return buf

@@ -96,3 +96,25 @@ def test_sink_deliveries_of_some_or_all_parts_of_a_frame_round_trip() -> None:
         t.join()
         assert [g.block_id for g in got] == [c.block_id for c in chosen]
         assert [g.batch.SerializeToString() for g in got] == [c.batch.SerializeToString() for c in chosen]
+
+
+@pytest.mark.parametrize("over_connection", [False, True])
+def test_more_buffers_than_one_readv_takes(over_connection: bool) -> None:
+    """Over 1,024 out-of-band buffers (Linux's IOV_MAX per readv/writev) of uneven sizes
+    arrive whole and in order, through a pipe small enough to force partial writes."""
+    arrays = [np.arange(i % 37, dtype=np.uint16) + i for i in range(2_500)]
+    if over_connection:
+        a, b = multiprocessing.Pipe(duplex=True)
+        t = threading.Thread(target=pipes.send, args=(a, arrays))
+        t.start()
+        got = pipes.recv(b)
+    else:
+        r, w = os.pipe()
+        t = threading.Thread(target=pipes.write, args=(w, arrays))
+        t.start()
+        got = pipes.read(r)
+        os.close(r)
+        os.close(w)
+    t.join()
+    assert len(got) == len(arrays)
+    assert all(g.dtype == a.dtype and np.array_equal(g, a) for g, a in zip(got, arrays, strict=True))
