@@ -244,6 +244,27 @@ async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: Runn
     assert reasons == {"compressed body": 2.0, "metrics[0]": 1.0, "column": 2.0}, reasons
 
 
+async def test_a_batch_larger_than_the_flow_control_window_is_accepted_whole(
+    regional: RunningRegional
+) -> None:
+    """The ingest server runs HTTP/2 with a fixed 1 MiB stream window (server.FLOW_CONTROL,
+    no BDP probing): a ~3 MiB uncompressed batch still arrives whole, every series counted."""
+    from regional.server import FLOW_CONTROL
+
+    window = dict(FLOW_CONTROL)["grpc.http2.lookahead_bytes"]
+    now = time.time_ns()
+    b = BatchBuilder("big-node", "boot-1", 1, now - 10 * NS, now, {"region": "test"})
+    series = {(f"call{i % 1000}", f"comm{i // 1000}"): 1_000_000_007 * (i + 1) for i in range(150_000)}
+    b.add_counters("syscalls_total", "calls", "h", ["syscall", "comm"], series)
+    batch = b.build()
+    assert batch.ByteSize() > 2 * window
+    stats = await asyncio.to_thread(send, regional, [batch], {"big-node": "none"})
+    assert (stats.acked, stats.rejected) == (1, 0)
+    await regional.regional.drain()
+    points = regional.regional.registry.get_sample_value("stratoscope_regional_points_total")
+    assert points == 150_000
+
+
 def _thread_nices(pid: int) -> dict[str, set[int]]:
     """Niceness of a process's threads, by thread name (field 19 of /proc/.../stat)."""
     out: dict[str, set[int]] = {}
