@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""CPU per batch of the regional's ingest path, isolated from storage and from windows.
+
+Why: in regional_throughput.py's sustained runs every process shares two cores with the
+niced ClickHouse sink, which takes whatever CPU is left; its per-process figures swing
++-25 % from run to run, more than most single changes are worth. This script runs only
+the parts on the ingest path, at a fixed paced rate, and prints CPU per accepted batch:
+
+* ``regional`` (default): the real ingest process (regional/ingest.py: gRPC, identity,
+  inflate, validate, pack) and, in this process, the real merge side of the hand-over
+  (``Regional.accept_admitted``: receive, unpack, record into windows; no sinks, windows
+  are never closed, so run it for a minute at most);
+* ``ack-only``: a bare grpc.aio server on uvloop that acks every message without reading
+  it (the gRPC floor), with the regional's own server options (``--flow-control regional``)
+  or gRPC's defaults (``--flow-control default``: BDP probing on).
+
+The load generator is regional_throughput.py's (sealed zstd batches of the same realistic
+templates, one batch in flight per stream); its CPU per batch is printed too.
+
+    .venv/bin/python loadtest/ingest_cost.py --repeat 3
+    .venv/bin/python loadtest/ingest_cost.py --server ack-only --flow-control default
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import pickle
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import regional_throughput as rt  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(stat_path: str) -> float:
+    """User + system CPU seconds of a process or thread (/proc/.../stat)."""
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def ack_only_main(port: int, options: list[tuple[str, Any]], ready: Any) -> None:
+    """A gRPC server that acks every message unread (runs in a spawned process)."""
+    import grpc
+    import uvloop
+
+    from stratoscope.v1 import ingest_pb2
+
+    ack = ingest_pb2.Ack(status=ingest_pb2.Ack.ACCEPTED).SerializeToString()
+
+    async def stream(requests: Any, _context: Any) -> Any:
+        async for _ in requests:
+            yield ack
+
+    async def main() -> None:
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "stratoscope.v1.Ingest", {"Stream": grpc.stream_stream_rpc_method_handler(stream)}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.put(True)
+        await server.wait_for_termination()
+
+    uvloop.run(main())
+
+
+async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, float]:
+    """One paced run; CPU per accepted batch of each part, measured after a 3 s warm-up."""
+    ctx = mp.get_context("spawn")
+    ingest = regional = server = None
+    if args.server == "regional":
+        from regional.ingest import IngestProcess
+        from regional.merge import MergeSettings
+        from regional.service import Regional
+        from regional.validate import Limits
+
+        regional = Regional(MergeSettings(resolution_s=60, lateness_s=5), [])
+        ingest = IngestProcess("127.0.0.1:0", None, Limits(), 50_000, on_batch=regional.count,
+                               on_wire=regional.accept_admitted)
+        await ingest.start()
+        port = ingest.port
+        reader = next(t for t in threading.enumerate() if t.name == "ingest-reader")
+        server_stat = f"/proc/{ingest._proc.pid}/stat"  # type: ignore[union-attr]
+        reader_stat: str | None = f"/proc/self/task/{reader.native_id}/stat"
+    else:
+        from regional.server import FLOW_CONTROL, MAX_MESSAGE
+
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        if args.flow_control == "regional":
+            options += FLOW_CONTROL
+        port = rt.free_port()
+        ready = ctx.Queue()
+        server = ctx.Process(target=ack_only_main, args=(port, options, ready), daemon=True)
+        server.start()
+        await asyncio.to_thread(ready.get)
+        server_stat, reader_stat = f"/proc/{server.pid}/stat", None
+
+    parent, child = ctx.Pipe()
+    gen = ctx.Process(target=rt.worker_main, args=(0, args.streams, f"127.0.0.1:{port}", templates_path,
+                                                   "zstd", child), daemon=True)
+    gen.start()
+    msg = await asyncio.to_thread(parent.recv)
+    if "ready" not in msg:
+        raise RuntimeError(f"load generator failed: {msg}")
+    total = round(args.rate * rt.EDGE_S)  # simulated nodes, one batch per 10 s each
+    ks = [total // args.streams + (1 if g < total % args.streams else 0) for g in range(args.streams)]
+    t_start = time.time() + 1.0
+    parent.send({"t_start": t_start, "t_stop": t_start + args.seconds, "ks": ks})
+    await asyncio.sleep(1.0 + 3.0)
+    gen_stat = f"/proc/{gen.pid}/stat"
+    s0, g0 = cpu_s(server_stat), cpu_s(gen_stat)
+    r0 = cpu_s(reader_stat) if reader_stat else 0.0
+    n0 = regional.metrics.batches.labels("accepted")._value.get() if regional else 0.0
+    w0 = time.time()
+    await asyncio.sleep(args.seconds - 5.0)
+    s1, g1 = cpu_s(server_stat), cpu_s(gen_stat)
+    r1 = cpu_s(reader_stat) if reader_stat else 0.0
+    n1 = regional.metrics.batches.labels("accepted")._value.get() if regional else 0.0
+    wall = time.time() - w0
+    result = await asyncio.to_thread(parent.recv)
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    # the ack-only server counts nothing: the batches due in the span (paced, all acked)
+    n = args.rate * wall if regional is None else n1 - n0
+    if ingest is not None:
+        await ingest.stop()
+    if server is not None:
+        server.kill()
+    out = {"batches": n, "wall_s": wall, "server_ms": 1e3 * (s1 - s0) / n, "generator_ms": 1e3 * (g1 - g0) / n,
+           "server_pct": 100 * (s1 - s0) / wall}
+    if reader_stat:
+        out["reader_ms"] = 1e3 * (r1 - r0) / n
+    if result["status"]["accepted"] == 0 or result["status"]["errors"]:
+        raise RuntimeError(f"load generator saw {result['status']}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--server", choices=("regional", "ack-only"), default="regional")
+    ap.add_argument("--flow-control", choices=("regional", "default"), default="regional",
+                    help="ack-only: the regional's HTTP/2 options (server.FLOW_CONTROL) or gRPC's defaults")
+    ap.add_argument("--rate", type=float, default=150.0, help="batches per second offered")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--streams", type=int, default=125, help="gRPC connections, one stream each")
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    if args.seconds < 10:
+        ap.error("--seconds must be at least 10 (3 s warm-up, 2 s tail)")
+
+    templates = rt.build_templates(rt.load_real(rt.DATA), 24, 2000, 1 / 3, 1000, 100, 1,
+                                   rt.churn_model(rt.MINUTE))
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
+        pickle.dump(templates, f)
+    label = args.server + (f" ({args.flow_control} flow control)" if args.server == "ack-only" else "")
+    runs = []
+    try:
+        for k in range(args.repeat):
+            r = asyncio.run(one_run(args, f.name))
+            runs.append(r)
+            reader = f", merge reader {r['reader_ms']:.3f} ms" if "reader_ms" in r else ""
+            print(f"run {k + 1}: {r['batches']:.0f} batches in {r['wall_s']:.0f} s at {args.rate:g}/s; "
+                  f"{'ingest process' if args.server == 'regional' else 'server'} {r['server_ms']:.3f} ms "
+                  f"per batch ({r['server_pct']:.1f} % of a core){reader}, load generator "
+                  f"{r['generator_ms']:.3f} ms", flush=True)
+    finally:
+        os.unlink(f.name)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    reader = f", merge reader {med['reader_ms']:.3f}" if "reader_ms" in med else ""
+    print(f"{label}, median of {len(runs)}: CPU ms per batch: server {med['server_ms']:.3f}{reader}, "
+          f"load generator {med['generator_ms']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
