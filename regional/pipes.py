@@ -76,7 +76,8 @@ def read(fd: int) -> Any:
 
 def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
     """Write every part, in order, with as few ``writev`` calls as the pipe allows."""
-    views = [v for v in map(memoryview, parts) if v.nbytes]
+    views: list[memoryview] = [memoryview(p) for p in parts]
+    views = [v for v in views if v.nbytes]
     i = 0
     while i < len(views):
         n = os.writev(fd, views[i:i + _IOV_MAX])
