@@ -26,6 +26,7 @@ import numpy.typing as npt
 from regional.batchcols import BatchCols, EventCols, HistCols, MetricCols, ProfileCols
 
 _PAD = b"\0" * 8
+_DTYPES: dict[str, np.dtype[Any]] = {}
 
 
 def _arrays(b: BatchCols) -> list[npt.NDArray[Any]]:
@@ -80,12 +81,16 @@ def unpack(buf: bytes | memoryview) -> BatchCols:
      layout) = pickle.loads(buf[len(buf) - 8 - n: len(buf) - 8])
     if isinstance(strings, str):
         strings = strings.split("\0")
+    # one buffer export, then a slice and a view per array: ~1 us each instead of
+    # np.frombuffer's ~1.5 us (~95 arrays a batch)
+    raw = np.frombuffer(buf, dtype=np.uint8)
     arrays = []
     at = 0
     for dtype, count in layout:
-        a = np.frombuffer(buf, dtype=dtype, count=count, offset=at)
-        arrays.append(a)
-        at += -(-a.nbytes // 8) * 8
+        dt = _DTYPES.get(dtype) or _DTYPES.setdefault(dtype, np.dtype(dtype))
+        n = count * dt.itemsize
+        arrays.append(raw[at:at + n].view(dt))
+        at += (n + 7) & ~7
     it = iter(arrays)
     nxt = it.__next__
     return BatchCols(
