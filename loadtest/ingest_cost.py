@@ -77,6 +77,48 @@ def ack_only_main(port: int, options: list[tuple[str, Any]], ready: Any) -> None
     uvloop.run(main())
 
 
+from regional import pipes as _pipes  # noqa: E402
+
+_ORIGINAL_RECV = _pipes.recv  # wrapped once per run below, always around the original
+
+#: Thread CPU seconds of the merge reader's steps (``_time_reader_steps``), and batches.
+STEPS = {"receive": 0.0, "unpack": 0.0, "accept": 0.0, "n": 0.0}
+
+
+def _time_reader_steps(regional: Any) -> None:
+    """Count the merge reader's thread CPU per step: receiving a hand-over message
+    (regional/pipes.py), unpacking it (regional/handover.py) and the whole
+    ``accept_admitted`` (unpack + record + counters). Wrappers around the real calls, for
+    this measurement only (~1 us each)."""
+    from regional import handover, ingest, service
+
+    STEPS.update(receive=0.0, unpack=0.0, accept=0.0, n=0.0)
+    recv, unpack, accept = _ORIGINAL_RECV, handover.unpack, regional.accept_admitted
+
+    def timed_recv(conn: Any) -> Any:
+        t = time.thread_time()
+        try:
+            return recv(conn)
+        finally:
+            STEPS["receive"] += time.thread_time() - t
+
+    def timed_unpack(buf: Any) -> Any:
+        t = time.thread_time()
+        cols = unpack(buf)
+        STEPS["unpack"] += time.thread_time() - t
+        return cols
+
+    def timed_accept(packed: Any, size: int | None) -> None:
+        t = time.thread_time()
+        accept(packed, size)
+        STEPS["accept"] += time.thread_time() - t
+        STEPS["n"] += 1
+
+    ingest.pipes.recv = timed_recv  # type: ignore[attr-defined]
+    service.unpack = timed_unpack  # type: ignore[attr-defined]
+    regional.accept_admitted = timed_accept
+
+
 async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, float]:
     """One paced run; CPU per accepted batch of each part, measured after a 3 s warm-up."""
     ctx = mp.get_context("spawn")
@@ -88,6 +130,7 @@ async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, fl
         from regional.validate import Limits
 
         regional = Regional(MergeSettings(resolution_s=60, lateness_s=5), [])
+        _time_reader_steps(regional)
         ingest = IngestProcess("127.0.0.1:0", None, Limits(), 50_000, on_batch=regional.count,
                                on_wire=regional.accept_admitted)
         await ingest.start()
@@ -143,6 +186,10 @@ async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, fl
            "server_pct": 100 * (s1 - s0) / wall}
     if reader_stat:
         out["reader_ms"] = 1e3 * (r1 - r0) / n
+        k = STEPS["n"]  # every batch of the run, warm-up included
+        out["receive_ms"] = 1e3 * STEPS["receive"] / k
+        out["unpack_ms"] = 1e3 * STEPS["unpack"] / k
+        out["record_ms"] = 1e3 * (STEPS["accept"] - STEPS["unpack"]) / k
     if result["status"]["accepted"] == 0 or result["status"]["errors"]:
         raise RuntimeError(f"load generator saw {result['status']}")
     return out
@@ -171,7 +218,8 @@ def main() -> int:
         for k in range(args.repeat):
             r = asyncio.run(one_run(args, f.name))
             runs.append(r)
-            reader = f", merge reader {r['reader_ms']:.3f} ms" if "reader_ms" in r else ""
+            reader = (f", merge reader {r['reader_ms']:.3f} ms (receive {r['receive_ms']:.3f}, unpack "
+                      f"{r['unpack_ms']:.3f}, record {r['record_ms']:.3f})" if "reader_ms" in r else "")
             print(f"run {k + 1}: {r['batches']:.0f} batches in {r['wall_s']:.0f} s at {args.rate:g}/s; "
                   f"{'ingest process' if args.server == 'regional' else 'server'} {r['server_ms']:.3f} ms "
                   f"per batch ({r['server_pct']:.1f} % of a core){reader}, load generator "
@@ -179,7 +227,8 @@ def main() -> int:
     finally:
         os.unlink(f.name)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    reader = f", merge reader {med['reader_ms']:.3f}" if "reader_ms" in med else ""
+    reader = (f", merge reader {med['reader_ms']:.3f} (receive {med['receive_ms']:.3f}, unpack "
+              f"{med['unpack_ms']:.3f}, record {med['record_ms']:.3f})" if "reader_ms" in med else "")
     print(f"{label}, median of {len(runs)}: CPU ms per batch: server {med['server_ms']:.3f}{reader}, "
           f"load generator {med['generator_ms']:.3f}")
     return 0
