@@ -73,6 +73,8 @@ def one_run(mode: str, messages: int, size: int) -> tuple[float, float]:
     c1, t1 = time.thread_time(), time.perf_counter()
     b.send_bytes(b"done")
     p.join()
+    a.close()
+    b.close()
     return 1e6 * (c1 - c0) / messages, 1e6 * (t1 - t0) / messages
 
 

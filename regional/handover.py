@@ -76,9 +76,10 @@ def pack(b: BatchCols) -> bytes:
 
 def unpack(buf: bytes | memoryview) -> BatchCols:
     """The columns ``pack`` packed, as read-only views of ``buf``."""
-    n = int.from_bytes(buf[-8:], "little")
+    header = int.from_bytes(buf[-8:], "little")
+    end = len(buf) - 8 - header  # where the arrays end
     (node_id, boot_id, seq, start_ns, end_ns, strings, metrics, hists, profiles, lost,
-     layout) = pickle.loads(buf[len(buf) - 8 - n: len(buf) - 8])
+     layout) = pickle.loads(buf[end: len(buf) - 8])
     if isinstance(strings, str):
         strings = strings.split("\0")
     # one buffer export, then a slice and a view per array: ~1 us each instead of
@@ -91,6 +92,8 @@ def unpack(buf: bytes | memoryview) -> BatchCols:
         n = count * dt.itemsize
         arrays.append(raw[at:at + n].view(dt))
         at += (n + 7) & ~7
+    if at != end:  # a slice past the arrays would be cut short silently, not raise
+        raise ValueError(f"hand-over layout covers {at} bytes, its arrays take {end}")
     it = iter(arrays)
     nxt = it.__next__
     return BatchCols(

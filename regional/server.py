@@ -72,10 +72,11 @@ class IngestService:
 
 #: HTTP/2 flow control with a fixed window instead of BDP probing. With probing, gRPC
 #: answers incoming data with PING frames to size the window: more frames and thread
-#: wake-ups per batch on both sides (server CPU per batch 0.94-1.07 ms with it,
-#: 0.78-0.85 ms without, loopback, 125 streams at 94 batches/s; docs/BENCHMARKS.md).
-#: A 1 MiB per-stream window still carries the largest batch (16 MiB) at ~1 GB/s at a
-#: 1 ms round trip, ~20 MB/s at 50 ms; ordinary sealed batches are ~27 KiB.
+#: wake-ups per batch on both sides (server CPU per batch 0.82-0.90 ms with it,
+#: 0.69-0.75 ms without, against an ack-only server: loadtest/ingest_cost.py). The 1 MiB
+#: per-stream window holds ~35 ordinary sealed batches (~27 KiB); for a larger message
+#: gRPC still opens the window to the rest of that message, so a 16 MiB batch is not
+#: held to 1 MiB per round trip. (With probing, gRPC's window starts at 4 MiB or more.)
 FLOW_CONTROL = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1 << 20)]
 
 

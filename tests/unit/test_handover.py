@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -74,3 +75,10 @@ def test_merging_unpacked_columns_equals_merging_decoded_ones() -> None:
     there = blocks(lambda c: unpack(pack(c)))
     assert [b.block_id for b in here] == [b.block_id for b in there]
     assert [b.batch.SerializeToString() for b in here] == [b.batch.SerializeToString() for b in there]
+
+
+def test_a_buffer_shorter_than_its_layout_is_refused() -> None:
+    """Eight bytes of the array region missing: the arrays would be cut short silently."""
+    wire = pack(decode(full_batch()))
+    with pytest.raises(ValueError, match="layout"):
+        unpack(wire[8:])

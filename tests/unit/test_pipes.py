@@ -99,22 +99,54 @@ def test_sink_deliveries_of_some_or_all_parts_of_a_frame_round_trip() -> None:
 
 
 @pytest.mark.parametrize("over_connection", [False, True])
-def test_more_buffers_than_one_readv_takes(over_connection: bool) -> None:
+def test_more_buffers_than_one_readv_takes_and_short_writes(
+    over_connection: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Over 1,024 out-of-band buffers (Linux's IOV_MAX per readv/writev) of uneven sizes
-    arrive whole and in order, through a pipe small enough to force partial writes."""
+    arrive whole and in order, with every ``writev`` cut short at a random length (a
+    blocking pipe rarely writes short, so the test makes it: the resume logic runs)."""
+    import random
+
+    rng = random.Random(7)
+    real_writev = os.writev
+
+    def short_writev(fd: int, views: list[memoryview]) -> int:
+        budget = rng.randint(1, 3000)
+        cut = []
+        for v in views:
+            cut.append(v[:budget])
+            budget -= len(cut[-1])
+            if budget <= 0:
+                break
+        return real_writev(fd, cut)
+
+    monkeypatch.setattr(pipes.os, "writev", short_writev)
     arrays = [np.arange(i % 37, dtype=np.uint16) + i for i in range(2_500)]
     if over_connection:
         a, b = multiprocessing.Pipe(duplex=True)
-        t = threading.Thread(target=pipes.send, args=(a, arrays))
-        t.start()
-        got = pipes.recv(b)
+        send, close_writer, recv, close_reader = pipes.send, a.close, lambda: pipes.recv(b), b.close
+        wend: object = a
     else:
         r, w = os.pipe()
-        t = threading.Thread(target=pipes.write, args=(w, arrays))
-        t.start()
-        got = pipes.read(r)
-        os.close(r)
-        os.close(w)
-    t.join()
+        send, close_writer, recv, close_reader = pipes.write, lambda: os.close(w), lambda: pipes.read(r), lambda: os.close(r)
+        wend = w
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            send(wend, arrays)  # type: ignore[arg-type]
+        except BaseException as exc:
+            failed.append(exc)
+        finally:  # the stream ends either way: a broken writer fails the reader, not hangs it
+            close_writer()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        got = recv()
+    finally:  # reader end first: a writer blocked on a full pipe then fails instead of hanging
+        close_reader()
+        t.join()
+    assert not failed
     assert len(got) == len(arrays)
     assert all(g.dtype == a.dtype and np.array_equal(g, a) for g, a in zip(got, arrays, strict=True))
