@@ -80,14 +80,7 @@ def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
     views = [v for v in views if v.nbytes]
     i = 0
     while i < len(views):
-        n = os.writev(fd, views[i:i + _IOV_MAX])
-        while n:  # skip what was written
-            if n >= views[i].nbytes:
-                n -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+        i = _advance(views, i, os.writev(fd, views[i:i + _IOV_MAX]))
 
 
 def _read_into(fd: int, buffers: list[bytearray]) -> None:
@@ -100,13 +93,20 @@ def _read_into(fd: int, buffers: list[bytearray]) -> None:
         if k == 0:
             raise EOFError(f"stream ended after {got} of {sum(map(len, buffers))} bytes")
         got += k
-        while k:  # skip what was filled
-            if k >= views[i].nbytes:
-                k -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][k:]
-                k = 0
+        i = _advance(views, i, k)
+
+
+def _advance(views: list[memoryview], i: int, n: int) -> int:
+    """Past ``n`` bytes written or read into ``views[i:]``: whole views are skipped, a
+    partly done one is sliced to its rest; returns the index of the first view not done."""
+    while n:
+        if n >= views[i].nbytes:
+            n -= views[i].nbytes
+            i += 1
+        else:
+            views[i] = views[i][n:]
+            n = 0
+    return i
 
 
 def read_exact(fd: int, n: int) -> bytearray:
