@@ -136,6 +136,11 @@ def store_cost(inserts: Sequence[tuple[dict[str, Any], list[str]]], variant: str
             time.sleep(0.2)
         c2, t2 = cpu_s(), time.perf_counter()
         parts = int(client.command("SELECT count() FROM system.parts WHERE active AND database = 'stratoscope'"))
+        events = dict(client.query("SELECT event, value FROM system.events WHERE event IN "
+                                   "('Merge', 'MergedRows', 'MergedUncompressedBytes', 'InsertedRows', "
+                                   "'MergeTotalMilliseconds', 'MergeHorizontalStageTotalMilliseconds', "
+                                   "'MergeVerticalStageTotalMilliseconds', 'MergeProjectionStageTotalMilliseconds')"
+                                   ).result_rows)
         sizes = client.query("SELECT table, sum(data_compressed_bytes), sum(rows) FROM system.parts "
                              "WHERE active AND database = 'stratoscope' GROUP BY table ORDER BY 2 DESC").result_rows
         client.close()
@@ -143,7 +148,8 @@ def store_cost(inserts: Sequence[tuple[dict[str, Any], list[str]]], variant: str
         shutil.rmtree(d, ignore_errors=True)
     return {"rows": rows, "insert_cpu_s": c1 - c0, "insert_wall_s": t1 - t0, "after_cpu_s": c2 - c1,
             "after_wall_s": t2 - t1, "active_parts": parts, "cpu_us_per_row": 1e6 * (c2 - c0) / rows,
-            "sizes": [(t, int(b), int(n)) for t, b, n in sizes]}
+            "sizes": [(t, int(b), int(n)) for t, b, n in sizes],
+            "events": {k: int(v) for k, v in events.items()}}
 
 
 def main() -> int:
@@ -168,6 +174,13 @@ def main() -> int:
           f"{r['after_cpu_s']:.1f} s (wall {r['after_wall_s']:.1f} s): total {total:.1f} s = "
           f"{r['cpu_us_per_row']:.1f} us per row, {r['rows'] / total:,.0f} rows per CPU-second; "
           f"{r['active_parts']} active parts")
+    ev = r["events"]
+    print(f"  merges: {ev.get('Merge', 0)} merges, {ev.get('MergedRows', 0):,} rows merged against "
+          f"{ev.get('InsertedRows', 0):,} inserted (every table, roll-ups included), "
+          f"{ev.get('MergedUncompressedBytes', 0) / 1e6:,.0f} MB; "
+          f"merge wall {ev.get('MergeTotalMilliseconds', 0) / 1e3:.1f} s (horizontal "
+          f"{ev.get('MergeHorizontalStageTotalMilliseconds', 0) / 1e3:.1f}, vertical "
+          f"{ev.get('MergeVerticalStageTotalMilliseconds', 0) / 1e3:.1f})")
     print("  stored: " + ", ".join(f"{t} {b / 1e6:.1f} MB ({n:,} rows)" for t, b, n in r["sizes"]))
     return 0
 

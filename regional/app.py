@@ -50,6 +50,15 @@ class RegionalOptions:
     ingest_process: bool = True
     #: Reduce closed windows in a forked child (its own GIL and core), not a thread.
     frames_in_child: bool = True
+    #: Nodes per frame of a closed window (MergeSettings.frame_nodes); the ClickHouse
+    #: sink inserts a delivery's frames together, and a delivery takes up to two frames.
+    frame_nodes: int = 250
+
+    def __post_init__(self) -> None:
+        # A frame is a delivery's worth of blocks (one per node): past a third of the
+        # RETRY backlog, two frames in the queue would turn edges away.
+        if not 1 <= self.frame_nodes <= QUEUE_RETRY // 3:
+            raise ValueError(f"frame_nodes must be 1..{QUEUE_RETRY // 3}, got {self.frame_nodes}")
 
 
 def build_sinks(opts: RegionalOptions) -> list[Sink]:
@@ -96,11 +105,12 @@ class RunningRegional:
         # only past QUEUE_MAX. In a saturation benchmark a 50k-block allowance let the
         # regional grow to 14.7 GB while ClickHouse fell behind.
         self.queues = [
-            DeliveryQueue(s, batch_max_blocks=500, batch_max_wait_s=0.5, max_queue_blocks=QUEUE_MAX)
+            DeliveryQueue(s, batch_max_blocks=max(500, 2 * opts.frame_nodes + 2), batch_max_wait_s=0.5,
+                          max_queue_blocks=QUEUE_MAX)
             for s in self.sinks
         ]
         settings = MergeSettings(resolution_s=opts.resolution_s, lateness_s=opts.lateness_s,
-                                 rollups=opts.rollups)
+                                 rollups=opts.rollups, frame_nodes=opts.frame_nodes)
         self.regional = Regional(settings, self.queues, regional_id=opts.regional_id,
                                  max_queued_blocks=QUEUE_RETRY, frames_in_child=opts.frames_in_child)
         self._server = None

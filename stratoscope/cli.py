@@ -155,6 +155,8 @@ def _regional_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lateness", default="15s", help="allowed lateness before a window closes")
     p.add_argument("--fork-frames", action=argparse.BooleanOptionalAction, default=True,
                    help="reduce closed windows in a forked child (default) or in a thread")
+    p.add_argument("--frame-nodes", type=int, default=None,
+                   help="nodes per frame a closed window is reduced and stored in (default 250)")
 
 
 def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
@@ -171,6 +173,7 @@ def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
             resolution_s=int(parse_duration(args.resolution)),
             lateness_s=parse_duration(args.lateness),
             frames_in_child=getattr(args, "fork_frames", True),
+            **({"frame_nodes": args.frame_nodes} if getattr(args, "frame_nodes", None) else {}),
             tls=tls_from_paths(getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
                                getattr(args, "tls_client_ca", None)),
             **over,

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import numpy as np
 import pyarrow as pa
 
 from regional.batchcols import BatchCols, decode
@@ -472,47 +473,104 @@ class ClickHouseSink:
             return {}
         self._known_stacks = _expire(self._known_stacks, self.STACK_RESEND_S, self.MAX_KNOWN_STACKS)
         self._known_series = _expire(self._known_series, self.STACK_RESEND_S, self.MAX_KNOWN_SERIES)
-        written: dict[str, int] = {}
-        for frame, parts in _frames_of(list(unique.values())):
-            ids = [frame.parts[i].block_id for i in parts]
-            try:
-                tables, new_stacks, new_series = arrow_tables(frame, parts, self._known_stacks,
-                                                              self._known_series)
-            except (IndexError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
-                raise PermanentError(f"blocks {ids[:3]} cannot be shaped into rows: {exc}") from exc
-            for name in INSERT_ORDER:
-                table = tables.get(name)
-                if table is None:
-                    continue
-                settings = {
-                    "insert_deduplication_token": dedup_token(name, ids),
-                    "insert_deduplicate": 1,
-                    "deduplicate_blocks_in_dependent_materialized_views": 1,
-                    "async_insert": 0,
-                    # merge-on-insert of the *_1h and series targets is useless:
-                    # background merges collapse those rows
-                    "optimize_on_insert": 0,
-                }
+        # Every frame of the delivery goes into ONE insert per table: ClickHouse writes a
+        # part per insert and merges parts again in the background, so fewer, larger
+        # parts cost far less (a window's 10 frames as one insert: ~45 % less storage
+        # CPU, merges included; loadtest/chdb_storage.py --frames-per-insert,
+        # docs/BENCHMARKS.md, session 9). The delivery queue retries the same blocks, so
+        # a retried insert carries the same token.
+        shaped: list[dict[str, pa.Table]] = []
+        ids: list[str] = []
+        new_stacks: list[int] = []
+        new_series: list[tuple[str, int]] = []
+        now = time.monotonic()
+        try:
+            for frame, parts in _frames_of(list(unique.values())):
+                frame_ids = [frame.parts[i].block_id for i in parts]
                 try:
-                    client.insert_arrow(TARGET.get(name, name), table, database=self.database,
-                                        settings=settings)
-                except Exception as exc:
-                    raise classify_error(
-                        exc, f"inserting {table.num_rows} rows into {self.database}.{name}"
-                    ) from exc
-                target = TARGET.get(name, name)
-                written[target] = written.get(target, 0) + table.num_rows
-            now = time.monotonic()
+                    tables, stacks, series = arrow_tables(frame, parts, self._known_stacks,
+                                                          self._known_series)
+                except (IndexError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
+                    raise PermanentError(f"blocks {frame_ids[:3]} cannot be shaped into rows: {exc}") from exc
+                shaped.append(tables)
+                ids.extend(frame_ids)
+                # Known while this delivery is shaped (a later frame does not send them
+                # again); forgotten below if the delivery fails.
+                for sid in stacks:
+                    self._known_stacks[sid] = now
+                for key in series:
+                    self._known_series[key] = now
+                new_stacks.extend(stacks)
+                new_series.extend(series)
+            written = self._insert_tables(client, _concat_frames(shaped), ids)
+        except BaseException:
             for sid in new_stacks:
-                self._known_stacks[sid] = now
+                self._known_stacks.pop(sid, None)
             for key in new_series:
-                self._known_series[key] = now
-            delivered = self._delivered
-            for bid in ids:
-                delivered[bid] = None
+                self._known_series.pop(key, None)
+            raise
+        delivered = self._delivered
+        for bid in ids:
+            delivered[bid] = None
         if len(self._delivered) > self.MAX_DELIVERED_IDS:  # keep the newest half
             self._delivered = dict.fromkeys(list(self._delivered)[-(self.MAX_DELIVERED_IDS // 2):])
         return written
+
+    def _insert_tables(self, client: Any, tables: dict[str, pa.Table], ids: Sequence[str]) -> dict[str, int]:
+        """One insert per table, in INSERT_ORDER, each carrying the token of ``ids``."""
+        written: dict[str, int] = {}
+        for name in INSERT_ORDER:
+            table = tables.get(name)
+            if table is None:
+                continue
+            settings = {
+                "insert_deduplication_token": dedup_token(name, ids),
+                "insert_deduplicate": 1,
+                "deduplicate_blocks_in_dependent_materialized_views": 1,
+                "async_insert": 0,
+                # merge-on-insert of the *_1h and series targets is useless:
+                # background merges collapse those rows
+                "optimize_on_insert": 0,
+            }
+            try:
+                client.insert_arrow(TARGET.get(name, name), table, database=self.database,
+                                    settings=settings)
+            except Exception as exc:
+                raise classify_error(
+                    exc, f"inserting {table.num_rows} rows into {self.database}.{name}"
+                ) from exc
+            target = TARGET.get(name, name)
+            written[target] = written.get(target, 0) + table.num_rows
+        return written
+
+
+def _concat_frames(shaped: Sequence[dict[str, pa.Table]]) -> dict[str, pa.Table]:
+    """The frames' tables joined into one record batch per ClickHouse table.
+
+    One batch, not a chunked table: an Arrow file holds one dictionary per column (the
+    frames' dictionaries differ), and ClickHouse makes a block, so a part, per batch.
+    The lost-event counter rows join the metric points (one part, not two).
+    """
+    joined: dict[str, list[pa.Table]] = {}
+    for tables in shaped:
+        for name, table in tables.items():
+            if name == "metrics_events_lost" and "metric_points" in tables:
+                table = _as_schema(table, tables["metric_points"].schema)
+                name = "metric_points"
+            joined.setdefault(name, []).append(table)
+    return {name: parts[0] if len(parts) == 1 else pa.concat_tables(parts).unify_dictionaries().combine_chunks()
+            for name, parts in joined.items()}
+
+
+def _as_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table``'s columns cast to ``schema`` (a missing column: zeros)."""
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            cols.append(table.column(field.name).cast(field.type))
+        else:
+            cols.append(pa.array(np.zeros(table.num_rows)).cast(field.type))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 _K = TypeVar("_K")

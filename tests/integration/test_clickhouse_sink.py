@@ -383,6 +383,51 @@ async def test_retry_after_timeout_changes_nothing(
     assert await snapshot(sink) == after
 
 
+def framed_blocks(nodes: int, frame_nodes: int, prefix: str) -> list[Block]:
+    """``nodes`` nodes' windows merged by the regional's Aggregator, reduced into frames
+    of ``frame_nodes`` nodes each (what the regional hands its sinks)."""
+    from regional.batchcols import decode
+    from regional.merge import Aggregator, MergeSettings
+
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=(), frame_nodes=frame_nodes),
+                     regional_id=prefix)
+    for n in range(nodes):
+        batch = node_block("x", node=f"{prefix}-{n}", scale=n + 1).batch
+        agg.record(decode(pb.Batch.FromString(batch.SerializeToString())))
+    return agg.flush((HOUR + 60) * NS, force=True)
+
+
+async def test_frames_of_one_delivery_are_one_insert(sink: ClickHouseSink, anchor: Any, db: str) -> None:
+    """Several frames delivered together land as one part per table (background merges
+    cost per part: docs/BENCHMARKS.md, session 9), with exact sums, and a retry after a
+    failed insert writes every series' labels (the series marked as sent while the
+    delivery was shaped are forgotten when it fails)."""
+    blocks = framed_blocks(4, 1, "mf")
+    assert len({id(b.frame) for b in blocks}) == 4
+    anchor.command(f"SYSTEM STOP MERGES {db}.metric_points")
+    anchor.command(f"SYSTEM STOP MERGES {db}.histogram_points")
+    anchor.command(f"RENAME TABLE {db}.series TO {db}.series_away")
+    with pytest.raises(PermanentError, match="UNKNOWN_TABLE"):
+        await sink.deliver(blocks)
+    assert sink._known_series == {}
+    anchor.command(f"RENAME TABLE {db}.series_away TO {db}.series")
+    await sink.deliver(blocks)
+    for table in ("metric_points", "histogram_points"):
+        assert one(anchor, "SELECT count() FROM system.parts WHERE active AND database = {d:String}"
+                           " AND table = {t:String}", d=db, t=table) == 1, table
+    # scale n + 1 for node n: (100 + 50 + 7) * (1 + 2 + 3 + 4)
+    assert one(anchor, f"SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total'") == 157 * 10
+    assert rows(anchor, f"SELECT labels['comm'], labels['syscall'], sum(value) FROM {db}.metrics"
+                        f" WHERE metric = 'syscalls_total' GROUP BY 1, 2 ORDER BY 1, 2") == [
+        ("nginx", "read", 1000), ("nginx", "write", 500), ("redis", "read", 70)]
+    assert one(anchor, f"SELECT sum(count) FROM {db}.histograms") == (8 + 4) * 10
+    assert one(anchor, f"SELECT count() FROM {db}.histograms WHERE empty(labels)") == 0
+    before = await snapshot(sink)
+    await sink.deliver(blocks)  # again: nothing changes
+    await sink.deliver(blocks[:3])  # nor for a subset already delivered
+    assert await snapshot(sink) == before
+
+
 async def test_series_ids_agree_between_regional_ingest_tables_and_python(
     sink: ClickHouseSink, anchor: Any, db: str
 ) -> None:
