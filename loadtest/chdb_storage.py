@@ -19,6 +19,9 @@ Variants change the fresh store before the inserts (one per run, ``--variant``):
 parts pile up), ``no-hourly-views``, ``lz4`` (every ZSTD(1) codec of a plain column
 replaced by LZ4), ``setting:NAME=VALUE`` (a MergeTree setting on every table), or
 ``sql:FILE`` (the statements of FILE, ``{db}`` replaced, e.g. another schema to compare).
+``--frame-nodes F --frames-per-insert G`` split each window into frames of F nodes as the
+regional does and insert G of them at a time, as the ClickHouse sink joins the frames of
+one delivery: fewer, larger parts to merge.
 
     .venv/bin/python loadtest/chdb_storage.py --variant shipped --minutes 12 --nodes 250
 """
@@ -48,9 +51,9 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def frames(minutes: int, nodes: int) -> list[Any]:
-    """One reduced frame per minute, ``nodes`` nodes x 6 batches each (one frame, so one
-    insert per table per minute; the regional's frames hold 250 nodes)."""
+def frames(minutes: int, nodes: int, frame_nodes: int | None = None) -> list[list[Any]]:
+    """Per minute, ``nodes`` nodes x 6 batches each reduced by the regional's merge into
+    frames of ``frame_nodes`` nodes (default: all in one frame; the regional's hold 250)."""
     import regional_throughput as rt
 
     from regional.batchcols import decode
@@ -62,7 +65,7 @@ def frames(minutes: int, nodes: int) -> list[Any]:
     base = (int(time.time()) // 60 - minutes - 10) * 60
     out = []
     for k in range(minutes):
-        agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=5, frame_nodes=nodes))
+        agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=5, frame_nodes=frame_nodes or nodes))
         w = base + k * 60
         for n in range(nodes):
             tpl = templates[n % len(templates)]
@@ -70,7 +73,10 @@ def frames(minutes: int, nodes: int) -> list[Any]:
                 s_ns = (w + slot * 10) * rt.NS
                 raw = tpl.bodies[slot] + rt.header(f"node-{n:05d}", "boot", slot + 1, s_ns, s_ns + 10 * rt.NS)
                 agg.record(decode(pb.Batch.FromString(raw)))
-        out.append(agg.flush((w + 100) * rt.NS, force=True)[0].frame)
+        window: dict[int, Any] = {}
+        for b in agg.flush((w + 100) * rt.NS, force=True):
+            window.setdefault(id(b.frame), b.frame)
+        out.append(list(window.values()))
     return out
 
 
@@ -158,18 +164,26 @@ def main() -> int:
     ap.add_argument("--minutes", type=int, default=12, help="windows (one insert per table each)")
     ap.add_argument("--nodes", type=int, default=250,
                     help="nodes per window, inserted as one frame (the regional's frames hold 250)")
-    ap.add_argument("--settle-timeout", type=float, default=600)
+    ap.add_argument("--frame-nodes", type=int, default=None,
+                    help="reduce each window into frames of this many nodes (default: one frame)")
+    ap.add_argument("--frames-per-insert", type=int, default=1,
+                    help="frames joined into one insert per table, as the ClickHouse sink joins "
+                         "the frames of one delivery (default 1)")
     args = ap.parse_args()
 
+    from regional.sinks.clickhouse import _concat_frames
     from regional.sinks.clickhouse_arrow import arrow_tables
 
     inserts = []
-    for f in frames(args.minutes, args.nodes):
-        tables = arrow_tables(f, list(range(len(f.parts)))).tables
-        inserts.append((tables, [p.block_id for p in f.parts]))
+    for window in frames(args.minutes, args.nodes, args.frame_nodes):
+        for i in range(0, len(window), args.frames_per_insert):
+            group = window[i:i + args.frames_per_insert]
+            tables = _concat_frames([arrow_tables(f, list(range(len(f.parts)))).tables for f in group])
+            inserts.append((tables, [p.block_id for f in group for p in f.parts]))
     r = store_cost(inserts, args.variant, args.settle_timeout)
     total = r["insert_cpu_s"] + r["after_cpu_s"]
-    print(f"{args.variant}: {args.minutes} windows x {args.nodes} nodes, {r['rows']:,} metric+histogram rows")
+    print(f"{args.variant}: {args.minutes} windows x {args.nodes} nodes, {len(inserts)} inserts per table, "
+          f"{r['rows']:,} metric+histogram rows")
     print(f"  CPU during the inserts {r['insert_cpu_s']:.1f} s (wall {r['insert_wall_s']:.1f} s), merges after "
           f"{r['after_cpu_s']:.1f} s (wall {r['after_wall_s']:.1f} s): total {total:.1f} s = "
           f"{r['cpu_us_per_row']:.1f} us per row, {r['rows'] / total:,.0f} rows per CPU-second; "

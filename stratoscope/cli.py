@@ -173,7 +173,7 @@ def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
             resolution_s=int(parse_duration(args.resolution)),
             lateness_s=parse_duration(args.lateness),
             frames_in_child=getattr(args, "fork_frames", True),
-            **({"frame_nodes": args.frame_nodes} if getattr(args, "frame_nodes", None) else {}),
+            **({"frame_nodes": args.frame_nodes} if getattr(args, "frame_nodes", None) is not None else {}),
             tls=tls_from_paths(getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
                                getattr(args, "tls_client_ca", None)),
             **over,
