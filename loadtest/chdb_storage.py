@@ -164,6 +164,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=int, default=12, help="windows (one insert per table each)")
     ap.add_argument("--nodes", type=int, default=250,
                     help="nodes per window, inserted as one frame (the regional's frames hold 250)")
+    ap.add_argument("--settle-timeout", type=float, default=600)
     ap.add_argument("--frame-nodes", type=int, default=None,
                     help="reduce each window into frames of this many nodes (default: one frame)")
     ap.add_argument("--frames-per-insert", type=int, default=1,
@@ -171,14 +172,14 @@ def main() -> int:
                          "the frames of one delivery (default 1)")
     args = ap.parse_args()
 
-    from regional.sinks.clickhouse import _concat_frames
+    from regional.sinks.clickhouse import concat_frames
     from regional.sinks.clickhouse_arrow import arrow_tables
 
     inserts = []
     for window in frames(args.minutes, args.nodes, args.frame_nodes):
         for i in range(0, len(window), args.frames_per_insert):
             group = window[i:i + args.frames_per_insert]
-            tables = _concat_frames([arrow_tables(f, list(range(len(f.parts)))).tables for f in group])
+            tables = concat_frames([arrow_tables(f, list(range(len(f.parts)))).tables for f in group])
             inserts.append((tables, [p.block_id for f in group for p in f.parts]))
     r = store_cost(inserts, args.variant, args.settle_timeout)
     total = r["insert_cpu_s"] + r["after_cpu_s"]

@@ -502,7 +502,7 @@ class ClickHouseSink:
                     self._known_series[key] = now
                 new_stacks.extend(stacks)
                 new_series.extend(series)
-            written = self._insert_tables(client, _concat_frames(shaped), ids)
+            written = self._insert_tables(client, concat_frames(shaped), ids)
         except BaseException:
             for sid in new_stacks:
                 self._known_stacks.pop(sid, None)
@@ -544,7 +544,7 @@ class ClickHouseSink:
         return written
 
 
-def _concat_frames(shaped: Sequence[dict[str, pa.Table]]) -> dict[str, pa.Table]:
+def concat_frames(shaped: Sequence[dict[str, pa.Table]]) -> dict[str, pa.Table]:
     """The frames' tables joined into one record batch per ClickHouse table.
 
     One batch, not a chunked table: an Arrow file holds one dictionary per column (the
