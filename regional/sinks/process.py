@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -94,6 +95,43 @@ def unpack_blocks(items: list[tuple[Any, ...]]) -> list[Block]:
 #: seconds on 2 cores. Like the frame child (regional/forkframe.py), sinks yield.
 SINK_NICE = 10
 
+#: Niceness of the embedded ClickHouse's background merge threads (comm ``MergeMutate``),
+#: below the rest of the sink: a window is stored once its inserts are done, not its
+#: merges, so on a busy machine the insert should get the core first. Merges still run
+#: (nice 19 has a share, unlike SCHED_IDLE), so parts cannot pile up unbounded.
+MERGE_NICE = 19
+MERGE_THREAD_PREFIX = "MergeMutate"
+
+
+def demote_merge_threads(seen: set[int], nice: int = MERGE_NICE) -> int:
+    """Set ``nice`` on this process's merge threads not in ``seen``; returns how many.
+
+    Linux applies setpriority(PRIO_PROCESS, tid) to one thread. ClickHouse starts its
+    background pool lazily, so the sink calls this every few seconds.
+    """
+    done = 0
+    for tid_s in os.listdir("/proc/self/task"):
+        tid = int(tid_s)
+        if tid in seen:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+            if name.startswith(MERGE_THREAD_PREFIX):
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                seen.add(tid)
+                done += 1
+        except OSError:  # the thread ended, or setpriority is refused: do not retry
+            seen.add(tid)
+    return done
+
+
+def _demote_merges_forever(every_s: float = 2.0) -> None:
+    seen: set[int] = set()
+    while True:
+        demote_merge_threads(seen)
+        time.sleep(every_s)
+
 
 def _child_main(conn: Connection, kind: str, kwargs: dict[str, Any], log_level: int) -> None:
     refused = None
@@ -108,6 +146,8 @@ def _child_main(conn: Connection, kind: str, kwargs: dict[str, Any], log_level: 
         log.warning("sink %s cannot lower its priority (%s): acks may stall while windows are stored",
                     kind, refused)
     tune_gc()
+    if kind == "clickhouse":
+        threading.Thread(target=_demote_merges_forever, name="demote-merges", daemon=True).start()
     try:
         import uvloop
 

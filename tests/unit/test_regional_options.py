@@ -22,3 +22,38 @@ def test_frame_nodes_out_of_range_is_a_config_error(bad: int) -> None:
     args = build_parser().parse_args(["regional", "--frame-nodes", str(bad), "--clickhouse", "none"])
     with pytest.raises(ConfigError, match="frame_nodes must be 1..1000"):
         _regional_options(args)
+
+
+def test_demote_merge_threads_sets_nice_on_named_threads_only() -> None:
+    """A thread named like ClickHouse's merge pool gets MERGE_NICE; others keep theirs."""
+    import os
+    import threading
+
+    from regional.sinks.process import MERGE_NICE, demote_merge_threads
+
+    ready, stop = threading.Event(), threading.Event()
+    tids: dict[str, int] = {}
+
+    def worker(name: str) -> None:
+        tids[name] = threading.get_native_id()
+        with open(f"/proc/self/task/{tids[name]}/comm", "w") as f:
+            f.write(name)
+        if len(tids) == 2:
+            ready.set()
+        stop.wait(10)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("MergeMutate", "QueryPullPipeEx")]
+    for t in threads:
+        t.start()
+    try:
+        assert ready.wait(5)
+        base = os.getpriority(os.PRIO_PROCESS, tids["QueryPullPipeEx"])
+        seen: set[int] = set()
+        assert demote_merge_threads(seen) == 1
+        assert os.getpriority(os.PRIO_PROCESS, tids["MergeMutate"]) == MERGE_NICE
+        assert os.getpriority(os.PRIO_PROCESS, tids["QueryPullPipeEx"]) == base
+        assert demote_merge_threads(seen) == 0  # once per thread
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
