@@ -22,7 +22,7 @@ from edge.forward import GrpcForwarder
 from regional.app import RegionalOptions, RunningRegional
 from regional.merge import Rollup
 from regional.sinks.kafka import decode_message
-from regional.sinks.process import SINK_NICE
+from regional.sinks.process import MERGE_NICE, SINK_NICE
 from stratoscope.columns import to_packed
 from stratoscope.v1 import batch_pb2 as pb
 from tests.conftest import kafka_bootstrap, run_edge, unique_comm
@@ -280,18 +280,22 @@ def _thread_nices(pid: int) -> dict[str, set[int]]:
 
 async def test_sinks_yield_the_cpu_to_ingest(regional: RunningRegional) -> None:
     """Sink processes run SINK_NICE below the regional, and so do the threads chdb starts
-    in them (inserts, background merges); the ingest process, which answers acks, does
-    not. (Threads started at import, before the child lowers itself, e.g. an idle BLAS
+    in them (inserts); chdb's background merge threads go further down, to MERGE_NICE; the
+    ingest process, which answers acks, does not. (Threads started at import, before the child lowers itself, e.g. an idle BLAS
     pool, and chdb's tiny memory-accounting thread, which raises itself, are not checked.)"""
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert base <= 9, f"run the tests below nice 10 (at {base} the sinks cannot go lower)"
     assert SINK_NICE >= 5
     niced = min(19, base + SINK_NICE)
     assert await one(regional, "SELECT count() FROM system.merge_tree_settings") > 0  # store open
-    ch = _thread_nices(regional.sink("clickhouse")._proc.pid)  # type: ignore[attr-defined]
+    pid = regional.sink("clickhouse")._proc.pid  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10  # the sink demotes merge threads every 2 s
+    while (ch := _thread_nices(pid)).get("MergeMutate") != {MERGE_NICE} and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
     assert ch["main"] == {niced}
     assert {"MergeMutate", "ThreadPool", "BgSchPool"} <= set(ch), ch
-    for name in ("MergeMutate", "ThreadPool", "BgSchPool", "BgStrmSchPool", "PoolDelayExec", "Fetch", "Move"):
+    assert ch["MergeMutate"] == {MERGE_NICE}, ch  # merges below the inserts
+    for name in ("ThreadPool", "BgSchPool", "BgStrmSchPool", "PoolDelayExec", "Fetch", "Move"):
         assert ch.get(name, {niced}) == {niced}, (name, ch)
     assert _thread_nices(regional.sink("kafka")._proc.pid)["main"] == {niced}  # type: ignore[attr-defined]
     assert _thread_nices(regional._ingest._proc.pid)["main"] == {base}  # type: ignore[union-attr]
