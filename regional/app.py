@@ -18,7 +18,7 @@ from regional.ingest import IngestProcess
 from regional.merge import DEFAULT_ROLLUPS, MergeSettings, Rollup
 from regional.runtime import tune_gc
 from regional.server import ServerTls, flush_forever, serve
-from regional.service import Regional
+from regional.service import DEFAULT_MAX_HELD_POINTS, Regional
 from regional.sinks.base import Sink, SinkError
 
 log = logging.getLogger("stratoscope.regional")
@@ -53,12 +53,17 @@ class RegionalOptions:
     #: Nodes per frame of a closed window (MergeSettings.frame_nodes); the ClickHouse
     #: sink inserts a delivery's frames together, and a delivery takes up to two frames.
     frame_nodes: int = 250
+    #: Points the merge may hold in windows not yet handed to the sinks; past it edges
+    #: are answered RETRY until windows close (memory is bounded, nothing is dropped).
+    max_held_points: int = DEFAULT_MAX_HELD_POINTS
 
     def __post_init__(self) -> None:
         # A frame is a delivery's worth of blocks (one per node): past a third of the
         # RETRY backlog, two frames in the queue would turn edges away.
         if not 1 <= self.frame_nodes <= QUEUE_RETRY // 3:
             raise ValueError(f"frame_nodes must be 1..{QUEUE_RETRY // 3}, got {self.frame_nodes}")
+        if self.max_held_points < 1:
+            raise ValueError(f"max_held_points must be >= 1, got {self.max_held_points}")
 
 
 def build_sinks(opts: RegionalOptions) -> list[Sink]:
@@ -112,7 +117,8 @@ class RunningRegional:
         settings = MergeSettings(resolution_s=opts.resolution_s, lateness_s=opts.lateness_s,
                                  rollups=opts.rollups, frame_nodes=opts.frame_nodes)
         self.regional = Regional(settings, self.queues, regional_id=opts.regional_id,
-                                 max_queued_blocks=QUEUE_RETRY, frames_in_child=opts.frames_in_child)
+                                 max_queued_blocks=QUEUE_RETRY, frames_in_child=opts.frames_in_child,
+                                 max_held_points=opts.max_held_points)
         self._server = None
         self._ingest: IngestProcess | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -147,13 +153,20 @@ class RunningRegional:
             start_http_server(self.opts.metrics_port, registry=self.regional.registry)
 
     async def _push_backlog(self, ingest: IngestProcess, every_s: float = 0.2) -> None:
-        """Keep the ingest process's view of the sink backlog current (it answers RETRY)."""
-        last = -1
+        """Keep the ingest process's view of the sink backlog and of the merge's held
+        points current (it answers RETRY on either)."""
+        last, last_full = -1, False
         while True:
-            backlog = self.regional.backlog
+            backlog, full = self.regional.backlog, self.regional.held_full
             if backlog != last:
                 await asyncio.to_thread(ingest.set_backlog, backlog)
                 last = backlog
+            if full != last_full:
+                if full:
+                    log.warning("windows hold %d points (limit %d): edges are told to RETRY until "
+                                "windows close", self.regional.held_points, self.regional.max_held_points)
+                await asyncio.to_thread(ingest.set_held_full, full)
+                last_full = full
             await asyncio.sleep(every_s)
 
     async def stop(self, grace_s: float = 5.0) -> None:

@@ -19,7 +19,8 @@ Pipe protocol (one duplex pipe):
   ``("barrier", n)`` echoes a barrier once every batch acked before it has been
   sent; ``("stopped",)`` last.
 - regional -> ingest (plain ``Connection.send``): ``("backlog", blocks)`` (the largest
-  sink backlog: RETRY past the limit), ``("barrier", n)``, ``("stop", grace_s)``.
+  sink backlog: RETRY past the limit), ``("held_full", bool)`` (the merge's windows hold
+  their maximum of points: RETRY), ``("barrier", n)``, ``("stop", grace_s)``.
 
 An accepted batch is acked when it is in the bounded hand-over queue (in memory,
 not yet durable); a full queue answers RETRY. The ingest process ignores
@@ -132,6 +133,8 @@ async def _ingest_loop(conn: Connection, listen: str, tls: ServerTls | None, lim
             return
         if msg[0] == "backlog":
             gate.backlog = msg[1]
+        elif msg[0] == "held_full":
+            gate.held_full = msg[1]
         elif msg[0] == "barrier":
             out.put(msg)
         elif msg[0] == "stop":
@@ -239,6 +242,10 @@ class IngestProcess:
 
     def set_backlog(self, blocks: int) -> None:
         self._send(("backlog", blocks))
+
+    def set_held_full(self, full: bool) -> None:
+        """Tell the gate whether the merge's windows are at their memory bound (RETRY)."""
+        self._send(("held_full", full))
 
     async def barrier(self) -> None:
         """Returns once every batch acked so far has been handed to ``on_batch``."""

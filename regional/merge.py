@@ -319,6 +319,11 @@ class Aggregator:
         if e.lost:
             w.events_lost[node] = w.events_lost.get(node, 0) + e.lost
 
+    def held_points(self) -> int:
+        """Points recorded into windows not yet taken for emission (open and late)."""
+        with self._lock:
+            return sum(w.points for w in self._open.values()) + sum(w.points for w in self._late.values())
+
     # -- output --------------------------------------------------------------------
     def open_windows(self) -> list[int]:
         with self._lock:

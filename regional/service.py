@@ -67,6 +67,8 @@ class RegionalMetrics:
         self.window_lag = Gauge(f"{ns}_window_lag_seconds", "Age of the oldest open window's end.", registry=registry)
         self.blocks = Counter(f"{ns}_blocks", "Merged blocks emitted to sinks.", registry=registry)
         self.flush_seconds = Histogram(f"{ns}_flush_seconds", "Time to close windows into blocks.", registry=registry)
+        self.held_points = Gauge(f"{ns}_held_points", "Points held in windows not yet emitted (open, late, being reduced).", registry=registry)
+        self.held_points_limit = Gauge(f"{ns}_held_points_limit", "Held points at which edges are told to RETRY (--max-held-points).", registry=registry)
         self.frame_fallbacks = Counter(f"{ns}_frame_fallbacks", "Windows reduced in-process because the forked frame child failed.", registry=registry)
 
 
@@ -87,6 +89,9 @@ class Gate:
         self.backlog = 0
         #: Extra reason to answer RETRY (e.g. the hand-over queue to the merge is full).
         self.saturated: Callable[[], bool] = lambda: False
+        #: The merge holds as many points in memory as it may (Regional.max_held_points),
+        #: kept current by the owner like ``backlog``.
+        self.held_full = False
 
     def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
@@ -106,6 +111,10 @@ class Gate:
             ack.status = ingest_pb2.Ack.RETRY
             ack.reason = "regional overloaded: sinks are behind"
             return ack, None, ""
+        if self.held_full:
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional overloaded: windows in memory are at their limit (max held points)"
+            return ack, None, ""
         try:
             whole, inflated = open_batch(batch, self.limits)
             cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
@@ -123,6 +132,12 @@ _STATUS: dict[int, str] = {ingest_pb2.Ack.ACCEPTED: "accepted", ingest_pb2.Ack.R
            ingest_pb2.Ack.DUPLICATE: "duplicate", ingest_pb2.Ack.RETRY: "retry"}
 
 
+#: Default bound on points held in windows (Regional.max_held_points): the 500 k points/s
+#: target over a 60 s window plus 15 s lateness is 37.5 M; at roughly 150-300 bytes a held
+#: point (docs/BENCHMARKS.md, session 9) this keeps the merge's windows under ~15 GB.
+DEFAULT_MAX_HELD_POINTS = 50_000_000
+
+
 class Regional:
     def __init__(
         self,
@@ -134,16 +149,25 @@ class Regional:
         regional_id: str = "regional",
         max_queued_blocks: int = 50_000,
         frames_in_child: bool = False,
+        max_held_points: int = DEFAULT_MAX_HELD_POINTS,
     ) -> None:
         self.aggregator = Aggregator(settings, regional_id)
         #: Reduce closed windows in a forked child (regional/forkframe.py), not a thread.
         self.frames_in_child = frames_in_child
+        #: Bound on the points held in windows, open or being reduced: past it edges are
+        #: answered RETRY (they keep their batches and back off) until windows close.
+        if max_held_points < 1:
+            raise ValueError(f"max_held_points must be >= 1, got {max_held_points}")
+        self.max_held_points = max_held_points
+        self._emitting_points = 0
         self.gate = Gate(limits, clock, max_queued_blocks)
         self.sinks = sinks
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = RegionalMetrics(self.registry)
         self.registry.register(_SinkStats(lambda: self.sinks))
+        self.metrics.held_points.set_function(lambda: self.held_points)
+        self.metrics.held_points_limit.set(max_held_points)
         self._flush_lock = asyncio.Lock()
         #: Awaited before a drain: e.g. until an ingest process handed over what it acked.
         self.before_drain: Callable[[], Awaitable[None]] | None = None
@@ -153,9 +177,20 @@ class Regional:
         """The largest sink backlog, in blocks (what RETRY is decided on)."""
         return max((q.queued for q in self.sinks), default=0)
 
+    @property
+    def held_points(self) -> int:
+        """Points in windows not yet handed to the sinks: open, late, and being reduced."""
+        return self.aggregator.held_points() + self._emitting_points
+
+    @property
+    def held_full(self) -> bool:
+        """Whether the merge holds as many points as it may (edges get RETRY)."""
+        return self.held_points >= self.max_held_points
+
     def accept(self, batch: pb.Batch, peer_node: str | None = None, size: int | None = None) -> ingest_pb2.Ack:
         """Validate, de-duplicate and merge one batch; the Ack says what happened."""
         self.gate.backlog = self.backlog
+        self.gate.held_full = self.held_full
         ack, cols, label = self.gate.admit(batch, peer_node, size)
         self.count(ack.status, label, cols, size)
         return ack
@@ -186,32 +221,41 @@ class Regional:
             now = self.clock()
             t0 = time.perf_counter()
             due = self.aggregator.take_due(now, force=force)
-            out: list[Block] = []
-            if due:
-                # Reducing takes ~10 ms per node-window: in a thread (and, in a running
-                # regional, a forked child), so batches keep being merged and acked.
-                loop = asyncio.get_running_loop()
-                chunks: asyncio.Queue[list[Block] | None] = asyncio.Queue()
-
-                def hand_over(blocks: list[Block]) -> None:  # in the worker thread
-                    loop.call_soon_threadsafe(chunks.put_nowait, blocks)
-
-                worker = asyncio.ensure_future(asyncio.to_thread(self._emit, due, hand_over))
-                # scheduled after every chunk the worker handed over (call_soon is FIFO)
-                worker.add_done_callback(lambda _: chunks.put_nowait(None))
-                while (blocks := await chunks.get()) is not None:
-                    out.extend(blocks)
-                    self.metrics.blocks.inc(len(blocks))
-                    frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
-                    self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
-                    for q in self.sinks:
-                        await q.put(blocks)
-                await worker  # re-raises a failure of the in-process reduction
+            emitting = sum(w.points for w in due)
+            self._emitting_points += emitting  # still in memory until reduced and queued
+            try:
+                out = await self._reduce_and_queue(due) if due else []
+            finally:
+                self._emitting_points -= emitting
             self.metrics.flush_seconds.observe(time.perf_counter() - t0)
             open_ws = self.aggregator.open_windows()
             res_ns = self.aggregator.settings.resolution_s * 1_000_000_000
             self.metrics.window_lag.set(max(0.0, (now - (open_ws[0] + res_ns)) / 1e9) if open_ws else 0.0)
             return out
+
+    async def _reduce_and_queue(self, due: list[Any]) -> list[Block]:
+        """Reduce detached windows and put their blocks on every sink's queue, frame by frame."""
+        out: list[Block] = []
+        # Reducing takes ~10 ms per node-window: in a thread (and, in a running
+        # regional, a forked child), so batches keep being merged and acked.
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[list[Block] | None] = asyncio.Queue()
+
+        def hand_over(blocks: list[Block]) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(chunks.put_nowait, blocks)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(self._emit, due, hand_over))
+        # scheduled after every chunk the worker handed over (call_soon is FIFO)
+        worker.add_done_callback(lambda _: chunks.put_nowait(None))
+        while (blocks := await chunks.get()) is not None:
+            out.extend(blocks)
+            self.metrics.blocks.inc(len(blocks))
+            frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
+            self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
+            for q in self.sinks:
+                await q.put(blocks)
+        await worker  # re-raises a failure of the in-process reduction
+        return out
 
     def _emit(self, due: list[Any], hand_over: Callable[[list[Block]], None]) -> None:
         """Reduce ``due`` chunk by chunk (in a forked child if configured; here for what

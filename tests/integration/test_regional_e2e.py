@@ -334,3 +334,48 @@ async def test_edge_fails_over_to_the_next_regional(regional: RunningRegional) -
 
     stats = await asyncio.to_thread(go)
     assert stats.acked == 3 and stats.reconnects >= 1
+
+
+async def test_memory_bound_answers_retry_then_stores_each_batch_once(tmp_path: Path) -> None:
+    """Past ``max_held_points`` the ingest process answers RETRY: the edge keeps the batch
+    and backs off, the regional's memory stops growing. Once windows are stored the same
+    batch is accepted, exactly once: nothing lost, nothing doubled."""
+    db = f"held_{uuid.uuid4().hex[:10]}"
+    # each synthetic batch holds 3 points (2 counters, 1 histogram): two reach the bound
+    opts = RegionalOptions(listen="127.0.0.1:0", metrics_port=0, clickhouse=f"chdb://{tmp_path}/ch",
+                           clickhouse_database=db, resolution_s=60, lateness_s=0, max_held_points=5)
+    running = RunningRegional(opts)
+    await running.start()
+    try:
+        now = time.time_ns()
+        hist = Histogram({3: 1}, count=1, sum=3)
+        first = [synthetic("held-a", seq, now - (2 - seq) * NS, 10 * seq, hist) for seq in (1, 2)]
+        stats = await asyncio.to_thread(send, running, first)
+        assert stats.acked == 2
+        assert running._ingest is not None
+        await running._ingest.barrier()  # both recorded into the (still open) window
+        assert running.regional.held_points == 6 and running.regional.held_full
+        await asyncio.sleep(1.0)  # the ingest process hears of it within 0.2 s
+
+        fwd = GrpcForwarder([f"127.0.0.1:{running.port}"], backoff_initial_s=0.1)
+        fwd.write(synthetic("held-b", 1, now, 1000, hist))
+
+        def retries() -> float:
+            return running.regional.registry.get_sample_value(
+                "stratoscope_regional_batches_total", {"status": "retry"}) or 0.0
+
+        deadline = time.monotonic() + 20
+        while retries() < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert retries() >= 2 and fwd.stats.acked == 0
+        await running.regional.drain()  # the window is stored: nothing held any more
+        assert running.regional.held_points == 0
+        assert await asyncio.to_thread(fwd.close, 30), "the retried batch was never accepted"
+        assert (fwd.stats.acked, fwd.stats.duplicates) == (1, 0) and fwd.stats.retries >= 2
+        await running.regional.drain()
+        rows = await sql(running, f"""SELECT node, sum(value) FROM {db}.metrics
+            WHERE metric = 'syscalls_total' AND labels['syscall'] = 'read' GROUP BY node ORDER BY node""")
+        assert rows == [("", 1030), ("held-a", 30), ("held-b", 1000)]  # "" is the roll-up
+        assert running.regional.registry.get_sample_value("stratoscope_regional_held_points_limit") == 5
+    finally:
+        await running.stop()

@@ -1,4 +1,4 @@
-"""``--frame-nodes``: parsed, bounded, and what the delivery queues are sized from."""
+"""Regional options: `--frame-nodes`, `--max-held-points`, and what they bound."""
 
 from __future__ import annotations
 
@@ -62,3 +62,38 @@ def test_demote_merge_threads_sets_nice_on_named_threads_only() -> None:
         stop.set()
         for t in threads:
             t.join()
+
+
+def test_max_held_points_default_cli_and_bounds() -> None:
+    from regional.service import DEFAULT_MAX_HELD_POINTS
+
+    assert RegionalOptions().max_held_points == DEFAULT_MAX_HELD_POINTS == 50_000_000
+    args = build_parser().parse_args(["regional", "--max-held-points", "1000", "--clickhouse", "none"])
+    assert _regional_options(args).max_held_points == 1000
+    args = build_parser().parse_args(["regional", "--max-held-points", "0", "--clickhouse", "none"])
+    with pytest.raises(ConfigError, match="max_held_points must be >= 1"):
+        _regional_options(args)
+
+
+def test_gate_answers_retry_while_windows_are_full_and_remembers_nothing() -> None:
+    """A RETRY is not a delivery: the same batch is accepted once the bound clears, then
+    is a duplicate."""
+    import time
+
+    from edge.batch import BatchBuilder
+    from regional.service import Gate
+    from stratoscope.v1 import ingest_pb2
+
+    now = time.time_ns()
+    b = BatchBuilder("gate-node", "boot", 7, now - 10_000_000_000, now, {})
+    b.add_counters("syscalls_total", "calls", "h", ["syscall"], {("read",): 5})
+    batch = b.build()
+    gate = Gate()
+    gate.held_full = True
+    ack, cols, _ = gate.admit(batch, None, None)
+    assert (ack.status, ack.seq, cols) == (ingest_pb2.Ack.RETRY, 7, None)
+    assert "max held points" in ack.reason
+    gate.held_full = False
+    ack, cols, _ = gate.admit(batch, None, None)
+    assert ack.status == ingest_pb2.Ack.ACCEPTED and cols is not None and cols.points == 1
+    assert gate.admit(batch, None, None)[0].status == ingest_pb2.Ack.DUPLICATE
