@@ -526,6 +526,7 @@ async def _worker(idx: int, nodes: int, target: str, templates_path: str, compre
     status = {"accepted": 0, "duplicate": 0, "rejected": 0, "retry": 0, "errors": 0}
     acc = {"points": 0, "batches": 0, "bytes": 0, "nodes": set()}
     reasons: list[str] = []
+    retry_reasons: dict[str, int] = {}  # which bound turned batches away
 
     est: dict[int, float] = {}  # per stream: EWMA of the ack latency, s
 
@@ -599,6 +600,7 @@ async def _worker(idx: int, nodes: int, target: str, templates_path: str, compre
                     ack_due.append(now - (due if due is not None else sent))
                     if ack.status == ingest_pb2.Ack.RETRY:
                         status["retry"] += 1
+                        retry_reasons[ack.reason] = retry_reasons.get(ack.reason, 0) + 1
                         await asyncio.sleep(0.5)
                         continue
                     break
@@ -631,7 +633,7 @@ async def _worker(idx: int, nodes: int, target: str, templates_path: str, compre
         "idx": idx, "status": status, "points": acc["points"], "batches": acc["batches"],
         "bytes": acc["bytes"], "node_ids": len(acc["nodes"]), "cpu_s": cpu, "wall_s": wall,
         "ack_t": ack_t.tobytes(), "ack_lat": ack_lat.tobytes(), "ack_due": ack_due.tobytes(),
-        "reasons": reasons,
+        "reasons": reasons, "retry_reasons": retry_reasons,
     })
 
 
@@ -923,6 +925,8 @@ class RunResult:
     #: per window: its end (s after start), blocks, seconds from its close to stored
     window_lags: list[dict[str, float | None]] = field(default_factory=list)
     sustained: bool = False
+    #: RETRY answers by their reason (sink backlog, or the held-points bound)
+    retry_reasons: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     rows_s: float = 0.0
     reduction: float = 0.0
@@ -1106,6 +1110,8 @@ def run_phase(
     res.wire_bytes_sent = sum(r["bytes"] for r in results)
     for r in results:
         res.errors += r["reasons"]
+        for reason, n in r["retry_reasons"].items():
+            res.retry_reasons[reason] = res.retry_reasons.get(reason, 0) + n
     ack_t = np.concatenate([np.frombuffer(r["ack_t"], dtype=np.float64) for r in results])
     lat_send = np.concatenate([np.frombuffer(r["ack_lat"], dtype=np.float32) for r in results]) * 1e3
     lat = np.concatenate([np.frombuffer(r["ack_due"], dtype=np.float32) for r in results]) * 1e3
@@ -1518,6 +1524,8 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
           f"(offered {fmt(r.offered_points_s) if r.offered_points_s else 'closed loop'}); "
           f"status {json.dumps({k: int(v) for k, v in r.batch_status.items() if v})}, "
           f"late {r.late_batches:.0f}")
+        if r.retry_reasons:
+            p(f"    RETRY answers by reason: {json.dumps(r.retry_reasons)}")
         p(f"    bytes in {r.bytes_in/1e6:,.1f} MB -> out {r.bytes_out/1e6:,.1f} MB "
           f"({r.bytes_in/max(1, r.bytes_out):.1f}x); blocks {r.blocks:.0f}, delivered "
           f"{json.dumps({k: int(v) for k, v in r.delivered.items()})}"
