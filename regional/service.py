@@ -132,10 +132,12 @@ _STATUS: dict[int, str] = {ingest_pb2.Ack.ACCEPTED: "accepted", ingest_pb2.Ack.R
            ingest_pb2.Ack.DUPLICATE: "duplicate", ingest_pb2.Ack.RETRY: "retry"}
 
 
-#: Default bound on points held in windows (Regional.max_held_points): the 500 k points/s
-#: target over a 60 s window plus 15 s lateness is 37.5 M; at roughly 150-300 bytes a held
-#: point (docs/BENCHMARKS.md, session 9) this keeps the merge's windows under ~15 GB.
-DEFAULT_MAX_HELD_POINTS = 50_000_000
+#: Default bound on points held in windows (Regional.max_held_points). A window is held
+#: from its first batch until its last frame is queued for the sinks: at 500 k points/s,
+#: 60 s windows, 15 s lateness and ~15-25 s to reduce and queue a closed window, that
+#: peaks near 50 M. 64 M leaves room for that; in the benchmark a held point costs
+#: ~200-300 bytes of the regional's RSS (docs/BENCHMARKS.md, session 9), so ~13-19 GB.
+DEFAULT_MAX_HELD_POINTS = 64_000_000
 
 
 class Regional:

@@ -67,7 +67,7 @@ def test_demote_merge_threads_sets_nice_on_named_threads_only() -> None:
 def test_max_held_points_default_cli_and_bounds() -> None:
     from regional.service import DEFAULT_MAX_HELD_POINTS
 
-    assert RegionalOptions().max_held_points == DEFAULT_MAX_HELD_POINTS == 50_000_000
+    assert RegionalOptions().max_held_points == DEFAULT_MAX_HELD_POINTS == 64_000_000
     args = build_parser().parse_args(["regional", "--max-held-points", "1000", "--clickhouse", "none"])
     assert _regional_options(args).max_held_points == 1000
     args = build_parser().parse_args(["regional", "--max-held-points", "0", "--clickhouse", "none"])
