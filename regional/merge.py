@@ -310,6 +310,7 @@ class Aggregator:
 
     def _record_events(self, w: _Window, gmap: U32, node: int, e: EventCols) -> None:
         n = len(e.time_ns)
+        w.points += n  # event rows are held too: they count against max_held_points
         if n:
             w.events.append({
                 "node": np.full(n, node, np.uint32), "time": e.time_ns, "kind": gmap[e.kind],
@@ -320,7 +321,8 @@ class Aggregator:
             w.events_lost[node] = w.events_lost.get(node, 0) + e.lost
 
     def held_points(self) -> int:
-        """Points recorded into windows not yet taken for emission (open and late)."""
+        """Points and event rows recorded into windows not yet taken for emission (open
+        and late): what the regional's memory bound (max_held_points) counts."""
         with self._lock:
             return sum(w.points for w in self._open.values()) + sum(w.points for w in self._late.values())
 

@@ -67,7 +67,7 @@ class RegionalMetrics:
         self.window_lag = Gauge(f"{ns}_window_lag_seconds", "Age of the oldest open window's end.", registry=registry)
         self.blocks = Counter(f"{ns}_blocks", "Merged blocks emitted to sinks.", registry=registry)
         self.flush_seconds = Histogram(f"{ns}_flush_seconds", "Time to close windows into blocks.", registry=registry)
-        self.held_points = Gauge(f"{ns}_held_points", "Points held in windows not yet emitted (open, late, being reduced).", registry=registry)
+        self.held_points = Gauge(f"{ns}_held_points", "Points and event rows held in windows not yet queued for the sinks (open, late, being reduced).", registry=registry)
         self.held_points_limit = Gauge(f"{ns}_held_points_limit", "Held points at which edges are told to RETRY (--max-held-points).", registry=registry)
         self.frame_fallbacks = Counter(f"{ns}_frame_fallbacks", "Windows reduced in-process because the forked frame child failed.", registry=registry)
 

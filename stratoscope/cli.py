@@ -158,7 +158,8 @@ def _regional_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-nodes", type=int, default=None,
                    help="nodes per frame a closed window is reduced and stored in (default 250)")
     p.add_argument("--max-held-points", type=int, default=None,
-                   help="points the merge may hold in windows not yet stored; past it edges are "
+                   help="points (series points and event rows) the merge may hold in windows not yet "
+                        "stored; past it (checked every 0.2 s, so a soft bound) edges are "
                         "answered RETRY until windows close (default 64,000,000: ~500k points/s "
                         "at 60 s windows and 15 s lateness; ~200-300 bytes of RSS each)")
 

@@ -270,3 +270,21 @@ def test_split_windows_keep_each_batchs_strings_and_only_their_stacks() -> None:
     for f in frames.values():  # one node each: its own stack, not the window's four
         assert len(f.stacks) == 1
         assert [f.strings[i] for i in f.stacks.values("frames", "values")][0].startswith("k_n")
+
+
+def test_held_points_count_series_and_event_rows_until_taken() -> None:
+    """What max_held_points bounds: every series point and event row a window holds."""
+    from edge.batch import BatchBuilder, EventRow
+    from edge.decode import Histogram
+    from regional.merge import Aggregator, MergeSettings
+
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))
+    end = 1_800_000_030 * 1_000_000_000
+    b = BatchBuilder("n1", "boot", 1, end - 10 * 1_000_000_000, end, {})
+    b.add_counters("c", "", "", ["k"], {("a",): 1, ("b",): 2})
+    b.add_histograms("h", "ns", "", ["k"], {("a",): Histogram({3: 1}, count=1, sum=3)})
+    b.add_events([EventRow(end - i, "exec", i, 1, "sh", "/", "", 0) for i in range(4)], lost=0)
+    agg.record(b.build())
+    assert agg.held_points() == 2 + 1 + 4
+    assert len(agg.take_due(end + 120 * 1_000_000_000)) == 1
+    assert agg.held_points() == 0
