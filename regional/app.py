@@ -155,18 +155,15 @@ class RunningRegional:
     async def _push_backlog(self, ingest: IngestProcess, every_s: float = 0.2) -> None:
         """Keep the ingest process's view of the sink backlog and of the merge's held
         points current (it answers RETRY on either)."""
-        last, last_full = -1, False
+        last: tuple[int, bool] = (-1, False)
         while True:
-            backlog, full = self.regional.backlog, self.regional.held_full
-            if backlog != last:
-                await asyncio.to_thread(ingest.set_backlog, backlog)
-                last = backlog
-            if full != last_full:
-                if full:
+            state = (self.regional.backlog, self.regional.held_full)
+            if state != last:
+                if state[1] and not last[1]:
                     log.warning("windows hold %d points (limit %d): edges are told to RETRY until "
                                 "windows close", self.regional.held_points, self.regional.max_held_points)
-                await asyncio.to_thread(ingest.set_held_full, full)
-                last_full = full
+                await asyncio.to_thread(ingest.set_pressure, *state)
+                last = state
             await asyncio.sleep(every_s)
 
     async def stop(self, grace_s: float = 5.0) -> None:

@@ -18,8 +18,8 @@ Pipe protocol (one duplex pipe):
   ``("stat", status, reason)`` per other outcome (for the regional's /metrics);
   ``("barrier", n)`` echoes a barrier once every batch acked before it has been
   sent; ``("stopped",)`` last.
-- regional -> ingest (plain ``Connection.send``): ``("backlog", blocks)`` (the largest
-  sink backlog: RETRY past the limit), ``("held_full", bool)`` (the merge's windows hold
+- regional -> ingest (plain ``Connection.send``): ``("pressure", blocks, held_full)``
+  (the largest sink backlog: RETRY past the limit; whether the merge's windows hold
   their maximum of points: RETRY), ``("barrier", n)``, ``("stop", grace_s)``.
 
 An accepted batch is acked when it is in the bounded hand-over queue (in memory,
@@ -131,10 +131,8 @@ async def _ingest_loop(conn: Connection, listen: str, tls: ServerTls | None, lim
         except (EOFError, OSError):  # the regional is gone
             await server.stop(0)
             return
-        if msg[0] == "backlog":
-            gate.backlog = msg[1]
-        elif msg[0] == "held_full":
-            gate.held_full = msg[1]
+        if msg[0] == "pressure":
+            gate.backlog, gate.held_full = msg[1], msg[2]
         elif msg[0] == "barrier":
             out.put(msg)
         elif msg[0] == "stop":
@@ -240,12 +238,10 @@ class IngestProcess:
         with self._send_lock, contextlib.suppress(OSError, ValueError):
             self._conn.send(msg)
 
-    def set_backlog(self, blocks: int) -> None:
-        self._send(("backlog", blocks))
-
-    def set_held_full(self, full: bool) -> None:
-        """Tell the gate whether the merge's windows are at their memory bound (RETRY)."""
-        self._send(("held_full", full))
+    def set_pressure(self, blocks: int, held_full: bool) -> None:
+        """Tell the gate the sink backlog and whether the merge's windows are at their
+        memory bound: it answers RETRY on either."""
+        self._send(("pressure", blocks, held_full))
 
     async def barrier(self) -> None:
         """Returns once every batch acked so far has been handed to ``on_batch``."""

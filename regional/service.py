@@ -158,8 +158,7 @@ class Regional:
         self.frames_in_child = frames_in_child
         #: Bound on the points held in windows, open or being reduced: past it edges are
         #: answered RETRY (they keep their batches and back off) until windows close.
-        if max_held_points < 1:
-            raise ValueError(f"max_held_points must be >= 1, got {max_held_points}")
+        #: (Validated where users set it: RegionalOptions.)
         self.max_held_points = max_held_points
         self._emitting_points = 0
         self.gate = Gate(limits, clock, max_queued_blocks)
