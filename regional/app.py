@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,10 @@ class RunningRegional:
         self._ingest: IngestProcess | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
+        #: Holders of admission_closed(); while any, every batch is answered RETRY.
+        self._closers = 0
+        self._pressure_lock = asyncio.Lock()
+        self._pressure_sent: tuple[int, bool, bool] | None = None
         self.port = 0
         #: Set when a part of the regional failed on its own (the ingest process died):
         #: the regional then stops, flushing what it holds, and exits non-zero.
@@ -143,8 +148,7 @@ class RunningRegional:
             self._ingest.on_exit = lambda code: self.failed.set()
             await self._ingest.start()
             self.port = self._ingest.port
-            self.regional.before_drain = self._ingest.barrier
-            self._backlog_task = asyncio.create_task(self._push_backlog(self._ingest))
+            self._backlog_task = asyncio.create_task(self._push_backlog())
         else:
             self._server = await serve(self.regional, self.opts.listen, self.opts.tls)
             self.port = self._server.bound_port  # type: ignore[attr-defined]
@@ -152,27 +156,63 @@ class RunningRegional:
         if self.opts.metrics_port:
             start_http_server(self.opts.metrics_port, registry=self.regional.registry)
 
-    async def _push_backlog(self, ingest: IngestProcess, every_s: float = 0.2) -> None:
-        """Keep the ingest process's view of the sink backlog and of the merge's held
-        points current (it answers RETRY on either)."""
-        last: tuple[int, bool] = (-1, False)
-        while True:
-            state = (self.regional.backlog, self.regional.held_full)
-            if state != last:
-                if state[1] and not last[1]:
+    def _pressure(self) -> tuple[int, bool, bool]:
+        """What the gate answers RETRY on: sink backlog, held points at their bound,
+        admission closed."""
+        return (self.regional.backlog, self.regional.held_full, self._closers > 0)
+
+    async def push_pressure(self, confirm: bool = True) -> None:
+        """Hand the gate the current pressure. With ``confirm``, every batch the gate
+        accepted so far is merged first (so the pressure counts it), and on return the
+        gate answers by it."""
+        async with self._pressure_lock:  # sent in the order computed
+            if confirm and self._ingest is not None:
+                await self._ingest.barrier()
+            state = self._pressure()
+            if self._ingest is None:
+                self.regional.gate.closed = state[2]  # in-process: accept() reads the rest
+                return
+            if state != self._pressure_sent:
+                was_full = self._pressure_sent is not None and self._pressure_sent[1]
+                if state[1] and not was_full:
                     log.warning("windows hold %d points (limit %d): edges are told to RETRY until "
                                 "windows close", self.regional.held_points, self.regional.max_held_points)
-                await asyncio.to_thread(ingest.set_pressure, *state)
-                last = state
+                await asyncio.to_thread(self._ingest.set_pressure, *state)
+                self._pressure_sent = state
+            if confirm:
+                await self._ingest.barrier()
+
+    async def _push_backlog(self, every_s: float = 0.2) -> None:
+        """Keep the ingest process's view of the pressure current."""
+        while True:
+            await self.push_pressure(confirm=False)
             await asyncio.sleep(every_s)
 
+    @contextlib.asynccontextmanager
+    async def admission_closed(self) -> AsyncIterator[None]:
+        """Inside, every batch is answered RETRY (edges keep it and resend later), and
+        every batch accepted before is merged: what the merge holds changes only by
+        what the caller does."""
+        self._closers += 1
+        try:
+            await self.push_pressure()
+            yield
+        finally:
+            self._closers -= 1
+            await self.push_pressure(confirm=False)
+
+    async def drain(self) -> None:
+        """Store every window (open or not) and wait until the sinks have it: on return,
+        every batch acknowledged before the call is in the sinks."""
+        async with self.admission_closed():
+            await self.regional.drain()
+
     async def stop(self, grace_s: float = 5.0) -> None:
-        if self._ingest is not None:
-            await self._ingest.stop(grace_s)  # every acked batch is merged after this
-            self.regional.before_drain = None
-            self._ingest = None
         await _cancel(self._backlog_task)
         self._backlog_task = None
+        if self._ingest is not None:
+            await self._ingest.stop(grace_s)  # every acked batch is merged after this
+            self._ingest = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None

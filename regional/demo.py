@@ -63,7 +63,7 @@ async def run_demo(opts: RegionalOptions, duration: str) -> int:
     rc = await edge.wait()
     await workload
     try:
-        await running.regional.drain()  # every window flushed and delivered
+        await running.drain()  # every window flushed and delivered
         if rc != 0:
             console.print(f"[red]the edge exited with {rc}")
             return rc

@@ -18,9 +18,11 @@ Pipe protocol (one duplex pipe):
   ``("stat", status, reason)`` per other outcome (for the regional's /metrics);
   ``("barrier", n)`` echoes a barrier once every batch acked before it has been
   sent; ``("stopped",)`` last.
-- regional -> ingest (plain ``Connection.send``): ``("pressure", blocks, held_full)``
+- regional -> ingest (plain ``Connection.send``): ``("pressure", blocks, held_full, closed)``
   (the largest sink backlog: RETRY past the limit; whether the merge's windows hold
-  their maximum of points: RETRY), ``("barrier", n)``, ``("stop", grace_s)``.
+  their maximum of points: RETRY; whether the regional is draining: RETRY),
+  ``("barrier", n)``, ``("stop", grace_s)``. Messages are handled in order, so a
+  barrier answered after a pressure message means the gate applies it.
 
 An accepted batch is acked when it is in the bounded hand-over queue (in memory,
 not yet durable); a full queue answers RETRY. The ingest process ignores
@@ -132,7 +134,7 @@ async def _ingest_loop(conn: Connection, listen: str, tls: ServerTls | None, lim
             await server.stop(0)
             return
         if msg[0] == "pressure":
-            gate.backlog, gate.held_full = msg[1], msg[2]
+            gate.backlog, gate.held_full, gate.closed = msg[1], msg[2], msg[3]
         elif msg[0] == "barrier":
             out.put(msg)
         elif msg[0] == "stop":
@@ -238,10 +240,11 @@ class IngestProcess:
         with self._send_lock, contextlib.suppress(OSError, ValueError):
             self._conn.send(msg)
 
-    def set_pressure(self, blocks: int, held_full: bool) -> None:
-        """Tell the gate the sink backlog and whether the merge's windows are at their
-        memory bound: it answers RETRY on either."""
-        self._send(("pressure", blocks, held_full))
+    def set_pressure(self, blocks: int, held_full: bool, closed: bool) -> None:
+        """Tell the gate the sink backlog, whether the merge's windows are at their
+        memory bound and whether admission is closed: it answers RETRY on any of them.
+        (Applied once a ``barrier()`` sent after it returns.)"""
+        self._send(("pressure", blocks, held_full, closed))
 
     async def barrier(self) -> None:
         """Returns once every batch acked so far has been handed to ``on_batch``."""

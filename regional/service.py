@@ -10,7 +10,7 @@ import asyncio
 import logging
 import pickle
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -92,6 +92,8 @@ class Gate:
         #: The merge holds as many points in memory as it may (Regional.max_held_points),
         #: kept current by the owner like ``backlog``.
         self.held_full = False
+        #: The owner drains windows and takes no new batch until it is done (RETRY).
+        self.closed = False
 
     def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
@@ -110,6 +112,10 @@ class Gate:
         if self.backlog >= self.max_queued_blocks or self.saturated():
             ack.status = ingest_pb2.Ack.RETRY
             ack.reason = "regional overloaded: sinks are behind"
+            return ack, None, ""
+        if self.closed:
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional is draining its windows"
             return ack, None, ""
         if self.held_full:
             ack.status = ingest_pb2.Ack.RETRY
@@ -170,8 +176,6 @@ class Regional:
         self.metrics.held_points.set_function(lambda: self.held_points)
         self.metrics.held_points_limit.set(max_held_points)
         self._flush_lock = asyncio.Lock()
-        #: Awaited before a drain: e.g. until an ingest process handed over what it acked.
-        self.before_drain: Callable[[], Awaitable[None]] | None = None
 
     @property
     def backlog(self) -> int:
@@ -280,9 +284,10 @@ class Regional:
             await q.start()
 
     async def drain(self) -> None:
-        """Flush every window (open or not) and wait until the sinks have it."""
-        if self.before_drain is not None:
-            await self.before_drain()
+        """Flush every window (open or not) and wait until the sinks have it.
+
+        Batches merged while this runs may stay in memory: an owner that admits batches
+        concurrently closes admission around it (RunningRegional.drain)."""
         await self.flush(force=True)
         for q in self.sinks:
             await q.flush()

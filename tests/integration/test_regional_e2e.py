@@ -96,7 +96,7 @@ async def test_openat_exact_through_regional_into_clickhouse_and_kafka(
 
     run = await asyncio.to_thread(edge_side)
     assert run.forward_stats.acked == len(run.batches) >= 2
-    await regional.regional.drain()
+    await regional.drain()
     db = regional.opts.clickhouse_database
     calls = await one(regional, f"""SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total'
         AND node = 'e2e-node' AND labels['comm'] = {{c:String}} AND labels['syscall'] = 'openat'""",
@@ -164,7 +164,7 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     wire_forms = {"n1": "zstd", "n2": "gzip+packed", "n3": "none"}
     stats = await asyncio.to_thread(send, regional, batches, wire_forms)
     assert (stats.acked, stats.duplicates) == (18, 0)
-    await regional.regional.drain()
+    await regional.drain()
     db = regional.opts.clickhouse_database
 
     async def per_node() -> dict[str, int]:
@@ -190,7 +190,7 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     # (also when the resend comes in another wire form).
     stats = await asyncio.to_thread(send, regional, batches[:6], {"n1": "gzip"})
     assert (stats.acked, stats.duplicates) == (0, 6)
-    await regional.regional.drain()
+    await regional.drain()
     assert (await per_node())["n1"] == 600
 
     # A late batch for the closed window: stored as an extra partial, totals add up.
@@ -198,7 +198,7 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     late = synthetic("n1", 7, minute + 60 * NS, 11, h)
     stats = await asyncio.to_thread(send, regional, [late])
     assert stats.acked == 1
-    await regional.regional.drain()
+    await regional.drain()
     assert (await per_node()) == {"": 3611, "n1": 611, "n2": 1200, "n3": 1800}
     assert regional.regional.aggregator.late_batches == 1
 
@@ -238,7 +238,7 @@ async def test_invalid_batch_is_rejected_and_counted_without_harm(regional: Runn
     stats = await asyncio.to_thread(send, regional, [bad, both, odd, good, garbage, bomb],
                                     {"zstd-node": "none"})
     assert (stats.rejected, stats.acked) == (5, 1)
-    await regional.regional.drain()  # the ingest process has handed over every outcome
+    await regional.drain()  # the ingest process has handed over every outcome
     samples = regional.regional.registry.get_sample_value(
         "stratoscope_regional_batches_total", {"status": "rejected"})
     assert samples == 5.0
@@ -262,7 +262,7 @@ async def test_a_batch_larger_than_the_flow_control_window_is_accepted_whole(
     assert batch.ByteSize() > 2 * window
     stats = await asyncio.to_thread(send, regional, [batch], {"big-node": "none"})
     assert (stats.acked, stats.rejected) == (1, 0)
-    await regional.regional.drain()
+    await regional.drain()
     points = regional.regional.registry.get_sample_value("stratoscope_regional_points_total")
     assert points == 150_000
 
@@ -354,10 +354,8 @@ async def test_memory_bound_answers_retry_then_stores_each_batch_once(tmp_path: 
         first = [synthetic("held-a", seq, now - (2 - seq) * NS, 10 * seq, hist) for seq in (1, 2)]
         stats = await asyncio.to_thread(send, running, first)
         assert stats.acked == 2
-        assert running._ingest is not None
-        await running._ingest.barrier()  # both recorded into the (still open) window
+        await running.push_pressure()  # both recorded into the (still open) window; the gate knows
         assert running.regional.held_points == 6 and running.regional.held_full  # in one or two windows
-        await asyncio.sleep(1.0)  # the ingest process hears of it within 0.2 s
 
         fwd = GrpcForwarder([f"127.0.0.1:{running.port}"], backoff_initial_s=0.1)
         fwd.write(synthetic("held-b", 1, now, 1000, hist))
@@ -370,11 +368,12 @@ async def test_memory_bound_answers_retry_then_stores_each_batch_once(tmp_path: 
         while retries() < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert retries() >= 2 and fwd.stats.acked == 0
-        await running.regional.drain()  # the window is stored: nothing held any more
-        assert running.regional.held_points == 0
+        async with running.admission_closed():  # the forwarder keeps resending meanwhile
+            await running.regional.drain()  # the window is stored: nothing held any more
+            assert running.regional.held_points == 0
         assert await asyncio.to_thread(fwd.close, 30), "the retried batch was never accepted"
         assert (fwd.stats.acked, fwd.stats.duplicates) == (1, 0) and fwd.stats.retries >= 2
-        await running.regional.drain()
+        await running.drain()
         rows = await sql(running, f"""SELECT node, sum(value) FROM {db}.metrics
             WHERE metric = 'syscalls_total' AND labels['syscall'] = 'read' GROUP BY node ORDER BY node""")
         assert rows == [("", 1030), ("held-a", 30), ("held-b", 1000)]  # "" is the roll-up

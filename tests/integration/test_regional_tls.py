@@ -70,7 +70,7 @@ async def test_certificate_identity_must_match_node_id(regional: RunningRegional
     assert (ok.acked, ok.rejected) == (1, 0)  # type: ignore[attr-defined]
     spoofed = await asyncio.to_thread(_send, regional.port, _batch("node-b"), tls)
     assert (spoofed.acked, spoofed.rejected) == (0, 1)  # type: ignore[attr-defined]
-    await regional.regional.drain()  # the ingest process has handed over every outcome
+    await regional.drain()  # the ingest process has handed over every outcome
     rejected = regional.regional.registry.get_sample_value(
         "stratoscope_regional_rejected_batches_total", {"reason": "identity"})
     assert rejected == 1.0
@@ -80,7 +80,7 @@ async def test_client_without_certificate_gets_nothing_in(regional: RunningRegio
     tls = ClientTls(pki / "ca.crt")  # trusts the server, presents no certificate
     stats = await asyncio.to_thread(_send, regional.port, _batch("node-a"), tls, 3)
     assert (stats.acked, stats.rejected) == (0, 0)  # type: ignore[attr-defined]
-    await regional.regional.drain()
+    await regional.drain()
     accepted = regional.regional.registry.get_sample_value(
         "stratoscope_regional_batches_total", {"status": "accepted"})
     assert accepted is None

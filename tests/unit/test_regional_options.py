@@ -75,7 +75,7 @@ def test_max_held_points_default_cli_and_bounds() -> None:
         _regional_options(args)
 
 
-def test_gate_answers_retry_while_windows_are_full_and_remembers_nothing() -> None:
+def test_gate_answers_retry_while_windows_are_full_or_draining_and_remembers_nothing() -> None:
     """A RETRY is not a delivery: the same batch is accepted once the bound clears, then
     is a duplicate."""
     import time
@@ -93,7 +93,10 @@ def test_gate_answers_retry_while_windows_are_full_and_remembers_nothing() -> No
     ack, cols, _ = gate.admit(batch, None, None)
     assert (ack.status, ack.seq, cols) == (ingest_pb2.Ack.RETRY, 7, None)
     assert "max held points" in ack.reason
-    gate.held_full = False
+    gate.held_full, gate.closed = False, True  # the owner drains
+    ack, cols, _ = gate.admit(batch, None, None)
+    assert (ack.status, ack.reason, cols) == (ingest_pb2.Ack.RETRY, "regional is draining its windows", None)
+    gate.closed = False
     ack, cols, _ = gate.admit(batch, None, None)
     assert ack.status == ingest_pb2.Ack.ACCEPTED and cols is not None and cols.points == 1
     assert gate.admit(batch, None, None)[0].status == ingest_pb2.Ack.DUPLICATE
