@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from edge.decode import Histogram, ProfileRow
 from stratoscope.columns import packed_copy, to_raw
+from stratoscope.edge.decode import Histogram, ProfileRow
 from stratoscope.v1 import batch_pb2 as pb
 
 Labels = tuple[str, ...]

@@ -19,10 +19,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from edge.batch import BatchBuilder, EventRow
-from edge.bound import OTHER, bound_series
-from edge.config import EdgeConfig
-from edge.decode import (
+from stratoscope import __version__
+from stratoscope.edge.batch import BatchBuilder, EventRow
+from stratoscope.edge.bound import OTHER, bound_series
+from stratoscope.edge.config import EdgeConfig
+from stratoscope.edge.decode import (
     DecodeContext,
     Histogram,
     ProfileRow,
@@ -34,12 +35,12 @@ from edge.decode import (
     label_keys,
     unbounded_labels,
 )
-from edge.decoders.cgroups import CgroupResolver
-from edge.errors import LoadError
-from edge.memory import release_free_memory
-from edge.metrics import BpfRunStats, EdgeMetrics
-from edge.program import LoadedProgram
-from edge.spec import (
+from stratoscope.edge.decoders.cgroups import CgroupResolver
+from stratoscope.edge.errors import LoadError
+from stratoscope.edge.memory import release_free_memory
+from stratoscope.edge.metrics import BpfRunStats, EdgeMetrics
+from stratoscope.edge.program import LoadedProgram
+from stratoscope.edge.spec import (
     CountersMap,
     EventsMap,
     HistogramMap,
@@ -48,7 +49,6 @@ from edge.spec import (
     discover,
     load_spec,
 )
-from stratoscope import __version__
 from stratoscope.v1 import batch_pb2 as pb
 
 log = logging.getLogger("stratoscope.edge")
@@ -274,14 +274,14 @@ class Collector:
 
     def _kernel_symbol(self, addr: int) -> str:
         if self._ksyms is None:
-            from edge.decoders.ksyms import KernelSymbols
+            from stratoscope.edge.decoders.ksyms import KernelSymbols
 
             self._ksyms = KernelSymbols()
         return str(self._ksyms.resolve(addr))
 
     def _user_symbol(self, pid: int, addr: int) -> str:
         if self._usyms is None:
-            from edge.decoders.usyms import UserSymbols
+            from stratoscope.edge.decoders.usyms import UserSymbols
 
             self._usyms = UserSymbols()
         return str(self._usyms.resolve(pid, addr))

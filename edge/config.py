@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from edge.errors import ConfigError
+from stratoscope.edge.errors import ConfigError
 
 ALL_PROGRAMS = ("syscalls", "sched", "tcp", "block", "process", "profile")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")

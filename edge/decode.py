@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.decoders.cgroups import CgroupResolver
-from edge.decoders.errno_names import errno_name
-from edge.decoders.syscalls import syscall_name
-from edge.spec import CountersMap, EventsMap, FieldSpec, HistogramMap, ProfileMap
+from stratoscope.edge.decoders.cgroups import CgroupResolver
+from stratoscope.edge.decoders.errno_names import errno_name
+from stratoscope.edge.decoders.syscalls import syscall_name
+from stratoscope.edge.spec import CountersMap, EventsMap, FieldSpec, HistogramMap, ProfileMap
 
 Labels = tuple[str, ...]
 

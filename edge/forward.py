@@ -21,8 +21,8 @@ from pathlib import Path
 
 import grpc
 
-from edge.errors import ConfigError
 from stratoscope.columns import packed_copy
+from stratoscope.edge.errors import ConfigError
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2, ingest_pb2_grpc
 from stratoscope.wire import seal

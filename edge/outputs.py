@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import IO, Protocol
 
-from edge.batch import batch_to_dict
-from edge.errors import ConfigError
+from stratoscope.edge.batch import batch_to_dict
+from stratoscope.edge.errors import ConfigError
 from stratoscope.v1 import batch_pb2 as pb
 
 
@@ -38,7 +38,7 @@ class ForwardOutput:
 
     def __init__(self, targets: list[str], tls: object | None = None, close_timeout_s: float = 15.0,
                  compression: str = "zstd", wire_columns: str = "raw") -> None:
-        from edge.forward import ClientTls, GrpcForwarder
+        from stratoscope.edge.forward import ClientTls, GrpcForwarder
 
         assert tls is None or isinstance(tls, ClientTls)
         self.forwarder = GrpcForwarder(targets, tls=tls, compression=compression,

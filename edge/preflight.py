@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-from edge.errors import PreflightError
+from stratoscope.edge.errors import PreflightError
 
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.errors import ConfigError, LoadError
-from edge.spec import (
+from stratoscope.edge.errors import ConfigError, LoadError
+from stratoscope.edge.spec import (
     CountersMap,
     EventsMap,
     FieldSpec,

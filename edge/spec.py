@@ -18,7 +18,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge.errors import SpecError
+from stratoscope.edge.errors import SpecError
+from stratoscope.resources import bpf_dir
 
 FIELD_TYPES: dict[str, int] = {
     "u8": 1, "s8": 1, "u16": 2, "s16": 2, "u32": 4, "s32": 4, "u64": 8, "s64": 8,
@@ -248,8 +249,8 @@ def load_spec(path: Path) -> ProgramSpec:
 
 
 def default_bpf_dir() -> Path:
-    """bpf/ at the project root (the package is installed editable or from the tree)."""
-    return Path(__file__).resolve().parent.parent / "bpf"
+    """The programs shipped with the package (bpf/ in the source tree)."""
+    return bpf_dir()
 
 
 def discover(bpf_dir: Path | None = None) -> dict[str, Path]:

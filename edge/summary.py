@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from rich.console import Console
 from rich.table import Table
 
-from edge.batch import batch_to_dict
+from stratoscope.edge.batch import batch_to_dict
 from stratoscope.histogram import histogram_quantile
 from stratoscope.v1 import batch_pb2 as pb
 

@@ -56,8 +56,8 @@ def frames(minutes: int, nodes: int, frame_nodes: int | None = None) -> list[lis
     frames of ``frame_nodes`` nodes (default: all in one frame; the regional's hold 250)."""
     import regional_throughput as rt
 
-    from regional.batchcols import decode
-    from regional.merge import Aggregator, MergeSettings
+    from stratoscope.regional.batchcols import decode
+    from stratoscope.regional.merge import Aggregator, MergeSettings
     from stratoscope.v1 import batch_pb2 as pb
 
     templates = rt.build_templates(rt.load_real(rt.DATA), 24, 2000, 1 / 3, 1000, 100, 1,
@@ -98,7 +98,7 @@ def prepare(client: Any, variant: str) -> None:
         for table in TABLES:
             client.command(f"ALTER TABLE stratoscope.{table} MODIFY SETTING {setting}")
     elif variant.startswith("sql:"):
-        from regional.sinks.clickhouse import split_statements
+        from stratoscope.regional.sinks.clickhouse import split_statements
         for stmt in split_statements(Path(variant[4:]).read_text().replace("{db}", "stratoscope")):
             client.command(stmt)
     elif variant != "shipped":
@@ -114,8 +114,8 @@ def store_cost(inserts: Sequence[tuple[dict[str, Any], list[str]]], variant: str
     Also what regional_throughput.py's parts measure. Each set's dedup tokens get its
     position as a prefix, so the same set can be inserted several times.
     """
-    from regional.sinks.clickhouse import TARGET, apply_migrations, connect, dedup_token
-    from regional.sinks.clickhouse_arrow import INSERT_ORDER
+    from stratoscope.regional.sinks.clickhouse import TARGET, apply_migrations, connect, dedup_token
+    from stratoscope.regional.sinks.clickhouse_arrow import INSERT_ORDER
 
     d = tempfile.mkdtemp(prefix="chdb-storage-", dir=workdir)
     try:
@@ -172,8 +172,8 @@ def main() -> int:
                          "the frames of one delivery (default 1)")
     args = ap.parse_args()
 
-    from regional.sinks.clickhouse import concat_frames
-    from regional.sinks.clickhouse_arrow import arrow_tables
+    from stratoscope.regional.sinks.clickhouse import concat_frames
+    from stratoscope.regional.sinks.clickhouse_arrow import arrow_tables
 
     inserts = []
     for window in frames(args.minutes, args.nodes, args.frame_nodes):

@@ -78,7 +78,7 @@ def ack_only_main(port: int, options: list[tuple[str, Any]], ready: Any) -> None
     uvloop.run(main())
 
 
-from regional import pipes as _pipes  # noqa: E402
+from stratoscope.regional import pipes as _pipes  # noqa: E402
 
 _ORIGINAL_RECV = _pipes.recv  # wrapped once per run below, always around the original
 
@@ -91,7 +91,7 @@ def _time_reader_steps(regional: Any) -> None:
     (regional/pipes.py), unpacking it (regional/handover.py) and the whole
     ``accept_admitted`` (unpack + record + counters). Wrappers around the real calls, for
     this measurement only (~1 us each)."""
-    from regional import handover, ingest, service
+    from stratoscope.regional import handover, ingest, service
 
     STEPS.update(receive=0.0, unpack=0.0, accept=0.0, n=0.0)
     recv, unpack, accept = _ORIGINAL_RECV, handover.unpack, regional.accept_admitted
@@ -125,10 +125,10 @@ async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, fl
     ctx = mp.get_context("spawn")
     ingest = regional = server = None
     if args.server == "regional":
-        from regional.ingest import IngestProcess
-        from regional.merge import MergeSettings
-        from regional.service import Regional
-        from regional.validate import Limits
+        from stratoscope.regional.ingest import IngestProcess
+        from stratoscope.regional.merge import MergeSettings
+        from stratoscope.regional.service import Regional
+        from stratoscope.regional.validate import Limits
 
         regional = Regional(MergeSettings(resolution_s=60, lateness_s=5), [])
         _time_reader_steps(regional)
@@ -140,7 +140,7 @@ async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, fl
         server_stat = f"/proc/{ingest._proc.pid}/stat"  # type: ignore[union-attr]
         reader_stat: str | None = f"/proc/self/task/{reader.native_id}/stat"
     else:
-        from regional.server import FLOW_CONTROL, MAX_MESSAGE
+        from stratoscope.regional.server import FLOW_CONTROL, MAX_MESSAGE
 
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE)]
         if args.flow_control == "regional":

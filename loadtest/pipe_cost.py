@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from regional import pipes  # noqa: E402
+from stratoscope.regional import pipes  # noqa: E402
 
 
 def connection_send(conn: Connection, payload: bytes) -> None:

@@ -184,7 +184,7 @@ class Template:
 
 
 def help_texts() -> dict[str, str]:
-    from edge.spec import CountersMap, HistogramMap, ProfileMap, discover, load_spec
+    from stratoscope.edge.spec import CountersMap, HistogramMap, ProfileMap, discover, load_spec
 
     out: dict[str, str] = {}
     for path in discover().values():
@@ -272,8 +272,8 @@ def build_templates(
     """Node templates; with ``churn`` each family's series universe is larger than a batch
     and every series appears in k of the 6 slots, k drawn from the family's real
     distribution, keeping ~``series`` series per batch."""
-    from edge.batch import BatchBuilder, EventRow
-    from edge.decode import Histogram, ProfileRow
+    from stratoscope.edge.batch import BatchBuilder, EventRow
+    from stratoscope.edge.decode import Histogram, ProfileRow
     from stratoscope.v1 import batch_pb2 as pb
 
     helps = help_texts()
@@ -372,8 +372,8 @@ def build_templates(
 
 def dict_to_batch(d: dict[str, Any], helps: dict[str, str]) -> Any:
     """A recorded batch (batch_to_dict form) back to pb.Batch, metrics and histograms only."""
-    from edge.batch import BatchBuilder
-    from edge.decode import Histogram
+    from stratoscope.edge.batch import BatchBuilder
+    from stratoscope.edge.decode import Histogram
     from stratoscope.v1 import batch_pb2 as pb
 
     b = BatchBuilder(d["node_id"], d["boot_id"], d["seq"], d["start_ns"], d["end_ns"],
@@ -408,7 +408,7 @@ def real_minute_reduction(path: Path) -> dict[str, Any] | None:
         return None
     from collections import Counter
 
-    from regional.merge import Aggregator, MergeSettings
+    from stratoscope.regional.merge import Aggregator, MergeSettings
 
     with gzip.open(path, "rt") as f:
         dicts = [json.loads(line) for line in f if line.strip()]
@@ -864,7 +864,7 @@ def count_rows(chdir: Path) -> dict[str, int]:
     """Open the (stopped) regional's chdb directory in a fresh process and count rows."""
     code = (
         "import json, sys\n"
-        "from regional.sinks.clickhouse import connect\n"
+        "from stratoscope.regional.sinks.clickhouse import connect\n"
         "c = connect('chdb://' + sys.argv[1])\n"
         "out = {}\n"
         f"for k, t in {COUNT_TABLES!r}.items():\n"
@@ -1247,10 +1247,10 @@ def parts_main(spec_path: str) -> None:
     """Single-core limits of the parts, on the same batches; prints one JSON object."""
     import pyarrow as pa
 
-    from regional.merge import MergeSettings
-    from regional.service import Regional as Core
-    from regional.sinks.clickhouse import apply_migrations, connect, dedup_token
-    from regional.sinks.clickhouse_arrow import INSERT_ORDER, TARGET, arrow_tables
+    from stratoscope.regional.merge import MergeSettings
+    from stratoscope.regional.service import Regional as Core
+    from stratoscope.regional.sinks.clickhouse import apply_migrations, connect, dedup_token
+    from stratoscope.regional.sinks.clickhouse_arrow import INSERT_ORDER, TARGET, arrow_tables
     from stratoscope.v1 import batch_pb2 as pb
     from stratoscope.v1 import ingest_pb2
 
@@ -1280,7 +1280,7 @@ def parts_main(spec_path: str) -> None:
         return min(ts)
 
     # 1. protobuf parse + numpy column decode (either column encoding, as the regional does)
-    from regional.batchcols import decode as decode_columns
+    from stratoscope.regional.batchcols import decode as decode_columns
 
     def decode() -> None:
         for r in raw:

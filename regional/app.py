@@ -14,13 +14,13 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from regional.delivery import DeliveryQueue
-from regional.ingest import IngestProcess
-from regional.merge import DEFAULT_ROLLUPS, MergeSettings, Rollup
-from regional.runtime import tune_gc
-from regional.server import ServerTls, flush_forever, serve
-from regional.service import DEFAULT_MAX_HELD_POINTS, Regional
-from regional.sinks.base import Sink, SinkError
+from stratoscope.regional.delivery import DeliveryQueue
+from stratoscope.regional.ingest import IngestProcess
+from stratoscope.regional.merge import DEFAULT_ROLLUPS, MergeSettings, Rollup
+from stratoscope.regional.runtime import tune_gc
+from stratoscope.regional.server import ServerTls, flush_forever, serve
+from stratoscope.regional.service import DEFAULT_MAX_HELD_POINTS, Regional
+from stratoscope.regional.sinks.base import Sink, SinkError
 
 log = logging.getLogger("stratoscope.regional")
 
@@ -76,10 +76,10 @@ def build_sinks(opts: RegionalOptions) -> list[Sink]:
     if opts.kafka:
         specs.append(("kafka", {"bootstrap": opts.kafka, "topic_prefix": opts.kafka_topic_prefix}))
     if opts.sink_processes:
-        from regional.sinks.process import ProcessSink
+        from stratoscope.regional.sinks.process import ProcessSink
 
         return [ProcessSink(kind, kind, **kwargs) for kind, kwargs in specs]
-    from regional.sinks.process import make_sink
+    from stratoscope.regional.sinks.process import make_sink
 
     return [make_sink(kind, kwargs) for kind, kwargs in specs]
 

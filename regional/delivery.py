@@ -43,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from regional.sinks.base import Block, PermanentError, RetriableError, Sink
+from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink
 
 __all__ = ["DeliveryQueue", "OnDrop"]
 

@@ -13,9 +13,9 @@ import time
 
 from rich.console import Console
 
-from edge.config import parse_duration
-from regional import report
-from regional.app import RegionalOptions, RunningRegional
+from stratoscope.edge.config import parse_duration
+from stratoscope.regional import report
+from stratoscope.regional.app import RegionalOptions, RunningRegional
 
 log = logging.getLogger("stratoscope.demo")
 

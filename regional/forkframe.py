@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-from regional import pipes
+from stratoscope.regional import pipes
 
 T = TypeVar("T")
 R = TypeVar("R")

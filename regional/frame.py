@@ -24,9 +24,9 @@ from typing import cast
 import numpy as np
 import numpy.typing as npt
 
-from regional.batchcols import BatchCols, decode
-from regional.columns import ragged_index
 from stratoscope import __version__
+from stratoscope.regional.batchcols import BatchCols, decode
+from stratoscope.regional.columns import ragged_index
 from stratoscope.v1 import batch_pb2 as pb
 
 I64 = npt.NDArray[np.int64]

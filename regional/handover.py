@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from regional.batchcols import BatchCols, EventCols, HistCols, MetricCols, ProfileCols
+from stratoscope.regional.batchcols import BatchCols, EventCols, HistCols, MetricCols, ProfileCols
 
 _PAD = b"\0" * 8
 _DTYPES: dict[str, np.dtype[Any]] = {}

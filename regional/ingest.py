@@ -45,12 +45,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from regional import pipes
-from regional.handover import pack
-from regional.runtime import tune_gc
-from regional.server import ServerTls, serve
-from regional.service import Gate
-from regional.validate import Limits
+from stratoscope.regional import pipes
+from stratoscope.regional.handover import pack
+from stratoscope.regional.runtime import tune_gc
+from stratoscope.regional.server import ServerTls, serve
+from stratoscope.regional.service import Gate
+from stratoscope.regional.validate import Limits
 from stratoscope.v1 import ingest_pb2
 
 log = logging.getLogger("stratoscope.regional")

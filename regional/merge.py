@@ -34,9 +34,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from regional.batchcols import BatchCols, EventCols, HistCols, MetricCols, ProfileCols, decode
-from regional.columns import group, group_columns, ragged_index
-from regional.frame import (
+from stratoscope.regional.batchcols import (
+    BatchCols,
+    EventCols,
+    HistCols,
+    MetricCols,
+    ProfileCols,
+    decode,
+)
+from stratoscope.regional.columns import group, group_columns, ragged_index
+from stratoscope.regional.frame import (
     EVENT_COLS,
     HISTOGRAM,
     PROFILE_COLS,
@@ -53,7 +60,7 @@ from regional.frame import (
     sort_by_part,
     used_stacks,
 )
-from regional.sinks.base import Block
+from stratoscope.regional.sinks.base import Block
 from stratoscope.v1 import batch_pb2 as pb
 
 NS = 1_000_000_000

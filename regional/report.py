@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from regional.sinks.clickhouse import folded_stacks_sql
 from stratoscope.histogram import histogram_quantile
+from stratoscope.regional.sinks.clickhouse import folded_stacks_sql
 
 Query = Callable[[str, dict[str, Any] | None], Awaitable[list[tuple]]]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from regional.service import Regional
+from stratoscope.regional.service import Regional
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 

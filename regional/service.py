@@ -17,14 +17,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from regional.batchcols import BatchCols
-from regional.dedup import Deduplicator
-from regional.delivery import DeliveryQueue
-from regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
-from regional.handover import unpack
-from regional.merge import Aggregator, MergeSettings
-from regional.sinks.base import Block
-from regional.validate import BatchRejected, Limits, open_batch, validate
+from stratoscope.regional.batchcols import BatchCols
+from stratoscope.regional.dedup import Deduplicator
+from stratoscope.regional.delivery import DeliveryQueue
+from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
+from stratoscope.regional.handover import unpack
+from stratoscope.regional.merge import Aggregator, MergeSettings
+from stratoscope.regional.sinks.base import Block
+from stratoscope.regional.validate import BatchRejected, Limits, open_batch, validate
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from regional.batchcols import BatchCols, decode
 from stratoscope.columns import ColumnError
+from stratoscope.regional.batchcols import BatchCols, decode
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.wire import WireError, open_sealed
 

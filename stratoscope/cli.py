@@ -47,7 +47,7 @@ def _edge_parser(sub: Any) -> None:
 
 
 def _parse_params(items: list[str]) -> dict[str, dict[str, int]]:
-    from edge.errors import ConfigError
+    from stratoscope.edge.errors import ConfigError
 
     out: dict[str, dict[str, int]] = {}
     for item in items:
@@ -63,9 +63,9 @@ def _parse_params(items: list[str]) -> dict[str, dict[str, int]]:
 
 
 def _run_edge(args: argparse.Namespace) -> int:
-    from edge import preflight
-    from edge.collector import Collector
-    from edge.config import load_config
+    from stratoscope.edge import preflight
+    from stratoscope.edge.collector import Collector
+    from stratoscope.edge.config import load_config
 
     overrides: dict[str, Any] = {
         "interval": args.interval,
@@ -98,7 +98,7 @@ def _run_edge(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     summary = None
     if args.summary:
-        from edge.summary import Summary
+        from stratoscope.edge.summary import Summary
 
         summary = Summary()
     try:
@@ -127,13 +127,13 @@ def _run_edge(args: argparse.Namespace) -> int:
 
 
 def _edge_output(cfg: Any) -> Any:
-    from edge.outputs import ForwardOutput, MultiOutput, Output, open_output
+    from stratoscope.edge.outputs import ForwardOutput, MultiOutput, Output, open_output
 
     outputs: list[Output] = []
     if cfg.regional:
         tls = None
         if cfg.tls_ca:
-            from edge.forward import ClientTls
+            from stratoscope.edge.forward import ClientTls
 
             tls = ClientTls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name)
         outputs.append(ForwardOutput(cfg.regional, tls, compression=cfg.compression,
@@ -165,8 +165,8 @@ def _regional_args(p: argparse.ArgumentParser) -> None:
 
 
 def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
-    from edge.config import parse_duration
-    from regional.app import DEFAULT_CLICKHOUSE, RegionalOptions, tls_from_paths
+    from stratoscope.edge.config import parse_duration
+    from stratoscope.regional.app import DEFAULT_CLICKHOUSE, RegionalOptions, tls_from_paths
 
     ch = args.clickhouse or DEFAULT_CLICKHOUSE
     try:
@@ -186,7 +186,7 @@ def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
             **over,
         )
     except ValueError as exc:
-        from edge.errors import ConfigError
+        from stratoscope.edge.errors import ConfigError
 
         raise ConfigError(str(exc)) from None
     return opts
@@ -195,7 +195,7 @@ def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
 def _run_regional(args: argparse.Namespace) -> int:
     import uvloop
 
-    from regional import app
+    from stratoscope.regional import app
 
     opts = _regional_options(args, listen=args.listen, metrics_port=args.metrics_port)
     runner = app.check(opts) if args.check else app.run(opts)
@@ -205,7 +205,7 @@ def _run_regional(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     import uvloop
 
-    from regional.demo import run_demo
+    from stratoscope.regional.demo import run_demo
 
     opts = _regional_options(args, listen="127.0.0.1:0", metrics_port=0)
     return int(uvloop.run(run_demo(opts, args.duration)) or 0)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from edge.errors import EdgeError
+    from stratoscope.edge.errors import EdgeError
 
     try:
         return int(args.func(args))

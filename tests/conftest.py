@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from edge.batch import batch_to_dict
-from edge.collector import Collector
-from edge.config import EdgeConfig
+from stratoscope.edge.batch import batch_to_dict
+from stratoscope.edge.collector import Collector
+from stratoscope.edge.config import EdgeConfig
 
 WORKLOADS = Path(__file__).parent / "workloads"
 
@@ -98,7 +98,7 @@ def run_edge(
     run = EdgeRun()
     forward = None
     if forward_to:
-        from edge.outputs import ForwardOutput
+        from stratoscope.edge.outputs import ForwardOutput
 
         forward = ForwardOutput(forward_to, close_timeout_s=30)
     collector = Collector(config)

@@ -15,7 +15,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from edge.memory import release_free_memory
+from stratoscope.edge.memory import release_free_memory
 
 __all__ = ["UNKNOWN", "KernelSymbols"]
 

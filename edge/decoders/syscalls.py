@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from edge.decoders._syscall_tables import AARCH64, X86_64
+from stratoscope.edge.decoders._syscall_tables import AARCH64, X86_64
 
 __all__ = ["SUPPORTED_ARCHES", "normalize_arch", "syscall_name", "syscall_number"]
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from stratoscope.v1 import batch_pb2 as pb
 
 if TYPE_CHECKING:
-    from regional.frame import Frame
+    from stratoscope.regional.frame import Frame
 
 
 class Block:

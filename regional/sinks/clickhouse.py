@@ -46,25 +46,26 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import numpy as np
 import pyarrow as pa
 
-from regional.batchcols import BatchCols, decode
-from regional.frame import Frame, frame_from_batches
-from regional.sinks.base import Block, PermanentError, RetriableError, SinkError
-from regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
+from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
+from stratoscope.regional.batchcols import BatchCols, decode
+from stratoscope.regional.frame import Frame, frame_from_batches
+from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
     EVENTS_LOST_METRIC,
     INSERT_ORDER,
     TARGET,
     arrow_tables,
     stack_id,
 )
-from regional.validate import BatchRejected, Limits, check_columns
-from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
+from stratoscope.regional.validate import BatchRejected, Limits, check_columns
+from stratoscope.resources import clickhouse_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DSN = "chdb:///var/lib/stratoscope/clickhouse"
 DEFAULT_DATABASE = "stratoscope"
-#: Where the versioned schema lives (deploy/clickhouse/migrations in the repo).
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse" / "migrations"
+#: Where the versioned schema lives (package data; deploy/clickhouse/migrations in the tree).
+MIGRATIONS_DIR = clickhouse_dir("migrations")
 
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

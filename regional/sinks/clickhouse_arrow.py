@@ -18,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from regional.columns import ragged_index
-from regional.frame import Frame, Table
+from stratoscope.regional.columns import ragged_index
+from stratoscope.regional.frame import Frame, Table
 from stratoscope.v1 import batch_pb2 as pb
 
 NS = 1_000_000_000

@@ -57,7 +57,7 @@ from aiokafka.errors import (
     ProducerFenced,
 )
 
-from regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, SinkError
 from stratoscope.v1 import batch_pb2 as pb
 
 __all__ = [

@@ -35,10 +35,10 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from regional import pipes
-from regional.frame import Frame
-from regional.runtime import tune_gc
-from regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
+from stratoscope.regional import pipes
+from stratoscope.regional.frame import Frame
+from stratoscope.regional.runtime import tune_gc
+from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ STOP_TIMEOUT_S = 60.0
 def make_sink(kind: str, kwargs: dict[str, Any]) -> Sink:
     """The sinks a child can run, by name (the child imports only what it needs)."""
     if kind == "clickhouse":
-        from regional.sinks.clickhouse import ClickHouseSink
+        from stratoscope.regional.sinks.clickhouse import ClickHouseSink
 
         return ClickHouseSink(**kwargs)
     if kind == "kafka":
-        from regional.sinks.kafka import KafkaSink
+        from stratoscope.regional.sinks.kafka import KafkaSink
 
         return KafkaSink(**kwargs)
     raise ValueError(f"unknown sink kind {kind!r}")

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
-from edge.batch import BatchBuilder, EventRow
-from edge.decode import Histogram, ProfileRow
-from regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
-from regional.sinks.clickhouse import (
+from stratoscope.columns import to_packed
+from stratoscope.edge.batch import BatchBuilder, EventRow
+from stratoscope.edge.decode import Histogram, ProfileRow
+from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
+from stratoscope.regional.sinks.clickhouse import (
     EVENTS_LOST_METRIC,
     MIGRATIONS_DIR,
     ClickHouseSink,
@@ -34,8 +35,7 @@ from regional.sinks.clickhouse import (
     split_statements,
     stack_id,
 )
-from regional.sinks.clickhouse_arrow import series_id, series_id_sql
-from stratoscope.columns import to_packed
+from stratoscope.regional.sinks.clickhouse_arrow import series_id, series_id_sql
 from stratoscope.v1 import batch_pb2 as pb
 
 NS = 1_000_000_000
@@ -386,8 +386,8 @@ async def test_retry_after_timeout_changes_nothing(
 def framed_blocks(nodes: int, frame_nodes: int, prefix: str) -> list[Block]:
     """``nodes`` nodes' windows merged by the regional's Aggregator, reduced into frames
     of ``frame_nodes`` nodes each (what the regional hands its sinks)."""
-    from regional.batchcols import decode
-    from regional.merge import Aggregator, MergeSettings
+    from stratoscope.regional.batchcols import decode
+    from stratoscope.regional.merge import Aggregator, MergeSettings
 
     agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=(), frame_nodes=frame_nodes),
                      regional_id=prefix)

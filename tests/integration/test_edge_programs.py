@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.decoders.cgroups import find_cgroup2_mount
+from stratoscope.edge.decoders.cgroups import find_cgroup2_mount
 from tests.conftest import run_edge, unique_comm
 
 pytestmark = pytest.mark.kernel

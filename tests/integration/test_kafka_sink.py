@@ -23,11 +23,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.codec import has_zstd
 
-from edge.batch import BatchBuilder, EventRow, batch_to_dict
-from edge.decode import Histogram, ProfileRow
-from regional.delivery import DeliveryQueue
-from regional.sinks.base import Block, PermanentError, RetriableError, SinkError
-from regional.sinks.kafka import (
+from stratoscope.edge.batch import BatchBuilder, EventRow, batch_to_dict
+from stratoscope.edge.decode import Histogram, ProfileRow
+from stratoscope.regional.delivery import DeliveryQueue
+from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope.regional.sinks.kafka import (
     ROLLUP_KEY,
     SCHEMA,
     KafkaSink,

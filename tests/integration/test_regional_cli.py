@@ -65,7 +65,7 @@ async def test_regional_fails_fast_when_its_ingest_process_dies(tmp_path: Path) 
     """A dead ingest process must not leave a regional that looks alive but acks nothing."""
     import asyncio
 
-    from regional.app import RegionalOptions, RunningRegional
+    from stratoscope.regional.app import RegionalOptions, RunningRegional
 
     running = RunningRegional(RegionalOptions(listen="127.0.0.1:0", metrics_port=0,
                                               clickhouse=f"chdb://{tmp_path}/ch"))

@@ -16,14 +16,14 @@ import pytest
 import zstandard
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from edge.batch import BatchBuilder, batch_to_dict
-from edge.decode import Histogram
-from edge.forward import GrpcForwarder
-from regional.app import RegionalOptions, RunningRegional
-from regional.merge import Rollup
-from regional.sinks.kafka import decode_message
-from regional.sinks.process import MERGE_NICE, SINK_NICE
 from stratoscope.columns import to_packed
+from stratoscope.edge.batch import BatchBuilder, batch_to_dict
+from stratoscope.edge.decode import Histogram
+from stratoscope.edge.forward import GrpcForwarder
+from stratoscope.regional.app import RegionalOptions, RunningRegional
+from stratoscope.regional.merge import Rollup
+from stratoscope.regional.sinks.kafka import decode_message
+from stratoscope.regional.sinks.process import MERGE_NICE, SINK_NICE
 from stratoscope.v1 import batch_pb2 as pb
 from tests.conftest import kafka_bootstrap, run_edge, unique_comm
 
@@ -204,7 +204,7 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
 
     # Re-running the same ClickHouse insert (a retry after a timeout) changes nothing.
     ch = regional.sink("clickhouse")
-    from regional.merge import Aggregator, MergeSettings
+    from stratoscope.regional.merge import Aggregator, MergeSettings
 
     agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=()), "regional-x")
     agg.record(synthetic("n9", 1, minute + 10 * NS, 5, h))
@@ -251,7 +251,7 @@ async def test_a_batch_larger_than_the_flow_control_window_is_accepted_whole(
 ) -> None:
     """The ingest server runs HTTP/2 with a fixed 1 MiB stream window (server.FLOW_CONTROL,
     no BDP probing): a ~3 MiB uncompressed batch still arrives whole, every series counted."""
-    from regional.server import FLOW_CONTROL
+    from stratoscope.regional.server import FLOW_CONTROL
 
     window = dict(FLOW_CONTROL)["grpc.http2.lookahead_bytes"]
     now = time.time_ns()

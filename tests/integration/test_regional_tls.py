@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edge.batch import BatchBuilder
-from edge.forward import ClientTls, GrpcForwarder
-from regional.app import RegionalOptions, RunningRegional
-from regional.server import ServerTls
+from stratoscope.edge.batch import BatchBuilder
+from stratoscope.edge.forward import ClientTls, GrpcForwarder
+from stratoscope.regional.app import RegionalOptions, RunningRegional
+from stratoscope.regional.server import ServerTls
 
 
 def _openssl(*args: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.batch import BatchBuilder, EventRow, batch_to_dict
-from edge.decode import Histogram, ProfileRow
+from stratoscope.edge.batch import BatchBuilder, EventRow, batch_to_dict
+from stratoscope.edge.decode import Histogram, ProfileRow
 from stratoscope.v1 import batch_pb2 as pb
 
 label = st.text(min_size=0, max_size=12)

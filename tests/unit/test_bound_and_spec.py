@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.bound import OTHER, bound_series
-from edge.config import load_config, parse_duration
-from edge.errors import ConfigError, SpecError
-from edge.spec import discover, load_spec
+from stratoscope.edge.bound import OTHER, bound_series
+from stratoscope.edge.config import load_config, parse_duration
+from stratoscope.edge.errors import ConfigError, SpecError
+from stratoscope.edge.spec import discover, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.batch import BatchBuilder, EventRow, batch_to_dict
-from edge.decode import Histogram, ProfileRow
-from regional.batchcols import decode
-from regional.validate import BatchRejected, Limits, validate
 from stratoscope.columns import WIRE, ColumnError, read, to_packed, to_raw
+from stratoscope.edge.batch import BatchBuilder, EventRow, batch_to_dict
+from stratoscope.edge.decode import Histogram, ProfileRow
+from stratoscope.regional.batchcols import decode
+from stratoscope.regional.validate import BatchRejected, Limits, validate
 from stratoscope.v1 import batch_pb2 as pb
 
 
@@ -112,7 +112,7 @@ def test_signed_columns_round_trip_through_either_encoding(values: list[int]) ->
 
 
 def test_the_forwarder_can_send_packed_columns_for_older_regionals() -> None:
-    from edge.forward import ConfigError, GrpcForwarder
+    from stratoscope.edge.forward import ConfigError, GrpcForwarder
 
     with pytest.raises(ConfigError, match="wire columns 'dense'"):
         GrpcForwarder(["127.0.0.1:1"], wire_columns="dense")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.decoders import cgroups
-from edge.decoders.cgroups import CgroupResolver, find_cgroup2_mount
+from stratoscope.edge.decoders import cgroups
+from stratoscope.edge.decoders.cgroups import CgroupResolver, find_cgroup2_mount
 
 HYBRID_MOUNTINFO = """\
 24 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda rw

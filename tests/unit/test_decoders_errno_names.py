@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.decoders.errno_names import errno_name
+from stratoscope.edge.decoders.errno_names import errno_name
 
 
 @pytest.mark.parametrize(

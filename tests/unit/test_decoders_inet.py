@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.decoders.inet import AF_INET, AF_INET6, format_endpoint
+from stratoscope.edge.decoders.inet import AF_INET, AF_INET6, format_endpoint
 
 PAD = bytes(12)
 ports = st.integers(min_value=0, max_value=65535)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.decoders.ksyms import UNKNOWN, KernelSymbols
+from stratoscope.edge.decoders.ksyms import UNKNOWN, KernelSymbols
 
 FIXTURE = """\
 0000000000000000 A fixed_percpu_data

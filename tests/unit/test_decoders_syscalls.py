@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.decoders import syscalls
-from edge.decoders._syscall_tables import AARCH64, X86_64
-from edge.decoders.syscalls import (
+from stratoscope.edge.decoders import syscalls
+from stratoscope.edge.decoders._syscall_tables import AARCH64, X86_64
+from stratoscope.edge.decoders.syscalls import (
     SUPPORTED_ARCHES,
     normalize_arch,
     syscall_name,

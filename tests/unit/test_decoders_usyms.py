@@ -14,7 +14,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from edge.decoders.usyms import UNKNOWN, UserSymbols
+from stratoscope.edge.decoders.usyms import UNKNOWN, UserSymbols
 
 LIB_SOURCE = r"""
 void burn_in_lib(void) {

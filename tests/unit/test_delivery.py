@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
-from regional.delivery import DeliveryQueue
-from regional.sinks.base import Block, PermanentError, RetriableError, Sink
+from stratoscope.regional.delivery import DeliveryQueue
+from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink
 from stratoscope.v1 import batch_pb2 as pb
 
 # Scripted outcomes of FakeSink.deliver calls, in order (then: success).
@@ -161,7 +161,7 @@ async def test_permanent_error_drops_the_batch_counts_and_logs_it(
     q = make(sink, on_drop=lambda bs, why: dropped.append(([b.block_id for b in bs], why)))
     await q.start()
     try:
-        with caplog.at_level(logging.ERROR, logger="regional.delivery"):
+        with caplog.at_level(logging.ERROR, logger="stratoscope.regional.delivery"):
             await q.put(blocks("p1", "p2"))
             await q.flush()
         assert len(sink.calls) == 1  # never retried

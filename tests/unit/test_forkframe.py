@@ -10,10 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge.decode import Histogram
-from regional.forkframe import FRAME_CHILD_NICE, ChildFailed, run_in_fork, stream_in_fork
-from regional.merge import Aggregator, MergeSettings, Rollup
-from regional.service import Regional
+from stratoscope.edge.decode import Histogram
+from stratoscope.regional.forkframe import (
+    FRAME_CHILD_NICE,
+    ChildFailed,
+    run_in_fork,
+    stream_in_fork,
+)
+from stratoscope.regional.merge import Aggregator, MergeSettings, Rollup
+from stratoscope.regional.service import Regional
 from tests.unit.test_merge import NS, T0, edge_batch, hist_totals, totals
 
 SETTINGS = MergeSettings(resolution_s=60, lateness_s=0,

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edge.batch import BatchBuilder
-from regional.batchcols import BatchCols, decode
-from regional.handover import pack, unpack
-from regional.merge import Aggregator, MergeSettings
 from stratoscope.columns import to_packed
+from stratoscope.edge.batch import BatchBuilder
+from stratoscope.regional.batchcols import BatchCols, decode
+from stratoscope.regional.handover import pack, unpack
+from stratoscope.regional.merge import Aggregator, MergeSettings
 from tests.unit.test_columns import full_batch
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.decode import Histogram
+from stratoscope.edge.decode import Histogram
 from stratoscope.histogram import bucket_bounds, bucket_index, histogram_quantile, kernel_slot
 
 

@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.batch import BatchBuilder, batch_to_dict
-from edge.decode import Histogram
-from regional.merge import Aggregator, MergeSettings, Rollup
+from stratoscope.edge.batch import BatchBuilder, batch_to_dict
+from stratoscope.edge.decode import Histogram
+from stratoscope.regional.merge import Aggregator, MergeSettings, Rollup
 
 NS = 1_000_000_000
 T0 = 1_800_000_000 * NS  # a minute boundary
@@ -147,7 +147,7 @@ def test_merge_equals_naive_sum(batches: list[tuple[str, int, dict]]) -> None:
 def test_bucket_sums_agree_across_dense_chunked_and_sorted_paths(monkeypatch: Any) -> None:
     import numpy as np
 
-    from regional import merge
+    from stratoscope.regional import merge
 
     rng = np.random.default_rng(7)
     series = rng.integers(0, 500, 20_000)
@@ -169,7 +169,7 @@ def test_bucket_sums_agree_across_dense_chunked_and_sorted_paths(monkeypatch: An
 def test_grouping_is_exact_for_wide_keys_and_survives_hash_collisions(monkeypatch: Any) -> None:
     import numpy as np
 
-    from regional import columns
+    from stratoscope.regional import columns
 
     rng = np.random.default_rng(3)
     # 5 columns of up to 2^20: 100 bits, two packed words, so the hash path is taken
@@ -191,7 +191,7 @@ def test_grouping_is_exact_for_wide_keys_and_survives_hash_collisions(monkeypatc
 def test_profile_rows_sum_per_stack_content_across_batches_and_nodes() -> None:
     """Stacks are interned by content: the same frames under different batch-local string
     ids are one stack; order, length and prefixes tell stacks apart."""
-    from edge.decode import ProfileRow
+    from stratoscope.edge.decode import ProfileRow
 
     def batch(node: str, seq: int, rows: dict[ProfileRow, int], pad: int) -> Any:
         b = BatchBuilder(node, "b", seq, T0 + seq * 10 * NS, T0 + (seq + 1) * 10 * NS, {})
@@ -224,7 +224,7 @@ def test_profile_rows_sum_per_stack_content_across_batches_and_nodes() -> None:
 
 def test_profile_rows_without_any_stack_are_merged() -> None:
     """A window whose profile rows have no stacks at all (every id -1) still reduces."""
-    from edge.decode import ProfileRow
+    from stratoscope.edge.decode import ProfileRow
 
     b = BatchBuilder("n1", "b", 1, T0, T0 + 10 * NS, {})
     b.add_profile("cpu", 10_000_000, {ProfileRow(7, "app", "/", None, None): 4})
@@ -238,7 +238,7 @@ def test_profile_rows_without_any_stack_are_merged() -> None:
 def test_split_windows_keep_each_batchs_strings_and_only_their_stacks() -> None:
     """Parts of a split window translate every chunk through its own batch's strings
     (the batches below number their strings differently) and carry only their stacks."""
-    from edge.decode import ProfileRow
+    from stratoscope.edge.decode import ProfileRow
 
     def batch(node: str, seq: int, pad: int) -> Any:
         b = BatchBuilder(node, "b", seq, T0 + seq * 10 * NS, T0 + (seq + 1) * 10 * NS, {"region": "eu"})
@@ -274,9 +274,9 @@ def test_split_windows_keep_each_batchs_strings_and_only_their_stacks() -> None:
 
 def test_held_points_count_series_and_event_rows_until_taken() -> None:
     """What max_held_points bounds: every series point and event row a window holds."""
-    from edge.batch import BatchBuilder, EventRow
-    from edge.decode import Histogram
-    from regional.merge import Aggregator, MergeSettings
+    from stratoscope.edge.batch import BatchBuilder, EventRow
+    from stratoscope.edge.decode import Histogram
+    from stratoscope.regional.merge import Aggregator, MergeSettings
 
     agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))
     end = 1_800_000_030 * 1_000_000_000

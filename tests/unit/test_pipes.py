@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from regional import pipes
+from stratoscope.regional import pipes
 
 
 def payload() -> dict[str, object]:
@@ -76,8 +76,8 @@ def test_arrays_travel_out_of_band() -> None:
 def test_sink_deliveries_of_some_or_all_parts_of_a_frame_round_trip() -> None:
     """What a sink process is sent (regional/sinks/process.py): a sub-frame for some of a
     frame's parts, the frame itself for all of them; either way exactly those blocks."""
-    from regional.merge import Aggregator, MergeSettings
-    from regional.sinks.process import pack_blocks, unpack_blocks
+    from stratoscope.regional.merge import Aggregator, MergeSettings
+    from stratoscope.regional.sinks.process import pack_blocks, unpack_blocks
     from tests.unit.test_merge import NS, T0, edge_batch
 
     agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge.errors import ConfigError
-from regional.app import QUEUE_RETRY, RegionalOptions
 from stratoscope.cli import _regional_options, build_parser
+from stratoscope.edge.errors import ConfigError
+from stratoscope.regional.app import QUEUE_RETRY, RegionalOptions
 
 
 def test_frame_nodes_default_and_cli() -> None:
@@ -29,24 +29,23 @@ def test_demote_merge_threads_sets_nice_on_named_threads_only() -> None:
     import os
     import threading
 
-    from regional.sinks.process import MERGE_NICE, demote_merge_threads
+    from stratoscope.regional.sinks.process import MERGE_NICE, demote_merge_threads
 
-    ready, stop = threading.Event(), threading.Event()
+    named, stop = threading.Barrier(3, timeout=5), threading.Event()
     tids: dict[str, int] = {}
 
     def worker(name: str) -> None:
         tids[name] = threading.get_native_id()
         with open(f"/proc/self/task/{tids[name]}/comm", "w") as f:
             f.write(name)
-        if len(tids) == 2:
-            ready.set()
+        named.wait()  # both threads carry their names before the test looks
         stop.wait(10)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in ("MergeMutate", "QueryPullPipeEx")]
     for t in threads:
         t.start()
     try:
-        assert ready.wait(5)
+        named.wait()
         base = os.getpriority(os.PRIO_PROCESS, tids["QueryPullPipeEx"])
         seen: set[int] = set()
         # The process may hold chdb's own merge threads too (an earlier test opened a
@@ -65,7 +64,7 @@ def test_demote_merge_threads_sets_nice_on_named_threads_only() -> None:
 
 
 def test_max_held_points_default_cli_and_bounds() -> None:
-    from regional.service import DEFAULT_MAX_HELD_POINTS
+    from stratoscope.regional.service import DEFAULT_MAX_HELD_POINTS
 
     assert RegionalOptions().max_held_points == DEFAULT_MAX_HELD_POINTS == 64_000_000
     args = build_parser().parse_args(["regional", "--max-held-points", "1000", "--clickhouse", "none"])
@@ -80,8 +79,8 @@ def test_gate_answers_retry_while_windows_are_full_or_draining_and_remembers_not
     is a duplicate."""
     import time
 
-    from edge.batch import BatchBuilder
-    from regional.service import Gate
+    from stratoscope.edge.batch import BatchBuilder
+    from stratoscope.regional.service import Gate
     from stratoscope.v1 import ingest_pb2
 
     now = time.time_ns()

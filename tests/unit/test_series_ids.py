@@ -7,7 +7,12 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from regional.sinks.clickhouse_arrow import SERIES_P, SERIES_SEED, _distinct_pairs, series_id
+from stratoscope.regional.sinks.clickhouse_arrow import (
+    SERIES_P,
+    SERIES_SEED,
+    _distinct_pairs,
+    series_id,
+)
 
 
 def test_series_id_is_order_free_and_tells_keys_from_values() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 import pytest
 
-from regional import server
+from stratoscope.regional import server
 
 
 async def test_serve_uses_a_fixed_window_without_bdp_probing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.batch import BatchBuilder
-from edge.decode import Histogram
+from stratoscope.edge.batch import BatchBuilder
+from stratoscope.edge.decode import Histogram
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.wire import WireError, open_sealed, seal
 
