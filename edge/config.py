@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from stratoscope.edge.errors import ConfigError
+from stratoscope.edge.spec import discover
 
-ALL_PROGRAMS = ("syscalls", "sched", "tcp", "block", "process", "profile")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -53,7 +53,8 @@ class EdgeConfig(BaseModel):
     node_id: str = Field(default_factory=socket.gethostname, min_length=1)
     labels: dict[str, str] = Field(default_factory=dict)
     interval: Duration = 10.0
-    programs: list[str] = Field(default_factory=lambda: list(ALL_PROGRAMS))
+    #: Empty (the default): every program bpf_dir describes (its *.yaml files).
+    programs: list[str] = Field(default_factory=list)
     #: Whether `programs` was chosen by the user (attach failures are then fatal).
     programs_explicit: bool = False
     params: dict[str, dict[str, int]] = Field(default_factory=dict)
@@ -78,6 +79,12 @@ class EdgeConfig(BaseModel):
     bpf_stats: bool = False
     duration: Duration | None = None
     once: bool = False
+
+    @model_validator(mode="after")
+    def _default_programs(self) -> EdgeConfig:
+        if not self.programs:
+            self.programs = list(discover(self.bpf_dir))
+        return self
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> EdgeConfig:
@@ -105,9 +112,10 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> EdgeConfig:
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"config {where}: unknown key {loc!r}") from None
         raise ConfigError(f"config {where}: {loc}: {err['msg']}") from None
-    unknown = [p for p in cfg.programs if p not in ALL_PROGRAMS]
+    known = list(discover(cfg.bpf_dir))
+    unknown = [p for p in cfg.programs if p not in known]
     if unknown:
         raise ConfigError(
-            f"unknown program {unknown[0]!r} (known: {', '.join(ALL_PROGRAMS)})"
+            f"unknown program {unknown[0]!r} (known: {', '.join(known)})"
         )
     return cfg

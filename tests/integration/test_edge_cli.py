@@ -35,7 +35,7 @@ def test_config_typo_exits_2_naming_the_key(tmp_path: Path) -> None:
 def test_unknown_program_exits_2() -> None:
     r = _run(["edge", "--programs", "syscalls,gpu", "--once"])
     assert r.returncode == 2
-    assert "unknown program 'gpu' (known: syscalls, sched, tcp, block, process, profile)" in r.stderr
+    assert "unknown program 'gpu' (known: block, process, profile, sched, syscalls, tcp)" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -9,6 +9,7 @@ programs and migrations must come from the installed package.
 from __future__ import annotations
 
 import json
+import shutil
 import site
 import subprocess
 import sys
@@ -25,8 +26,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the wheel file, the venv's bin/) with the wheel installed."""
     work = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools leaves build/ in the source tree, and a stale build/
+    # would carry files the tree no longer has into the next wheel.
+    src = work / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "out", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(work / "dist"), str(ROOT)], check=True, cwd=work, timeout=300)
+                    "-w", str(work / "dist"), str(src)], check=True, cwd=work, timeout=300)
     (whl,) = (work / "dist").glob("stratoscope-*.whl")
     venv = work / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],
