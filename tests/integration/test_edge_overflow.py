@@ -15,6 +15,7 @@ match window by window, also for the unrelated processes' increments.
 from __future__ import annotations
 
 import platform
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -114,3 +115,48 @@ def test_full_maps_overflow_to_other_exactly(workload_bin: dict[str, Path], late
         assert _overflow(run, "latency", lost=True) == 0
     else:
         assert hists == []
+
+
+TCP_METRICS = ("tcp_opens_total", "tcp_closes_total", "tcp_resets_sent_total",
+               "tcp_resets_received_total", "tcp_retransmits_total")
+
+
+def test_full_tcp_map_overflows_to_remote_other_exactly() -> None:
+    """Clients from many loopback addresses overflow conns; per-port totals stay exact.
+
+    Nobody else connects to the listener's port, so the totals for that port
+    over all remotes ("other" included) are exactly the workload's connections.
+    """
+    n = 60
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(n)
+    port = str(listener.getsockname()[1])
+    with run_edge(["tcp"], interval=0.1, params={"tcp": {"MAX_SERIES": 2}},
+                  limits={"series_per_metric": 1_000_000}) as run:
+        for i in range(n):
+            with socket.socket() as c:
+                c.bind((f"127.0.0.{2 + i}", 0))  # a distinct remote for the passive side
+                c.connect(("127.0.0.1", int(port)))
+                conn, _ = listener.accept()
+                conn.close()
+        # Wait (with a deadline) until every close on both sides was drained.
+        deadline = time.monotonic() + 30
+        while not all(
+            run.counter("tcp_closes_total", port=port, direction=d) == n
+            for d in ("active", "passive")
+        ):
+            assert time.monotonic() < deadline, "closes did not arrive within 30 s"
+            time.sleep(0.02)
+    listener.close()
+    for d in ("active", "passive"):
+        assert run.counter("tcp_opens_total", port=port, direction=d) == n
+        assert run.counter("tcp_closes_total", port=port, direction=d) == n
+    assert run.counter("tcp_opens_total", port=port, direction="passive", remote=OTHER) > 0
+    assert run.collector is not None
+    reg = run.collector.registry
+    labels = {"program": "tcp", "map": "conns"}
+    assert reg.get_sample_value("stratoscope_edge_map_overflow_total", labels) == sum(
+        run.counter(metric, remote=OTHER) for metric in TCP_METRICS
+    )
+    assert reg.get_sample_value("stratoscope_edge_map_overflow_lost_total", labels) == 0
