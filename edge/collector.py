@@ -220,7 +220,7 @@ class Collector:
         n_series = 0
         for rm in raw.maps:
             m = rm.spec
-            if isinstance(m, CountersMap | HistogramMap) and m.overflow:
+            if isinstance(m, CountersMap | HistogramMap | ProfileMap) and m.overflow:
                 self.metrics.map_overflow.labels(p.name, m.name).inc(rm.overflowed)
                 self.metrics.map_overflow_lost.labels(p.name, m.name).inc(rm.overflow_lost)
             if isinstance(m, CountersMap):
@@ -259,6 +259,14 @@ class Collector:
                     m, rm.rows, raw.stacks.get(m.name, {}), self.ctx,
                     self._kernel_symbol, self._user_symbol,
                 )
+                if rm.other_rows:
+                    other_rows = decode_profile(
+                        m, rm.other_rows, raw.stacks.get(m.name, {}), self.ctx,
+                        self._kernel_symbol, self._user_symbol,
+                    )
+                    for row, n in other_rows.items():  # the kernel keeps only the kernel stack
+                        key = ProfileRow(0, OTHER, OTHER, row.kernel_stack, None)
+                        rows[key] = rows.get(key, 0) + n
                 rows = self._bound_profile(p.name, m.metric, rows)
                 n_series += len(rows)
                 freq = next(

@@ -216,7 +216,7 @@ class LoadedProgram:
                 if m.lost_map:
                     self._table(m.lost_map)
                 continue
-            overflow = isinstance(m, CountersMap | HistogramMap) and m.overflow
+            overflow = isinstance(m, CountersMap | HistogramMap | ProfileMap) and m.overflow
             names = [m.name, f"{m.name}_other"] if overflow else [m.name]
             for base, copy in [(b, c) for b in names for c in (0, 1)]:
                 table = self._table(f"{base}_{copy}")
@@ -279,7 +279,7 @@ class LoadedProgram:
                 (k, _sum_cpus(v, percpu)) for k, v in table.items_lookup_and_delete_batch()
             ]
             raw = RawMap(spec=m, rows=rows)
-            if isinstance(m, CountersMap | HistogramMap) and m.overflow:
+            if isinstance(m, CountersMap | HistogramMap | ProfileMap) and m.overflow:
                 other = self._bpf[f"{m.name}_other_{idle}".encode()]
                 raw.other_rows = [
                     (k, _sum_cpus(v, hasattr(other, "sLeaf")))

@@ -148,7 +148,7 @@ class HistogramMap(_AggregateMap):
         return self
 
 
-class ProfileMap(_MapBase):
+class ProfileMap(_AggregateMap):
     kind: Literal["profile"]
     metric: str
     help: str

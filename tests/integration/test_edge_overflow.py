@@ -160,3 +160,29 @@ def test_full_tcp_map_overflows_to_remote_other_exactly() -> None:
         run.counter(metric, remote=OTHER) for metric in TCP_METRICS
     )
     assert reg.get_sample_value("stratoscope_edge_map_overflow_lost_total", labels) == 0
+
+
+def test_full_profile_map_overflows_to_other_kernel_stacks(workload_bin: dict[str, Path]) -> None:
+    """With room for one row per window, every further sample lands in "other"."""
+    comm = unique_comm("burn")
+    with run_edge(["profile"], interval=0.2,
+                  params={"profile": {"MAX_SERIES": 1, "SAMPLE_HZ": 99}}) as run:
+        proc = subprocess.Popen(
+            [str(workload_bin["burn"]), comm, "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"done\n"
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    proc.stdout.close()
+    proc.wait(timeout=10)
+    other = run.profile_samples(comm=OTHER)
+    assert other, "the one-row map never overflowed"
+    assert all(s["pid"] == 0 and s["cgroup"] == OTHER and s["user_stack"] is None for s in other)
+    assert run.collector is not None
+    reg = run.collector.registry
+    labels = {"program": "profile", "map": "samples"}
+    assert reg.get_sample_value("stratoscope_edge_map_overflow_total", labels) == sum(
+        s["count"] for s in other
+    )
+    assert reg.get_sample_value("stratoscope_edge_map_overflow_lost_total", labels) == 0
