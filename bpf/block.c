@@ -45,6 +45,20 @@ BPF_HASH(io_0, struct io_key, struct io_val, MAX_SERIES);
 BPF_HASH(io_1, struct io_key, struct io_val, MAX_SERIES);
 BPF_HASH(latency_0, struct lat_key, struct strato_hist_val, MAX_SERIES);
 BPF_HASH(latency_1, struct lat_key, struct strato_hist_val, MAX_SERIES);
+/* Full maps: an update that finds io or latency full goes to the map's
+ * overflow series in <map>_other_{0,1} (device 0, which the edge labels
+ * "other"; op and slot kept, so totals per operation stay exact) and is
+ * counted in <map>_overflow_{0,1}[0] ([1]: lost with the other map full too).
+ * Separate maps because a hash map cannot reserve entries for some keys; their
+ * keys range over 5 ops x 66 slots, so 512 entries have room. */
+BPF_HASH(io_other_0, struct io_key, struct io_val, 512);
+BPF_HASH(io_other_1, struct io_key, struct io_val, 512);
+BPF_HASH(latency_other_0, struct lat_key, struct strato_hist_val, 512);
+BPF_HASH(latency_other_1, struct lat_key, struct strato_hist_val, 512);
+BPF_PERCPU_ARRAY(io_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(io_overflow_1, u64, 2);
+BPF_PERCPU_ARRAY(latency_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(latency_overflow_1, u64, 2);
 BPF_TABLE("lru_hash", struct rq_key, struct rq_start, inflight, MAX_INFLIGHT);
 
 /* rwbs is e.g. "W", "WS", "FWS", "R", "RA", "D", "F", "N". */
@@ -93,6 +107,22 @@ TRACEPOINT_PROBE(block, block_rq_complete)
         v = io_1.lookup_or_try_init(&ik, &vinit);
     else
         v = io_0.lookup_or_try_init(&ik, &vinit);
+    u32 oslot;
+    u64 *ovf;
+    if (!v) {
+        struct io_key okey = {.op = ik.op};
+        if (active)
+            v = io_other_1.lookup_or_try_init(&okey, &vinit);
+        else
+            v = io_other_0.lookup_or_try_init(&okey, &vinit);
+        oslot = v ? 0 : 1;
+        if (active)
+            ovf = io_overflow_1.lookup(&oslot);
+        else
+            ovf = io_overflow_0.lookup(&oslot);
+        if (ovf)
+            __sync_fetch_and_add(ovf, 1);
+    }
     if (v) {
         __sync_fetch_and_add(&v->ops, 1);
         __sync_fetch_and_add(&v->bytes, bytes);
@@ -106,6 +136,20 @@ TRACEPOINT_PROBE(block, block_rq_complete)
         h = latency_1.lookup_or_try_init(&lk, &hinit);
     else
         h = latency_0.lookup_or_try_init(&lk, &hinit);
+    if (!h) {
+        struct lat_key okey = {.op = lk.op, .slot = lk.slot};
+        if (active)
+            h = latency_other_1.lookup_or_try_init(&okey, &hinit);
+        else
+            h = latency_other_0.lookup_or_try_init(&okey, &hinit);
+        oslot = h ? 0 : 1;
+        if (active)
+            ovf = latency_overflow_1.lookup(&oslot);
+        else
+            ovf = latency_overflow_0.lookup(&oslot);
+        if (ovf)
+            __sync_fetch_and_add(ovf, 1);
+    }
     if (h) {
         __sync_fetch_and_add(&h->count, 1);
         __sync_fetch_and_add(&h->sum, delta);

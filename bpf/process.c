@@ -50,6 +50,16 @@ struct bucket {
 BPF_ARRAY(flip_ctl, u32, 1);
 BPF_HASH(counts_0, struct count_key, u64, MAX_SERIES);
 BPF_HASH(counts_1, struct count_key, u64, MAX_SERIES);
+/* Full counts map: an increment that finds no room goes to the overflow
+ * series in counts_other_{0,1} (comm "other", cgroup 0; kind and exit code
+ * kept, so totals per event kind stay exact) and is counted in
+ * counts_overflow_{0,1}[0] ([1]: lost with the other map full too). Its keys
+ * range over kind x exit code only (4 x ~300), so 2048 entries have room. A
+ * separate map because a hash map cannot reserve entries for some keys. */
+BPF_HASH(counts_other_0, struct count_key, u64, 2048);
+BPF_HASH(counts_other_1, struct count_key, u64, 2048);
+BPF_PERCPU_ARRAY(counts_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(counts_overflow_1, u64, 2);
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_PERCPU_ARRAY(rate, struct bucket, 1);
@@ -63,11 +73,28 @@ static __always_inline void count(u32 kind, s32 code)
     bpf_get_current_comm(&k.comm, sizeof(k.comm));
     u32 zero = 0;
     u32 *flip = flip_ctl.lookup(&zero);
+    u32 active = flip ? (*flip & 1) : 0;
     u64 init = 0, *v;
-    if (flip && (*flip & 1))
+    if (active)
         v = counts_1.lookup_or_try_init(&k, &init);
     else
         v = counts_0.lookup_or_try_init(&k, &init);
+    if (!v) {
+        struct count_key okey = {.kind = kind, .code = code};
+        __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+        if (active)
+            v = counts_other_1.lookup_or_try_init(&okey, &init);
+        else
+            v = counts_other_0.lookup_or_try_init(&okey, &init);
+        u32 oslot = v ? 0 : 1;
+        u64 *ovf;
+        if (active)
+            ovf = counts_overflow_1.lookup(&oslot);
+        else
+            ovf = counts_overflow_0.lookup(&oslot);
+        if (ovf)
+            *ovf += 1;
+    }
     if (v)
         __sync_fetch_and_add(v, 1);
 }

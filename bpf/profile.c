@@ -27,6 +27,17 @@ struct sample_key {
 BPF_ARRAY(flip_ctl, u32, 1);
 BPF_HASH(samples_0, struct sample_key, u64, MAX_SERIES);
 BPF_HASH(samples_1, struct sample_key, u64, MAX_SERIES);
+/* Full samples map: a sample that finds no room goes to the overflow series
+ * in samples_other_{0,1}: pid 0, comm "other", cgroup 0, no user stack (user
+ * stacks mean nothing without their process) but the kernel stack kept, and is
+ * counted in samples_overflow_{0,1}[0] ([1]: lost with the other map full too).
+ * Its keys are kernel stack ids, fewer than MAX_STACKS plus a few negative
+ * errors, so MAX_STACKS + 64 entries always have room. A separate map because
+ * a hash map cannot reserve entries for some keys. */
+BPF_HASH(samples_other_0, struct sample_key, u64, MAX_STACKS + 64);
+BPF_HASH(samples_other_1, struct sample_key, u64, MAX_STACKS + 64);
+BPF_PERCPU_ARRAY(samples_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(samples_overflow_1, u64, 2);
 BPF_STACK_TRACE(stacks_0, MAX_STACKS);
 BPF_STACK_TRACE(stacks_1, MAX_STACKS);
 
@@ -51,6 +62,22 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         k.kstack = stacks_0.get_stackid(ctx, 0);
         k.ustack = stacks_0.get_stackid(ctx, BPF_F_USER_STACK);
         v = samples_0.lookup_or_try_init(&k, &init);
+    }
+    if (!v) {
+        struct sample_key okey = {.kstack = k.kstack, .ustack = -1};
+        __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+        if (active)
+            v = samples_other_1.lookup_or_try_init(&okey, &init);
+        else
+            v = samples_other_0.lookup_or_try_init(&okey, &init);
+        u32 oslot = v ? 0 : 1;
+        u64 *ovf;
+        if (active)
+            ovf = samples_overflow_1.lookup(&oslot);
+        else
+            ovf = samples_overflow_0.lookup(&oslot);
+        if (ovf)
+            *ovf += 1;
     }
     if (v)
         __sync_fetch_and_add(v, 1);

@@ -4,7 +4,15 @@
  * Formatted tracepoints only (their arguments are defined by the kernel's
  * format files, so no struct layout is read). The cgroup and comm of a task
  * are learned when it is switched out (it is `current` then) or forked, and
- * used when it is switched back in. */
+ * used when it is switched back in.
+ *
+ * Full maps: an update that finds its map full (lookup_or_try_init returns
+ * NULL) goes to the map's overflow series in <map>_other_{0,1} instead: comm
+ * "other", cgroup 0, the latency slot kept. Those keys range over the bounded
+ * fields only (one key for cpu, at most 66 slots for runq), so the small
+ * separate map always has room; each diverted update is counted in
+ * <map>_overflow_{0,1}[0] ([1] would count updates lost with the other map
+ * full too). See syscalls.c for why a separate map rather than a reserve. */
 #include "stratoscope.h"
 
 #ifndef MAX_SERIES
@@ -37,6 +45,16 @@ BPF_PERCPU_HASH(runq_0, struct runq_key, struct strato_hist_val, MAX_SERIES);
 BPF_PERCPU_HASH(runq_1, struct runq_key, struct strato_hist_val, MAX_SERIES);
 BPF_PERCPU_HASH(cpu_0, struct task_key, struct cpu_val, MAX_SERIES);
 BPF_PERCPU_HASH(cpu_1, struct task_key, struct cpu_val, MAX_SERIES);
+/* Other keys: cpu has one, runq one per slot (<= 66): 128 always has room. */
+BPF_PERCPU_HASH(runq_other_0, struct runq_key, struct strato_hist_val, 128);
+BPF_PERCPU_HASH(runq_other_1, struct runq_key, struct strato_hist_val, 128);
+BPF_PERCPU_HASH(cpu_other_0, struct task_key, struct cpu_val, 128);
+BPF_PERCPU_HASH(cpu_other_1, struct task_key, struct cpu_val, 128);
+/* [0]: updates moved to the other series; [1]: lost (other map full too). */
+BPF_PERCPU_ARRAY(runq_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(runq_overflow_1, u64, 2);
+BPF_PERCPU_ARRAY(cpu_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(cpu_overflow_1, u64, 2);
 BPF_TABLE("lru_hash", u32, struct task_key, task_info, MAX_TASKS);
 BPF_TABLE("lru_hash", u32, u64, enqueued, MAX_TASKS);
 BPF_PERCPU_ARRAY(switched_in, u64, 1);
@@ -89,6 +107,22 @@ TRACEPOINT_PROBE(sched, sched_switch)
             cv = cpu_1.lookup_or_try_init(&pk, &init);
         else
             cv = cpu_0.lookup_or_try_init(&pk, &init);
+        if (!cv) {
+            struct task_key okey = {};
+            __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+            if (active)
+                cv = cpu_other_1.lookup_or_try_init(&okey, &init);
+            else
+                cv = cpu_other_0.lookup_or_try_init(&okey, &init);
+            u32 oslot = cv ? 0 : 1;
+            u64 *ovf;
+            if (active)
+                ovf = cpu_overflow_1.lookup(&oslot);
+            else
+                ovf = cpu_overflow_0.lookup(&oslot);
+            if (ovf)
+                *ovf += 1;
+        }
         u64 *since = switched_in.lookup(&zero);
         if (cv) {
             if (since && *since && now > *since)
@@ -129,6 +163,23 @@ TRACEPOINT_PROBE(sched, sched_switch)
         h = runq_1.lookup_or_try_init(&rk, &hinit);
     else
         h = runq_0.lookup_or_try_init(&rk, &hinit);
+    if (!h) {
+        struct runq_key okey = {};
+        okey.slot = rk.slot;
+        __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+        if (active)
+            h = runq_other_1.lookup_or_try_init(&okey, &hinit);
+        else
+            h = runq_other_0.lookup_or_try_init(&okey, &hinit);
+        u32 oslot = h ? 0 : 1;
+        u64 *ovf;
+        if (active)
+            ovf = runq_overflow_1.lookup(&oslot);
+        else
+            ovf = runq_overflow_0.lookup(&oslot);
+        if (ovf)
+            *ovf += 1;
+    }
     if (h) {
         h->count += 1;
         h->sum += delta;

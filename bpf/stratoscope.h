@@ -29,6 +29,10 @@ static __always_inline u32 strato_slot(u64 v)
     return strato_log2(v - 1) + 2;
 }
 
+/* Comm of a map's overflow series (the series an increment goes to when its
+ * own map is full); the edge relabels every unbounded field of it "other". */
+#define OTHER_COMM "other"
+
 /* Value of a histogram map: count and sum of the samples in one bucket. */
 struct strato_hist_val {
     u64 count;

@@ -4,7 +4,21 @@
  *
  * Every aggregate map exists twice (_0 and _1); flip_ctl[0] says which one the
  * programs write. User space flips it, waits out in-flight programs, then reads
- * and clears the idle copy, so no increment is lost between read and reset. */
+ * and clears the idle copy, so no increment is lost between read and reset.
+ *
+ * Full maps: a BCC hash map that is full makes lookup_or_try_init return NULL.
+ * An increment that finds no room goes to the map's overflow series instead,
+ * kept in a separate map <map>_other_{0,1} with the same key and value: comm
+ * "other" and cgroup 0, the syscall (and errno / latency slot) kept, so totals
+ * per syscall stay exact. A separate map, rather than a reserve inside the main
+ * one, because a hash map cannot reserve entries for particular keys: once the
+ * main map is full, only this map's own bound matters, and its keys range over
+ * the bounded fields alone (about 460 syscalls; x errnos; x 66 latency slots),
+ * so OTHER_SERIES covers them. Each diverted increment is counted in
+ * <map>_overflow_{0,1}[0]; one that finds the other map full too (which needs
+ * garbage syscall numbers or a tiny OTHER_SERIES) is counted in slot [1], so no
+ * increment is ever dropped silently. Counters flip with their maps, so one
+ * window's counts match that window's "other" series exactly. */
 #include <uapi/linux/ptrace.h>
 #include "stratoscope.h"
 
@@ -13,6 +27,9 @@
 #endif
 #ifndef MAX_SERIES
 #define MAX_SERIES 10240
+#endif
+#ifndef OTHER_SERIES
+#define OTHER_SERIES 4096
 #endif
 #ifndef MAX_THREADS
 #define MAX_THREADS 32768
@@ -44,9 +61,22 @@ BPF_PERCPU_HASH(counts_0, struct count_key, u64, MAX_SERIES);
 BPF_PERCPU_HASH(counts_1, struct count_key, u64, MAX_SERIES);
 BPF_HASH(errors_0, struct error_key, u64, MAX_SERIES);
 BPF_HASH(errors_1, struct error_key, u64, MAX_SERIES);
+BPF_PERCPU_HASH(counts_other_0, struct count_key, u64, OTHER_SERIES);
+BPF_PERCPU_HASH(counts_other_1, struct count_key, u64, OTHER_SERIES);
+BPF_HASH(errors_other_0, struct error_key, u64, OTHER_SERIES);
+BPF_HASH(errors_other_1, struct error_key, u64, OTHER_SERIES);
+/* [0]: increments moved to the other series; [1]: lost (other map full too). */
+BPF_PERCPU_ARRAY(counts_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(counts_overflow_1, u64, 2);
+BPF_PERCPU_ARRAY(errors_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(errors_overflow_1, u64, 2);
 #if LATENCY
 BPF_PERCPU_HASH(latency_0, struct latency_key, struct strato_hist_val, MAX_SERIES);
 BPF_PERCPU_HASH(latency_1, struct latency_key, struct strato_hist_val, MAX_SERIES);
+BPF_PERCPU_HASH(latency_other_0, struct latency_key, struct strato_hist_val, OTHER_SERIES);
+BPF_PERCPU_HASH(latency_other_1, struct latency_key, struct strato_hist_val, OTHER_SERIES);
+BPF_PERCPU_ARRAY(latency_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(latency_overflow_1, u64, 2);
 BPF_TABLE("lru_hash", u32, u64, start, MAX_THREADS);
 
 RAW_TRACEPOINT_PROBE(sys_enter)
@@ -86,11 +116,28 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     key.cgroup = bpf_get_current_cgroup_id();
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
 
-    u64 one = 1, init = 0, *cnt;
+    u64 one = 1, init = 0, *cnt, *ovf;
+    u32 slot;
     if (active)
         cnt = counts_1.lookup_or_try_init(&key, &init);
     else
         cnt = counts_0.lookup_or_try_init(&key, &init);
+    if (!cnt) {
+        struct count_key okey = {};
+        okey.syscall = key.syscall;
+        __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+        if (active)
+            cnt = counts_other_1.lookup_or_try_init(&okey, &init);
+        else
+            cnt = counts_other_0.lookup_or_try_init(&okey, &init);
+        slot = cnt ? 0 : 1;
+        if (active)
+            ovf = counts_overflow_1.lookup(&slot);
+        else
+            ovf = counts_overflow_0.lookup(&slot);
+        if (ovf)
+            *ovf += 1;
+    }
     if (cnt)
         *cnt += 1;
 
@@ -105,6 +152,23 @@ RAW_TRACEPOINT_PROBE(sys_exit)
             ecnt = errors_1.lookup_or_try_init(&ekey, &init);
         else
             ecnt = errors_0.lookup_or_try_init(&ekey, &init);
+        if (!ecnt) {
+            struct error_key okey = {};
+            okey.syscall = ekey.syscall;
+            okey.err = ekey.err;
+            __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+            if (active)
+                ecnt = errors_other_1.lookup_or_try_init(&okey, &init);
+            else
+                ecnt = errors_other_0.lookup_or_try_init(&okey, &init);
+            slot = ecnt ? 0 : 1;
+            if (active)
+                ovf = errors_overflow_1.lookup(&slot);
+            else
+                ovf = errors_overflow_0.lookup(&slot);
+            if (ovf)
+                *ovf += 1;
+        }
         if (ecnt)
             __sync_fetch_and_add(ecnt, one);
     }
@@ -126,6 +190,23 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         h = latency_1.lookup_or_try_init(&lkey, &hinit);
     else
         h = latency_0.lookup_or_try_init(&lkey, &hinit);
+    if (!h) {
+        struct latency_key okey = {};
+        okey.syscall = lkey.syscall;
+        okey.slot = lkey.slot;
+        __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+        if (active)
+            h = latency_other_1.lookup_or_try_init(&okey, &hinit);
+        else
+            h = latency_other_0.lookup_or_try_init(&okey, &hinit);
+        slot = h ? 0 : 1;
+        if (active)
+            ovf = latency_overflow_1.lookup(&slot);
+        else
+            ovf = latency_overflow_0.lookup(&slot);
+        if (ovf)
+            *ovf += 1;
+    }
     if (h) {
         h->count += 1;
         h->sum += delta;

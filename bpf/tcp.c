@@ -74,6 +74,24 @@ BPF_HASH(lifetime_0, struct life_key, struct strato_hist_val, MAX_SERIES);
 BPF_HASH(lifetime_1, struct life_key, struct strato_hist_val, MAX_SERIES);
 BPF_HASH(srtt_0, struct rtt_key, struct strato_hist_val, MAX_SERIES);
 BPF_HASH(srtt_1, struct rtt_key, struct strato_hist_val, MAX_SERIES);
+/* Full maps: an update that finds conns or srtt full goes to the map's
+ * overflow series in <map>_other_{0,1} (remote address all zero, which the
+ * edge labels "other"; port, family, direction and slot kept, so totals per
+ * port and direction stay exact) and is counted in <map>_overflow_{0,1}[0]
+ * ([1]: lost with the other map full too). Separate maps because a hash map
+ * cannot reserve entries for some keys; their keys range over the bounded
+ * fields only (srtt: 2 families x 66 slots). lifetime has no unbounded field. */
+#ifndef OTHER_SERIES
+#define OTHER_SERIES 16384
+#endif
+BPF_HASH(conns_other_0, struct conn_key, struct conn_val, OTHER_SERIES);
+BPF_HASH(conns_other_1, struct conn_key, struct conn_val, OTHER_SERIES);
+BPF_HASH(srtt_other_0, struct rtt_key, struct strato_hist_val, 256);
+BPF_HASH(srtt_other_1, struct rtt_key, struct strato_hist_val, 256);
+BPF_PERCPU_ARRAY(conns_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(conns_overflow_1, u64, 2);
+BPF_PERCPU_ARRAY(srtt_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(srtt_overflow_1, u64, 2);
 BPF_TABLE("lru_hash", u64, struct conn_info, live, MAX_CONNS);
 
 static __always_inline u32 active_copy(void)
@@ -85,10 +103,28 @@ static __always_inline u32 active_copy(void)
 
 static __always_inline struct conn_val *conn_counters(struct conn_key *k)
 {
-    struct conn_val init = {};
-    if (active_copy())
-        return conns_1.lookup_or_try_init(k, &init);
-    return conns_0.lookup_or_try_init(k, &init);
+    struct conn_val init = {}, *v;
+    u32 active = active_copy();
+    if (active)
+        v = conns_1.lookup_or_try_init(k, &init);
+    else
+        v = conns_0.lookup_or_try_init(k, &init);
+    if (v)
+        return v;
+    struct conn_key okey = {.port = k->port, .family = k->family, .direction = k->direction};
+    if (active)
+        v = conns_other_1.lookup_or_try_init(&okey, &init);
+    else
+        v = conns_other_0.lookup_or_try_init(&okey, &init);
+    u32 oslot = v ? 0 : 1;
+    u64 *ovf;
+    if (active)
+        ovf = conns_overflow_1.lookup(&oslot);
+    else
+        ovf = conns_overflow_0.lookup(&oslot);
+    if (ovf)
+        __sync_fetch_and_add(ovf, 1);
+    return v;
 }
 
 static __always_inline void set_addr(u8 *dst, u16 family, const u8 *v4, const u8 *v6)
@@ -229,10 +265,26 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     u64 srtt = args->srtt;  /* microseconds */
     k.slot = strato_slot(srtt);
     struct strato_hist_val hinit = {}, *h;
-    if (active_copy())
+    u32 active = active_copy();
+    if (active)
         h = srtt_1.lookup_or_try_init(&k, &hinit);
     else
         h = srtt_0.lookup_or_try_init(&k, &hinit);
+    if (!h) {
+        struct rtt_key okey = {.family = k.family, .slot = k.slot};
+        if (active)
+            h = srtt_other_1.lookup_or_try_init(&okey, &hinit);
+        else
+            h = srtt_other_0.lookup_or_try_init(&okey, &hinit);
+        u32 oslot = h ? 0 : 1;
+        u64 *ovf;
+        if (active)
+            ovf = srtt_overflow_1.lookup(&oslot);
+        else
+            ovf = srtt_overflow_0.lookup(&oslot);
+        if (ovf)
+            __sync_fetch_and_add(ovf, 1);
+    }
     if (h) {
         __sync_fetch_and_add(&h->count, 1);
         __sync_fetch_and_add(&h->sum, srtt);

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -52,6 +52,8 @@ from stratoscope.edge.spec import (
 from stratoscope.v1 import batch_pb2 as pb
 
 log = logging.getLogger("stratoscope.edge")
+V = TypeVar("V")
+Labels = tuple[str, ...]
 
 #: After a flip, programs that read the old slot may still be running; they run
 #: for microseconds, so this wait makes the idle copy quiescent before reading.
@@ -218,10 +220,17 @@ class Collector:
         n_series = 0
         for rm in raw.maps:
             m = rm.spec
+            if isinstance(m, CountersMap | HistogramMap | ProfileMap) and m.overflow:
+                self.metrics.map_overflow.labels(p.name, m.name).inc(rm.overflowed)
+                self.metrics.map_overflow_lost.labels(p.name, m.name).inc(rm.overflow_lost)
             if isinstance(m, CountersMap):
                 keys = label_keys(m.key)
                 unb = unbounded_labels(m.key)
                 decoded = decode_counters(m, rm.rows, self.ctx)
+                if rm.other_rows:
+                    other = decode_counters(m, rm.other_rows, self.ctx)
+                    for metric, series in other.items():
+                        _merge_other(decoded[metric], series, keys, unb, int.__add__)
                 for v in m.values:
                     series, folded = bound_series(
                         decoded[v.metric], keys, unb, limit, int, int.__add__
@@ -233,6 +242,11 @@ class Collector:
             elif isinstance(m, HistogramMap):
                 keys = label_keys(m.key)
                 hist = decode_histogram(m, rm.rows, self.ctx)
+                if rm.other_rows:
+                    _merge_other(
+                        hist, decode_histogram(m, rm.other_rows, self.ctx), keys,
+                        unbounded_labels(m.key), _merge_hist,
+                    )
                 hist, folded = bound_series(
                     hist, keys, unbounded_labels(m.key), limit,
                     lambda h: h.count, _merge_hist,
@@ -245,6 +259,14 @@ class Collector:
                     m, rm.rows, raw.stacks.get(m.name, {}), self.ctx,
                     self._kernel_symbol, self._user_symbol,
                 )
+                if rm.other_rows:
+                    other_rows = decode_profile(
+                        m, rm.other_rows, raw.stacks.get(m.name, {}), self.ctx,
+                        self._kernel_symbol, self._user_symbol,
+                    )
+                    for row, n in other_rows.items():  # the kernel keeps only the kernel stack
+                        key = ProfileRow(0, OTHER, OTHER, row.kernel_stack, None)
+                        rows[key] = rows.get(key, 0) + n
                 rows = self._bound_profile(p.name, m.metric, rows)
                 n_series += len(rows)
                 freq = next(
@@ -313,6 +335,25 @@ class Collector:
             self.poll(min(wake - now, 0.25))
         emit(self.drain())
         return 0
+
+
+def _merge_other(
+    into: dict[Labels, V], other: dict[Labels, V], keys: list[str], unbounded: set[str],
+    merge: Callable[[V, V], V],
+) -> None:
+    """Add the kernel's overflow series to the decoded ones, unbounded labels as "other".
+
+    The kernel writes comm "other" and cgroup 0; relabelling every unbounded
+    label to OTHER gives them the same labels as series the top-N bound folds,
+    so both kinds of "other" add up in one series.
+    """
+    positions = [i for i, k in enumerate(keys) if k in unbounded]
+    for labels, value in other.items():
+        relabelled = list(labels)
+        for i in positions:
+            relabelled[i] = OTHER
+        key = tuple(relabelled)
+        into[key] = merge(into[key], value) if key in into else value
 
 
 def _merge_hist(a: Histogram, b: Histogram) -> Histogram:

@@ -38,6 +38,14 @@ class EdgeMetrics:
             f"{ns}_events_lost", "Ring-buffer events lost (kernel: rate limit or full ring; "
             "user: batch event limit).", ["program", "where"], registry=registry,
         )
+        self.map_overflow = Counter(
+            f"{ns}_map_overflow", "Increments that found their kernel map full and went to "
+            "the map's overflow series (comm 'other').", ["program", "map"], registry=registry,
+        )
+        self.map_overflow_lost = Counter(
+            f"{ns}_map_overflow_lost", "Increments lost in the kernel because the map and its "
+            "overflow series were both full.", ["program", "map"], registry=registry,
+        )
         self.decoder_errors = Counter(
             f"{ns}_decoder_errors", "Key fields or events that failed to decode.",
             ["program"], registry=registry,

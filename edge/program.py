@@ -20,6 +20,7 @@ from typing import Any
 
 from stratoscope.edge.errors import ConfigError, LoadError
 from stratoscope.edge.spec import (
+    OVERFLOW_SLOTS,
     CountersMap,
     EventsMap,
     FieldSpec,
@@ -38,6 +39,12 @@ class RawMap:
 
     spec: MapSpec
     rows: list[tuple[Any, Any]]
+    #: Rows of the overflow series (``<map>_other``), when the map declares overflow.
+    other_rows: list[tuple[Any, Any]] = field(default_factory=list)
+    #: Increments the kernel moved to the overflow series in this window.
+    overflowed: int = 0
+    #: Increments lost in this window because the overflow map was full too.
+    overflow_lost: int = 0
 
 
 @dataclass
@@ -209,9 +216,11 @@ class LoadedProgram:
                 if m.lost_map:
                     self._table(m.lost_map)
                 continue
-            for copy in (0, 1):
-                table = self._table(f"{m.name}_{copy}")
-                _key_check(self.name, f"{m.name}_{copy}", table.Key, m.key)
+            overflow = isinstance(m, CountersMap | HistogramMap | ProfileMap) and m.overflow
+            names = [m.name, f"{m.name}_other"] if overflow else [m.name]
+            for base, copy in [(b, c) for b in names for c in (0, 1)]:
+                table = self._table(f"{base}_{copy}")
+                _key_check(self.name, f"{base}_{copy}", table.Key, m.key)
                 leaf = getattr(table, "sLeaf", table.Leaf)
                 if isinstance(m, CountersMap):
                     self._check_values(m, leaf)
@@ -221,6 +230,15 @@ class LoadedProgram:
                         raise LoadError(
                             self.name,
                             f"map {m.name!r}: histogram value must be struct strato_hist_val",
+                        )
+            if overflow:
+                for copy in (0, 1):
+                    name = f"{m.name}_overflow_{copy}"
+                    table = self._table(name)
+                    if not hasattr(table, "sLeaf") or len(table) != OVERFLOW_SLOTS:
+                        raise LoadError(
+                            self.name,
+                            f"map {name!r} must be a per-CPU array of {OVERFLOW_SLOTS} u64",
                         )
             if isinstance(m, ProfileMap):
                 for copy in (0, 1):
@@ -260,7 +278,20 @@ class LoadedProgram:
             rows = [
                 (k, _sum_cpus(v, percpu)) for k, v in table.items_lookup_and_delete_batch()
             ]
-            out.maps.append(RawMap(spec=m, rows=rows))
+            raw = RawMap(spec=m, rows=rows)
+            if isinstance(m, CountersMap | HistogramMap | ProfileMap) and m.overflow:
+                other = self._bpf[f"{m.name}_other_{idle}".encode()]
+                raw.other_rows = [
+                    (k, _sum_cpus(v, hasattr(other, "sLeaf")))
+                    for k, v in other.items_lookup_and_delete_batch()
+                ]
+                # The idle copy is quiescent after the flip, so read-then-zero loses nothing.
+                counts = self._bpf[f"{m.name}_overflow_{idle}".encode()]
+                per_slot = [sum(int(x) for x in counts[ct.c_int(i)]) for i in range(OVERFLOW_SLOTS)]
+                for i in range(OVERFLOW_SLOTS):
+                    counts[ct.c_int(i)] = counts.Leaf(*([0] * counts.total_cpu))
+                raw.overflowed, raw.overflow_lost = per_slot[0], per_slot[1]
+            out.maps.append(raw)
             if isinstance(m, ProfileMap):
                 out.stacks[m.name] = self._read_stacks(f"{m.stack_map}_{idle}")
         return out

@@ -107,7 +107,22 @@ class _MapBase(_Strict):
     when: str | None = None
 
 
-class CountersMap(_MapBase):
+class _AggregateMap(_MapBase):
+    #: True when the C program keeps an overflow series for this map: an
+    #: increment that finds the map full goes to ``<name>_other_{0,1}`` (same key
+    #: and value layout, unbounded fields set to comm "other" / 0) and is counted
+    #: in ``<name>_overflow_{0,1}``, a per-CPU u64 array of OVERFLOW_SLOTS entries
+    #: (slot 0: increments that went to the other series; slot 1: increments
+    #: lost because the other map was full too). The edge reads both with the map
+    #: and exports the counts as stratoscope_edge_map_overflow_total{program,map}.
+    overflow: bool = False
+
+
+#: Entries of a ``<map>_overflow_{0,1}`` array: moved to "other", lost.
+OVERFLOW_SLOTS = 2
+
+
+class CountersMap(_AggregateMap):
     kind: Literal["counters"]
     key: list[FieldSpec]
     values: list[ValueSpec]
@@ -119,7 +134,7 @@ class CountersMap(_MapBase):
         return self
 
 
-class HistogramMap(_MapBase):
+class HistogramMap(_AggregateMap):
     kind: Literal["histogram"]
     metric: str
     help: str
@@ -133,7 +148,7 @@ class HistogramMap(_MapBase):
         return self
 
 
-class ProfileMap(_MapBase):
+class ProfileMap(_AggregateMap):
     kind: Literal["profile"]
     metric: str
     help: str

@@ -106,3 +106,29 @@ def test_config_overrides_and_durations(tmp_path: Path) -> None:
         parse_duration("soon")
     with pytest.raises(ConfigError, match="unknown program 'bogus'"):
         load_config(None, {"programs": ["syscalls", "bogus"]})
+
+
+def test_kernel_overflow_series_join_the_folded_other() -> None:
+    from stratoscope.edge.collector import _merge_other
+
+    keys = ["syscall", "cgroup", "container", "comm"]
+    unb = {"cgroup", "container", "comm"}
+    decoded = {("read", "/a", "", "x"): 3, ("read", OTHER, OTHER, OTHER): 2}
+    # As decoded from <map>_other: comm "other", cgroup 0 -> "cgroup:0".
+    kernel_other = {("read", "cgroup:0", "", OTHER): 5, ("write", "cgroup:0", "", OTHER): 7}
+    _merge_other(decoded, kernel_other, keys, unb, int.__add__)
+    assert decoded == {
+        ("read", "/a", "", "x"): 3,
+        ("read", OTHER, OTHER, OTHER): 7,
+        ("write", OTHER, OTHER, OTHER): 7,
+    }
+
+
+def test_overflow_is_declared_by_every_aggregate_map_with_unbounded_fields() -> None:
+    from stratoscope.edge.spec import CountersMap, HistogramMap
+
+    for path in discover().values():
+        spec = load_spec(path)
+        for m in spec.maps:
+            if isinstance(m, CountersMap | HistogramMap) and any(f.unbounded for f in m.key):
+                assert m.overflow, f"{spec.program}.{m.name} does not declare overflow"
