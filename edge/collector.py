@@ -32,8 +32,6 @@ from stratoscope.edge.decode import (
     decode_histogram,
     decode_profile,
     event_struct,
-    label_keys,
-    unbounded_labels,
 )
 from stratoscope.edge.decoders.cgroups import CgroupResolver
 from stratoscope.edge.errors import LoadError
@@ -47,7 +45,9 @@ from stratoscope.edge.spec import (
     ProfileMap,
     default_bpf_dir,
     discover,
+    label_keys,
     load_spec,
+    unbounded_labels,
 )
 from stratoscope.v1 import batch_pb2 as pb
 

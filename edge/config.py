@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from stratoscope.edge.errors import ConfigError
-from stratoscope.edge.spec import discover
+from stratoscope.edge.spec import default_programs, discover
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -53,7 +53,8 @@ class EdgeConfig(BaseModel):
     node_id: str = Field(default_factory=socket.gethostname, min_length=1)
     labels: dict[str, str] = Field(default_factory=dict)
     interval: Duration = 10.0
-    #: Empty (the default): every program bpf_dir describes (its *.yaml files).
+    #: Empty (the default): the programs whose description in bpf_dir says
+    #: ``default: true`` (the default for a description).
     programs: list[str] = Field(default_factory=list)
     #: Whether `programs` was chosen by the user (attach failures are then fatal).
     programs_explicit: bool = False
@@ -83,7 +84,7 @@ class EdgeConfig(BaseModel):
     @model_validator(mode="after")
     def _default_programs(self) -> EdgeConfig:
         if not self.programs:
-            self.programs = list(discover(self.bpf_dir))
+            self.programs = default_programs(self.bpf_dir)
         return self
 
 

@@ -1,52 +1,29 @@
 """Turn raw map rows into labelled series, generically, from the descriptions.
 
-Each key field names a decoder; a decoder turns the raw field into one or more
-(label, value) pairs. Unknown decoder names are rejected when the description
-is parsed (spec.DECODERS), and a decoder that fails on one value counts an
-error and yields "[error]" instead of dropping the whole drain.
+Each key field names a decoder; a decoder turns the raw field into the values of
+the labels it declares (decoders/registry.py, which spec validation reads too, so
+an unknown name is refused when the description is parsed). A decoder that
+fails on one value counts an error and yields "[error]" instead of failing the
+whole drain.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from stratoscope.edge.decoders.cgroups import CgroupResolver
-from stratoscope.edge.decoders.errno_names import errno_name
-from stratoscope.edge.decoders.syscalls import syscall_name
+from stratoscope.edge.decoders.context import DecodeContext
+from stratoscope.edge.decoders.registry import get_decoder
 from stratoscope.edge.spec import CountersMap, EventsMap, FieldSpec, HistogramMap, ProfileMap
 
+__all__ = [
+    "DecodeContext", "Histogram", "Labels", "ProfileRow", "decode_counters", "decode_event",
+    "decode_histogram", "decode_labels", "decode_profile", "event_struct",
+]
+
 Labels = tuple[str, ...]
-
-
-@dataclass
-class DecodeContext:
-    """What decoders consult outside the process; injectable for tests."""
-
-    cgroups: CgroupResolver
-    sys_root: Path = Path("/sys")
-    arch: str | None = None
-    errors: int = 0
-    _devnames: dict[int, str] = field(default_factory=dict)
-
-    def block_device(self, dev: int) -> str:
-        """Kernel dev_t (major << 20 | minor) -> device name such as "vda"."""
-        name = self._devnames.get(dev)
-        if name is None:
-            major, minor = dev >> 20, dev & 0xFFFFF
-            name = f"{major}:{minor}"
-            try:
-                for line in (self.sys_root / f"dev/block/{major}:{minor}/uevent").read_text().split():
-                    if line.startswith("DEVNAME="):
-                        name = line.split("=", 1)[1]
-            except OSError:
-                pass
-            self._devnames[dev] = name
-        return name
 
 
 def _raw(value: Any) -> Any:
@@ -55,78 +32,30 @@ def _raw(value: Any) -> Any:
     return value
 
 
-def format_addr(raw: bytes) -> str:
-    """A 16-byte address: IPv4-mapped addresses print as IPv4, others as IPv6."""
-    addr = ipaddress.IPv6Address(bytes(raw[:16]))
-    return str(addr.ipv4_mapped or addr)
-
-
-FieldDecoder = Callable[[Any, FieldSpec, DecodeContext], list[tuple[str, str]]]
-
-
-def _one(fn: Callable[[Any, FieldSpec, DecodeContext], str]) -> FieldDecoder:
-    return lambda v, f, c: [(f.label_name, fn(v, f, c))]
-
-
-def _cgroup(v: Any, f: FieldSpec, c: DecodeContext) -> list[tuple[str, str]]:
-    path = c.cgroups.path(int(v))
-    return [(f.label_name, path), ("container", CgroupResolver.container_id(path))]
-
-
-DECODERS: dict[str, FieldDecoder] = {
-    "uint": _one(lambda v, f, c: str(int(v))),
-    "int": _one(lambda v, f, c: str(int(v))),
-    "hex": _one(lambda v, f, c: hex(int(v))),
-    "port": _one(lambda v, f, c: str(int(v))),
-    "string": _one(lambda v, f, c: bytes(v).split(b"\0", 1)[0].decode(errors="replace")),
-    "syscall": _one(lambda v, f, c: syscall_name(int(v), c.arch)),
-    "errno": _one(lambda v, f, c: errno_name(int(v))),
-    "enum": _one(lambda v, f, c: f.values.get(int(v), str(int(v)))),
-    "inet_addr": _one(lambda v, f, c: format_addr(bytes(v))),
-    "majorminor": _one(lambda v, f, c: c.block_device(int(v))),
-    "cgroup": _cgroup,
-}
-
-#: Decoders that do not produce labels: handled by the map kind itself.
-STRUCTURAL = frozenset({"bucket", "ksym_stack", "usym_stack"})
-
-
-def label_keys(fields: list[FieldSpec]) -> list[str]:
-    """Label names a key produces, in order (cgroup adds "container")."""
-    keys: list[str] = []
-    for f in fields:
-        if f.padding or f.decoder in STRUCTURAL:
-            continue
-        keys.append(f.label_name)
-        if f.decoder == "cgroup":
-            keys.append("container")
-    return keys
-
-
-def unbounded_labels(fields: list[FieldSpec]) -> set[str]:
-    out: set[str] = set()
-    for f in fields:
-        if f.unbounded:
-            out.add(f.label_name)
-            if f.decoder == "cgroup":
-                out.add("container")
-    return out
+def _decode_field(raw: Any, f: FieldSpec, ctx: DecodeContext) -> tuple[str, ...]:
+    """One field's label values; a decoder that fails counts an error and yields
+    "[error]" (and "" for its extra labels) instead of failing the whole drain."""
+    d = get_decoder(f.decoder)
+    assert d.fn is not None
+    try:
+        values = d.fn(raw, f, ctx)
+    except Exception:
+        ctx.errors += 1
+        return d.failed()
+    if len(values) != 1 + len(d.extra_labels):
+        ctx.errors += 1
+        return d.failed()
+    return values
 
 
 def decode_labels(key: Any, fields: list[FieldSpec], ctx: DecodeContext) -> Labels:
+    """A map key -> its label values, in the order of spec.label_keys(fields)."""
     values: list[str] = []
     for f in fields:
-        if f.padding or f.decoder in STRUCTURAL:
+        if not f.labels:
             continue
         raw = _raw(getattr(key, f.name)) if hasattr(key, "_fields_") else _raw(key)
-        try:
-            pairs = DECODERS[f.decoder](raw, f, ctx)
-        except Exception:
-            ctx.errors += 1
-            pairs = [(f.label_name, "[error]")] + (
-                [("container", "")] if f.decoder == "cgroup" else []
-            )
-        values.extend(v for _, v in pairs)
+        values.extend(_decode_field(raw, f, ctx))
     return tuple(values)
 
 
@@ -252,6 +181,5 @@ def decode_event(
         if f.decoder in ("uint", "int"):
             out[f.name] = int(raw)
         else:
-            for k, v in DECODERS[f.decoder](raw, f, ctx):
-                out[k] = v
+            out.update(zip(f.labels, _decode_field(raw, f, ctx), strict=True))
     return out

@@ -1,4 +1,5 @@
-"""Where batches go. For now JSON lines (a file or stdout); gRPC comes with the regional."""
+"""Where batches go: JSON lines (a file or stdout, for looking at them) or a regional over
+gRPC (edge/forward.py), behind one ``Output`` protocol the collector loop writes to."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from stratoscope.edge.decoders.registry import get_decoder
 from stratoscope.edge.errors import SpecError
 from stratoscope.resources import bpf_dir
 
@@ -26,13 +27,6 @@ FIELD_TYPES: dict[str, int] = {
 }
 _ARRAY = re.compile(r"^(char|u8)\[(\d+)\]$")
 _METRIC_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
-
-#: Decoders a key or event field may name; each is implemented in edge/decode.py.
-DECODERS = frozenset({
-    "uint", "int", "string", "syscall", "errno", "cgroup", "bucket", "enum",
-    "inet_addr", "port", "majorminor", "ksym_stack", "usym_stack", "hex",
-})
-
 
 def field_size(type_name: str) -> int:
     """Size in bytes of a field type such as ``u32`` or ``char[16]``."""
@@ -69,8 +63,10 @@ class FieldSpec(_Strict):
             field_size(self.type)
         except ValueError as exc:
             raise ValueError(f"field {self.name!r}: {exc}") from None
-        if self.decoder not in DECODERS:
-            raise ValueError(f"field {self.name!r}: unknown decoder {self.decoder!r}")
+        try:
+            get_decoder(self.decoder)
+        except KeyError as exc:
+            raise ValueError(f"field {self.name!r}: {exc.args[0]}") from None
         if self.decoder == "enum" and not self.values:
             raise ValueError(f"field {self.name!r}: decoder 'enum' needs 'values'")
         return self
@@ -83,6 +79,43 @@ class FieldSpec(_Strict):
     def label_name(self) -> str:
         return self.label or self.name
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Label names this field produces: none for padding and structural fields,
+        else its own and the ones its decoder declares (cgroup adds "container")."""
+        if self.padding:
+            return ()
+        return get_decoder(self.decoder).labels(self.label_name)
+
+
+def label_keys(fields: list[FieldSpec]) -> list[str]:
+    """Label names a key produces, in order."""
+    return [k for f in fields for k in f.labels]
+
+
+def unbounded_labels(fields: list[FieldSpec]) -> set[str]:
+    """Labels whose values the kernel does not bound (folded by the top-N bound)."""
+    return {k for f in fields if f.unbounded for k in f.labels}
+
+
+#: A cross-node roll-up: the labels it keeps (a subset of the series' labels; the
+#: regional sums every node's series over the rest, per window). Declared where the
+#: metric is, so a new program brings its roll-ups with it.
+RollupLabels = list[str]
+
+
+def _check_rollup(where: str, rollup: RollupLabels | None, keys: list[str]) -> None:
+    if rollup is None:
+        return
+    unknown = [k for k in rollup if k not in keys]
+    if unknown:
+        raise ValueError(
+            f"{where}: roll-up label {unknown[0]!r} is not a label of the key "
+            f"({', '.join(keys) or 'none'})"
+        )
+    if len(set(rollup)) != len(rollup):
+        raise ValueError(f"{where}: roll-up names a label twice")
+
 
 class ValueSpec(_Strict):
     """A counter carried by a map's value (the whole value, or one struct field)."""
@@ -92,6 +125,8 @@ class ValueSpec(_Strict):
     unit: str = ""
     field: str | None = None
     kind: Literal["counter", "gauge"] = "counter"
+    #: Labels the regional's roll-up across nodes keeps (none: no roll-up).
+    rollup: RollupLabels | None = None
 
 
 class ParamSpec(_Strict):
@@ -131,6 +166,10 @@ class CountersMap(_AggregateMap):
     def _check(self) -> CountersMap:
         if len(self.values) > 1 and any(v.field is None for v in self.values):
             raise ValueError(f"map {self.name!r}: several values need a 'field' each")
+        for v in self.values:
+            if v.rollup is not None and v.kind == "gauge":
+                raise ValueError(f"metric {v.metric!r}: a gauge cannot be summed across nodes")
+            _check_rollup(f"metric {v.metric!r}", v.rollup, label_keys(self.key))
         return self
 
 
@@ -140,11 +179,14 @@ class HistogramMap(_AggregateMap):
     help: str
     unit: str = ""
     key: list[FieldSpec]
+    #: Labels the regional's roll-up across nodes keeps (none: no roll-up).
+    rollup: RollupLabels | None = None
 
     @model_validator(mode="after")
     def _check(self) -> HistogramMap:
         if [f.decoder for f in self.key].count("bucket") != 1:
             raise ValueError(f"map {self.name!r}: a histogram key needs exactly one 'bucket' field")
+        _check_rollup(f"metric {self.metric!r}", self.rollup, label_keys(self.key))
         return self
 
 
@@ -212,6 +254,8 @@ class ProgramSpec(_Strict):
     program: str
     help: str
     source: str
+    #: Whether the edge runs this program when its configuration names none.
+    default: bool = True
     requires: Requirements = Requirements()
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     maps: list[MapSpec]
@@ -243,6 +287,16 @@ class ProgramSpec(_Strict):
         """Maps that exist for these compile-time parameters."""
         return [m for m in self.maps if m.when is None or params.get(m.when, 0)]
 
+    def rollups(self) -> dict[str, list[str]]:
+        """Metric -> the labels its cross-node roll-up keeps, for every metric that has one."""
+        out: dict[str, list[str]] = {}
+        for m in self.maps:
+            if isinstance(m, CountersMap):
+                out.update({v.metric: v.rollup for v in m.values if v.rollup is not None})
+            elif isinstance(m, HistogramMap) and m.rollup is not None:
+                out[m.metric] = m.rollup
+        return out
+
 
 def load_spec(path: Path) -> ProgramSpec:
     """Parse and validate one description; errors name the file and the bad key."""
@@ -272,3 +326,9 @@ def discover(bpf_dir: Path | None = None) -> dict[str, Path]:
     """Program name -> description path, for every bpf/*.yaml."""
     d = bpf_dir or default_bpf_dir()
     return {p.stem: p for p in sorted(d.glob("*.yaml"))}
+
+
+def default_programs(bpf_dir: Path | None = None) -> list[str]:
+    """Programs the edge runs when none are named: those whose description says
+    ``default: true`` (the default)."""
+    return [name for name, path in discover(bpf_dir).items() if load_spec(path).default]

@@ -3,7 +3,8 @@
 Edge batches (10 s deltas) are assigned to output windows (default 60 s) by
 the time their data was read (end_ns - 1). Within a window, counters and
 histograms are summed per (node, series) and gauges keep their maximum;
-configured families are also rolled up across nodes (node "" in the output).
+families whose description declares a roll-up are also summed across nodes
+(node "" in the output; regional/rollups.py).
 Profile rows are summed per (node, profile, pid, comm, cgroup, stacks); events
 are kept as they are.
 
@@ -60,6 +61,7 @@ from stratoscope.regional.frame import (
     sort_by_part,
     used_stacks,
 )
+from stratoscope.regional.rollups import Rollup, declared_rollups
 from stratoscope.regional.sinks.base import Block
 from stratoscope.v1 import batch_pb2 as pb
 
@@ -71,25 +73,8 @@ U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 
 
-@dataclass(frozen=True)
-class Rollup:
-    """Sum a metric across nodes, keeping only the `by` labels."""
-
-    metric: str
-    by: tuple[str, ...] = ()
-
-
-DEFAULT_ROLLUPS: tuple[Rollup, ...] = (
-    Rollup("syscalls_total", ("syscall",)),
-    Rollup("syscall_errors_total", ("syscall", "errno")),
-    Rollup("syscall_latency", ("syscall",)),
-    Rollup("sched_runqueue_latency", ()),
-    Rollup("block_latency", ("op",)),
-    Rollup("block_bytes_total", ("op",)),
-    Rollup("tcp_opens_total", ("direction",)),
-    Rollup("tcp_retransmits_total", ()),
-    Rollup("process_events_total", ("event",)),
-)
+#: The roll-ups the packaged program descriptions declare (regional/rollups.py).
+DEFAULT_ROLLUPS: tuple[Rollup, ...] = declared_rollups()
 
 
 @dataclass(frozen=True)
