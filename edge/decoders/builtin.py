@@ -17,19 +17,13 @@ from stratoscope.edge.decoders.syscalls import syscall_name
 from stratoscope.edge.spec import FieldSpec
 
 
-@decoder("uint")
-def _uint(v: Any, f: FieldSpec, c: DecodeContext) -> tuple[str, ...]:
+def _integer(v: Any, f: FieldSpec, c: DecodeContext) -> tuple[str, ...]:
     return (str(int(v)),)
 
 
-@decoder("int")
-def _int(v: Any, f: FieldSpec, c: DecodeContext) -> tuple[str, ...]:
-    return (str(int(v)),)
-
-
-@decoder("port")
-def _port(v: Any, f: FieldSpec, c: DecodeContext) -> tuple[str, ...]:
-    return (str(int(v)),)
+# Signed and unsigned integers and ports print the same; the names say what a field holds.
+for _name in ("uint", "int", "port"):
+    decoder(_name)(_integer)
 
 
 @decoder("hex")
