@@ -3,8 +3,8 @@
 
 Results and discussion: docs/BENCHMARKS.md, "Where storage time goes".
 
-Why: a single insert into a fresh store (what regional_throughput.py's parts measured
-until session 4) shows only the insert. MergeTree then merges every part again in
+Why: a single insert into a fresh store (what a one-off insert benchmark measures)
+shows only the insert. MergeTree then merges every part again in
 background threads (and the hourly roll-up tables are collapsed only by merges), on the
 same cores as the regional. This script builds ``--minutes`` consecutive windows of
 ``--nodes`` simulated nodes each, from the same realistic batches as the throughput

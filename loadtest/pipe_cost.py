@@ -4,9 +4,9 @@ against multiprocessing's own ``send_bytes``/``recv_bytes_into``.
 
 Why: every accepted batch crosses from the ingest process to the merge process (~145 KiB
 of packed columns for 2,000 series), and every frame from the frame child to the merge
-process and on to each sink (tens of MB). Until session 8 a Connection hop went through
+process and on to each sink (tens of MB). A plain Connection hop goes through
 ``Connection.recv_bytes_into``, which reads a large message into a BytesIO chunk by
-chunk and copies it out again; pipes.py now reads straight into the message's buffers.
+chunk and copies it out again; pipes.py reads straight into the message's buffers.
 
 Each mode forks a writer that sends ``--messages`` messages of ``--size`` bytes (one
 out-of-band buffer, like a packed batch) over a duplex Connection; the reader's thread
@@ -34,7 +34,7 @@ from stratoscope.regional import pipes  # noqa: E402
 
 
 def connection_send(conn: Connection, payload: bytes) -> None:
-    """What pipes.send did before session 8: header and buffer as Connection messages."""
+    """The plain Connection form: header and buffer as two Connection messages."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(("batch", pickle.PickleBuffer(payload), 1), protocol=5, buffer_callback=buffers.append)
     conn.send_bytes(pickle.dumps(([memoryview(b).nbytes for b in buffers], data), protocol=5))

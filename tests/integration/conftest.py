@@ -22,7 +22,7 @@ def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def anchor(chdb_dir: str) -> Iterator[Any]:
-    """A client kept open for the whole session, for the tests' own SQL assertions."""
+    """A client kept open for the whole test run, for the tests' own SQL assertions."""
     client = clickhouse_connect.get_client(dsn=f"chdb://{chdb_dir}")
     yield client
     client.close()
