@@ -515,8 +515,10 @@ class ClickHouseSink:
                 client.insert_arrow(TARGET.get(name, name), table, database=self.database,
                                     settings=settings)
             except Exception as exc:
+                some = ", ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")
                 raise classify_error(
-                    exc, f"inserting {table.num_rows} rows into {self.database}.{name}"
+                    exc, f"inserting {table.num_rows} rows of {len(ids)} block(s) ({some})"
+                         f" into {self.database}.{name}"
                 ) from exc
             target = TARGET.get(name, name)
             written[target] = written.get(target, 0) + table.num_rows
