@@ -21,7 +21,8 @@ __all__ = ["Block", "PermanentError", "RetriableError", "Sink", "SinkError"]
 
 
 class SinkError(Exception):
-    """Base of sink failures."""
+    """Base of sink failures. Sinks raise one of its two subclasses: the delivery queue
+    retries ``RetriableError`` and drops the blocks on anything else."""
 
 
 class RetriableError(SinkError):

@@ -432,7 +432,13 @@ class KafkaSink:
     # --- health ------------------------------------------------------------------
 
     async def health_check(self) -> None:
-        """Fetch cluster metadata; raise SinkError naming the reason if it fails."""
+        """Fetch cluster metadata; raise SinkError naming the reason if it fails.
+
+        ``RetriableError`` when the cluster does not answer or lists no brokers (it may
+        come back), ``PermanentError`` when it refuses this sink's topics; the same
+        classes ``deliver()`` raises for the same causes.
+        """
+        where = f"kafka at {self.bootstrap}"
         try:
             if self._producer is not None:
                 md = await asyncio.wait_for(
@@ -441,19 +447,18 @@ class KafkaSink:
             else:
                 md = await asyncio.wait_for(self._probe_metadata(), self.request_timeout_s)
         except TimeoutError:
-            raise SinkError(
-                f"kafka at {self.bootstrap}: no cluster metadata within "
-                f"{self.request_timeout_s:g}s"
+            raise RetriableError(
+                f"{where}: no cluster metadata within {self.request_timeout_s:g}s"
             ) from None
         except KafkaError as exc:
-            raise SinkError(f"kafka at {self.bootstrap}: {_describe(exc)}") from exc
+            raise type(_classify(exc))(f"{where}: {_describe(exc)}") from exc
         except OSError as exc:
-            raise SinkError(f"kafka at {self.bootstrap}: {exc}") from exc
+            raise RetriableError(f"{where}: {exc}") from exc
         if not md.brokers():
-            raise SinkError(f"kafka at {self.bootstrap}: cluster metadata lists no brokers")
+            raise RetriableError(f"{where}: cluster metadata lists no brokers")
         denied = sorted(set(self.topics.values()) & set(md.unauthorized_topics))
         if denied:
-            raise SinkError(f"kafka at {self.bootstrap}: not authorized for {', '.join(denied)}")
+            raise PermanentError(f"{where}: not authorized for {', '.join(denied)}")
         missing = sorted(set(self.topics.values()) - set(md.topics()))
         if missing:
             log.info(

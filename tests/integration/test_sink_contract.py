@@ -7,7 +7,7 @@ prefix per test). Blocks come from the regional's merge (tests/frames.py).
 The contract (regional/sinks/base.py):
 - ``stop()`` is safe without ``start()`` and twice; ``start()`` is idempotent.
 - ``health_check()`` passes for a started sink that can take data, and raises
-  ``SinkError`` for one that cannot reach its backend.
+  ``RetriableError`` for one that cannot reach its backend.
 - ``deliver()`` writes every block; delivering the same blocks again changes nothing
   a reader sees once it de-duplicates by block id as the sink documents (ClickHouse
   does it on insert; Kafka consumers do it on ``(kind, block_id)``).
@@ -31,7 +31,7 @@ from stratoscope.edge.batch import BatchBuilder, batch_to_dict
 from stratoscope.edge.decode import ProfileRow
 from stratoscope.regional.frame import Block
 from stratoscope.regional.merge import Rollup
-from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink, SinkError
+from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink
 from stratoscope.regional.sinks.clickhouse import ClickHouseSink
 from stratoscope.regional.sinks.kafka import KafkaSink, decode_message
 from tests.conftest import kafka_bootstrap
@@ -223,7 +223,7 @@ async def test_unreachable_backend_is_retriable(backend: Backend) -> None:
     try:
         with pytest.raises(RetriableError):
             await sink.start()
-        with pytest.raises(SinkError):
+        with pytest.raises(RetriableError):
             await sink.health_check()
         with pytest.raises(RetriableError):
             await sink.deliver(window_blocks())
