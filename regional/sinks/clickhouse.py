@@ -456,7 +456,7 @@ class ClickHouseSink:
         # part per insert and merges parts again in the background, so fewer, larger
         # parts cost far less (a window's 10 frames as one insert: ~45 % less storage
         # CPU, merges included; loadtest/chdb_storage.py --frames-per-insert,
-        # docs/BENCHMARKS.md, session 9). The delivery queue retries the same blocks, so
+        # docs/BENCHMARKS.md). The delivery queue retries the same blocks, so
         # a retried insert carries the same token.
         shaped: list[dict[str, pa.Table]] = []
         ids: list[str] = []

@@ -17,8 +17,8 @@ Record layout:
   (decimal ASCII) and ``kind`` (``metrics`` / ``profiles`` / ``events``).
 
 Delivery guarantees. The producer is idempotent (``enable_idempotence=True``,
-``acks="all"``): the broker discards the producer's own internal retries, so within one
-producer session a record is written once. ``deliver()`` sends every record and then
+``acks="all"``): the broker discards the producer's own internal retries, so while one
+producer lives a record is written once. ``deliver()`` sends every record and then
 awaits every delivery future; it returns only when all were acknowledged. A block that
 is delivered again -- after a timeout or a partial failure, when the regional retries
 it, or after a restart -- is a new record as far as Kafka knows. Consumers therefore

@@ -406,7 +406,7 @@ def framed_blocks(nodes: int, frame_nodes: int, prefix: str) -> list[Block]:
 
 async def test_frames_of_one_delivery_are_one_insert(sink: ClickHouseSink, anchor: Any, db: str) -> None:
     """Several frames delivered together land as one part per table (background merges
-    cost per part: docs/BENCHMARKS.md, session 9), with exact sums, and a retry after a
+    cost per part: docs/BENCHMARKS.md), with exact sums, and a retry after a
     failed insert writes every series' labels (the series marked as sent while the
     delivery was shaped are forgotten when it fails)."""
     blocks = framed_blocks(4, 1, "mf")

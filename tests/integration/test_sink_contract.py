@@ -1,6 +1,6 @@
 """The contract every sink keeps, run against both real sinks (no mocks).
 
-ClickHouse runs on the embedded engine (chdb, the session's directory, a fresh database
+ClickHouse runs on the embedded engine (chdb, the test run's one directory, a fresh database
 per test); Kafka on the broker of scripts/kafka.sh (KAFKA_BOOTSTRAP, a fresh topic
 prefix per test). Blocks come from the regional's merge (tests/frames.py).
 
