@@ -409,6 +409,7 @@ def real_minute_reduction(path: Path) -> dict[str, Any] | None:
     from collections import Counter
 
     from stratoscope.regional.merge import Aggregator, MergeSettings
+    from stratoscope.regional.sinks.kafka import block_batch
 
     with gzip.open(path, "rt") as f:
         dicts = [json.loads(line) for line in f if line.strip()]
@@ -430,11 +431,12 @@ def real_minute_reduction(path: Path) -> dict[str, Any] | None:
                 fam_points[m["name"]] += len(m["series"])
         rows = rollup = 0
         for blk in agg.flush(0, force=True):
-            st = blk.batch.strings
+            batch = block_batch(blk)
+            st = batch.strings
             for name, n in ([(st[m.name], len(m.counter_values) + len(m.gauge_values))
-                             for m in blk.batch.metrics]
-                            + [(st[h.name], len(h.count)) for h in blk.batch.histograms]):
-                if blk.batch.node_id:
+                             for m in batch.metrics]
+                            + [(st[h.name], len(h.count)) for h in batch.histograms]):
+                if batch.node_id:
                     rows += n
                     fam_rows[name] += n
                 else:

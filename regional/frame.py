@@ -2,10 +2,11 @@
 
 The merge produces one ``Frame`` per closed window (or late partial): every node's
 merged rows (and the roll-ups) as a few numpy tables over the window's string table.
-A node's ``Block`` is a *part* of the frame. Sinks that store rows (ClickHouse) read
-the frame's columns directly -- no per-node protobuf is built and parsed again --
-while sinks that ship per-node messages (Kafka) ask a block for its ``batch``, built
-from the frame's rows on demand.
+A ``Block`` -- one node's rows of the window, the unit sinks deliver and de-duplicate
+-- is a *part* of a frame, never a copy of its rows. Sinks read the frame's columns
+and encode them themselves (Arrow for ClickHouse in ``sinks/clickhouse_arrow.py``,
+one protobuf per block for Kafka in ``sinks/kafka.py``); no sink keeps state on a
+frame.
 
 Rows of every table are sorted by part, so one node's rows are one slice and a run
 of consecutive blocks is one slice too. Variable-length cells (a series' label
@@ -16,7 +17,7 @@ plus offsets.
 from __future__ import annotations
 
 import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import cast
@@ -24,10 +25,7 @@ from typing import cast
 import numpy as np
 import numpy.typing as npt
 
-from stratoscope import __version__
-from stratoscope.regional.batchcols import BatchCols, decode
 from stratoscope.regional.columns import ragged_index
-from stratoscope.v1 import batch_pb2 as pb
 
 I64 = npt.NDArray[np.int64]
 Col = npt.NDArray[np.generic]
@@ -194,8 +192,6 @@ class Frame:
     #: Unique stacks of the frame; profile rows index them (-1: no stack).
     stacks: Table = field(default_factory=empty_stacks)
     events: Table = field(default_factory=empty_events)
-    #: Derived views sinks keep with the frame (e.g. its Arrow string table).
-    cache: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     # -- slicing ------------------------------------------------------------------
     def bounds(self, table: Table) -> I64:
@@ -257,112 +253,7 @@ class Frame:
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state.pop("_bounds", None)  # derived, rebuilt on demand
-        state["cache"] = {}
         return state
-
-    # -- per-node protobuf ------------------------------------------------------------
-    def batch_for(self, part: int) -> pb.Batch:
-        """The part's rows as one stratoscope.v1.Batch with its own compact string table."""
-        p = self.parts[part]
-        m = self.metrics.take(self.rows_of("metrics", [part]))
-        h = self.histograms.take(self.rows_of("histograms", [part]))
-        pr = self.profiles.take(self.rows_of("profiles", [part]))
-        ev = self.events.take(self.rows_of("events", [part]))
-        used_stacks = np.unique(np.concatenate([pr["kstack"], pr["ustack"]]))
-        used_stacks = used_stacks[used_stacks >= 0]
-        st = self.stacks.take(used_stacks)
-        fams = np.unique(np.concatenate([m["fam"], h["fam"]]))
-        fam_ids = [self.families[f] for f in fams.tolist()]
-        fixed = [0, p.node, *(x for kv in p.labels for x in kv)]
-        for f in fam_ids:
-            fixed += [f.name, f.unit, f.help, *f.label_keys]
-        used = np.unique(np.concatenate([
-            np.asarray(fixed, dtype=np.int64),
-            m.values("labels", "values"), h.values("labels", "values"),
-            pr["name"], pr["comm"], pr["cgroup"], st.values("frames", "values"),
-            ev["kind"], ev["comm"], ev["cgroup"], ev["detail"],
-        ]).astype(np.int64))
-        remap = np.zeros(max(len(self.strings), 1), dtype=np.int64)
-        remap[used] = np.arange(len(used))
-
-        def local(ids: Col | list[int]) -> list[int]:
-            return remap[np.asarray(ids, dtype=np.int64)].tolist()  # type: ignore[no-any-return]
-
-        strings = self.strings
-        out = pb.Batch(node_id=strings[p.node], start_ns=self.start_ns, end_ns=self.end_ns,
-                       producer=f"stratoscope-regional/{__version__}")
-        out.strings.extend([strings[i] for i in used.tolist()])
-        if p.labels:
-            out.node_label_keys.extend(local([k for k, _ in p.labels]))
-            out.node_label_values.extend(local([v for _, v in p.labels]))
-        for fam, lo, hi in _runs(m["fam"]):
-            f = self.families[fam]
-            name, unit, help_ = local([f.name, f.unit, f.help])
-            mb = out.metrics.add(name=name, kind=f.kind, unit=unit, help=help_)
-            mb.label_keys.extend(local(list(f.label_keys)))
-            off = m.offsets("labels")
-            mb.label_values.extend(local(m.values("labels", "values")[off[lo]:off[hi]]))
-            if f.kind == pb.GAUGE:
-                mb.gauge_values.extend(m["gauge"][lo:hi].tolist())
-            else:
-                mb.counter_values.extend(m["value"][lo:hi].tolist())
-        for fam, lo, hi in _runs(h["fam"]):
-            f = self.families[fam]
-            name, unit, help_ = local([f.name, f.unit, f.help])
-            hb = out.histograms.add(name=name, unit=unit, help=help_, scale=0)
-            hb.label_keys.extend(local(list(f.label_keys)))
-            off = h.offsets("labels")
-            hb.label_values.extend(local(h.values("labels", "values")[off[lo]:off[hi]]))
-            hb.count.extend(h["count"][lo:hi].tolist())
-            hb.sum.extend(h["sum"][lo:hi].tolist())
-            hb.zero_count.extend(h["zero"][lo:hi].tolist())
-            boff = h.offsets("buckets")
-            hb.bucket_offsets.extend((boff[lo:hi + 1] - boff[lo]).tolist())
-            hb.bucket_index.extend(h.values("buckets", "index")[boff[lo]:boff[hi]].tolist())
-            hb.bucket_count.extend(h.values("buckets", "count")[boff[lo]:boff[hi]].tolist())
-        if len(pr):
-            stack_local = np.full(len(self.stacks) + 1, -1, dtype=np.int64)  # index -1 -> -1
-            stack_local[used_stacks] = np.arange(len(used_stacks))
-            key = np.stack([pr["name"].astype(np.uint64), pr["period"]])
-            change = np.ones(len(pr), dtype=bool)
-            change[1:] = np.any(key[:, 1:] != key[:, :-1], axis=0)
-            starts = np.flatnonzero(change).tolist() + [len(pr)]
-            frames_off = st.offsets("frames")
-            frames = local(st.values("frames", "values"))
-            for lo, hi in zip(starts, starts[1:], strict=False):
-                pb_ = out.profiles.add(name=local([pr["name"][lo]])[0], period_ns=int(pr["period"][lo]))
-                pb_.stack_offsets.extend(frames_off.tolist())
-                pb_.stack_frames.extend(frames)
-                pb_.pid.extend(pr["pid"][lo:hi].tolist())
-                pb_.comm.extend(local(pr["comm"][lo:hi]))
-                pb_.cgroup.extend(local(pr["cgroup"][lo:hi]))
-                pb_.kernel_stack.extend(stack_local[pr["kstack"][lo:hi]].tolist())
-                pb_.user_stack.extend(stack_local[pr["ustack"][lo:hi]].tolist())
-                pb_.samples.extend(pr["samples"][lo:hi].tolist())
-        if len(ev) or p.events_lost:
-            e = out.events
-            e.time_ns.extend(ev["time"].tolist())
-            e.kind.extend(local(ev["kind"]))
-            e.pid.extend(ev["pid"].tolist())
-            e.ppid.extend(ev["ppid"].tolist())
-            e.comm.extend(local(ev["comm"]))
-            e.cgroup.extend(local(ev["cgroup"]))
-            e.detail.extend(local(ev["detail"]))
-            e.code.extend(ev["code"].tolist())
-            e.lost = p.events_lost
-        return out
-
-
-def _runs(col: Col) -> Iterable[tuple[int, int, int]]:
-    """(value, lo, hi) for every run of equal values of a column."""
-    n = len(col)
-    if n == 0:
-        return []
-    change = np.flatnonzero(col[1:] != col[:-1]) + 1
-    starts = [0, *change.tolist()]
-    ends = [*change.tolist(), n]
-    vals = col[starts].tolist()
-    return zip(vals, starts, ends, strict=True)
 
 
 class StringTable:
@@ -393,80 +284,41 @@ class StringTable:
         return i
 
 
-def frame_from_batches(blocks: Sequence[tuple[str, pb.Batch | BatchCols, int]]) -> list[Frame]:
-    """Frames holding already-merged blocks as they are, one frame per window.
+class Block:
+    """One node's merged rows of one window (node "" is the roll-up across nodes):
+    part ``part`` of ``frame``.
 
-    For blocks that exist only as protobuf (read back from Kafka, built by a test):
-    they get the same storage path as the merge's own frames. No merging happens.
+    What sinks deliver and what the delivery queue counts, retries and drops.
+    ``block_id`` is stable for the same content (derived from the identities of the
+    edge batches merged into it), so it is the idempotency key downstream
+    (ClickHouse ``insert_deduplication_token``, the Kafka ``block_id`` header).
     """
-    by_window: dict[tuple[int, int, int], list[tuple[str, BatchCols]]] = {}
-    for block_id, batch, res in blocks:
-        cols = decode(batch) if isinstance(batch, pb.Batch) else batch
-        by_window.setdefault((cols.start_ns, cols.end_ns, res), []).append((block_id, cols))
-    frames = []
-    for (start, end, res), items in by_window.items():
-        frames.append(_frame_of(start, end, res, items))
-    return frames
+
+    __slots__ = ("frame", "part")
+
+    def __init__(self, frame: Frame, part: int) -> None:
+        if not 0 <= part < len(frame.parts):
+            raise IndexError(f"part {part} of a frame of {len(frame.parts)} parts")
+        self.frame = frame
+        self.part = part
+
+    @property
+    def block_id(self) -> str:
+        return self.frame.parts[self.part].block_id
+
+    @property
+    def resolution_s(self) -> int:
+        return self.frame.resolution_s
+
+    @property
+    def node(self) -> str:
+        """The node's id ("" for the roll-up)."""
+        return self.frame.strings[self.frame.parts[self.part].node]
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id!r}, resolution_s={self.resolution_s})"
 
 
-def _frame_of(start: int, end: int, res: int, items: list[tuple[str, BatchCols]]) -> Frame:
-    strings = StringTable()
-    families: dict[Family, int] = {}
-    parts: list[Part] = []
-    mt, ht, pt, st, et = [], [], [], [], []
-    n_stacks = 0
-    for pi, (block_id, b) in enumerate(items):
-        g = strings.intern_all(b.strings)
-        labels = tuple(zip(g[b.node_label_keys].tolist(), g[b.node_label_values].tolist(), strict=True))
-        parts.append(Part(strings(b.node_id), block_id, labels, b.events.lost if b.events else 0))
-
-        def fam_id(kind: int, name: int, unit: int, help_: int, keys: npt.NDArray[np.uint32],
-                   g: npt.NDArray[np.uint32] = g) -> int:
-            f = Family(kind, int(g[name]), int(g[unit]), int(g[help_]), tuple(g[keys].tolist()))
-            return families.setdefault(f, len(families))
-
-        for m in b.metrics:
-            n, k = m.rows, len(m.label_keys)
-            off = np.arange(n + 1, dtype=np.int64) * k
-            mt.append(Table(
-                {"part": np.full(n, pi, np.int32),
-                 "fam": np.full(n, fam_id(m.kind, m.name, m.unit, m.help, m.label_keys), np.int32),
-                 "value": m.counter_values if m.kind == pb.COUNTER else np.zeros(n, np.uint64),
-                 "gauge": m.gauge_values if m.kind == pb.GAUGE else np.zeros(n, np.float64)},
-                {"labels": (off, {"values": g[m.label_values]})}))
-        for h in b.histograms:
-            n, k = len(h.count), len(h.label_keys)
-            ht.append(Table(
-                {"part": np.full(n, pi, np.int32),
-                 "fam": np.full(n, fam_id(HISTOGRAM, h.name, h.unit, h.help, h.label_keys), np.int32),
-                 "count": h.count, "sum": h.sum, "zero": h.zero},
-                {"labels": (np.arange(n + 1, dtype=np.int64) * k, {"values": g[h.label_values]}),
-                 "buckets": (h.offsets, {"index": h.bucket_index.astype(np.int16),
-                                         "count": h.bucket_count})}))
-        for p in b.profiles:
-            n = len(p.samples)
-            pt.append(Table({
-                "part": np.full(n, pi, np.int32), "name": np.full(n, g[p.name], np.uint32),
-                "period": np.full(n, p.period_ns, np.uint64), "pid": p.pid, "comm": g[p.comm],
-                "cgroup": g[p.cgroup],
-                "kstack": np.where(p.kernel_stack >= 0, p.kernel_stack + n_stacks, -1),
-                "ustack": np.where(p.user_stack >= 0, p.user_stack + n_stacks, -1),
-                "samples": p.samples}))
-            k = len(p.stack_offsets) - 1
-            st.append(Table({"id": np.arange(n_stacks, n_stacks + k, dtype=np.int64)},
-                            {"frames": (p.stack_offsets, {"values": g[p.stack_frames]})}))
-            n_stacks += k
-        if b.events is not None and len(b.events.time_ns):
-            e = b.events
-            n = len(e.time_ns)
-            et.append(Table({"part": np.full(n, pi, np.int32), "time": e.time_ns, "kind": g[e.kind],
-                             "pid": e.pid, "ppid": e.ppid, "comm": g[e.comm], "cgroup": g[e.cgroup],
-                             "detail": g[e.detail], "code": e.code}))
-    return Frame(
-        start, end, res, False, strings.items, parts, list(families),
-        metrics=Table.concat(mt) if mt else empty_metrics(),
-        histograms=Table.concat(ht) if ht else empty_hists(),
-        profiles=Table.concat(pt) if pt else empty_profiles(),
-        stacks=Table.concat(st) if st else empty_stacks(),
-        events=Table.concat(et) if et else empty_events(),
-    )
+def blocks_of(frame: Frame) -> list[Block]:
+    """Every part of ``frame`` as a block, in part order."""
+    return [Block(frame, i) for i in range(len(frame.parts))]

@@ -48,11 +48,13 @@ from stratoscope.regional.frame import (
     EVENT_COLS,
     HISTOGRAM,
     PROFILE_COLS,
+    Block,
     Family,
     Frame,
     Part,
     StringTable,
     Table,
+    blocks_of,
     empty_events,
     empty_hists,
     empty_metrics,
@@ -62,7 +64,6 @@ from stratoscope.regional.frame import (
     used_stacks,
 )
 from stratoscope.regional.rollups import Rollup, declared_rollups
-from stratoscope.regional.sinks.base import Block
 from stratoscope.v1 import batch_pb2 as pb
 
 NS = 1_000_000_000
@@ -366,9 +367,7 @@ class Aggregator:
                 n += 1
                 if n <= skip:
                     continue
-                frame = self.frame(sub)
-                yield [Block(p.block_id, None, frame.resolution_s, frame=frame, part=i)
-                       for i, p in enumerate(frame.parts)]
+                yield blocks_of(self.frame(sub))
 
     def _block_id(self, w: _Window, node: str, sources: list[tuple[str, int]]) -> str:
         h = hashlib.blake2b(digest_size=16)

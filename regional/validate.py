@@ -85,7 +85,6 @@ def validate(b: BatchCols | pb.Batch, limits: Limits, now_ns: int, size: int | N
 def check_columns(b: BatchCols, limits: Limits) -> None:
     """The structural rules alone: columns agree in length, indices are in range.
 
-    Also what a sink checks of a block that arrived as protobuf (not from the merge).
     String indices are checked with one max() over all index columns of the batch;
     only a batch that fails it is searched for the column to name.
     """

@@ -47,9 +47,8 @@ import numpy as np
 import pyarrow as pa
 
 from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
-from stratoscope.regional.batchcols import BatchCols, decode
-from stratoscope.regional.frame import Frame, frame_from_batches
-from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope.regional.frame import Block, Frame
+from stratoscope.regional.sinks.base import PermanentError, RetriableError, SinkError
 from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
     EVENTS_LOST_METRIC,
     INSERT_ORDER,
@@ -57,7 +56,6 @@ from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-expo
     arrow_tables,
     stack_id,
 )
-from stratoscope.regional.validate import BatchRejected, Limits, check_columns
 from stratoscope.resources import clickhouse_dir
 
 log = logging.getLogger(__name__)
@@ -290,31 +288,11 @@ def classify_error(exc: BaseException, what: str) -> SinkError:
 
 
 def _frames_of(blocks: Sequence[Block]) -> list[tuple[Frame, list[int]]]:
-    """Blocks grouped by the frame they are parts of, with their part indices (sorted).
-
-    Blocks that exist only as protobuf are checked like an edge batch's columns and
-    put into frames of their own (raises PermanentError naming a malformed block).
-    """
+    """Blocks grouped by the frame they are parts of, with their part indices (sorted)."""
     frames: dict[int, tuple[Frame, list[int]]] = {}
-    loose: list[tuple[str, BatchCols, int]] = []
     for blk in blocks:
-        if blk.frame is not None:
-            frames.setdefault(id(blk.frame), (blk.frame, []))[1].append(blk.part)
-            continue
-        try:
-            cols = decode(blk.batch)
-            check_columns(cols, _BLOCK_LIMITS)
-        except (BatchRejected, IndexError, ValueError) as exc:
-            raise PermanentError(f"block {blk.block_id!r} is malformed: {exc}") from exc
-        loose.append((blk.block_id, cols, blk.resolution_s))
-    out = [(f, sorted(parts)) for f, parts in frames.values()]
-    for f in frame_from_batches(loose):
-        out.append((f, list(range(len(f.parts)))))
-    return out
-
-
-#: A merged block holds a whole node-window: the edge's per-batch limits, scaled up.
-_BLOCK_LIMITS = Limits(max_strings=10_000_000, max_series=50_000_000, max_events=10_000_000)
+        frames.setdefault(id(blk.frame), (blk.frame, []))[1].append(blk.part)
+    return [(f, sorted(parts)) for f, parts in frames.values()]
 
 
 def dedup_token(table: str, block_ids: Iterable[str]) -> str:
@@ -478,7 +456,7 @@ class ClickHouseSink:
         # part per insert and merges parts again in the background, so fewer, larger
         # parts cost far less (a window's 10 frames as one insert: ~45 % less storage
         # CPU, merges included; loadtest/chdb_storage.py --frames-per-insert,
-        # docs/BENCHMARKS.md, session 9). The delivery queue retries the same blocks, so
+        # docs/BENCHMARKS.md). The delivery queue retries the same blocks, so
         # a retried insert carries the same token.
         shaped: list[dict[str, pa.Table]] = []
         ids: list[str] = []
@@ -537,8 +515,10 @@ class ClickHouseSink:
                 client.insert_arrow(TARGET.get(name, name), table, database=self.database,
                                     settings=settings)
             except Exception as exc:
+                some = ", ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")
                 raise classify_error(
-                    exc, f"inserting {table.num_rows} rows into {self.database}.{name}"
+                    exc, f"inserting {table.num_rows} rows of {len(ids)} block(s) ({some})"
+                         f" into {self.database}.{name}"
                 ) from exc
             target = TARGET.get(name, name)
             written[target] = written.get(target, 0) + table.num_rows

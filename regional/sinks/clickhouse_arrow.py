@@ -10,7 +10,10 @@ server or chdb) decodes ``FORMAT Arrow`` natively.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -78,10 +81,18 @@ def stack_id(frames: Sequence[str]) -> int:
 
 
 class _FrameStrings:
-    """Per-frame Arrow views that every insert of the frame reuses."""
+    """Per-frame Arrow views that every insert of the frame reuses.
+
+    Holds what it needs of the frame (its string list, stacks and window), never the
+    frame itself, so that the cache of these views (``frame_strings``) does not keep
+    a delivered frame alive.
+    """
 
     def __init__(self, frame: Frame) -> None:
-        self.frame = frame
+        self.names = frame.strings
+        self.stacks = frame.stacks
+        self.resolution_s = frame.resolution_s
+        self.start_ns = frame.start_ns
         self.strings = pa.array(frame.strings, pa.string())
         fams = frame.families
         self.fam_name = np.array([f.name for f in fams], dtype=np.int64)
@@ -116,27 +127,59 @@ class _FrameStrings:
     def str_md5(self) -> npt.NDArray[np.uint64]:
         """md5_64() of every string of the frame (once per frame, not per row)."""
         if self._str_md5 is None:
-            self._str_md5 = np.array([md5_64(x) for x in self.frame.strings], dtype=np.uint64)
+            self._str_md5 = np.array([md5_64(x) for x in self.names], dtype=np.uint64)
         return self._str_md5
 
     def stack_ids(self) -> npt.NDArray[np.uint64]:
         """stack_id() of every stack of the frame, plus 0 at index -1 (no stack)."""
         if self._stack_ids is None:
-            st = self.frame.stacks
+            st = self.stacks
             off = st.offsets("frames").tolist()
             frames = st.values("frames", "values").tolist()
-            s = self.frame.strings
+            s = self.names
             ids = [stack_id([s[i] for i in frames[a:b]]) for a, b in zip(off, off[1:], strict=False)]
             self._stack_ids = np.array(ids + [0], dtype=np.uint64)
         return self._stack_ids
 
 
-def frame_strings(frame: Frame) -> _FrameStrings:
-    fs = frame.cache.get("arrow")
-    if fs is None:
-        fs = frame.cache["arrow"] = _FrameStrings(frame)
-    assert isinstance(fs, _FrameStrings)
-    return fs
+class _ViewCache:
+    """The ``_FrameStrings`` of the last few frames shaped, while those frames live.
+
+    Why: the delivery queue hands a sink a frame's blocks in several calls (it batches
+    by count, and retries), and every call shapes some of the frame's parts; the Arrow
+    string table, the strings' hashes and the stack ids are built once per frame, not
+    once per call. Keyed by the frame's identity and checked through a weak reference:
+    an entry of a frame that is gone never answers for another, and is dropped.
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._items: OrderedDict[int, tuple[weakref.ref[Frame], _FrameStrings]] = OrderedDict()
+        self._lock = threading.Lock()  # sinks shape in worker threads
+
+    def __call__(self, frame: Frame) -> _FrameStrings:
+        key = id(frame)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None and hit[0]() is frame:
+                self._items.move_to_end(key)
+                return hit[1]
+            for k in [k for k, (ref, _) in self._items.items() if ref() is None]:
+                del self._items[k]
+        fs = _FrameStrings(frame)  # numpy and Arrow work: outside the lock
+        with self._lock:
+            self._items[key] = (weakref.ref(frame), fs)
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+        return fs
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for ref, _ in self._items.values() if ref() is not None)
+
+
+#: The views of recently shaped frames (see ``_ViewCache``).
+frame_strings = _ViewCache()
 
 
 def _encode(fs: _FrameStrings, ids: Mapping[str, npt.NDArray[Any]]) -> dict[str, pa.Array]:
@@ -146,7 +189,7 @@ def _encode(fs: _FrameStrings, ids: Mapping[str, npt.NDArray[Any]]) -> dict[str,
     table, no sort), so the Arrow stream carries each distinct string once per column
     instead of once per row, and ClickHouse reads LowCardinality columns directly.
     """
-    used = np.zeros(len(fs.frame.strings), dtype=bool)
+    used = np.zeros(len(fs.names), dtype=bool)
     for v in ids.values():
         used[v] = True
     dict_ids = np.flatnonzero(used)
@@ -176,8 +219,8 @@ def _ident_ids(fs: _FrameStrings, part: npt.NDArray[Any]) -> dict[str, npt.NDArr
 
 
 def _time(fs: _FrameStrings, n: int) -> dict[str, pa.Array]:
-    return {"resolution": pa.array(np.full(n, fs.frame.resolution_s, np.uint32)),
-            "ts": pa.array(np.full(n, fs.frame.start_ns // NS, np.uint32))}
+    return {"resolution": pa.array(np.full(n, fs.resolution_s, np.uint32)),
+            "ts": pa.array(np.full(n, fs.start_ns // NS, np.uint32))}
 
 
 def _series_ids(fs: _FrameStrings, off: npt.NDArray[np.int32], keys: npt.NDArray[np.int64],
@@ -234,7 +277,7 @@ def _points_table(fs: _FrameStrings, rows: Table, fam: npt.NDArray[Any], values:
     metric = fs.fam_name[fam]
     # one row per distinct (metric, series_id) of the insert, minus what was sent lately
     first = _distinct_pairs(metric, sids)
-    strings = fs.frame.strings
+    strings = fs.names
     pairs = zip(first.tolist(), metric[first].tolist(), sids[first].tolist(), strict=True)
     fresh = [(i, (strings[m], sid)) for i, m, sid in pairs if known is None or (strings[m], sid) not in known]
     if fresh:
@@ -247,7 +290,7 @@ def _points_table(fs: _FrameStrings, rows: Table, fam: npt.NDArray[Any], values:
             "unit": fs.take(fs.fam_unit[fam[pick]]),
             "labels": pa.MapArray.from_arrays(pa.array(s_off.astype(np.int32)), fs.take(keys[at]),
                                               fs.take(vals[at])),
-            "last_seen": pa.array(np.full(len(pick), fs.frame.start_ns // NS, np.uint32)),
+            "last_seen": pa.array(np.full(len(pick), fs.start_ns // NS, np.uint32)),
         }, schema=_SERIES_SCHEMA))
     enc = _encode(fs, _ident_ids(fs, rows["part"]) | {"metric": metric})
     return pa.table(_time(fs, len(rows)) | enc | {"series_id": pa.array(sids)} | values)

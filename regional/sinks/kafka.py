@@ -1,6 +1,8 @@
 """Kafka sink: one protobuf ``stratoscope.v1.Batch`` per block and kind, on three topics.
 
-Each Block's batch is split by kind onto ``<prefix>.metrics`` (counters, gauges and
+The protobuf is this sink's own encoding of a block: ``block_batch()`` builds it from
+the rows of the block's part of its merged frame, with a string table of just the
+strings the block uses. Each block's batch is split by kind onto ``<prefix>.metrics`` (counters, gauges and
 histograms), ``<prefix>.profiles`` and ``<prefix>.events``; a kind with no data is not
 sent. Every message carries the block's identity fields (node_id, boot_id, seq, window,
 node labels, producer) and the *whole* string table, so it decodes on its own and stays
@@ -15,8 +17,8 @@ Record layout:
   (decimal ASCII) and ``kind`` (``metrics`` / ``profiles`` / ``events``).
 
 Delivery guarantees. The producer is idempotent (``enable_idempotence=True``,
-``acks="all"``): the broker discards the producer's own internal retries, so within one
-producer session a record is written once. ``deliver()`` sends every record and then
+``acks="all"``): the broker discards the producer's own internal retries, so while one
+producer lives a record is written once. ``deliver()`` sends every record and then
 awaits every delivery future; it returns only when all were acknowledged. A block that
 is delivered again -- after a timeout or a partial failure, when the regional retries
 it, or after a restart -- is a new record as far as Kafka knows. Consumers therefore
@@ -43,6 +45,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient
 from aiokafka.codec import has_lz4, has_snappy, has_zstd
@@ -57,7 +60,9 @@ from aiokafka.errors import (
     ProducerFenced,
 )
 
-from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope import __version__
+from stratoscope.regional.frame import Block, Col
+from stratoscope.regional.sinks.base import PermanentError, RetriableError, SinkError
 from stratoscope.v1 import batch_pb2 as pb
 
 __all__ = [
@@ -68,6 +73,7 @@ __all__ = [
     "ROLLUP_KEY",
     "SCHEMA",
     "KafkaSink",
+    "block_batch",
     "compression_type",
     "decode_message",
     "split_batch",
@@ -112,6 +118,117 @@ def compression_type(requested: str | None = "auto") -> str | None:
             "installed (use 'auto' or 'gzip')"
         )
     return requested
+
+
+# --- the encoder: a block as one protobuf Batch ---------------------------------------
+
+def block_batch(block: Block) -> pb.Batch:
+    """The block's rows as one stratoscope.v1.Batch with its own compact string table.
+
+    Built from the frame's columns on demand (once per delivery of the block; nothing
+    is kept), so a queued block holds no per-node copy of its rows.
+    """
+    frame, part = block.frame, block.part
+    p = frame.parts[part]
+    m = frame.metrics.take(frame.rows_of("metrics", [part]))
+    h = frame.histograms.take(frame.rows_of("histograms", [part]))
+    pr = frame.profiles.take(frame.rows_of("profiles", [part]))
+    ev = frame.events.take(frame.rows_of("events", [part]))
+    stacks_used = np.unique(np.concatenate([pr["kstack"], pr["ustack"]]))
+    stacks_used = stacks_used[stacks_used >= 0]
+    st = frame.stacks.take(stacks_used)
+    fams = np.unique(np.concatenate([m["fam"], h["fam"]]))
+    fam_ids = [frame.families[f] for f in fams.tolist()]
+    fixed = [0, p.node, *(x for kv in p.labels for x in kv)]
+    for f in fam_ids:
+        fixed += [f.name, f.unit, f.help, *f.label_keys]
+    used = np.unique(np.concatenate([
+        np.asarray(fixed, dtype=np.int64),
+        m.values("labels", "values"), h.values("labels", "values"),
+        pr["name"], pr["comm"], pr["cgroup"], st.values("frames", "values"),
+        ev["kind"], ev["comm"], ev["cgroup"], ev["detail"],
+    ]).astype(np.int64))
+    remap = np.zeros(max(len(frame.strings), 1), dtype=np.int64)
+    remap[used] = np.arange(len(used))
+
+    def local(ids: Col | list[int]) -> list[int]:
+        return remap[np.asarray(ids, dtype=np.int64)].tolist()  # type: ignore[no-any-return]
+
+    strings = frame.strings
+    out = pb.Batch(node_id=strings[p.node], start_ns=frame.start_ns, end_ns=frame.end_ns,
+                   producer=f"stratoscope-regional/{__version__}")
+    out.strings.extend([strings[i] for i in used.tolist()])
+    if p.labels:
+        out.node_label_keys.extend(local([k for k, _ in p.labels]))
+        out.node_label_values.extend(local([v for _, v in p.labels]))
+    for fam, lo, hi in _runs(m["fam"]):
+        f = frame.families[fam]
+        name, unit, help_ = local([f.name, f.unit, f.help])
+        mb = out.metrics.add(name=name, kind=f.kind, unit=unit, help=help_)
+        mb.label_keys.extend(local(list(f.label_keys)))
+        off = m.offsets("labels")
+        mb.label_values.extend(local(m.values("labels", "values")[off[lo]:off[hi]]))
+        if f.kind == pb.GAUGE:
+            mb.gauge_values.extend(m["gauge"][lo:hi].tolist())
+        else:
+            mb.counter_values.extend(m["value"][lo:hi].tolist())
+    for fam, lo, hi in _runs(h["fam"]):
+        f = frame.families[fam]
+        name, unit, help_ = local([f.name, f.unit, f.help])
+        hb = out.histograms.add(name=name, unit=unit, help=help_, scale=0)
+        hb.label_keys.extend(local(list(f.label_keys)))
+        off = h.offsets("labels")
+        hb.label_values.extend(local(h.values("labels", "values")[off[lo]:off[hi]]))
+        hb.count.extend(h["count"][lo:hi].tolist())
+        hb.sum.extend(h["sum"][lo:hi].tolist())
+        hb.zero_count.extend(h["zero"][lo:hi].tolist())
+        boff = h.offsets("buckets")
+        hb.bucket_offsets.extend((boff[lo:hi + 1] - boff[lo]).tolist())
+        hb.bucket_index.extend(h.values("buckets", "index")[boff[lo]:boff[hi]].tolist())
+        hb.bucket_count.extend(h.values("buckets", "count")[boff[lo]:boff[hi]].tolist())
+    if len(pr):
+        stack_local = np.full(len(frame.stacks) + 1, -1, dtype=np.int64)  # index -1 -> -1
+        stack_local[stacks_used] = np.arange(len(stacks_used))
+        key = np.stack([pr["name"].astype(np.uint64), pr["period"]])
+        change = np.ones(len(pr), dtype=bool)
+        change[1:] = np.any(key[:, 1:] != key[:, :-1], axis=0)
+        starts = np.flatnonzero(change).tolist() + [len(pr)]
+        frames_off = st.offsets("frames")
+        frames = local(st.values("frames", "values"))
+        for lo, hi in zip(starts, starts[1:], strict=False):
+            pb_ = out.profiles.add(name=local([pr["name"][lo]])[0], period_ns=int(pr["period"][lo]))
+            pb_.stack_offsets.extend(frames_off.tolist())
+            pb_.stack_frames.extend(frames)
+            pb_.pid.extend(pr["pid"][lo:hi].tolist())
+            pb_.comm.extend(local(pr["comm"][lo:hi]))
+            pb_.cgroup.extend(local(pr["cgroup"][lo:hi]))
+            pb_.kernel_stack.extend(stack_local[pr["kstack"][lo:hi]].tolist())
+            pb_.user_stack.extend(stack_local[pr["ustack"][lo:hi]].tolist())
+            pb_.samples.extend(pr["samples"][lo:hi].tolist())
+    if len(ev) or p.events_lost:
+        e = out.events
+        e.time_ns.extend(ev["time"].tolist())
+        e.kind.extend(local(ev["kind"]))
+        e.pid.extend(ev["pid"].tolist())
+        e.ppid.extend(ev["ppid"].tolist())
+        e.comm.extend(local(ev["comm"]))
+        e.cgroup.extend(local(ev["cgroup"]))
+        e.detail.extend(local(ev["detail"]))
+        e.code.extend(ev["code"].tolist())
+        e.lost = p.events_lost
+    return out
+
+
+def _runs(col: Col) -> Iterable[tuple[int, int, int]]:
+    """(value, lo, hi) for every run of equal values of a column."""
+    n = len(col)
+    if n == 0:
+        return []
+    change = np.flatnonzero(col[1:] != col[:-1]) + 1
+    starts = [0, *change.tolist()]
+    ends = [*change.tolist(), n]
+    vals = col[starts].tolist()
+    return zip(vals, starts, ends, strict=True)
 
 
 def split_batch(batch: pb.Batch) -> list[tuple[str, pb.Batch]]:
@@ -197,8 +314,7 @@ def _classify(exc: BaseException) -> SinkError:
 class KafkaSink:
     """Sink that writes blocks to Kafka; see the module docstring for the layout.
 
-    Counters (plain attributes, read by the regional's metrics): ``delivered_messages``,
-    ``delivered_bytes``, ``failed_messages``, ``delivered_blocks``.
+    What it delivered is counted by the delivery queue that drives it (per block).
     """
 
     name = "kafka"
@@ -244,11 +360,6 @@ class KafkaSink:
         # Producers whose sender task died; closed by the next start() or stop().
         self._retired: list[AIOKafkaProducer] = []
         self._start_lock: asyncio.Lock | None = None
-
-        self.delivered_messages = 0
-        self.delivered_bytes = 0
-        self.delivered_blocks = 0
-        self.failed_messages = 0
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -321,7 +432,13 @@ class KafkaSink:
     # --- health ------------------------------------------------------------------
 
     async def health_check(self) -> None:
-        """Fetch cluster metadata; raise SinkError naming the reason if it fails."""
+        """Fetch cluster metadata; raise SinkError naming the reason if it fails.
+
+        ``RetriableError`` when the cluster does not answer or lists no brokers (it may
+        come back), ``PermanentError`` when it refuses this sink's topics; the same
+        classes ``deliver()`` raises for the same causes.
+        """
+        where = f"kafka at {self.bootstrap}"
         try:
             if self._producer is not None:
                 md = await asyncio.wait_for(
@@ -330,19 +447,18 @@ class KafkaSink:
             else:
                 md = await asyncio.wait_for(self._probe_metadata(), self.request_timeout_s)
         except TimeoutError:
-            raise SinkError(
-                f"kafka at {self.bootstrap}: no cluster metadata within "
-                f"{self.request_timeout_s:g}s"
+            raise RetriableError(
+                f"{where}: no cluster metadata within {self.request_timeout_s:g}s"
             ) from None
         except KafkaError as exc:
-            raise SinkError(f"kafka at {self.bootstrap}: {_describe(exc)}") from exc
+            raise type(_classify(exc))(f"{where}: {_describe(exc)}") from exc
         except OSError as exc:
-            raise SinkError(f"kafka at {self.bootstrap}: {exc}") from exc
+            raise RetriableError(f"{where}: {exc}") from exc
         if not md.brokers():
-            raise SinkError(f"kafka at {self.bootstrap}: cluster metadata lists no brokers")
+            raise RetriableError(f"{where}: cluster metadata lists no brokers")
         denied = sorted(set(self.topics.values()) & set(md.unauthorized_topics))
         if denied:
-            raise SinkError(f"kafka at {self.bootstrap}: not authorized for {', '.join(denied)}")
+            raise PermanentError(f"{where}: not authorized for {', '.join(denied)}")
         missing = sorted(set(self.topics.values()) - set(md.topics()))
         if missing:
             log.info(
@@ -369,7 +485,7 @@ class KafkaSink:
         """The records ``deliver`` would send for ``blocks`` (pure; used by tests too)."""
         out: list[_Record] = []
         for block in blocks:
-            batch = block.batch  # built from the merged frame on demand: once per block
+            batch = block_batch(block)  # built from the merged frame on demand: once per block
             key = batch.node_id.encode() if batch.node_id else ROLLUP_KEY
             for kind, part in split_batch(batch):
                 out.append(_Record(
@@ -428,15 +544,10 @@ class KafkaSink:
 
         for rec, fut in pending:
             failure = fut.exception()
-            if failure is None:
-                self.delivered_messages += 1
-                self.delivered_bytes += len(rec.value)
-            else:
+            if failure is not None:
                 errors.append((rec, failure))
         if not errors:
-            self.delivered_blocks += len(blocks)
             return
-        self.failed_messages += len(errors) + unsent
         raise self._delivery_error(records, errors, unsent)
 
     def _delivery_error(

@@ -36,7 +36,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from stratoscope.regional import pipes
-from stratoscope.regional.frame import Frame
+from stratoscope.regional.frame import Frame, blocks_of
 from stratoscope.regional.runtime import tune_gc
 from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
 
@@ -60,32 +60,15 @@ def make_sink(kind: str, kwargs: dict[str, Any]) -> Sink:
 
 
 def pack_blocks(blocks: Sequence[Block]) -> list[tuple[Any, ...]]:
-    """What crosses the pipe for a delivery: sub-frames of the blocks' parts, or protobuf."""
+    """What crosses the pipe for a delivery: sub-frames of the blocks' parts."""
     by_frame: dict[int, tuple[Frame, list[int]]] = {}
-    out: list[tuple[Any, ...]] = []
     for b in blocks:
-        if b.frame is not None:
-            by_frame.setdefault(id(b.frame), (b.frame, []))[1].append(b.part)
-        else:
-            out.append(("batch", b.block_id, b.batch.SerializeToString(), b.resolution_s))
-    for frame, parts in by_frame.values():
-        out.append(("frame", frame.subset(sorted(set(parts)))))
-    return out
+        by_frame.setdefault(id(b.frame), (b.frame, []))[1].append(b.part)
+    return [("frame", frame.subset(sorted(set(parts)))) for frame, parts in by_frame.values()]
 
 
 def unpack_blocks(items: list[tuple[Any, ...]]) -> list[Block]:
-    from stratoscope.v1 import batch_pb2 as pb
-
-    blocks: list[Block] = []
-    for item in items:
-        if item[0] == "frame":
-            f: Frame = item[1]
-            blocks.extend(Block(p.block_id, None, f.resolution_s, frame=f, part=i)
-                          for i, p in enumerate(f.parts))
-        else:
-            _, block_id, raw, res = item
-            blocks.append(Block(block_id, pb.Batch.FromString(raw), res))
-    return blocks
+    return [b for _, f in items for b in blocks_of(f)]
 
 
 #: Niceness a sink process adds to its own (inherited by every thread it starts, e.g. chdb's

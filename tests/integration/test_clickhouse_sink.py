@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from stratoscope.columns import to_packed
 from stratoscope.edge.batch import BatchBuilder, EventRow
 from stratoscope.edge.decode import Histogram, ProfileRow
-from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
+from stratoscope.regional.frame import Block
+from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink, SinkError
 from stratoscope.regional.sinks.clickhouse import (
     EVENTS_LOST_METRIC,
     MIGRATIONS_DIR,
@@ -37,6 +37,7 @@ from stratoscope.regional.sinks.clickhouse import (
 )
 from stratoscope.regional.sinks.clickhouse_arrow import series_id, series_id_sql
 from stratoscope.v1 import batch_pb2 as pb
+from tests.frames import merged_blocks
 
 NS = 1_000_000_000
 #: Start of an hour two hours ago: recent enough for every TTL, whole hours for the roll-up.
@@ -73,7 +74,7 @@ def one(anchor: Any, sql: str, **params: Any) -> Any:
     return row[0] if len(row) == 1 else row
 
 
-# ---------------------------------------------------------------- synthetic blocks
+# ---------------------------------------------------------------- blocks from the merge
 
 
 def hist(buckets: dict[int, int], zero: int = 0, total: int = 0) -> Histogram:
@@ -81,14 +82,13 @@ def hist(buckets: dict[int, int], zero: int = 0, total: int = 0) -> Histogram:
                      sum=total)
 
 
-def node_block(
-    block_id: str,
+def node_batch(
     start: int = HOUR,
     node: str = "n1",
     scale: int = 1,
     profile: bool = True,
     events: bool = True,
-) -> Block:
+) -> pb.Batch:
     """One node's 60 s window; ``scale`` multiplies every counter / bucket."""
     bb = BatchBuilder(node, "boot-1", 7, start * NS, (start + 60) * NS, LABELS)
     bb.add_counters("syscalls_total", "1", "syscalls", ["comm", "syscall"], {
@@ -112,15 +112,29 @@ def node_block(
             EventRow((start + 1) * NS + 5, "exec", 10, 1, "nginx", "/web", "/usr/sbin/nginx", 0),
             EventRow((start + 2) * NS + 7, "exit", 11, 10, "sh", "/web", "", 137),
         ], lost=2)
-    return Block(block_id, bb.build(), 60)
+    return bb.build()
 
 
-def rollup_block(block_id: str, start: int = HOUR) -> Block:
+def node_block(
+    name: str,
+    start: int = HOUR,
+    node: str = "n1",
+    scale: int = 1,
+    profile: bool = True,
+    events: bool = True,
+) -> Block:
+    """The merged block of ``node_batch``; the same ``name`` and content, the same block id."""
+    (blk,) = merged_blocks(node_batch(start, node, scale, profile, events), regional_id=name)
+    return blk
+
+
+def rollup_block(name: str, start: int = HOUR) -> Block:
     """node_id "" = the roll-up across nodes."""
     bb = BatchBuilder("", "regional", 1, start * NS, (start + 60) * NS, {"region": "eu-west"})
     bb.add_counters("syscalls_total", "1", "", ["comm"], {("nginx",): 300, ("redis",): 14})
     bb.add_histograms("syscall_latency", "ns", "", [], {(): hist({3: 10, 5: 4, 10: 8}, zero=2)})
-    return Block(block_id, bb.build(), 60)
+    (blk,) = merged_blocks(bb.build(), regional_id=name)
+    return blk
 
 
 async def snapshot(sink: ClickHouseSink) -> dict[str, Any]:
@@ -386,20 +400,13 @@ async def test_retry_after_timeout_changes_nothing(
 def framed_blocks(nodes: int, frame_nodes: int, prefix: str) -> list[Block]:
     """``nodes`` nodes' windows merged by the regional's Aggregator, reduced into frames
     of ``frame_nodes`` nodes each (what the regional hands its sinks)."""
-    from stratoscope.regional.batchcols import decode
-    from stratoscope.regional.merge import Aggregator, MergeSettings
-
-    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=(), frame_nodes=frame_nodes),
-                     regional_id=prefix)
-    for n in range(nodes):
-        batch = node_block("x", node=f"{prefix}-{n}", scale=n + 1).batch
-        agg.record(decode(pb.Batch.FromString(batch.SerializeToString())))
-    return agg.flush((HOUR + 60) * NS, force=True)
+    return merged_blocks(*(node_batch(node=f"{prefix}-{n}", scale=n + 1) for n in range(nodes)),
+                         regional_id=prefix, frame_nodes=frame_nodes)
 
 
 async def test_frames_of_one_delivery_are_one_insert(sink: ClickHouseSink, anchor: Any, db: str) -> None:
     """Several frames delivered together land as one part per table (background merges
-    cost per part: docs/BENCHMARKS.md, session 9), with exact sums, and a retry after a
+    cost per part: docs/BENCHMARKS.md), with exact sums, and a retry after a
     failed insert writes every series' labels (the series marked as sent while the
     delivery was shaped are forgotten when it fails)."""
     blocks = framed_blocks(4, 1, "mf")
@@ -436,7 +443,7 @@ async def test_series_ids_agree_between_regional_ingest_tables_and_python(
     bb = BatchBuilder("n-sort", "boot-1", 3, HOUR * NS, (HOUR + 60) * NS, LABELS)
     bb.add_counters("x_total", "1", "", ["zeta", "alpha", "mid"], {("z1", "a1", "m1"): 5, ("z2", "a2", "m2"): 6})
     bb.add_histograms("x_latency", "ns", "", ["syscall", "comm"], {("read", "nginx"): hist({3: 2}, total=9)})
-    await sink.deliver([Block("sorted-1", bb.build(), 60)])
+    await sink.deliver(merged_blocks(bb.build(), regional_id="sorted-1"))
     expr = series_id_sql("labels")
     got = anchor.query(f"SELECT mapKeys(labels), labels['zeta'], labels['alpha'], value, series_id,"
                        f" series_id = {expr} FROM {db}.metrics"
@@ -467,7 +474,8 @@ async def test_series_sent_once_then_again_after_resend_interval(
     def block(bid: str, start: int) -> Block:
         bb = BatchBuilder("n-once", "boot-1", 1, start * NS, (start + 60) * NS, LABELS)
         bb.add_counters("once_total", "1", "", ["k"], {("a",): 1, ("b",): 2})
-        return Block(bid, bb.build(), 60)
+        (blk,) = merged_blocks(bb.build(), regional_id=bid)
+        return blk
 
     series_rows = f"SELECT count() FROM {db}.series WHERE metric = 'once_total'"
     await sink.deliver([block("once-1", HOUR)])
@@ -648,9 +656,10 @@ async def test_malformed_block_is_permanent_and_writes_nothing(
     sink: ClickHouseSink, anchor: Any, db: str
 ) -> None:
     bad = node_block("bad")
-    to_packed(bad.batch)  # the builder sends raw columns; edit the packed form
-    bad.batch.metrics[0].label_values.append(10_000)  # matrix no longer n x k
-    with pytest.raises(PermanentError, match="'bad'.*label matrix"):
+    labels = bad.frame.metrics.ragged["labels"][1]
+    labels["values"] = labels["values"].copy()
+    labels["values"][0] = 10_000_000  # no such string in the frame's table
+    with pytest.raises(PermanentError, match=f"{bad.block_id}.*cannot be shaped into rows"):
         await sink.deliver([node_block("good"), bad])
     assert one(anchor, f"SELECT count() FROM {db}.metrics") == 0
     await sink.deliver([node_block("good")])  # the sink is still usable

@@ -26,7 +26,8 @@ from aiokafka.codec import has_zstd
 from stratoscope.edge.batch import BatchBuilder, EventRow, batch_to_dict
 from stratoscope.edge.decode import Histogram, ProfileRow
 from stratoscope.regional.delivery import DeliveryQueue
-from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, SinkError
+from stratoscope.regional.frame import Block
+from stratoscope.regional.sinks.base import PermanentError, RetriableError, SinkError
 from stratoscope.regional.sinks.kafka import (
     ROLLUP_KEY,
     SCHEMA,
@@ -36,11 +37,12 @@ from stratoscope.regional.sinks.kafka import (
 )
 from stratoscope.v1 import batch_pb2 as pb
 from tests.conftest import kafka_bootstrap
+from tests.frames import block_batch, merged_blocks
 
 pytestmark = pytest.mark.kafka
 
 CONSUME_DEADLINE_S = 60.0
-T0 = 1_700_000_000_000_000_000
+T0 = 1_700_000_040_000_000_000  # a minute boundary (the merge aligns windows to the resolution)
 MINUTE_NS = 60_000_000_000
 
 
@@ -50,9 +52,9 @@ def _prefix() -> str:
     return f"stratoscope-it-{uuid.uuid4().hex[:12]}"
 
 
-# --- blocks with known content ----------------------------------------------------
+# --- blocks with known content, from the regional's merge ----------------------------
 
-def _full_block() -> Block:
+def _full_batch() -> pb.Batch:
     """node-a, one minute: counters, a gauge, a histogram, a profile and events."""
     b = BatchBuilder("node-a", "boot-1", 7, T0, T0 + MINUTE_NS, {"region": "eu-1", "rack": "r9"})
     b.add_counters(
@@ -72,25 +74,37 @@ def _full_block() -> Block:
         EventRow(T0 + 5, "exec", 200, 1, "sh", "/sys/fs/cgroup/a", "/bin/sh", 0),
         EventRow(T0 + 9, "exit", 200, 1, "sh", "/sys/fs/cgroup/a", "", 3),
     ], lost=1)
-    return Block(block_id="blk-node-a-7", batch=b.build(), resolution_s=60)
+    return b.build()
 
 
-def _counters_block(node: str, block_id: str, read: int, write: int) -> Block:
+def _counters_batch(node: str, read: int, write: int) -> pb.Batch:
     b = BatchBuilder(node, "boot-2" if node else "", 3, T0, T0 + MINUTE_NS, {"region": "eu-1"},
                      producer="stratoscope-regional")
     b.add_counters(
         "syscalls_total", "1", "syscalls entered", ["syscall"],
         {("read",): read, ("write",): write},
     )
-    return Block(block_id=block_id, batch=b.build(), resolution_s=60)
+    return b.build()
+
+
+def _full_block() -> Block:
+    (blk,) = merged_blocks(_full_batch())
+    return blk
 
 
 def _blocks() -> list[Block]:
-    return [
-        _full_block(),
-        _counters_block("node-b", "blk-node-b-3", 100, 200),
-        _counters_block("", "blk-rollup-1", 1000, 2000),  # roll-up across nodes
-    ]
+    """One merged frame: the roll-up (node "", its part first), node-a and node-b."""
+    return merged_blocks(
+        _full_batch(),
+        _counters_batch("node-b", 100, 200),
+        _counters_batch("", 1000, 2000),  # roll-up across nodes
+    )
+
+
+def _merged(batch: pb.Batch) -> dict[str, Any]:
+    """batch_to_dict of what the merge makes of one node's only batch of a window: the
+    same rows and node labels; a block has no boot_id or seq (it may merge many)."""
+    return dict(batch_to_dict(batch), boot_id="", seq=0)
 
 
 def _only(d: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -180,15 +194,19 @@ async def test_blocks_arrive_split_by_kind_with_exact_values_keys_and_headers() 
     finally:
         await q.stop()
     assert (q.delivered, q.failed, q.dropped, q.queued) == (3, 0, 0, 0)
-    # metrics x3 (every block), profiles x1 and events x1 (node-a only).
-    assert (sink.delivered_messages, sink.failed_messages, sink.delivered_blocks) == (5, 0, 3)
 
+    # metrics x3 (every block), profiles x1 and events x1 (node-a only).
     got = await _consume_all(bootstrap, list(topics.values()))
     assert {k: len(got[t]) for k, t in topics.items()} == {
         "metrics": 3, "profiles": 1, "events": 1,
     }
 
-    originals = {b.block_id: batch_to_dict(b.batch) for b in blocks}
+    rollup, node_a, node_b = blocks
+    originals = {
+        node_a.block_id: _merged(_full_batch()),
+        node_b.block_id: _merged(_counters_batch("node-b", 100, 200)),
+        rollup.block_id: _merged(_counters_batch("", 1000, 2000)),
+    }
     for kind, topic in topics.items():
         for rec in got[topic]:
             block_id, batch = decode_message(rec.value, rec.headers)
@@ -207,11 +225,11 @@ async def test_blocks_arrive_split_by_kind_with_exact_values_keys_and_headers() 
         decode_message(r.value, r.headers)[0]: batch_to_dict(decode_message(r.value, r.headers)[1])
         for r in got[topics["metrics"]]
     }
-    assert set(by_id) == {"blk-node-a-7", "blk-node-b-3", "blk-rollup-1"}
-    assert [r.key for r in got[topics["metrics"]]] == [b"node-a", b"node-b", b"*"]
-    a = by_id["blk-node-a-7"]
+    assert set(by_id) == {node_a.block_id, node_b.block_id, rollup.block_id}
+    assert [r.key for r in got[topics["metrics"]]] == [b"*", b"node-a", b"node-b"]
+    a = by_id[node_a.block_id]
     assert (a["node_id"], a["boot_id"], a["seq"], a["start_ns"], a["end_ns"]) == (
-        "node-a", "boot-1", 7, T0, T0 + MINUTE_NS,
+        "node-a", "", 0, T0, T0 + MINUTE_NS,
     )
     assert a["node_labels"] == {"rack": "r9", "region": "eu-1"}
     assert a["metrics"] == [
@@ -230,7 +248,7 @@ async def test_blocks_arrive_split_by_kind_with_exact_values_keys_and_headers() 
         }],
     }]
     assert a["profiles"] == [] and a["events"] == []
-    assert by_id["blk-rollup-1"]["node_id"] == ""
+    assert by_id[rollup.block_id]["node_id"] == ""
 
     _, prof = decode_message(got[topics["profiles"]][0].value, got[topics["profiles"]][0].headers)
     assert not prof.metrics and not prof.histograms and not prof.HasField("events")
@@ -295,7 +313,7 @@ async def test_redelivered_blocks_are_deduplicated_by_block_id_header() -> None:
     # ... and exactly once after de-duplicating on (kind, block_id).
     assert syscall_totals(dedupe=True) == {"read": 10 + 100 + 1000, "write": 32 + 200 + 2000}
     ids = [decode_message(r.value, r.headers)[0] for r in got[topics["events"]]]
-    assert ids == ["blk-node-a-7", "blk-node-a-7"]
+    assert ids == [blocks[1].block_id] * 2  # node-a's
 
 
 async def test_record_rejected_by_the_broker_is_a_permanent_error() -> None:
@@ -318,7 +336,7 @@ async def test_record_rejected_by_the_broker_is_a_permanent_error() -> None:
     b.add_counters("syscalls_total", "1", "", ["syscall"], {("read",): 5})
     frames = tuple(secrets.token_hex(32) for _ in range(200))  # ~13 KB, incompressible
     b.add_profile("cpu", 1, {ProfileRow(1, "big", "/", None, frames): 1})
-    big = Block(block_id="blk-big", batch=b.build(), resolution_s=60)
+    (big,) = merged_blocks(b.build())
 
     sink = KafkaSink(bootstrap, topic_prefix=prefix, request_timeout_s=30)
     try:
@@ -328,9 +346,11 @@ async def test_record_rejected_by_the_broker_is_a_permanent_error() -> None:
         await sink.stop()
     text = str(err.value)
     assert "1 of 2 record(s) not delivered" in text
-    assert f"block blk-big (profiles) to {topics['profiles']}" in text
+    assert f"block {big.block_id} (profiles) to {topics['profiles']}" in text
     assert "MessageSizeTooLargeError" in text
-    assert (sink.delivered_messages, sink.failed_messages) == (1, 1)
+    # the block's other record (its metrics) was written
+    written = await _consume_all(bootstrap, [topics["metrics"], topics["profiles"]])
+    assert (len(written[topics["metrics"]]), len(written[topics["profiles"]])) == (1, 0)
 
     # Through the queue: counted as failed, reported to on_drop, never retried.
     dropped: list[str] = []
@@ -379,16 +399,18 @@ async def test_unreachable_broker_health_check_raises_sink_error_quickly() -> No
 
 def test_records_split_by_kind_and_skip_empty_kinds() -> None:
     sink = KafkaSink("127.0.0.1:1", topic_prefix="p")
-    empty = Block(block_id="blk-empty", batch=pb.Batch(node_id="n"), resolution_s=60)
-    recs = sink.records([_full_block(), empty, _counters_block("", "blk-r", 1, 2)])
+    (empty,) = merged_blocks(BatchBuilder("n", "boot-1", 1, T0, T0 + MINUTE_NS, {}).build())
+    (rollup,) = merged_blocks(_counters_batch("", 1, 2))
+    full_block = _full_block()
+    recs = sink.records([full_block, empty, rollup])
     assert [(r.block_id, r.topic, r.key) for r in recs] == [
-        ("blk-node-a-7", "p.metrics", b"node-a"),
-        ("blk-node-a-7", "p.profiles", b"node-a"),
-        ("blk-node-a-7", "p.events", b"node-a"),
-        ("blk-r", "p.metrics", ROLLUP_KEY),
+        (full_block.block_id, "p.metrics", b"node-a"),
+        (full_block.block_id, "p.profiles", b"node-a"),
+        (full_block.block_id, "p.events", b"node-a"),
+        (rollup.block_id, "p.metrics", ROLLUP_KEY),
     ]
     # Every part keeps the whole string table, so it decodes on its own.
-    full = _full_block().batch
+    full = block_batch(full_block)
     for r in recs[:3]:
         assert list(decode_message(r.value, r.headers)[1].strings) == list(full.strings)
 

@@ -12,7 +12,7 @@ import pytest
 
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink
-from stratoscope.v1 import batch_pb2 as pb
+from tests.frames import blank_blocks
 
 # Scripted outcomes of FakeSink.deliver calls, in order (then: success).
 STORE_THEN_RETRIABLE = "store-then-retriable"  # written, but the ack is lost
@@ -61,7 +61,7 @@ class FakeSink:
 
 
 def blocks(*ids: str) -> list[Block]:
-    return [Block(block_id=i, batch=pb.Batch(node_id="node-a"), resolution_s=60) for i in ids]
+    return blank_blocks(*ids)
 
 
 def ids(n: int, prefix: str = "b") -> list[str]:

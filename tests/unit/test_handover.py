@@ -15,6 +15,7 @@ from stratoscope.edge.batch import BatchBuilder
 from stratoscope.regional.batchcols import BatchCols, decode
 from stratoscope.regional.handover import pack, unpack
 from stratoscope.regional.merge import Aggregator, MergeSettings
+from tests.frames import block_batch
 from tests.unit.test_columns import full_batch
 
 
@@ -74,7 +75,7 @@ def test_merging_unpacked_columns_equals_merging_decoded_ones() -> None:
     here = blocks(lambda c: c)
     there = blocks(lambda c: unpack(pack(c)))
     assert [b.block_id for b in here] == [b.block_id for b in there]
-    assert [b.batch.SerializeToString() for b in here] == [b.batch.SerializeToString() for b in there]
+    assert [block_batch(b).SerializeToString() for b in here] == [block_batch(b).SerializeToString() for b in there]
 
 
 def test_a_buffer_shorter_than_its_layout_is_refused() -> None:

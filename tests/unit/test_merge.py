@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from stratoscope.edge.batch import BatchBuilder, batch_to_dict
 from stratoscope.edge.decode import Histogram
 from stratoscope.regional.merge import Aggregator, MergeSettings, Rollup
+from tests.frames import block_batch
 
 NS = 1_000_000_000
 T0 = 1_800_000_000 * NS  # a minute boundary
@@ -30,7 +31,7 @@ def edge_batch(node: str, seq: int, start_s: float, counters: dict, hists: dict 
 def totals(blocks: list, metric: str) -> dict[tuple[str, tuple], int]:
     out: Counter[tuple[str, tuple]] = Counter()
     for blk in blocks:
-        d = batch_to_dict(blk.batch)
+        d = batch_to_dict(block_batch(blk))
         for m in d["metrics"]:
             if m["name"] == metric:
                 for s in m["series"]:
@@ -41,7 +42,7 @@ def totals(blocks: list, metric: str) -> dict[tuple[str, tuple], int]:
 def hist_totals(blocks: list, metric: str) -> dict:
     out: dict = defaultdict(lambda: [0, 0, 0, Counter()])
     for blk in blocks:
-        d = batch_to_dict(blk.batch)
+        d = batch_to_dict(block_batch(blk))
         for h in d["histograms"]:
             if h["name"] == metric:
                 for s in h["series"]:
@@ -78,9 +79,9 @@ def test_three_edges_per_node_and_rolled_up() -> None:
     assert h[("n1", (("comm", "app"), ("syscall", "read")))] == [24, 600, 6, Counter({3: 12, 5: 6})]
     assert h[("", (("syscall", "read"),))] == [72, 1800, 18, Counter({3: 36, 5: 18})]
     for blk in blocks:
-        assert blk.batch.start_ns == T0 and blk.batch.end_ns == T0 + 60 * NS
-    node_block = next(b for b in blocks if b.batch.node_id == "n1")
-    assert batch_to_dict(node_block.batch)["node_labels"] == {"region": "eu"}
+        assert block_batch(blk).start_ns == T0 and block_batch(blk).end_ns == T0 + 60 * NS
+    node_block = next(b for b in blocks if block_batch(b).node_id == "n1")
+    assert batch_to_dict(block_batch(node_block))["node_labels"] == {"region": "eu"}
 
 
 def test_batches_split_into_windows_by_read_time() -> None:
@@ -88,7 +89,7 @@ def test_batches_split_into_windows_by_read_time() -> None:
     agg.record(edge_batch("n", 1, 50, {("read", "a"): 1}))  # ends at 60 s: first window
     agg.record(edge_batch("n", 2, 60, {("read", "a"): 2}))  # second window
     first = agg.flush(T0 + 60 * NS)
-    assert [b.batch.start_ns for b in first] == [T0]
+    assert [block_batch(b).start_ns for b in first] == [T0]
     assert totals(first, "syscalls_total") == {("n", (("comm", "a"), ("syscall", "read"))): 1}
     second = agg.flush(T0 + 120 * NS)
     assert totals(second, "syscalls_total") == {("n", (("comm", "a"), ("syscall", "read"))): 2}
@@ -100,7 +101,7 @@ def test_late_batch_becomes_an_additive_partial_with_its_own_id() -> None:
     on_time = agg.flush(T0 + 65 * NS)
     assert agg.record(edge_batch("n", 2, 10, {("read", "a"): 7})) is True
     late = agg.flush(T0 + 66 * NS)
-    assert [b.batch.start_ns for b in late] == [T0]
+    assert [block_batch(b).start_ns for b in late] == [T0]
     assert late[0].block_id != on_time[0].block_id
     both = totals(on_time, "syscalls_total")[("n", (("comm", "a"), ("syscall", "read")))] + \
         totals(late, "syscalls_total")[("n", (("comm", "a"), ("syscall", "read")))]
@@ -140,7 +141,7 @@ def test_merge_equals_naive_sum(batches: list[tuple[str, int, dict]]) -> None:
     got: Counter[tuple] = Counter()
     for blk in agg.flush(0, force=True):
         for (node, labels), v in totals([blk], "syscalls_total").items():
-            got[(blk.batch.start_ns, node, labels)] += v
+            got[(block_batch(blk).start_ns, node, labels)] += v
     assert got == expected
 
 
@@ -211,7 +212,7 @@ def test_profile_rows_sum_per_stack_content_across_batches_and_nodes() -> None:
     blocks = agg.flush(0, force=True)
     got: Counter[tuple] = Counter()
     for blk in blocks:
-        d = batch_to_dict(blk.batch)
+        d = batch_to_dict(block_batch(blk))
         for p in d["profiles"]:
             for s in p["samples"]:
                 k, u = s["kernel_stack"], s["user_stack"]
@@ -231,7 +232,7 @@ def test_profile_rows_without_any_stack_are_merged() -> None:
     agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))
     agg.record(b.build())
     blocks = agg.flush(0, force=True)
-    samples = [s for blk in blocks for p in batch_to_dict(blk.batch)["profiles"] for s in p["samples"]]
+    samples = [s for blk in blocks for p in batch_to_dict(block_batch(blk))["profiles"] for s in p["samples"]]
     assert [(s["pid"], s["kernel_stack"], s["user_stack"], s["count"]) for s in samples] == [(7, None, None, 4)]
 
 

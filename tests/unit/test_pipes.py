@@ -78,6 +78,7 @@ def test_sink_deliveries_of_some_or_all_parts_of_a_frame_round_trip() -> None:
     frame's parts, the frame itself for all of them; either way exactly those blocks."""
     from stratoscope.regional.merge import Aggregator, MergeSettings
     from stratoscope.regional.sinks.process import pack_blocks, unpack_blocks
+    from tests.frames import block_batch
     from tests.unit.test_merge import NS, T0, edge_batch
 
     agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0))
@@ -95,7 +96,7 @@ def test_sink_deliveries_of_some_or_all_parts_of_a_frame_round_trip() -> None:
         got = unpack_blocks(pipes.recv(b))
         t.join()
         assert [g.block_id for g in got] == [c.block_id for c in chosen]
-        assert [g.batch.SerializeToString() for g in got] == [c.batch.SerializeToString() for c in chosen]
+        assert [block_batch(g).SerializeToString() for g in got] == [block_batch(c).SerializeToString() for c in chosen]
 
 
 @pytest.mark.parametrize("over_connection", [False, True])
