@@ -88,7 +88,7 @@ def test_sink_deliveries_of_some_or_all_parts_of_a_frame_round_trip() -> None:
     a, b = multiprocessing.Pipe(duplex=True)
     for chosen in (blocks, blocks[1:3], [blocks[3]]):
         items = pack_blocks(chosen)
-        (frame,) = [it[1] for it in items]
+        (frame,) = [it.frame for it in items]  # type: ignore[union-attr]
         assert (frame is chosen[0].frame) == (len(chosen) == len(blocks))
         t = threading.Thread(target=pipes.send, args=(a, items))
         t.start()
