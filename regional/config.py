@@ -152,7 +152,7 @@ class RegionalConfig(BaseModel):
     @classmethod
     def _frame_nodes(cls, value: int) -> int:
         # A frame is a delivery's worth of blocks (one per node): past a third of the
-        # RETRY backlog, two frames in the queue would turn edges away.
+        # RETRY backlog, two frames in the queue would send edges RETRY.
         if not 1 <= value <= QUEUE_RETRY // 3:
             raise ValueError(f"frame_nodes must be 1..{QUEUE_RETRY // 3}, got {value}")
         return value
