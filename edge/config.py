@@ -6,36 +6,40 @@ file, in one line, so the CLI can print it and exit 2.
 
 from __future__ import annotations
 
-import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stratoscope.edge.errors import ConfigError
+from stratoscope.edge import errors
 from stratoscope.edge.spec import default_programs, discover
+from stratoscope.settings import (
+    COMMAND_LINE,
+    Duration,
+    parse_duration,
+    read_yaml,
+    validate_settings,
+)
+from stratoscope.settings import ConfigError as SettingsError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float:
-    """'10s', '500ms', '2m', or a number of seconds -> seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 500ms, 2m)")
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"duration must be positive, got {value!r}")
-    return seconds
+__all__ = ["ConfigError", "Duration", "EdgeConfig", "Limits", "load_config", "parse_duration"]
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+class ConfigError(errors.ConfigError, SettingsError):
+    """The edge's configuration error, worded as the edge has always worded it."""
+
+    @classmethod
+    def unknown(cls, key: str, source: str) -> ConfigError:
+        return cls(f"config {source}: unknown key {key!r}")
+
+    @classmethod
+    def invalid(cls, key: str, source: str, problem: str) -> ConfigError:
+        return cls(f"config {source}: {key}: {problem}")
+
+    @classmethod
+    def general(cls, source: str, problem: str) -> ConfigError:
+        return cls(f"config {source}: {problem}")
 
 
 class Limits(BaseModel):
@@ -90,29 +94,11 @@ class EdgeConfig(BaseModel):
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> EdgeConfig:
     """File (if any) with command-line overrides on top, validated once."""
-    data: dict[str, Any] = {}
-    where = str(path) if path else "command line"
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path}: invalid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path}: top level must be a mapping")
-        data.update(loaded)
+    data: dict[str, Any] = read_yaml(path, ConfigError) if path is not None else {}
     if "programs" in data or overrides.get("programs") is not None:
         data["programs_explicit"] = True
     data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        cfg = EdgeConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(f"config {where}: unknown key {loc!r}") from None
-        raise ConfigError(f"config {where}: {loc}: {err['msg']}") from None
+    cfg = validate_settings(EdgeConfig, data, str(path) if path else COMMAND_LINE, ConfigError)
     known = list(discover(cfg.bpf_dir))
     unknown = [p for p in cfg.programs if p not in known]
     if unknown:

@@ -80,7 +80,7 @@ def ack_only_main(port: int, options: list[tuple[str, Any]], ready: Any) -> None
 
 from stratoscope.regional import pipes as _pipes  # noqa: E402
 
-_ORIGINAL_RECV = _pipes.recv  # wrapped once per run below, always around the original
+_ORIGINAL_RECV = _pipes.read  # wrapped once per run below, always around the original
 
 #: Thread CPU seconds of the merge reader's steps (``_time_reader_steps``), and batches.
 STEPS = {"receive": 0.0, "unpack": 0.0, "accept": 0.0, "n": 0.0}
@@ -96,10 +96,10 @@ def _time_reader_steps(regional: Any) -> None:
     STEPS.update(receive=0.0, unpack=0.0, accept=0.0, n=0.0)
     recv, unpack, accept = _ORIGINAL_RECV, handover.unpack, regional.accept_admitted
 
-    def timed_recv(conn: Any) -> Any:
+    def timed_recv(fd: int) -> Any:
         t = time.thread_time()
         try:
-            return recv(conn)
+            return recv(fd)
         finally:
             STEPS["receive"] += time.thread_time() - t
 
@@ -115,7 +115,7 @@ def _time_reader_steps(regional: Any) -> None:
         STEPS["accept"] += time.thread_time() - t
         STEPS["n"] += 1
 
-    ingest.pipes.recv = timed_recv  # type: ignore[attr-defined]
+    ingest.pipes.read = timed_recv  # type: ignore[attr-defined]
     service.unpack = timed_unpack  # type: ignore[attr-defined]
     regional.accept_admitted = timed_accept
 
@@ -132,8 +132,8 @@ async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, fl
 
         regional = Regional(MergeSettings(resolution_s=60, lateness_s=5), [])
         _time_reader_steps(regional)
-        ingest = IngestProcess("127.0.0.1:0", None, Limits(), 50_000, on_batch=regional.count,
-                               on_wire=regional.accept_admitted)
+        ingest = IngestProcess("127.0.0.1:0", None, Limits(), 50_000, on_outcome=regional.count,
+                               on_accepted=regional.accept_admitted)
         await ingest.start()
         port = ingest.port
         reader = next(t for t in threading.enumerate() if t.name == "ingest-reader")

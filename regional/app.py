@@ -1,4 +1,10 @@
-"""Runs a regional: sinks + delivery queues + merge + gRPC ingest + /metrics, on uvloop."""
+"""Runs a regional: sinks + delivery queues + merge + gRPC ingest + /metrics, on uvloop.
+
+``RunningRegional`` is the one owner of a regional's lifecycle: it starts the delivery
+queues (each queue starts its sink, which runs in a child process, and checks its
+health), then the ingest process, then the flusher and /metrics; ``stop()`` undoes that
+in reverse, is idempotent, and is safe without (or after a failed) ``start()``.
+"""
 
 from __future__ import annotations
 
@@ -6,88 +12,45 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from prometheus_client import start_http_server
 
+from stratoscope.regional.config import QUEUE_MAX, QUEUE_RETRY, RegionalConfig
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.ingest import IngestProcess
-from stratoscope.regional.merge import DEFAULT_ROLLUPS, MergeSettings, Rollup
+from stratoscope.regional.merge import MergeSettings
 from stratoscope.regional.runtime import tune_gc
-from stratoscope.regional.server import ServerTls, flush_forever, serve
-from stratoscope.regional.service import DEFAULT_MAX_HELD_POINTS, Regional
-from stratoscope.regional.sinks.base import Sink, SinkError
+from stratoscope.regional.server import ServerTls
+from stratoscope.regional.service import Regional, flush_forever
+from stratoscope.regional.sinks.base import SinkError
+from stratoscope.regional.sinks.process import ProcessSink
 
 log = logging.getLogger("stratoscope.regional")
 
-DEFAULT_CLICKHOUSE = "chdb:///var/lib/stratoscope/clickhouse"
-#: Sink backlog (blocks) at which edges are told to RETRY, and the queue's hard bound.
-QUEUE_RETRY = 3000
-QUEUE_MAX = 6000
+
+def server_tls(config: RegionalConfig) -> ServerTls | None:
+    """What the ingest server needs of the TLS settings (validated: cert and key given)."""
+    tls = config.tls
+    if tls is None:
+        return None
+    assert tls.cert is not None and tls.key is not None
+    return ServerTls(tls.cert, tls.key, tls.client_ca)
 
 
-@dataclass
-class RegionalOptions:
-    listen: str = "0.0.0.0:7400"
-    metrics_port: int = 9432
-    clickhouse: str | None = DEFAULT_CLICKHOUSE
-    clickhouse_database: str | None = None
-    migrate: bool | None = None  # None: yes for an embedded store, no for a server
-    kafka: str | None = None
-    kafka_topic_prefix: str = "stratoscope"
-    resolution_s: int = 60
-    lateness_s: float = 15.0
-    rollups: tuple[Rollup, ...] = DEFAULT_ROLLUPS
-    tls: ServerTls | None = None
-    regional_id: str = field(default_factory=socket.gethostname)
-    #: Run each sink in a child process (own GIL and core; the embedded store lives
-    #: there). Off only for embedding a regional where that is not wanted.
-    sink_processes: bool = True
-    #: Run the gRPC ingest in a child process (acks never wait for the merge's GIL).
-    ingest_process: bool = True
-    #: Reduce closed windows in a forked child (its own GIL and core), not a thread.
-    frames_in_child: bool = True
-    #: Nodes per frame of a closed window (MergeSettings.frame_nodes); the ClickHouse
-    #: sink inserts a delivery's frames together, and a delivery takes up to two frames.
-    frame_nodes: int = 250
-    #: Points the merge may hold in windows not yet handed to the sinks; past it edges
-    #: are answered RETRY until windows close (memory is bounded, nothing is dropped).
-    max_held_points: int = DEFAULT_MAX_HELD_POINTS
-
-    def __post_init__(self) -> None:
-        # A frame is a delivery's worth of blocks (one per node): past a third of the
-        # RETRY backlog, two frames in the queue would turn edges away.
-        if not 1 <= self.frame_nodes <= QUEUE_RETRY // 3:
-            raise ValueError(f"frame_nodes must be 1..{QUEUE_RETRY // 3}, got {self.frame_nodes}")
-        if self.max_held_points < 1:
-            raise ValueError(f"max_held_points must be >= 1, got {self.max_held_points}")
+def merge_settings(config: RegionalConfig) -> MergeSettings:
+    rollups: dict[str, Any] = {} if config.rollups is None else {"rollups": config.rollups}
+    return MergeSettings(resolution_s=config.resolution_s, lateness_s=config.lateness,
+                         frame_nodes=config.frame_nodes, **rollups)
 
 
-def build_sinks(opts: RegionalOptions) -> list[Sink]:
-    specs: list[tuple[str, dict[str, object]]] = []
-    if opts.clickhouse:
-        migrate = opts.migrate if opts.migrate is not None else opts.clickhouse.startswith("chdb:")
-        specs.append(("clickhouse", {"dsn": opts.clickhouse, "database": opts.clickhouse_database,
-                                     "migrate": migrate}))
-    if opts.kafka:
-        specs.append(("kafka", {"bootstrap": opts.kafka, "topic_prefix": opts.kafka_topic_prefix}))
-    if opts.sink_processes:
-        from stratoscope.regional.sinks.process import ProcessSink
-
-        return [ProcessSink(kind, kind, **kwargs) for kind, kwargs in specs]
-    from stratoscope.regional.sinks.process import make_sink
-
-    return [make_sink(kind, kwargs) for kind, kwargs in specs]
-
-
-async def check(opts: RegionalOptions) -> int:
+async def check(config: RegionalConfig) -> int:
     """Start each sink and run its health check; print one line per sink."""
     rc = 0
-    for sink in build_sinks(opts):
+    for settings in config.sinks:
+        sink = ProcessSink(settings)
         try:
             await sink.start()
             await sink.health_check()
@@ -101,60 +64,60 @@ async def check(opts: RegionalOptions) -> int:
 
 
 class RunningRegional:
-    """A started regional; ``stop()`` drains windows into the sinks and shuts down."""
+    """A regional, started by ``start()``; ``stop()`` drains windows into the sinks and
+    shuts down (see the module docstring)."""
 
-    def __init__(self, opts: RegionalOptions) -> None:
-        self.opts = opts
-        self.sinks = build_sinks(opts)
-        # Backpressure before memory: edges get RETRY once a sink is QUEUE_RETRY blocks
-        # behind (they keep their batches and back off); the queue itself drops oldest
-        # only past QUEUE_MAX. In a saturation benchmark a 50k-block allowance let the
-        # regional grow to 14.7 GB while ClickHouse fell behind.
+    def __init__(self, config: RegionalConfig) -> None:
+        self.config = config
+        self.sinks = [ProcessSink(s) for s in config.sinks]
         self.queues = [
-            DeliveryQueue(s, batch_max_blocks=max(500, 2 * opts.frame_nodes + 2), batch_max_wait_s=0.5,
-                          max_queue_blocks=QUEUE_MAX)
+            DeliveryQueue(s, batch_max_blocks=max(500, 2 * config.frame_nodes + 2), batch_max_wait_s=0.5,
+                          max_queue_blocks=QUEUE_MAX, health_check=True)
             for s in self.sinks
         ]
-        settings = MergeSettings(resolution_s=opts.resolution_s, lateness_s=opts.lateness_s,
-                                 rollups=opts.rollups, frame_nodes=opts.frame_nodes)
-        self.regional = Regional(settings, self.queues, regional_id=opts.regional_id,
-                                 max_queued_blocks=QUEUE_RETRY, frames_in_child=opts.frames_in_child,
-                                 max_held_points=opts.max_held_points)
-        self._server = None
-        self._ingest: IngestProcess | None = None
+        self.regional = Regional(merge_settings(config), self.queues, regional_id=config.regional_id,
+                                 frames_in_child=config.fork_frames,
+                                 max_held_points=config.max_held_points)
+        #: Set when a part of the regional failed on its own (the ingest process died):
+        #: the regional then stops, flushing what it holds, and exits non-zero.
+        self.failed = asyncio.Event()
+        self._ingest = IngestProcess(config.listen, server_tls(config), self.regional.limits,
+                                     QUEUE_RETRY, on_outcome=self.regional.count,
+                                     on_accepted=self.regional.accept_admitted,
+                                     on_exit=lambda code: self.failed.set())
         self._flusher: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
+        self._metrics_server: Any = None
         #: Holders of admission_closed(); while any, every batch is answered RETRY.
         self._closers = 0
         self._pressure_lock = asyncio.Lock()
         self._pressure_sent: tuple[int, bool, bool] | None = None
+        self._started = False
+        self._stop_task: asyncio.Task[None] | None = None
         self.port = 0
-        #: Set when a part of the regional failed on its own (the ingest process died):
-        #: the regional then stops, flushing what it holds, and exits non-zero.
-        self.failed = asyncio.Event()
 
-    def sink(self, name: str) -> Sink:
+    def sink(self, name: str) -> ProcessSink:
         return next(s for s in self.sinks if s.name == name)
 
     async def start(self) -> None:
-        for s in self.sinks:
-            await s.start()
-            await s.health_check()
-        await self.regional.start()
-        if self.opts.ingest_process:
-            self._ingest = IngestProcess(self.opts.listen, self.opts.tls, self.regional.gate.limits,
-                                         QUEUE_RETRY, on_batch=self.regional.count,
-                                         on_wire=self.regional.accept_admitted)
-            self._ingest.on_exit = lambda code: self.failed.set()
+        """Start every part, in order; if one fails, stop what started and raise."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            for q in self.queues:
+                await q.start()
             await self._ingest.start()
             self.port = self._ingest.port
             self._backlog_task = asyncio.create_task(self._push_backlog())
-        else:
-            self._server = await serve(self.regional, self.opts.listen, self.opts.tls)
-            self.port = self._server.bound_port  # type: ignore[attr-defined]
-        self._flusher = asyncio.create_task(flush_forever(self.regional))
-        if self.opts.metrics_port:
-            start_http_server(self.opts.metrics_port, registry=self.regional.registry)
+            self._flusher = asyncio.create_task(flush_forever(self.regional))
+            if self.config.metrics_port:
+                self._metrics_server, _ = start_http_server(
+                    self.config.metrics_port, addr=self.config.metrics_addr,
+                    registry=self.regional.registry)
+        except BaseException:
+            await self.stop()
+            raise
 
     def _pressure(self) -> tuple[int, bool, bool]:
         """What the gate answers RETRY on: sink backlog, held points at their bound,
@@ -166,12 +129,9 @@ class RunningRegional:
         accepted so far is merged first (so the pressure counts it), and on return the
         gate answers by it."""
         async with self._pressure_lock:  # sent in the order computed
-            if confirm and self._ingest is not None:
+            if confirm:
                 await self._ingest.barrier()
             state = self._pressure()
-            if self._ingest is None:
-                self.regional.gate.closed = state[2]  # in-process: accept() reads the rest
-                return
             if state != self._pressure_sent:
                 was_full = self._pressure_sent is not None and self._pressure_sent[1]
                 if state[1] and not was_full:
@@ -208,19 +168,25 @@ class RunningRegional:
             await self.regional.drain()
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop ingest (every acked batch is merged after it), store every window, stop
+        the queues (each stops its sink). Idempotent (a second or concurrent call waits
+        for the first); safe without start()."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self._stop(grace_s))
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self, grace_s: float) -> None:
         await _cancel(self._backlog_task)
-        self._backlog_task = None
-        if self._ingest is not None:
-            await self._ingest.stop(grace_s)  # every acked batch is merged after this
-            self._ingest = None
-        if self._server is not None:
-            await self._server.stop(grace_s)
-            self._server = None
+        await self._ingest.stop(grace_s)
         await _cancel(self._flusher)
-        self._flusher = None
-        await self.regional.stop()
-        for s in self.sinks:
-            await s.stop()
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server.server_close()
+        try:
+            await self.regional.drain()
+        finally:
+            for q in self.queues:
+                await q.stop()
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
@@ -237,16 +203,22 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
 SWITCH_INTERVAL_S = 0.001
 
 
-async def run(opts: RegionalOptions) -> int:
+async def run(config: RegionalConfig) -> int:
+    """Run until SIGTERM/SIGINT (0) or until a part fails on its own (1). A part that
+    cannot start (a sink unreachable, the port taken) is one line on stderr and 1."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     tune_gc()
-    running = RunningRegional(opts)
-    await running.start()
+    running = RunningRegional(config)
+    try:
+        await running.start()
+    except (SinkError, OSError) as exc:
+        print(f"stratoscope: error: cannot start the regional: {exc}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("regional up: ingest on %s, resolution %ss, sinks: %s", opts.listen, opts.resolution_s,
+    log.info("regional up: ingest on %s, resolution %ss, sinks: %s", config.listen, config.resolution_s,
              ", ".join(s.name for s in running.sinks) or "none")
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(running.failed.wait())
@@ -259,11 +231,3 @@ async def run(opts: RegionalOptions) -> int:
         log.error("regional stopped because its ingest process died; a supervisor restarts it")
         return 1
     return 0
-
-
-def tls_from_paths(cert: Path | None, key: Path | None, client_ca: Path | None) -> ServerTls | None:
-    if cert is None and key is None:
-        return None
-    if cert is None or key is None:
-        raise ValueError("--tls-cert and --tls-key go together")
-    return ServerTls(cert, key, client_ca)

@@ -30,7 +30,9 @@ waiting or in delivery), ``last_delivery_latency_s`` (duration of the last succe
 its acknowledgement). ``on_drop(blocks, reason)`` is called for every block that will
 not be delivered (overflow, permanent failure, retries exhausted, shutdown).
 
-The queue owns the sink's lifecycle: ``start()`` starts the sink and ``stop()`` stops it.
+The queue owns the sink's lifecycle: ``start()`` starts the sink (and, with
+``health_check``, runs its health check before anything is queued to it) and
+``stop()`` stops it; nobody else starts or stops a queued sink.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink
+from stratoscope.regional.frame import Block
+from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink
 
 __all__ = ["DeliveryQueue", "OnDrop"]
 
@@ -87,6 +90,7 @@ class DeliveryQueue:
         on_drop: OnDrop | None = None,
         stop_timeout_s: float | None = None,
         log_interval_s: float = 10.0,
+        health_check: bool = False,
     ) -> None:
         if max_queue_blocks < 1:
             raise ValueError(f"max_queue_blocks must be >= 1, got {max_queue_blocks}")
@@ -112,6 +116,8 @@ class DeliveryQueue:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.on_drop = on_drop
+        #: Whether start() runs the sink's health check (a failing one raises from start()).
+        self.health_check = health_check
         #: How long stop() keeps delivering what is queued before it gives up.
         self.stop_timeout_s = timeout_s if stop_timeout_s is None else stop_timeout_s
 
@@ -143,12 +149,15 @@ class DeliveryQueue:
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the sink, then the delivery task. Idempotent; raises the sink's error."""
+        """Start the sink (and check its health), then the delivery task. Idempotent;
+        raises the sink's error (stop() then still stops the sink)."""
         if self._stopping:
             raise RuntimeError(f"delivery queue of sink {self.sink.name!r} is stopped")
         if self._task is not None:
             return
         await self.sink.start()
+        if self.health_check:
+            await self.sink.health_check()
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"delivery-{self.sink.name}"
         )

@@ -13,9 +13,10 @@ import time
 
 from rich.console import Console
 
-from stratoscope.edge.config import parse_duration
 from stratoscope.regional import report
-from stratoscope.regional.app import RegionalOptions, RunningRegional
+from stratoscope.regional.app import RunningRegional
+from stratoscope.regional.config import RegionalConfig
+from stratoscope.regional.sinks.base import SinkError
 
 log = logging.getLogger("stratoscope.demo")
 
@@ -45,14 +46,22 @@ def _workload(seconds: float) -> None:
         time.sleep(5)
 
 
-async def run_demo(opts: RegionalOptions, duration: str) -> int:
+async def run_demo(config: RegionalConfig, seconds: float) -> int:
+    """The regional ``config`` describes (it needs its ClickHouse sink: the report reads
+    it), this node's edge for ``seconds``, then the report."""
     console = Console()
-    seconds = parse_duration(duration)
-    running = RunningRegional(opts)
-    await running.start()
-    since = int(time.time()) // opts.resolution_s * opts.resolution_s
-    console.print(f"[bold]regional[/] on 127.0.0.1:{running.port} → {opts.clickhouse}"
-                  + (f" + Kafka {opts.kafka}" if opts.kafka else ""))
+    if config.clickhouse is None:
+        console.print("[red]the demo reports from ClickHouse: do not disable it")
+        return 2
+    running = RunningRegional(config)
+    try:
+        await running.start()  # stops what it started if a part fails
+    except (SinkError, OSError) as exc:
+        print(f"stratoscope: error: cannot start the regional: {exc}", file=sys.stderr)
+        return 1
+    since = int(time.time()) // config.resolution_s * config.resolution_s
+    console.print(f"[bold]regional[/] on 127.0.0.1:{running.port} → {config.clickhouse.dsn}"
+                  + (f" + Kafka {config.kafka.bootstrap}" if config.kafka else ""))
     console.print(f"[bold]edge[/] on this node for {seconds:.0f} s (all six programs)…")
     edge = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "stratoscope.cli", "edge", "--regional", f"127.0.0.1:{running.port}",
@@ -68,7 +77,7 @@ async def run_demo(opts: RegionalOptions, duration: str) -> int:
             console.print(f"[red]the edge exited with {rc}")
             return rc
         ch = running.sink("clickhouse")
-        sections = await report.collect(ch.query, since)  # type: ignore[attr-defined]
+        sections = await report.collect(ch.query, since)
         report.render(sections, console)
         empty = [name for name in report.SECTIONS if not sections[name]]
         if empty:

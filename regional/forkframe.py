@@ -65,8 +65,9 @@ def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Ite
                     signal.signal(sig, signal.SIG_DFL)
             if nice:
                 os.nice(nice)
+            out: pipes.Channel[R, None] = pipes.Channel(send_fd=w)
             for item in fn(arg):
-                pipes.write(w, item)
+                out.send(item)
             code = 0
         except BaseException:
             with contextlib.suppress(BaseException):
@@ -74,22 +75,17 @@ def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Ite
         finally:
             os._exit(code)
     os.close(w)
+    chan: pipes.Channel[None, R] = pipes.Channel(recv_fd=r)
     try:
         while True:
             try:
-                item = pipes.read(r)
+                item = chan.recv()
             except pipes.EndOfStream:
                 break
             yield item
     finally:
-        os.close(r)
+        chan.close()
         _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise ChildFailed(f"frame child {pid} exited with {code}")
-
-
-def run_in_fork(fn: Callable[[T], R], arg: T) -> R:
-    """``fn(arg)`` computed in a forked child (see stream_in_fork)."""
-    (result,) = stream_in_fork(lambda a: [fn(a)], arg)
-    return result

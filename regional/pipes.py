@@ -11,14 +11,22 @@ takes at once. A multiprocessing Connection carries the same frames on its socke
 
 A message is: 8-byte length of the header, the header (pickled: the buffer lengths and
 the object's pickle), then every out-of-band buffer, back to back.
+
+Every process boundary of the regional (ingest <-> merge, merge <-> each sink process,
+frame child -> merge) talks over one ``Channel[Send, Recv]``: typed messages (small
+frozen dataclasses each boundary module declares) in this framing, both ways.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import threading
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
+
+Send = TypeVar("Send")
+Recv = TypeVar("Recv")
 
 _IOV_MAX = 1024  # Linux's limit on buffers per readv/writev
 
@@ -114,3 +122,54 @@ def read_exact(fd: int, n: int) -> bytearray:
     buf = bytearray(n)
     _read_into(fd, [buf])
     return buf
+
+
+# -- the typed channel ---------------------------------------------------------------------
+
+class Channel(Generic[Send, Recv]):
+    """One end of a process boundary: ``send`` takes ``Send`` messages, ``recv`` returns
+    ``Recv`` ones, both in this module's framing.
+
+    Over a multiprocessing Connection (``Channel.over``: one socket, both ways) or over
+    the two ends of ``os.pipe`` pairs (``recv_fd``/``send_fd``; either may be None for a
+    one-way channel). Concurrent senders are serialized; there must be one reader.
+    """
+
+    def __init__(self, recv_fd: int | None = None, send_fd: int | None = None,
+                 conn: Connection | None = None) -> None:
+        self._recv_fd = recv_fd
+        self._send_fd = send_fd
+        self._conn = conn  # kept open as long as the channel is
+        self._send_lock = threading.Lock()
+        self.closed = False
+
+    @classmethod
+    def over(cls, conn: Connection) -> Channel[Send, Recv]:
+        fd = conn.fileno()
+        return cls(fd, fd, conn)
+
+    def send(self, msg: Send) -> None:
+        """Raises OSError (or ValueError once closed) if the other end is gone."""
+        if self._send_fd is None or self.closed:
+            raise ValueError("channel is closed or receive-only")
+        with self._send_lock:
+            write(self._send_fd, msg)
+
+    def recv(self) -> Recv:
+        """The next message; EndOfStream when the other end closed cleanly, EOFError or
+        OSError when it died."""
+        if self._recv_fd is None or self.closed:
+            raise EOFError("channel is closed or send-only")
+        return cast(Recv, read(self._recv_fd))  # a Connection's socket read directly (recv)
+
+    def close(self) -> None:
+        """Close this end (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._conn is not None:
+            self._conn.close()
+            return
+        for fd in {self._recv_fd, self._send_fd} - {None}:
+            assert fd is not None
+            os.close(fd)

@@ -1,16 +1,19 @@
-"""gRPC ingest (grpc.aio on uvloop): one bidirectional stream per edge, acks by seq."""
+"""gRPC ingest (grpc.aio on uvloop): one bidirectional stream per edge, acks by seq.
+
+Runs in the ingest process (regional/ingest.py); it answers each batch with what an
+``Admission`` says, and knows nothing of what happens to accepted batches.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
-from stratoscope.regional.service import Regional
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
@@ -25,6 +28,15 @@ class ServerTls:
     key: Path
     #: CA for client certificates: set -> mTLS required, node identity = certificate CN.
     client_ca: Path | None = None
+
+
+class Admission(Protocol):
+    """What answers a batch: the ack to send (ingest.Admission: the Gate, then the
+    hand-over to the merge)."""
+
+    def accept(self, batch: pb.Batch, peer_node: str | None, size: int | None) -> ingest_pb2.Ack:
+        """``peer_node``: the client certificate's CN under mTLS; ``size``: wire bytes."""
+        ...
 
 
 def _peer_node(context: grpc.aio.ServicerContext) -> str | None:
@@ -42,8 +54,8 @@ def _deserialize(data: bytes) -> tuple[bytes, pb.Batch]:
 class IngestService:
     """stratoscope.v1.Ingest; registered by hand so requests keep their wire size."""
 
-    def __init__(self, regional: Regional, require_identity: bool) -> None:
-        self.regional = regional
+    def __init__(self, admission: Admission, require_identity: bool) -> None:
+        self.admission = admission
         self.require_identity = require_identity
 
     async def Stream(  # noqa: N802 (gRPC method name)
@@ -55,7 +67,7 @@ class IngestService:
         if self.require_identity and peer is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         async for raw, batch in request_iterator:
-            yield self.regional.accept(batch, peer, len(raw))
+            yield self.admission.accept(batch, peer, len(raw))
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -80,8 +92,10 @@ class IngestService:
 FLOW_CONTROL = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1 << 20)]
 
 
-async def serve(regional: Regional, listen: str, tls: ServerTls | None = None) -> grpc.aio.Server:
-    """Start the server (returns it running); the caller stops it."""
+async def serve(admission: Admission, listen: str, tls: ServerTls | None = None
+                ) -> tuple[grpc.aio.Server, int]:
+    """Start the server; returns it running and the port it listens on. The caller
+    stops it."""
     # Acks go out uncompressed (a few bytes; gzip would set up a deflate stream per
     # ack). Requests in any encoding gRPC knows are inflated by gRPC itself.
     server = grpc.aio.server(options=[
@@ -89,7 +103,7 @@ async def serve(regional: Regional, listen: str, tls: ServerTls | None = None) -
         ("grpc.max_send_message_length", MAX_MESSAGE),
         *FLOW_CONTROL,
     ])
-    service = IngestService(regional, require_identity=bool(tls and tls.client_ca))
+    service = IngestService(admission, require_identity=bool(tls and tls.client_ca))
     server.add_generic_rpc_handlers((service.handler(),))
     if tls is None:
         port = server.add_insecure_port(listen)
@@ -104,14 +118,4 @@ async def serve(regional: Regional, listen: str, tls: ServerTls | None = None) -
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     log.info("ingest listening on %s (port %d)%s", listen, port, " with TLS" if tls else "")
-    server.bound_port = port  # type: ignore[attr-defined]
-    return server
-
-
-async def flush_forever(regional: Regional, every_s: float = 1.0) -> None:
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            await regional.flush()
-        except Exception:  # a bug in one flush must not stop the next
-            log.exception("flush failed")
+    return server, port

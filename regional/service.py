@@ -1,7 +1,9 @@
-"""The regional's core: accept a batch (validate, de-duplicate, merge) and flush windows to sinks.
+"""The regional's core: merge admitted batches and flush windows to the sinks' queues.
 
-Transport-free: the gRPC server (server.py) calls ``accept``; a periodic task
-calls ``flush``. Tests drive it directly.
+Transport-free: the ingest process (ingest.py) admits batches through its Gate
+(gate.py) and hands them over; ``accept_admitted`` merges them and ``count`` counts
+every outcome; a periodic task (``flush_forever``) calls ``flush``. The owner
+(app.RunningRegional) starts and stops the delivery queues.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from stratoscope.regional.batchcols import BatchCols
-from stratoscope.regional.dedup import Deduplicator
+from stratoscope.regional.config import DEFAULT_MAX_HELD_POINTS
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
+from stratoscope.regional.frame import Block
 from stratoscope.regional.handover import unpack
 from stratoscope.regional.merge import Aggregator, MergeSettings
-from stratoscope.regional.sinks.base import Block
-from stratoscope.regional.validate import BatchRejected, Limits, open_batch, validate
-from stratoscope.v1 import batch_pb2 as pb
+from stratoscope.regional.validate import Limits
 from stratoscope.v1 import ingest_pb2
 
 log = logging.getLogger("stratoscope.regional")
@@ -72,78 +73,8 @@ class RegionalMetrics:
         self.frame_fallbacks = Counter(f"{ns}_frame_fallbacks", "Windows reduced in-process because the forked frame child failed.", registry=registry)
 
 
-class Gate:
-    """Admission of one batch: identity, de-duplication, backpressure, validation.
-
-    Pure (no metrics, no merge) so that it can run where the gRPC server runs: in
-    the regional process, or in its ingest process (regional/ingest.py).
-    ``backlog`` is the largest sink backlog in blocks, kept current by the owner.
-    """
-
-    def __init__(self, limits: Limits | None = None, clock: Callable[[], int] = time.time_ns,
-                 max_queued_blocks: int = 50_000) -> None:
-        self.limits = limits or Limits()
-        self.clock = clock
-        self.dedup = Deduplicator()
-        self.max_queued_blocks = max_queued_blocks
-        self.backlog = 0
-        #: Extra reason to answer RETRY (e.g. the hand-over queue to the merge is full).
-        self.saturated: Callable[[], bool] = lambda: False
-        #: The merge holds as many points in memory as it may (Regional.max_held_points),
-        #: kept current by the owner like ``backlog``.
-        self.held_full = False
-        #: The owner drains windows and takes no new batch until it is done (RETRY).
-        self.closed = False
-
-    def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
-              ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
-        """(ack, columns if ACCEPTED, reason label for metrics)."""
-        ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
-        if peer_node is not None and peer_node != batch.node_id:
-            ack.status = ingest_pb2.Ack.REJECTED
-            ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
-            return ack, None, "identity"
-        # Cheap answers first: a duplicate or a RETRY needs no inflating or validation
-        # (an edge told to retry resends the same batch; validating it every time would
-        # make an overloaded regional spend its CPU on batches it refuses).
-        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
-            ack.status = ingest_pb2.Ack.DUPLICATE
-            return ack, None, ""
-        if self.backlog >= self.max_queued_blocks or self.saturated():
-            ack.status = ingest_pb2.Ack.RETRY
-            ack.reason = "regional overloaded: sinks are behind"
-            return ack, None, ""
-        if self.closed:
-            ack.status = ingest_pb2.Ack.RETRY
-            ack.reason = "regional is draining its windows"
-            return ack, None, ""
-        if self.held_full:
-            ack.status = ingest_pb2.Ack.RETRY
-            ack.reason = "regional overloaded: windows in memory are at their limit (max held points)"
-            return ack, None, ""
-        try:
-            whole, inflated = open_batch(batch, self.limits)
-            cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
-        except BatchRejected as exc:
-            log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
-            ack.status = ingest_pb2.Ack.REJECTED
-            ack.reason = str(exc)
-            return ack, None, str(exc).split(":")[0][:40]
-        self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
-        ack.status = ingest_pb2.Ack.ACCEPTED
-        return ack, cols, ""
-
-
 _STATUS: dict[int, str] = {ingest_pb2.Ack.ACCEPTED: "accepted", ingest_pb2.Ack.REJECTED: "rejected",
            ingest_pb2.Ack.DUPLICATE: "duplicate", ingest_pb2.Ack.RETRY: "retry"}
-
-
-#: Default bound on points held in windows (Regional.max_held_points). A window is held
-#: from its first batch until its last frame is queued for the sinks: at 500 k points/s,
-#: 60 s windows, 15 s lateness and ~15-25 s to reduce and queue a closed window, that
-#: peaks near 50 M. 64 M leaves room for that; in the benchmark a held point costs
-#: ~200-300 bytes of the regional's RSS (docs/BENCHMARKS.md, session 9), so ~13-19 GB.
-DEFAULT_MAX_HELD_POINTS = 64_000_000
 
 
 class Regional:
@@ -155,7 +86,6 @@ class Regional:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], int] = time.time_ns,
         regional_id: str = "regional",
-        max_queued_blocks: int = 50_000,
         frames_in_child: bool = False,
         max_held_points: int = DEFAULT_MAX_HELD_POINTS,
     ) -> None:
@@ -164,10 +94,11 @@ class Regional:
         self.frames_in_child = frames_in_child
         #: Bound on the points held in windows, open or being reduced: past it edges are
         #: answered RETRY (they keep their batches and back off) until windows close.
-        #: (Validated where users set it: RegionalOptions.)
+        #: (Validated where users set it: RegionalConfig.)
         self.max_held_points = max_held_points
         self._emitting_points = 0
-        self.gate = Gate(limits, clock, max_queued_blocks)
+        #: Batch limits the ingest process's Gate validates against.
+        self.limits = limits or Limits()
         self.sinks = sinks
         self.clock = clock
         self.registry = registry or CollectorRegistry()
@@ -192,18 +123,10 @@ class Regional:
         """Whether the merge holds as many points as it may (edges get RETRY)."""
         return self.held_points >= self.max_held_points
 
-    def accept(self, batch: pb.Batch, peer_node: str | None = None, size: int | None = None) -> ingest_pb2.Ack:
-        """Validate, de-duplicate and merge one batch; the Ack says what happened."""
-        self.gate.backlog = self.backlog
-        self.gate.held_full = self.held_full
-        ack, cols, label = self.gate.admit(batch, peer_node, size)
-        self.count(ack.status, label, cols, size)
-        return ack
-
-    def accept_admitted(self, packed: bytes | memoryview, size: int | None) -> None:
-        """Merge a batch another Gate accepted (an ingest process's), handed over as its
-        decoded columns (regional/handover.py)."""
-        self.count(ingest_pb2.Ack.ACCEPTED, "", unpack(packed), size)
+    def accept_admitted(self, packed: bytes | bytearray | memoryview, size: int | None) -> None:
+        """Merge a batch the ingest process's Gate accepted, handed over as its decoded
+        columns (regional/handover.py)."""
+        self.count(ingest_pb2.Ack.ACCEPTED, "", unpack(memoryview(packed)), size)
 
     def count(self, status: int, label: str, cols: BatchCols | None, size: int | None) -> None:
         """Record an admitted batch into the merge, and count every outcome."""
@@ -279,10 +202,6 @@ class Regional:
         for blocks in self.aggregator.emit_chunks(due, skip=delivered):
             hand_over(blocks)
 
-    async def start(self) -> None:
-        for q in self.sinks:
-            await q.start()
-
     async def drain(self) -> None:
         """Flush every window (open or not) and wait until the sinks have it.
 
@@ -292,8 +211,12 @@ class Regional:
         for q in self.sinks:
             await q.flush()
 
-    async def stop(self) -> None:
-        """Drain, then stop the delivery queues (and their sinks). Idempotent."""
-        await self.drain()
-        for q in self.sinks:
-            await q.stop()
+
+async def flush_forever(regional: Regional, every_s: float = 1.0) -> None:
+    """Close due windows every ``every_s`` until cancelled."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await regional.flush()
+        except Exception:  # a bug in one flush must not stop the next
+            log.exception("flush failed")

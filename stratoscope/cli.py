@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_USAGE = 2
 
@@ -143,53 +143,82 @@ def _edge_output(cfg: Any) -> Any:
     return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)
 
 
-def _regional_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clickhouse", default=None,
-                   help="chdb:///DIR (embedded, default chdb:///var/lib/stratoscope/clickhouse) "
-                   "or http(s)://user:pass@host:8123/db; 'none' disables")
-    p.add_argument("--migrate", action=argparse.BooleanOptionalAction, default=None,
-                   help="apply schema migrations at start (default: yes for embedded, no for a server)")
-    p.add_argument("--kafka", help="Kafka bootstrap servers (host:port,...); enables the Kafka sink")
-    p.add_argument("--kafka-topic-prefix", default="stratoscope")
-    p.add_argument("--resolution", default="60s", help="output window (default 60s)")
-    p.add_argument("--lateness", default="15s", help="allowed lateness before a window closes")
-    p.add_argument("--fork-frames", action=argparse.BooleanOptionalAction, default=True,
-                   help="reduce closed windows in a forked child (default) or in a thread")
-    p.add_argument("--frame-nodes", type=int, default=None,
-                   help="nodes per frame a closed window is reduced and stored in (default 250)")
-    p.add_argument("--max-held-points", type=int, default=None,
-                   help="points (series points and event rows) the merge may hold in windows not yet "
-                        "stored; past it (checked every 0.2 s, so a soft bound) edges are "
-                        "answered RETRY until windows close (default 64,000,000: ~500k points/s "
-                        "at 60 s windows and 15 s lateness; ~200-300 bytes of RSS each)")
+#: The regional's flags: (flag, setting key, help). Every setting is also a key of the
+#: --config file (dotted here: "kafka.bootstrap" is ``kafka: {bootstrap: ...}``); the
+#: defaults live in the settings models (regional/config.py), not in argparse.
+_REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--regional-id", "regional_id", "names this regional in roll-ups and block ids (default: hostname)"),
+    ("--resolution", "resolution", "output window, e.g. 60s"),
+    ("--lateness", "lateness", "allowed lateness before a window closes, e.g. 15s"),
+    ("--frame-nodes", "frame_nodes", "nodes per frame a closed window is reduced and stored in"),
+    ("--max-held-points", "max_held_points",
+     "points (series points and event rows) the merge may hold in windows not yet stored; past "
+     "it (checked every 0.2 s, so a soft bound) edges are answered RETRY until windows close "
+     "(~200-300 bytes of RSS each)"),
+    ("--clickhouse", "clickhouse.dsn",
+     "chdb:///DIR (embedded) or http(s)://user:pass@host:8123/db; 'none' disables"),
+    ("--clickhouse-database", "clickhouse.database",
+     "database of the tables (default: the http(s) DSN's path, else stratoscope)"),
+    ("--kafka", "kafka.bootstrap", "Kafka bootstrap servers (host:port,...); enables the Kafka sink"),
+    ("--kafka-topic-prefix", "kafka.topic_prefix", "topics are PREFIX.metrics/.profiles/.events"),
+    ("--kafka-compression", "kafka.compression", "auto, none, gzip, zstd, lz4 or snappy"),
+    ("--kafka-request-timeout", "kafka.request_timeout", "Kafka request timeout, e.g. 30s"),
+    ("--kafka-security-protocol", "kafka.security_protocol",
+     "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+    ("--kafka-ssl-cafile", "kafka.ssl_cafile", "CA bundle of the brokers' certificates"),
+    ("--kafka-ssl-certfile", "kafka.ssl_certfile", "client certificate for the brokers"),
+    ("--kafka-ssl-keyfile", "kafka.ssl_keyfile", "client key for the brokers"),
+    ("--kafka-sasl-mechanism", "kafka.sasl_mechanism", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+    ("--kafka-sasl-username", "kafka.sasl_username", "SASL user name"),
+    # The password itself is not a flag (a command line is visible to every user of the
+    # machine): it comes from the file, a file of its own, or the environment.
+    ("--kafka-sasl-password-file", "kafka.sasl_password_file", "file holding the SASL password"),
+    ("--kafka-sasl-password-env", "kafka.sasl_password_env",
+     "environment variable holding the SASL password"),
+)
+_SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--listen", "listen", "gRPC ingest HOST:PORT"),
+    ("--metrics-port", "metrics_port", "port for /metrics (0 disables)"),
+    ("--metrics-addr", "metrics_addr", "address /metrics listens on"),
+    ("--tls-cert", "tls.cert", "server certificate (enables TLS)"),
+    ("--tls-key", "tls.key", "server key"),
+    ("--tls-client-ca", "tls.client_ca",
+     "CA of edge certificates: requires mTLS, node_id must equal the certificate CN"),
+)
+_BOOL_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--migrate", "clickhouse.migrate",
+     "apply schema migrations at start (default: yes for embedded, no for a server)"),
+    ("--fork-frames", "fork_frames", "reduce closed windows in a forked child (default) or in a thread"),
+)
 
 
-def _regional_options(args: argparse.Namespace, **over: Any) -> Any:
-    from stratoscope.edge.config import parse_duration
-    from stratoscope.regional.app import DEFAULT_CLICKHOUSE, RegionalOptions, tls_from_paths
+def _regional_args(p: argparse.ArgumentParser, server: bool) -> None:
+    p.add_argument("--config", type=Path, help="YAML settings file (see deploy/regional.example.yaml); "
+                   "flags override it")
+    for flag, key, text in _REGIONAL_FLAGS + (_SERVER_FLAGS if server else ()):
+        p.add_argument(flag, dest=f"set:{key}", metavar=key.rsplit(".", 1)[-1].upper(), help=text)
+    for flag, key, text in _BOOL_FLAGS:
+        p.add_argument(flag, dest=f"set:{key}", action=argparse.BooleanOptionalAction, help=text)
 
-    ch = args.clickhouse or DEFAULT_CLICKHOUSE
-    try:
-        opts = RegionalOptions(
-            clickhouse=None if ch == "none" else ch,
-            migrate=args.migrate,
-            kafka=args.kafka,
-            kafka_topic_prefix=args.kafka_topic_prefix,
-            resolution_s=int(parse_duration(args.resolution)),
-            lateness_s=parse_duration(args.lateness),
-            frames_in_child=getattr(args, "fork_frames", True),
-            **({"frame_nodes": args.frame_nodes} if getattr(args, "frame_nodes", None) is not None else {}),
-            **({"max_held_points": args.max_held_points}
-               if getattr(args, "max_held_points", None) is not None else {}),
-            tls=tls_from_paths(getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
-                               getattr(args, "tls_client_ca", None)),
-            **over,
-        )
-    except ValueError as exc:
-        from stratoscope.edge.errors import ConfigError
 
-        raise ConfigError(str(exc)) from None
-    return opts
+def _regional_config(args: argparse.Namespace, **extra: Any) -> Any:
+    """The RegionalConfig of the file and the flags (``extra``: values the command
+    itself sets, e.g. the demo's listen address)."""
+    from stratoscope.regional.config import RegionalConfig
+    from stratoscope.settings import load_settings
+
+    overrides: dict[str, Any] = {}
+    flags: dict[str, str] = {}
+    for flag, key, _ in _REGIONAL_FLAGS + _SERVER_FLAGS + _BOOL_FLAGS:
+        value = getattr(args, f"set:{key}", None)
+        if value is None:
+            continue
+        section, _, leaf = key.partition(".")
+        if leaf in ("dsn", "bootstrap") and str(value).strip().lower() == "none":
+            key = section  # --clickhouse none / --kafka none: the sink is off
+        overrides[key] = value
+        flags[key] = flag
+    return load_settings(RegionalConfig, args.config, overrides, extra=extra, flags=flags)
 
 
 def _run_regional(args: argparse.Namespace) -> int:
@@ -197,8 +226,8 @@ def _run_regional(args: argparse.Namespace) -> int:
 
     from stratoscope.regional import app
 
-    opts = _regional_options(args, listen=args.listen, metrics_port=args.metrics_port)
-    runner = app.check(opts) if args.check else app.run(opts)
+    config = _regional_config(args)
+    runner = app.check(config) if args.check else app.run(config)
     return int(uvloop.run(runner) or 0)
 
 
@@ -206,29 +235,37 @@ def _run_demo(args: argparse.Namespace) -> int:
     import uvloop
 
     from stratoscope.regional.demo import run_demo
+    from stratoscope.settings import parse_duration
 
-    opts = _regional_options(args, listen="127.0.0.1:0", metrics_port=0)
-    return int(uvloop.run(run_demo(opts, args.duration)) or 0)
+    try:
+        seconds = parse_duration(args.duration)
+    except ValueError as exc:
+        from stratoscope.settings import ConfigError
+
+        raise ConfigError(f"--duration: {exc}") from None
+    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0)
+    return int(uvloop.run(run_demo(config, seconds)) or 0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line and exit 2, like every other setting."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stratoscope", description=__doc__)
+    parser = _Parser(prog="stratoscope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _edge_parser(sub)
     r = sub.add_parser("regional", help="run a regional aggregator")
-    _regional_args(r)
-    r.add_argument("--listen", default="0.0.0.0:7400")
-    r.add_argument("--metrics-port", type=int, default=9432)
-    r.add_argument("--tls-cert", type=Path, help="server certificate (enables TLS)")
-    r.add_argument("--tls-key", type=Path, help="server key")
-    r.add_argument("--tls-client-ca", type=Path,
-                   help="CA of edge certificates: requires mTLS, node_id must equal the certificate CN")
+    _regional_args(r, server=True)
     r.add_argument("--check", action="store_true", help="run the sinks' health checks and exit")
     r.set_defaults(func=_run_regional)
     d = sub.add_parser("demo", help="regional on embedded ClickHouse + edge on this node, then a report")
-    _regional_args(d)
-    d.add_argument("--duration", default="30s")
+    _regional_args(d, server=False)
+    d.add_argument("--duration", default="30s", help="how long the edge runs, e.g. 30s")
     d.set_defaults(func=_run_demo)
     return parser
 
@@ -244,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from stratoscope.edge.errors import EdgeError
+    from stratoscope.settings import ConfigError
 
     try:
         return int(args.func(args))
-    except EdgeError as exc:
+    except (EdgeError, ConfigError) as exc:
         print(f"stratoscope: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

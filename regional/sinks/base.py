@@ -11,13 +11,12 @@ again later; ``PermanentError`` -- these blocks will never be accepted, drop the
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-# Block is a core type of the merge (regional/frame.py); re-exported here for the
-# modules that still import it from the sink interface.
-from stratoscope.regional.frame import Block
+if TYPE_CHECKING:
+    from stratoscope.regional.frame import Block
 
-__all__ = ["Block", "PermanentError", "RetriableError", "Sink", "SinkError"]
+__all__ = ["PermanentError", "RetriableError", "Sink", "SinkError"]
 
 
 class SinkError(Exception):

@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
+from stratoscope.regional.config import DEFAULT_DSN
 from stratoscope.regional.frame import Block, Frame
 from stratoscope.regional.sinks.base import PermanentError, RetriableError, SinkError
 from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
@@ -60,7 +61,6 @@ from stratoscope.resources import clickhouse_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DSN = "chdb:///var/lib/stratoscope/clickhouse"
 DEFAULT_DATABASE = "stratoscope"
 #: Where the versioned schema lives (package data; deploy/clickhouse/migrations in the tree).
 MIGRATIONS_DIR = clickhouse_dir("migrations")

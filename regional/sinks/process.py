@@ -7,10 +7,12 @@ and the event loop waits for the GIL behind sink work (ack p99 of seconds at
 300k points/s on 2 cores). In a child process a sink has its own interpreter
 and core; the embedded chdb store lives there too.
 
-``ProcessSink`` implements the Sink protocol (plus ``query`` for SQL readers):
-each call is a request over a pipe to the child, which runs the real sink on
-its own asyncio loop and answers with the result or the error class and
-message (``RetriableError`` / ``PermanentError`` cross the boundary as such).
+``ProcessSink`` implements the Sink protocol (plus ``query`` for SQL readers)
+for the sink its settings describe (regional/sinks/config.py, validated in the
+parent): each call is a ``SinkRequest`` over a ``pipes.Channel`` to the child,
+which builds the real sink from the settings, runs it on its own asyncio loop
+and answers with a ``SinkReply``: the result, or the error class and message
+(``RetriableError`` / ``PermanentError`` cross the boundary as such).
 A delivery ships only the rows of the blocks being delivered: for blocks that
 are parts of one merged frame, a sub-frame holding just those parts (the frame
 itself when all of them are). Frames cross with their arrays out of band
@@ -32,13 +34,15 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from stratoscope.regional import pipes
-from stratoscope.regional.frame import Frame, blocks_of
+from stratoscope.regional.frame import Block, Frame, blocks_of
 from stratoscope.regional.runtime import tune_gc
-from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink, SinkError
+from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink, SinkError
+from stratoscope.regional.sinks.config import SinkSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +50,73 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 60.0
 
 
-def make_sink(kind: str, kwargs: dict[str, Any]) -> Sink:
-    """The sinks a child can run, by name (the child imports only what it needs)."""
-    if kind == "clickhouse":
-        from stratoscope.regional.sinks.clickhouse import ClickHouseSink
+# -- messages ---------------------------------------------------------------------------
 
-        return ClickHouseSink(**kwargs)
-    if kind == "kafka":
-        from stratoscope.regional.sinks.kafka import KafkaSink
+@dataclass(frozen=True, slots=True)
+class FrameItem:
+    """Blocks that are parts of one merged frame: a sub-frame of just those parts."""
 
-        return KafkaSink(**kwargs)
-    raise ValueError(f"unknown sink kind {kind!r}")
+    frame: Frame
 
 
-def pack_blocks(blocks: Sequence[Block]) -> list[tuple[Any, ...]]:
+DeliveryItem = FrameItem
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    items: list[DeliveryItem]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    sql: str
+    parameters: dict[str, Any] | None
+    settings: dict[str, Any] | None
+
+
+SinkCall = Start | Stop | HealthCheck | Deliver | Query
+
+
+@dataclass(frozen=True, slots=True)
+class SinkRequest:
+    req_id: int
+    call: SinkCall
+
+
+@dataclass(frozen=True, slots=True)
+class SinkReply:
+    req_id: int
+    result: Any = None
+    #: None on success; else "RetriableError", "PermanentError" or "error" (a bug).
+    error_class: str | None = None
+    error: str = ""
+
+
+def pack_blocks(blocks: Sequence[Block]) -> list[DeliveryItem]:
     """What crosses the pipe for a delivery: sub-frames of the blocks' parts."""
     by_frame: dict[int, tuple[Frame, list[int]]] = {}
     for b in blocks:
         by_frame.setdefault(id(b.frame), (b.frame, []))[1].append(b.part)
-    return [("frame", frame.subset(sorted(set(parts)))) for frame, parts in by_frame.values()]
+    return [FrameItem(frame.subset(sorted(set(parts)))) for frame, parts in by_frame.values()]
 
 
-def unpack_blocks(items: list[tuple[Any, ...]]) -> list[Block]:
-    return [b for _, f in items for b in blocks_of(f)]
+def unpack_blocks(items: list[DeliveryItem]) -> list[Block]:
+    return [b for item in items for b in blocks_of(item.frame)]
 
 
 #: Niceness a sink process adds to its own (inherited by every thread it starts, e.g. chdb's
@@ -116,7 +164,7 @@ def _demote_merges_forever(every_s: float = 2.0) -> None:
         time.sleep(every_s)
 
 
-def _child_main(conn: Connection, kind: str, kwargs: dict[str, Any], log_level: int) -> None:
+def _child_main(conn: Connection, settings: SinkSettings, log_level: int) -> None:
     refused = None
     try:
         os.nice(SINK_NICE)  # first: threads started later inherit it
@@ -127,63 +175,68 @@ def _child_main(conn: Connection, kind: str, kwargs: dict[str, Any], log_level: 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [sink %(process)d] %(name)s: %(message)s")
     if refused is not None:
         log.warning("sink %s cannot lower its priority (%s): acks may stall while windows are stored",
-                    kind, refused)
+                    settings.kind, refused)
     tune_gc()
-    if kind == "clickhouse":
+    if settings.kind == "clickhouse":
         threading.Thread(target=_demote_merges_forever, name="demote-merges", daemon=True).start()
-    try:
-        import uvloop
+    chan: pipes.Channel[SinkReply, SinkRequest] = pipes.Channel.over(conn)
+    import uvloop
 
-        uvloop.run(_child_loop(conn, make_sink(kind, kwargs)))
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(_child_loop(conn, make_sink(kind, kwargs)))
+    uvloop.run(_child_loop(chan, settings))
 
 
-async def _child_loop(conn: Connection, sink: Sink) -> None:
+async def _child_loop(chan: pipes.Channel[SinkReply, SinkRequest], settings: SinkSettings) -> None:
     loop = asyncio.get_running_loop()
+    sink: Sink | None = None
     while True:
         try:
-            req_id, op, args = await loop.run_in_executor(None, pipes.recv, conn)
+            req = await loop.run_in_executor(None, chan.recv)
         except (EOFError, OSError):  # the regional is gone
-            await sink.stop()
+            if sink is not None:
+                await sink.stop()
             return
+        call = req.call
         try:
             result: Any = None
-            if op == "start":
+            if sink is None:  # built here: what the settings could not check fails a request
+                try:
+                    sink = settings.build()
+                except (OSError, ValueError) as exc:
+                    raise PermanentError(f"cannot set up sink {settings.kind}: {exc}") from exc
+            if isinstance(call, Start):
                 await sink.start()
-            elif op == "stop":
+            elif isinstance(call, Stop):
                 await sink.stop()
-            elif op == "health":
+            elif isinstance(call, HealthCheck):
                 await sink.health_check()
-            elif op == "deliver":
-                await sink.deliver(unpack_blocks(args[0]))
-            elif op == "query":
-                result = await sink.query(*args)  # type: ignore[attr-defined]
+            elif isinstance(call, Deliver):
+                await sink.deliver(unpack_blocks(call.items))
+            elif isinstance(call, Query):
+                result = await sink.query(call.sql, call.parameters, call.settings)  # type: ignore[attr-defined]
             else:
-                raise ValueError(f"unknown request {op!r}")
-            reply: tuple[Any, ...] = (req_id, "ok", result)
+                raise ValueError(f"unknown request {call!r}")
+            reply = SinkReply(req.req_id, result)
         except SinkError as exc:
-            reply = (req_id, type(exc).__name__, str(exc))
+            reply = SinkReply(req.req_id, error_class=type(exc).__name__, error=str(exc))
         except Exception as exc:  # a bug in the sink: report it, keep serving
-            log.exception("sink %s: %s failed", sink.name, op)
-            reply = (req_id, "error", f"{type(exc).__name__}: {exc}")
-        await loop.run_in_executor(None, pipes.send, conn, reply)
-        if op == "stop":
+            log.exception("sink %s: %s failed", settings.kind, type(call).__name__)
+            reply = SinkReply(req.req_id, error_class="error", error=f"{type(exc).__name__}: {exc}")
+        await loop.run_in_executor(None, chan.send, reply)
+        if isinstance(call, Stop):
             return
 
 
 class ProcessSink:
     """A Sink run in a child process (see the module docstring)."""
 
-    def __init__(self, kind: str, name: str, **kwargs: Any) -> None:
-        self.kind = kind
-        self.name = name
-        self._kwargs = kwargs
+    def __init__(self, settings: SinkSettings) -> None:
+        self.settings = settings
+        self.kind = settings.kind
+        self.name = settings.kind
         self._proc: multiprocessing.process.BaseProcess | None = None
-        self._conn: Connection | None = None
+        self._chan: pipes.Channel[SinkRequest, SinkReply] | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._send_lock = threading.Lock()
         self._start_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -200,20 +253,22 @@ class ProcessSink:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=_child_main, name=f"stratoscope-sink-{self.kind}",
-                           args=(child, self.kind, self._kwargs, logging.getLogger().level),
+                           args=(child, self.settings, logging.getLogger().level),
                            daemon=True)
         proc.start()
         child.close()
-        self._proc, self._conn = proc, parent
+        chan: pipes.Channel[SinkRequest, SinkReply] = pipes.Channel.over(parent)
+        self._proc, self._chan = proc, chan
         self._loop = asyncio.get_running_loop()
-        threading.Thread(target=self._read, args=(parent, proc), name=f"sink-{self.kind}-reader",
+        threading.Thread(target=self._read, args=(chan, proc), name=f"sink-{self.kind}-reader",
                          daemon=True).start()
 
-    def _read(self, conn: Connection, proc: multiprocessing.process.BaseProcess) -> None:
+    def _read(self, chan: pipes.Channel[SinkRequest, SinkReply],
+              proc: multiprocessing.process.BaseProcess) -> None:
         """Reader thread: hands every reply to the future waiting for it."""
         while True:
             try:
-                req_id, status, payload = pipes.recv(conn)
+                reply = chan.recv()
             except (EOFError, OSError):
                 proc.join(1.0)
                 err = RetriableError(f"sink process {self.kind} exited (code {proc.exitcode})")
@@ -221,14 +276,15 @@ class ProcessSink:
                     self._resolve(waiting, None, err)
                 self._pending.clear()
                 return
-            if req_id not in self._pending:
+            fut = self._pending.pop(reply.req_id, None)
+            if fut is None:
                 continue  # its caller timed out and left
-            fut = self._pending.pop(req_id)
-            if status == "ok":
-                self._resolve(fut, payload, None)
+            if reply.error_class is None:
+                self._resolve(fut, reply.result, None)
             else:
-                cls = {"RetriableError": RetriableError, "PermanentError": PermanentError}.get(status)
-                self._resolve(fut, None, cls(payload) if cls else RuntimeError(payload))
+                cls = {"RetriableError": RetriableError, "PermanentError": PermanentError}.get(
+                    reply.error_class)
+                self._resolve(fut, None, cls(reply.error) if cls else RuntimeError(reply.error))
 
     def _resolve(self, fut: asyncio.Future[Any], value: Any, err: BaseException | None) -> None:
         def done() -> None:
@@ -242,20 +298,15 @@ class ProcessSink:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(done)
 
-    async def _call(self, op: str, *args: Any) -> Any:
-        if not self.alive or self._conn is None:
+    async def _call(self, call: SinkCall) -> Any:
+        chan = self._chan
+        if not self.alive or chan is None:
             raise RetriableError(f"sink process {self.kind} is not running")
         req_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
-        conn = self._conn
-
-        def send() -> None:
-            with self._send_lock:
-                pipes.send(conn, (req_id, op, args))
-
         try:
-            await asyncio.to_thread(send)
+            await asyncio.to_thread(chan.send, SinkRequest(req_id, call))
         except (OSError, ValueError) as exc:
             self._pending.pop(req_id, None)
             raise RetriableError(f"sink process {self.kind}: {exc}") from exc
@@ -266,14 +317,14 @@ class ProcessSink:
         async with self._start_lock:
             if not self.alive:
                 self._spawn()
-            await self._call("start")
+            await self._call(Start())
 
     async def stop(self) -> None:
         async with self._start_lock:
             if not self.alive:
                 return
             try:
-                await self._call("stop")
+                await self._call(Stop())
             except SinkError as exc:
                 log.warning("sink process %s: stop failed: %s", self.kind, exc)
             proc = self._proc
@@ -282,12 +333,12 @@ class ProcessSink:
             if proc.is_alive():
                 log.warning("sink process %s did not exit; terminating it", self.kind)
                 proc.terminate()
-            if self._conn is not None:
-                self._conn.close()
-            self._proc = self._conn = None
+            if self._chan is not None:
+                self._chan.close()
+            self._proc = self._chan = None
 
     async def health_check(self) -> None:
-        await self._call("health")
+        await self._call(HealthCheck())
 
     async def deliver(self, blocks: list[Block]) -> None:
         if not blocks:
@@ -295,9 +346,9 @@ class ProcessSink:
         if not self.alive:  # crashed: a new child, then the retried delivery goes there
             await self.start()
         items = await asyncio.to_thread(pack_blocks, blocks)
-        await self._call("deliver", items)
+        await self._call(Deliver(items))
 
     async def query(self, sql: str, parameters: dict[str, Any] | None = None,
                     settings: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         """SELECT through the child's sink (the owner of an embedded store)."""
-        return await self._call("query", sql, parameters, settings)  # type: ignore[no-any-return]
+        return await self._call(Query(sql, parameters, settings))  # type: ignore[no-any-return]

@@ -20,8 +20,10 @@ from stratoscope.columns import to_packed
 from stratoscope.edge.batch import BatchBuilder, batch_to_dict
 from stratoscope.edge.decode import Histogram
 from stratoscope.edge.forward import GrpcForwarder
-from stratoscope.regional.app import RegionalOptions, RunningRegional
+from stratoscope.regional.app import RunningRegional
+from stratoscope.regional.config import RegionalConfig
 from stratoscope.regional.merge import Rollup
+from stratoscope.regional.sinks.config import ClickHouseSettings, KafkaSettings
 from stratoscope.regional.sinks.kafka import decode_message
 from stratoscope.regional.sinks.process import MERGE_NICE, SINK_NICE
 from stratoscope.v1 import batch_pb2 as pb
@@ -38,13 +40,14 @@ ROOT = Path(__file__).resolve().parents[2]
 async def regional(tmp_path: Path) -> AsyncIterator[RunningRegional]:
     # The sinks run in child processes (the production setup); the embedded store
     # belongs to the ClickHouse one, so tests read it through the regional (sql()).
-    opts = RegionalOptions(
-        listen="127.0.0.1:0", metrics_port=0, clickhouse=f"chdb://{tmp_path}/ch",
-        clickhouse_database=f"e2e_{uuid.uuid4().hex[:10]}", kafka=kafka_bootstrap(),
-        kafka_topic_prefix=f"e2e-{uuid.uuid4().hex[:10]}", resolution_s=60, lateness_s=0,
+    config = RegionalConfig(
+        listen="127.0.0.1:0", metrics_port=0,
+        clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=f"e2e_{uuid.uuid4().hex[:10]}"),
+        kafka=KafkaSettings(bootstrap=kafka_bootstrap(), topic_prefix=f"e2e-{uuid.uuid4().hex[:10]}"),
+        resolution=60, lateness=0,
         rollups=(Rollup("syscalls_total", ("syscall",)), Rollup("syscall_latency", ("syscall",))),
     )
-    running = RunningRegional(opts)
+    running = RunningRegional(config)
     await running.start()
     try:
         yield running
@@ -97,7 +100,7 @@ async def test_openat_exact_through_regional_into_clickhouse_and_kafka(
     run = await asyncio.to_thread(edge_side)
     assert run.forward_stats.acked == len(run.batches) >= 2
     await regional.drain()
-    db = regional.opts.clickhouse_database
+    db = regional.config.clickhouse.database  # type: ignore[union-attr]
     calls = await one(regional, f"""SELECT sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total'
         AND node = 'e2e-node' AND labels['comm'] = {{c:String}} AND labels['syscall'] = 'openat'""",
         c=comm)
@@ -110,7 +113,7 @@ async def test_openat_exact_through_regional_into_clickhouse_and_kafka(
         c=comm)
     assert hist == 15000
 
-    prefix = regional.opts.kafka_topic_prefix
+    prefix = regional.config.kafka.topic_prefix  # type: ignore[union-attr]
     totals: Counter[str] = Counter()
     for _, batch in await consume_all(kafka_bootstrap(), f"{prefix}.metrics"):
         d = batch_to_dict(batch)
@@ -165,7 +168,7 @@ async def test_three_edges_merge_roll_up_dedupe_and_late_data(
     stats = await asyncio.to_thread(send, regional, batches, wire_forms)
     assert (stats.acked, stats.duplicates) == (18, 0)
     await regional.drain()
-    db = regional.opts.clickhouse_database
+    db = regional.config.clickhouse.database  # type: ignore[union-attr]
 
     async def per_node() -> dict[str, int]:
         rows = await sql(regional, f"""SELECT node, sum(value) FROM {db}.metrics
@@ -344,9 +347,10 @@ async def test_memory_bound_answers_retry_then_stores_each_batch_once(tmp_path: 
     # each synthetic batch holds 3 points (2 counters, 1 histogram): two reach the bound
     # a long lateness: no window closes on its own during the test (a minute boundary
     # between the sends must not clear the bound early); drain() closes them
-    opts = RegionalOptions(listen="127.0.0.1:0", metrics_port=0, clickhouse=f"chdb://{tmp_path}/ch",
-                           clickhouse_database=db, resolution_s=60, lateness_s=600, max_held_points=5)
-    running = RunningRegional(opts)
+    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0,
+                            clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=db),
+                            resolution=60, lateness=600, max_held_points=5)
+    running = RunningRegional(config)
     await running.start()
     try:
         now = time.time_ns()

@@ -12,8 +12,8 @@ import pytest
 
 from stratoscope.edge.batch import BatchBuilder
 from stratoscope.edge.forward import ClientTls, GrpcForwarder
-from stratoscope.regional.app import RegionalOptions, RunningRegional
-from stratoscope.regional.server import ServerTls
+from stratoscope.regional.app import RunningRegional
+from stratoscope.regional.config import RegionalConfig, TlsSettings
 
 
 def _openssl(*args: str) -> None:
@@ -38,11 +38,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def regional(pki: Path) -> AsyncIterator[RunningRegional]:
-    opts = RegionalOptions(
+    config = RegionalConfig(
         listen="127.0.0.1:0", metrics_port=0, clickhouse=None,
-        tls=ServerTls(pki / "server.crt", pki / "server.key", client_ca=pki / "ca.crt"),
+        tls=TlsSettings(cert=pki / "server.crt", key=pki / "server.key", client_ca=pki / "ca.crt"),
     )
-    running = RunningRegional(opts)
+    running = RunningRegional(config)
     await running.start()
     try:
         yield running

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from stratoscope.regional.delivery import DeliveryQueue
-from stratoscope.regional.sinks.base import Block, PermanentError, RetriableError, Sink
+from stratoscope.regional.frame import Block
+from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink
 from tests.frames import blank_blocks
 
 # Scripted outcomes of FakeSink.deliver calls, in order (then: success).

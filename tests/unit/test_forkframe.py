@@ -6,23 +6,41 @@ import asyncio
 import dataclasses
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
 from stratoscope.edge.decode import Histogram
-from stratoscope.regional.forkframe import (
-    FRAME_CHILD_NICE,
-    ChildFailed,
-    run_in_fork,
-    stream_in_fork,
-)
+from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
+from stratoscope.regional.gate import Gate
+from stratoscope.regional.handover import pack
 from stratoscope.regional.merge import Aggregator, MergeSettings, Rollup
 from stratoscope.regional.service import Regional
 from tests.unit.test_merge import NS, T0, edge_batch, hist_totals, totals
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 SETTINGS = MergeSettings(resolution_s=60, lateness_s=0,
                          rollups=(Rollup("syscalls_total", ("syscall",)),))
+
+
+def run_in_fork(fn: Callable[[T], R], arg: T) -> R:
+    """``fn(arg)`` computed in a forked child: the one item of a stream."""
+    (result,) = stream_in_fork(lambda a: [fn(a)], arg)
+    return result
+
+
+def admit(regional: Regional, gate: Gate, batch: Any) -> int:
+    """What a batch goes through in a running regional: the ingest process's gate, the
+    hand-over of its columns, the merge; returns the ack status."""
+    ack, cols, label = gate.admit(batch, None, None)
+    if cols is None:
+        regional.count(ack.status, label, None, None)
+    else:
+        regional.accept_admitted(pack(cols), None)
+    return ack.status
 
 
 def recorded(settings: MergeSettings = SETTINGS) -> Aggregator:
@@ -74,9 +92,10 @@ def test_windows_split_into_node_chunks_add_up_to_the_whole() -> None:
 def test_regional_resumes_in_process_after_the_child_died_part_way(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = MergeSettings(resolution_s=60, lateness_s=0, rollups=(), frame_nodes=1)
     regional = Regional(settings, [], regional_id="r1", frames_in_child=True, clock=lambda: T0 + 120 * NS)
+    gate = Gate(clock=lambda: T0 + 120 * NS)
     for i, node in enumerate(["n1", "n2", "n3"], 1):
         for k in range(2):
-            assert regional.accept(edge_batch(node, k + 1, k * 10, {("read", "app"): i})).status == 1
+            assert admit(regional, gate, edge_batch(node, k + 1, k * 10, {("read", "app"): i})) == 1
     parent = os.getpid()
     chunks = regional.aggregator.emit_chunks
 

@@ -89,7 +89,7 @@ def test_sink_deliveries_of_some_or_all_parts_of_a_frame_round_trip() -> None:
     a, b = multiprocessing.Pipe(duplex=True)
     for chosen in (blocks, blocks[1:3], [blocks[3]]):
         items = pack_blocks(chosen)
-        (frame,) = [it[1] for it in items]
+        (frame,) = [it.frame for it in items]  # type: ignore[union-attr]
         assert (frame is chosen[0].frame) == (len(chosen) == len(blocks))
         t = threading.Thread(target=pipes.send, args=(a, items))
         t.start()
@@ -151,3 +151,37 @@ def test_more_buffers_than_one_readv_takes_and_short_writes(
     assert not failed
     assert len(got) == len(arrays)
     assert all(g.dtype == a.dtype and np.array_equal(g, a) for g, a in zip(got, arrays, strict=True))
+
+
+def test_a_channel_carries_typed_messages_both_ways_and_one_way() -> None:
+    """The one channel of every boundary: over a Connection (ingest, sinks) and over an
+    os.pipe (the frame child), dataclass messages with their buffers out of band."""
+    import dataclasses
+    import os
+    import pickle
+
+    from stratoscope.regional.ingest import Accepted, Barrier, Pressure
+
+    a, b = multiprocessing.Pipe(duplex=True)
+    left: pipes.Channel[Pressure, Accepted] = pipes.Channel.over(a)
+    right: pipes.Channel[Accepted, Pressure] = pipes.Channel.over(b)
+    left.send(Pressure(7, True, False))
+    assert right.recv() == Pressure(7, True, False)
+    right.send(Accepted(pickle.PickleBuffer(b"columns"), 123))
+    got = left.recv()
+    assert (bytes(got.columns), got.size) == (b"columns", 123)
+    left.close()
+    left.close()  # idempotent
+    with pytest.raises(EOFError):
+        right.recv()
+    right.close()
+
+    r, w = os.pipe()
+    out: pipes.Channel[Barrier, None] = pipes.Channel(send_fd=w)
+    back: pipes.Channel[None, Barrier] = pipes.Channel(recv_fd=r)
+    out.send(Barrier(3))
+    out.close()
+    assert back.recv() == Barrier(3) and dataclasses.is_dataclass(Barrier)
+    with pytest.raises(pipes.EndOfStream):
+        back.recv()
+    back.close()

@@ -21,7 +21,8 @@ async def test_serve_uses_a_fixed_window_without_bdp_probing(monkeypatch: pytest
         return real(*args, **kwargs)
 
     monkeypatch.setattr(server.grpc.aio, "server", recording_server)
-    srv = await server.serve(object(), "127.0.0.1:0")  # type: ignore[arg-type]
+    srv, port = await server.serve(object(), "127.0.0.1:0")  # type: ignore[arg-type]
+    assert port > 0
     await srv.stop(0)
     assert len(seen) == 1
     assert seen[0]["grpc.http2.bdp_probe"] == 0

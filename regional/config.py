@@ -1,0 +1,167 @@
+"""The regional's settings: one typed model, every default here and nowhere else.
+
+``stratoscope regional --config FILE`` reads a YAML file shaped like this model
+(deploy/regional.example.yaml lists every setting with its default); flags are laid
+over the file (stratoscope/settings.py). The model is validated once, in the parent
+process, before any child process starts: a mistake is one line naming the key and
+where it came from, and the CLI exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from stratoscope.regional.merge import Rollup
+from stratoscope.regional.sinks.config import ClickHouseSettings, KafkaSettings, SinkSettings
+from stratoscope.settings import Duration, NonNegativeDuration
+
+__all__ = [
+    "DEFAULT_DSN",
+    "DEFAULT_MAX_HELD_POINTS",
+    "QUEUE_MAX",
+    "QUEUE_RETRY",
+    "RegionalConfig",
+    "TlsSettings",
+]
+
+#: The embedded store a regional writes to unless told otherwise.
+DEFAULT_DSN = "chdb:///var/lib/stratoscope/clickhouse"
+
+#: Sink backlog (blocks) at which edges are told to RETRY, and the queue's hard bound.
+#: Backpressure before memory: edges get RETRY once a sink is QUEUE_RETRY blocks behind
+#: (they keep their batches and back off); the queue itself drops oldest only past
+#: QUEUE_MAX. In a saturation benchmark a 50k-block allowance let the regional grow to
+#: 14.7 GB while ClickHouse fell behind.
+QUEUE_RETRY = 3000
+QUEUE_MAX = 6000
+
+#: Default bound on points held in windows (Regional.max_held_points). A window is held
+#: from its first batch until its last frame is queued for the sinks: at 500 k points/s,
+#: 60 s windows, 15 s lateness and ~15-25 s to reduce and queue a closed window, that
+#: peaks near 50 M. 64 M leaves room for that; in the benchmark a held point costs
+#: ~200-300 bytes of the regional's RSS (docs/BENCHMARKS.md), so ~13-19 GB.
+DEFAULT_MAX_HELD_POINTS = 64_000_000
+
+
+def _readable(path: Path, what: str) -> Path:
+    if not os.access(path, os.R_OK) or not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} is not a readable file")
+    return path
+
+
+class TlsSettings(BaseModel):
+    """TLS of the ingest server; with ``client_ca``, mTLS and node identity from the
+    client certificate's CN."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cert: Path | None = None
+    key: Path | None = None
+    #: CA of edge certificates: requires mTLS, node_id must equal the certificate CN.
+    client_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        if self.cert is None and self.key is None:
+            raise ValueError("tls.client_ca needs tls.cert and tls.key (the server's certificate)"
+                             if self.client_ca is not None else
+                             "tls needs cert and key (or leave tls out for plaintext)")
+        if self.cert is None or self.key is None:
+            raise ValueError("tls.cert and tls.key go together")
+        _readable(self.cert, "tls.cert")
+        _readable(self.key, "tls.key")
+        if self.client_ca is not None:
+            _readable(self.client_ca, "tls.client_ca")
+        return self
+
+
+def _sink_section(value: Any, required: str, default: str | None) -> Any:
+    """A sink's section as a mapping: "none" (or null) disables it, a string is the
+    ``required`` setting's value, and ``default`` fills it in when absent."""
+    if isinstance(value, str):
+        return None if value.strip().lower() == "none" else {required: value}
+    if isinstance(value, dict) and default is not None and required not in value:
+        return {required: default, **value}
+    return value
+
+
+class RegionalConfig(BaseModel):
+    """Every setting of a regional (see deploy/regional.example.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: gRPC ingest address, HOST:PORT (port 0: any free port).
+    listen: str = "0.0.0.0:7400"
+    #: Port for /metrics; 0 disables it.
+    metrics_port: int = Field(default=9432, ge=0, le=65535)
+    metrics_addr: str = "0.0.0.0"
+    #: Names this regional in the roll-ups it writes and in block identities.
+    regional_id: str = Field(default_factory=socket.gethostname, min_length=1)
+    #: Output window (whole seconds).
+    resolution: Duration = 60.0
+    #: How long a window stays open after its end for late batches.
+    lateness: NonNegativeDuration = 15.0
+    #: Reduce closed windows in a forked child (its own GIL and core), not a thread.
+    fork_frames: bool = True
+    #: Nodes per frame a closed window is reduced and stored in; the ClickHouse sink
+    #: inserts a delivery's frames together, and a delivery takes up to two frames.
+    frame_nodes: int = 250
+    #: Points (series points and event rows) the merge may hold in windows not yet
+    #: stored; past it (checked every 0.2 s, so a soft bound) edges are answered RETRY
+    #: until windows close. ~200-300 bytes of RSS each.
+    max_held_points: int = Field(default=DEFAULT_MAX_HELD_POINTS, ge=1)
+    #: Roll-ups across nodes; None: the merge's defaults.
+    rollups: tuple[Rollup, ...] | None = None
+    #: TLS of the ingest server; None: plaintext.
+    tls: TlsSettings | None = None
+    #: The ClickHouse sink; None (``none`` on the command line) disables it.
+    clickhouse: ClickHouseSettings | None = ClickHouseSettings(dsn=DEFAULT_DSN)
+    #: The Kafka sink; None (the default) disables it.
+    kafka: KafkaSettings | None = None
+
+    @field_validator("clickhouse", mode="before")
+    @classmethod
+    def _clickhouse(cls, value: Any) -> Any:
+        return _sink_section(value, "dsn", DEFAULT_DSN)
+
+    @field_validator("kafka", mode="before")
+    @classmethod
+    def _kafka(cls, value: Any) -> Any:
+        return _sink_section(value, "bootstrap", None)
+
+    @field_validator("resolution")
+    @classmethod
+    def _whole_seconds(cls, value: float) -> float:
+        if value != int(value):
+            raise ValueError(f"must be whole seconds, got {value:g}s")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not (sep and host and port.isdigit() and int(port) < 65536):
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
+
+    @field_validator("frame_nodes")
+    @classmethod
+    def _frame_nodes(cls, value: int) -> int:
+        # A frame is a delivery's worth of blocks (one per node): past a third of the
+        # RETRY backlog, two frames in the queue would send edges RETRY.
+        if not 1 <= value <= QUEUE_RETRY // 3:
+            raise ValueError(f"frame_nodes must be 1..{QUEUE_RETRY // 3}, got {value}")
+        return value
+
+    @property
+    def resolution_s(self) -> int:
+        return int(self.resolution)
+
+    @property
+    def sinks(self) -> list[SinkSettings]:
+        """The enabled sinks, in the order they start."""
+        return [s for s in (self.clickhouse, self.kafka) if s is not None]

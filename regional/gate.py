@@ -1,0 +1,86 @@
+"""Admission of a batch from its identity first, then whole: what the ingest process runs.
+
+A module of its own because it crosses a process boundary: the ingest child imports
+this and the gRPC server, not the merge, the delivery queues or the sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from stratoscope.regional.batchcols import BatchCols
+from stratoscope.regional.dedup import Deduplicator
+from stratoscope.regional.validate import BatchRejected, Limits, open_batch, validate
+from stratoscope.v1 import batch_pb2 as pb
+from stratoscope.v1 import ingest_pb2
+
+__all__ = ["Gate"]
+
+log = logging.getLogger("stratoscope.regional")
+
+
+class Gate:
+    """Admission of one batch: identity, de-duplication, backpressure, validation.
+
+    Pure (no metrics, no merge) so that it runs where the gRPC server runs: in the
+    ingest process (regional/ingest.py), which imports only this, the server, the
+    validation and the hand-over.
+    ``backlog`` is the largest sink backlog in blocks, kept current by the owner.
+    """
+
+    def __init__(self, limits: Limits | None = None, clock: Callable[[], int] = time.time_ns,
+                 max_queued_blocks: int = 50_000,
+                 saturated: Callable[[], bool] = lambda: False) -> None:
+        """``saturated``: an extra reason to answer RETRY, asked per batch (e.g. the
+        hand-over queue to the merge is full)."""
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.dedup = Deduplicator()
+        self.max_queued_blocks = max_queued_blocks
+        self.backlog = 0
+        self.saturated = saturated
+        #: The merge holds as many points in memory as it may (Regional.max_held_points),
+        #: kept current by the owner like ``backlog``.
+        self.held_full = False
+        #: The owner drains windows and takes no new batch until it is done (RETRY).
+        self.closed = False
+
+    def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
+              ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
+        """(ack, columns if ACCEPTED, reason label for metrics)."""
+        ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
+        if peer_node is not None and peer_node != batch.node_id:
+            ack.status = ingest_pb2.Ack.REJECTED
+            ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
+            return ack, None, "identity"
+        # Cheap answers first: a duplicate or a RETRY needs no inflating or validation
+        # (an edge told to retry resends the same batch; validating it every time would
+        # make an overloaded regional spend its CPU on batches it refuses).
+        if self.dedup.seen(batch.node_id, batch.boot_id, batch.seq):
+            ack.status = ingest_pb2.Ack.DUPLICATE
+            return ack, None, ""
+        if self.backlog >= self.max_queued_blocks or self.saturated():
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional overloaded: sinks are behind"
+            return ack, None, ""
+        if self.closed:
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional is draining its windows"
+            return ack, None, ""
+        if self.held_full:
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional overloaded: windows in memory are at their limit (max held points)"
+            return ack, None, ""
+        try:
+            whole, inflated = open_batch(batch, self.limits)
+            cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
+        except BatchRejected as exc:
+            log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
+            ack.status = ingest_pb2.Ack.REJECTED
+            ack.reason = str(exc)
+            return ack, None, str(exc).split(":")[0][:40]
+        self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
+        ack.status = ingest_pb2.Ack.ACCEPTED
+        return ack, cols, ""

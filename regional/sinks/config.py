@@ -1,0 +1,216 @@
+"""The sink registry: each sink kind is a settings class plus the factory that builds it.
+
+Why here and not in the sinks: a sink runs in a child process (regional/sinks/process.py).
+A setting it would refuse there (a bad DSN, a missing password file) used to surface as
+"sink process clickhouse exited (code 1)". These models are validated in the regional's
+parent process, with the rest of its settings, before any child starts; the child gets
+the validated model (it pickles) and calls ``build()``, which imports only that sink.
+
+A kind is registered with ``@register``; ``SINKS`` maps its name to its class, in the
+order the regional starts them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from stratoscope.settings import Duration
+
+if TYPE_CHECKING:
+    from stratoscope.regional.sinks.base import Sink
+
+__all__ = ["SINKS", "ClickHouseSettings", "KafkaSettings", "SinkSettings", "register"]
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SinkSettings(BaseModel):
+    """Base of a sink kind's settings: frozen, typos refused, ``build()`` makes the sink."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: The registry name (and the sink's name in metrics and logs).
+    kind: ClassVar[str] = ""
+
+    def build(self) -> Sink:
+        """The sink these settings describe (called in the process that runs it)."""
+        raise NotImplementedError
+
+
+SINKS: dict[str, type[SinkSettings]] = {}
+
+
+def register(cls: type[SinkSettings]) -> type[SinkSettings]:
+    """Add a sink kind to ``SINKS``; its ``kind`` must be new."""
+    if not cls.kind or cls.kind in SINKS:
+        raise ValueError(f"sink kind {cls.kind!r} is empty or registered twice")
+    SINKS[cls.kind] = cls
+    return cls
+
+
+@register
+class ClickHouseSettings(SinkSettings):
+    """ClickHouse over clickhouse-connect: ``chdb:///DIR`` (embedded) or ``http(s)://``."""
+
+    kind: ClassVar[str] = "clickhouse"
+    #: ``chdb:///absolute/dir`` or ``http(s)://user:pass@host:8123/db``.
+    dsn: str
+    #: Database of the tables; default: the http(s) DSN's path, else "stratoscope".
+    database: str | None = None
+    #: Apply schema migrations at start; default (None): yes for an embedded store,
+    #: no for a server (Ansible applies them there).
+    migrate: bool | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, dsn: str) -> str:
+        parts = urlsplit(dsn)
+        scheme = parts.scheme.lower()
+        if scheme == "chdb":
+            if parts.netloc or not unquote(parts.path).startswith("/"):
+                raise ValueError(f"a chdb DSN is chdb:///absolute/dir, got {dsn!r}")
+        elif scheme in ("http", "https"):
+            if not parts.hostname:
+                raise ValueError(f"no host in ClickHouse DSN {_safe(dsn)!r}")
+            db = unquote(parts.path.strip("/"))
+            if db and not _IDENT.match(db):
+                raise ValueError(f"invalid ClickHouse database name {db!r} in the DSN "
+                                 "(letters, digits and _, not starting with a digit)")
+        else:
+            raise ValueError(f"unsupported ClickHouse DSN scheme {scheme!r} in {_safe(dsn)!r} "
+                             "(use chdb:///DIR or http(s)://host:8123/db)")
+        return dsn
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, database: str | None) -> str | None:
+        if database is not None and not _IDENT.match(database):
+            raise ValueError(f"invalid ClickHouse database name {database!r} "
+                             "(letters, digits and _, not starting with a digit)")
+        return database
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn.lower().startswith("chdb:")
+
+    def build(self) -> Sink:
+        from stratoscope.regional.sinks.clickhouse import ClickHouseSink
+
+        migrate = self.embedded if self.migrate is None else self.migrate
+        return ClickHouseSink(self.dsn, self.database, migrate)
+
+
+def _safe(dsn: str) -> str:
+    """A DSN without its password, for messages."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    return dsn.replace(f":{parts.password}@", ":***@", 1)
+
+
+@register
+class KafkaSettings(SinkSettings):
+    """Kafka over aiokafka (idempotent producer, acks=all); security as aiokafka names it."""
+
+    kind: ClassVar[str] = "kafka"
+    #: host:port[,host:port...]
+    bootstrap: str = Field(min_length=1)
+    topic_prefix: str = Field(default="stratoscope", min_length=1)
+    #: auto (zstd when available, else gzip), none, gzip, zstd, lz4 or snappy.
+    compression: Literal["auto", "none", "gzip", "zstd", "lz4", "snappy"] = "auto"
+    request_timeout: Duration = 30.0
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    #: CA bundle that signed the brokers' certificates (SSL, SASL_SSL).
+    ssl_cafile: Path | None = None
+    #: This regional's client certificate and key, for brokers that require them.
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    #: The SASL password: given here (never logged), or read from a file or from an
+    #: environment variable when the sink starts. At most one of the three.
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    sasl_password_env: str | None = None
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, bootstrap: str) -> str:
+        for hp in bootstrap.split(","):
+            host, sep, port = hp.strip().rpartition(":")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"expected host:port[,host:port...], got {bootstrap!r}")
+        return bootstrap
+
+    @model_validator(mode="after")
+    def _security(self) -> KafkaSettings:
+        sasl = self.security_protocol.startswith("SASL")
+        ssl = self.security_protocol.endswith("SSL")
+        given = [n for n in ("sasl_password", "sasl_password_file", "sasl_password_env")
+                 if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of {' and '.join(given)}, not both")
+        if sasl and (self.sasl_username is None or not given):
+            raise ValueError(f"security_protocol {self.security_protocol} needs "
+                             "sasl_username and a password (sasl_password, sasl_password_file "
+                             "or sasl_password_env)")
+        if not sasl and (self.sasl_username is not None or given):
+            raise ValueError("SASL credentials need security_protocol SASL_PLAINTEXT "
+                             "or SASL_SSL")
+        if not ssl and (self.ssl_cafile or self.ssl_certfile or self.ssl_keyfile):
+            raise ValueError("ssl_cafile/ssl_certfile/ssl_keyfile need security_protocol "
+                             "SSL or SASL_SSL")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        if self.sasl_password_env is not None and self.sasl_password_env not in os.environ:
+            raise ValueError(f"environment variable {self.sasl_password_env!r} "
+                             "(sasl_password_env) is not set")
+        if self.compression in ("zstd", "lz4", "snappy"):
+            from aiokafka.codec import has_lz4, has_snappy, has_zstd
+
+            if not {"zstd": has_zstd, "lz4": has_lz4, "snappy": has_snappy}[self.compression]():
+                raise ValueError(f"compression {self.compression} needs the 'cramjam' "
+                                 "package, which is not installed (use auto or gzip)")
+        return self
+
+    def password(self) -> str | None:
+        """The SASL password, from wherever it is kept (read now, not stored)."""
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            return self.sasl_password_file.read_text().strip()
+        if self.sasl_password_env is not None:
+            return os.environ[self.sasl_password_env]
+        return None
+
+    def security(self) -> dict[str, Any]:
+        """aiokafka's security arguments (the SSL context is built here, in the process
+        that runs the producer: an SSLContext does not pickle)."""
+        ctx = None
+        if self.security_protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            ctx = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        return {"security_protocol": self.security_protocol, "ssl_context": ctx,
+                "sasl_mechanism": self.sasl_mechanism, "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.password()}
+
+    def build(self) -> Sink:
+        from stratoscope.regional.sinks.kafka import KafkaSink
+
+        sec = self.security()
+        return KafkaSink(self.bootstrap, self.topic_prefix, request_timeout_s=self.request_timeout,
+                         compression=self.compression, **sec)
