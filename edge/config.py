@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stratoscope.edge import errors
+from stratoscope.edge.errors import ConfigError
 from stratoscope.edge.spec import default_programs, discover
 from stratoscope.settings import (
     COMMAND_LINE,
@@ -21,25 +21,8 @@ from stratoscope.settings import (
     read_yaml,
     validate_settings,
 )
-from stratoscope.settings import ConfigError as SettingsError
 
 __all__ = ["ConfigError", "Duration", "EdgeConfig", "Limits", "load_config", "parse_duration"]
-
-
-class ConfigError(errors.ConfigError, SettingsError):
-    """The edge's configuration error, worded as the edge has always worded it."""
-
-    @classmethod
-    def unknown(cls, key: str, source: str) -> ConfigError:
-        return cls(f"config {source}: unknown key {key!r}")
-
-    @classmethod
-    def invalid(cls, key: str, source: str, problem: str) -> ConfigError:
-        return cls(f"config {source}: {key}: {problem}")
-
-    @classmethod
-    def general(cls, source: str, problem: str) -> ConfigError:
-        return cls(f"config {source}: {problem}")
 
 
 class Limits(BaseModel):

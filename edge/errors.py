@@ -1,5 +1,7 @@
 """The edge's exception tree: each error says what is wrong and how to fix it."""
 
+from stratoscope import settings
+
 
 class EdgeError(Exception):
     """Base of every error the edge reports to a person (exit code 2, no traceback)."""
@@ -18,8 +20,9 @@ class LoadError(EdgeError):
         self.reason = reason
 
 
-class ConfigError(EdgeError):
-    """The configuration file or command line is invalid."""
+class ConfigError(EdgeError, settings.ConfigError):
+    """The configuration file or command line is invalid (worded as the regional's:
+    stratoscope/settings.py)."""
 
 
 class PreflightError(EdgeError):

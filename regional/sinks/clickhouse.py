@@ -57,6 +57,7 @@ from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-expo
     arrow_tables,
     stack_id,
 )
+from stratoscope.regional.sinks.config import check_database, dsn_database
 from stratoscope.resources import clickhouse_dir
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ DEFAULT_DATABASE = "stratoscope"
 MIGRATIONS_DIR = clickhouse_dir("migrations")
 
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
 _STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
 
@@ -81,12 +81,6 @@ class Migration:
     name: str  # "metrics_histograms"
     statements: tuple[str, ...]  # with {db} still in place
     checksum: str
-
-
-def _check_database(database: str) -> str:
-    if not _IDENT.match(database or ""):
-        raise ValueError(f"invalid ClickHouse database name {database!r}")
-    return database
 
 
 def split_statements(sql: str) -> list[str]:
@@ -145,7 +139,7 @@ def applied_migrations(client: Any, database: str) -> dict[str, str]:
 
     Empty if the database or the table does not exist.
     """
-    _check_database(database)
+    check_database(database)
     exists = client.query(
         "SELECT count() FROM system.tables WHERE database = {db:String}"
         " AND name = 'schema_migrations'",
@@ -171,7 +165,7 @@ def apply_migrations(
     Statements are numbered in file order: do not edit a migration that may have
     been applied in part. ``client`` is a clickhouse-connect client.
     """
-    _check_database(database)
+    check_database(database)
     migrations = load_migrations(directory)
     _bootstrap(client, database)
     done = applied_migrations(client, database)
@@ -216,14 +210,6 @@ def pending_migrations(
 # --------------------------------------------------------------------------
 # Connection and errors
 # --------------------------------------------------------------------------
-
-
-def dsn_database(dsn: str) -> str | None:
-    """The database named by an http(s) DSN's path (None for chdb DSNs or no path)."""
-    parts = urlsplit(dsn)
-    if parts.scheme.lower() in ("http", "https"):
-        return unquote(parts.path.strip("/")) or None
-    return None
 
 
 def connect(dsn: str, **client_kwargs: Any) -> Any:
@@ -330,7 +316,7 @@ class ClickHouseSink:
     ) -> None:
         """``database``: default the DSN's path for http(s) DSNs, else "stratoscope"."""
         self.dsn = dsn
-        self.database = _check_database(database or dsn_database(dsn) or DEFAULT_DATABASE)
+        self.database = check_database(database or dsn_database(dsn) or DEFAULT_DATABASE)
         self.migrate = migrate
         self.migrations_dir = migrations_dir
         self._client_kwargs = dict(client_kwargs or {})
@@ -607,7 +593,7 @@ def folded_stacks_sql(
     datetimes over the window start ``ts`` (end exclusive). Returns the SQL and
     its server-side parameters for ``ClickHouseSink.query`` / ``client.query``.
     """
-    db = _check_database(database)
+    db = check_database(database)
     where = ["profile = {profile:String}"]
     params: dict[str, Any] = {"profile": profile, "ksuffix": kernel_suffix}
     if node is not None:

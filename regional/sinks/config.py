@@ -25,9 +25,28 @@ from stratoscope.settings import Duration
 if TYPE_CHECKING:
     from stratoscope.regional.sinks.base import Sink
 
-__all__ = ["SINKS", "ClickHouseSettings", "KafkaSettings", "SinkSettings", "register"]
+__all__ = [
+    "SINKS", "ClickHouseSettings", "KafkaSettings", "SinkSettings", "check_database",
+    "dsn_database", "register",
+]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_database(database: str, where: str = "") -> str:
+    """``database`` if it is a plain ClickHouse identifier (it is put into SQL unquoted)."""
+    if not _IDENT.match(database or ""):
+        raise ValueError(f"invalid ClickHouse database name {database!r}{where} "
+                         "(letters, digits and _, not starting with a digit)")
+    return database
+
+
+def dsn_database(dsn: str) -> str | None:
+    """The database named by an http(s) DSN's path (None for chdb DSNs or no path)."""
+    parts = urlsplit(dsn)
+    if parts.scheme.lower() in ("http", "https"):
+        return unquote(parts.path.strip("/")) or None
+    return None
 
 
 class SinkSettings(BaseModel):
@@ -77,10 +96,9 @@ class ClickHouseSettings(SinkSettings):
         elif scheme in ("http", "https"):
             if not parts.hostname:
                 raise ValueError(f"no host in ClickHouse DSN {_safe(dsn)!r}")
-            db = unquote(parts.path.strip("/"))
-            if db and not _IDENT.match(db):
-                raise ValueError(f"invalid ClickHouse database name {db!r} in the DSN "
-                                 "(letters, digits and _, not starting with a digit)")
+            db = dsn_database(dsn)
+            if db:
+                check_database(db, " in the DSN")
         else:
             raise ValueError(f"unsupported ClickHouse DSN scheme {scheme!r} in {_safe(dsn)!r} "
                              "(use chdb:///DIR or http(s)://host:8123/db)")
@@ -89,10 +107,7 @@ class ClickHouseSettings(SinkSettings):
     @field_validator("database")
     @classmethod
     def _database(cls, database: str | None) -> str | None:
-        if database is not None and not _IDENT.match(database):
-            raise ValueError(f"invalid ClickHouse database name {database!r} "
-                             "(letters, digits and _, not starting with a digit)")
-        return database
+        return None if database is None else check_database(database)
 
     @property
     def embedded(self) -> bool:

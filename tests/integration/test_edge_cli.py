@@ -28,7 +28,7 @@ def test_config_typo_exits_2_naming_the_key(tmp_path: Path) -> None:
     cfg.write_text("interval: 1s\nprogram: [syscalls]\n")
     r = _run(["edge", "--config", str(cfg), "--once"])
     assert r.returncode == 2
-    assert r.stderr.strip() == f"stratoscope: error: config {cfg}: unknown key 'program'"
+    assert r.stderr.strip() == f"stratoscope: error: unknown setting 'program' in {cfg}"
     assert "Traceback" not in r.stderr
 
 
