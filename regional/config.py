@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stratoscope.regional.merge import Rollup
+from stratoscope.regional.rollups import Rollup
 from stratoscope.regional.sinks.config import ClickHouseSettings, KafkaSettings, SinkSettings
 from stratoscope.settings import Duration, NonNegativeDuration
 
@@ -114,7 +114,8 @@ class RegionalConfig(BaseModel):
     #: stored; past it (checked every 0.2 s, so a soft bound) edges are answered RETRY
     #: until windows close. ~200-300 bytes of RSS each.
     max_held_points: int = Field(default=DEFAULT_MAX_HELD_POINTS, ge=1)
-    #: Roll-ups across nodes; None: the merge's defaults.
+    #: Roll-ups across nodes; None: those the program descriptions declare
+    #: (bpf/*.yaml, regional/rollups.py).
     rollups: tuple[Rollup, ...] | None = None
     #: TLS of the ingest server; None: plaintext.
     tls: TlsSettings | None = None
