@@ -68,7 +68,8 @@ Results and discussion: docs/BENCHMARKS.md, section "Regional throughput".
    broker of your own: scripts/test.sh starts *and stops* the one on port 19292.
 
 5. Limits of the parts, single core, in a subprocess: protobuf parse + numpy column
-   decode; Regional.accept (validate, dedup, Aggregator.record); Aggregator.flush;
+   decode; admission (the ingest gate's validate and dedup, the hand-over, Aggregator.record);
+   Aggregator.flush;
    the Arrow tables the ClickHouse sink builds; a bare clickhouse-connect -> chdb insert of the same rows into a fresh
    store with the real schema (hourly materialized views included); a cProfile of
    accept + flush + shape; and the row reduction on the recorded real minute.
@@ -1591,7 +1592,7 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
         f, so = parts["full"], parts["series_only"]
         p(f"  protobuf parse + numpy column decode   {fmt(parts['decode_points_s'])} points/s "
           f"(parse alone {fmt(parts['parse_only_points_s'])})")
-        p(f"  Regional.accept (validate+dedup+record) {fmt(f['accept_points_s'])} points/s "
+        p(f"  admit (gate+hand-over+record)           {fmt(f['accept_points_s'])} points/s "
           f"({f['accept_ms_per_batch']:.2f} ms/batch); series only {fmt(so['accept_points_s'])}")
         p(f"  Aggregator.flush                        {fmt(f['flush_points_s'])} points/s "
           f"({f['flush_s']:.2f} s for the window); series only {fmt(so['flush_points_s'])}")
