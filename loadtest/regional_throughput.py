@@ -910,6 +910,9 @@ class RunResult:
     ack_ms: dict[str, float] = field(default_factory=dict)
     ack_ms_outside_close: dict[str, float] = field(default_factory=dict)
     stalls: list[dict[str, float]] = field(default_factory=list)
+    #: per process (ingest, merge): the longest event-loop stall (ms) and stalls over 50 ms
+    loop_stall_ms: dict[str, float] = field(default_factory=dict)
+    loop_stalls_over_50ms: dict[str, float] = field(default_factory=dict)
     regional_cpu_pct: float = 0.0
     regional_cpu_s: float = 0.0
     thread_cpu_pct: dict[str, float] = field(default_factory=dict)
@@ -1104,6 +1107,12 @@ def run_phase(
                         for st in ("accepted", "duplicate", "rejected", "retry")}
     res.batches = res.batch_status["accepted"]
     res.late_batches = metric(final, "stratoscope_regional_late_batches")
+    for proc in ("ingest", "merge"):
+        ns = "stratoscope_regional_event_loop"
+        res.loop_stall_ms[proc] = 1e3 * metric(final, f"{ns}_longest_stall_seconds", process=proc)
+        res.loop_stalls_over_50ms[proc] = (
+            metric(final, f"{ns}_stall_seconds_count", process=proc)
+            - metric(final, f"{ns}_stall_seconds_bucket", process=proc, le="0.05"))
     res.ingest_points_s = res.points / res.send_s
     res.e2e_points_s = res.points / el
     res.batches_s = res.batches / res.send_s
@@ -1577,8 +1586,12 @@ def report(args: argparse.Namespace, tinfo: dict[str, Any], parts: dict[str, Any
           f"{r.ack_ms_outside_close.get('p99', math.nan):.1f}")
         if r.flushes:
             big = sorted(r.flushes, key=lambda f: -f["flush_s"])[:3]
-            p("    window flushes (blocks, s on the event loop): " + ", ".join(
+            p("    window flushes (blocks, s from a window's close to its last frame queued): " + ", ".join(
                 f"{f['blocks']:.0f} blocks {f['flush_s']:.2f}s @{f['at_s']:.0f}s" for f in big))
+        if r.loop_stall_ms:
+            p("    longest event-loop stall: " + ", ".join(
+                f"{proc} {ms:.0f} ms ({r.loop_stalls_over_50ms.get(proc, 0):.0f} stalls over 50 ms)"
+                for proc, ms in r.loop_stall_ms.items()))
         if r.stalls:
             p("    slowest acks: " + ", ".join(
                 f"{s['max_ms']:.0f} ms @{s['t_s']:.0f}s ({s['s_after_window_close']:.0f}s after a close)"

@@ -18,6 +18,8 @@ of band, no pickle copy):
   them); ``Outcome(status, label)`` per other outcome (for the regional's /metrics);
   ``Barrier(n)`` echoed once every batch acked before it has been sent; ``Stopped()``
   last.
+  ``LoopLag(longest_s, stalls)`` every second: how long the ingest event loop was
+  kept from running (every ack waits that long).
 - regional -> ingest (``IngestCommand``): ``Pressure(blocks, held_full, closed)`` (the
   largest sink backlog: RETRY past the limit; whether the merge's windows hold their
   maximum of points: RETRY; whether the regional is draining: RETRY), ``Barrier(n)``,
@@ -45,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from stratoscope.regional import pipes
+from stratoscope.regional import looplag, pipes
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
 from stratoscope.regional.runtime import tune_gc
@@ -95,6 +97,14 @@ class Stopped:
 
 
 @dataclass(frozen=True, slots=True)
+class LoopLag:
+    """The ingest event loop's stalls over the last second (regional/looplag.py)."""
+
+    longest_s: float
+    stalls: list[float]
+
+
+@dataclass(frozen=True, slots=True)
 class Pressure:
     blocks: int
     held_full: bool
@@ -106,7 +116,7 @@ class Stop:
     grace_s: float
 
 
-IngestEvent = Listening | Accepted | Outcome | Barrier | Stopped
+IngestEvent = Listening | Accepted | Outcome | Barrier | Stopped | LoopLag
 IngestCommand = Pressure | Barrier | Stop
 
 
@@ -178,10 +188,15 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
     send_thread = threading.Thread(target=sender, name="ingest-handover", daemon=True)
     send_thread.start()
     out.put(Listening(port))
+    lag = looplag.Lag()
+    watchers = [asyncio.create_task(looplag.watch(lag)),
+                asyncio.create_task(_report_lag(lag, out))]
     while True:
         try:
             cmd = await loop.run_in_executor(None, chan.recv)
         except (EOFError, OSError):  # the regional is gone
+            for t in watchers:
+                t.cancel()
             await server.stop(0)
             return
         if isinstance(cmd, Pressure):
@@ -189,10 +204,21 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
         elif isinstance(cmd, Barrier):
             out.put(cmd)
         elif isinstance(cmd, Stop):
+            for t in watchers:
+                t.cancel()
             await server.stop(cmd.grace_s)
             out.put(Stopped())
             await loop.run_in_executor(None, send_thread.join)
             return
+
+
+async def _report_lag(lag: looplag.Lag, out: queue.SimpleQueue[IngestEvent],
+                      every_s: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        longest, stalls = lag.take()
+        if longest:
+            out.put(LoopLag(longest, stalls))
 
 
 class IngestProcess:
@@ -201,11 +227,13 @@ class IngestProcess:
     def __init__(self, listen: str, tls: ServerTls | None, limits: Limits, max_queued_blocks: int,
                  on_outcome: Callable[[int, str, None, None], None],
                  on_accepted: Callable[[memoryview, int | None], None],
-                 on_exit: Callable[[int | None], None] | None = None) -> None:
+                 on_exit: Callable[[int | None], None] | None = None,
+                 on_lag: Callable[[str, float, list[float]], None] | None = None) -> None:
         """``on_outcome(status, label, None, None)`` counts a batch the ingest process did
         not accept; ``on_accepted(packed columns, size)`` merges an accepted one (both in
         a reader thread); ``on_exit(code)`` is called in the event loop if the ingest
-        process dies on its own."""
+        process dies on its own; ``on_lag("ingest", longest_s, stalls)`` reports its
+        event loop's stalls (reader thread)."""
         self.listen = listen
         self.tls = tls
         self.limits = limits
@@ -213,6 +241,7 @@ class IngestProcess:
         self.on_outcome = on_outcome
         self.on_accepted = on_accepted
         self.on_exit = on_exit
+        self.on_lag = on_lag
         self.port = 0
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._chan: pipes.Channel[IngestCommand, IngestEvent] | None = None
@@ -262,6 +291,9 @@ class IngestProcess:
                     self.on_accepted(memoryview(msg.columns), msg.size)
                 elif isinstance(msg, Outcome):
                     self.on_outcome(msg.status, msg.label, None, None)
+                elif isinstance(msg, LoopLag):
+                    if self.on_lag is not None:
+                        self.on_lag("ingest", msg.longest_s, msg.stalls)
                 elif isinstance(msg, Listening):
                     self.port = msg.port
                     self._port_ready.set()

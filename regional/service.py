@@ -71,6 +71,23 @@ class RegionalMetrics:
         self.held_points = Gauge(f"{ns}_held_points", "Points and event rows held in windows not yet queued for the sinks (open, late, being reduced).", registry=registry)
         self.held_points_limit = Gauge(f"{ns}_held_points_limit", "Held points at which edges are told to RETRY (--max-held-points).", registry=registry)
         self.frame_fallbacks = Counter(f"{ns}_frame_fallbacks", "Windows reduced in-process because the forked frame child failed.", registry=registry)
+        self.loop_stalls = Histogram(
+            f"{ns}_event_loop_stall_seconds", "How late an event loop woke from a 10 ms timer, per stall over 1 ms, by process (ingest: acks wait that long; merge).",
+            ["process"], buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry)
+        self.loop_longest_stall = Gauge(
+            f"{ns}_event_loop_longest_stall_seconds", "The longest event-loop stall since start, by process.",
+            ["process"], registry=registry)
+        self._longest: dict[str, float] = {}
+
+    def observe_lag(self, process: str, longest_s: float, stalls: list[float]) -> None:
+        """Record one period's stalls of ``process``'s event loop (regional/looplag.py)."""
+        h = self.loop_stalls.labels(process)
+        for s in stalls:
+            h.observe(s)
+        if longest_s > self._longest.get(process, 0.0):
+            self._longest[process] = longest_s
+            self.loop_longest_stall.labels(process).set(longest_s)
 
 
 _STATUS: dict[int, str] = {ingest_pb2.Ack.ACCEPTED: "accepted", ingest_pb2.Ack.REJECTED: "rejected",
