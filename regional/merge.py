@@ -482,6 +482,35 @@ class Aggregator:
         return t, used_stacks(t, stacks)
 
 
+def release_windows(windows: list[_Window]) -> None:
+    """Free detached, already reduced windows one chunk at a time (run it in a worker
+    thread); ``windows`` is emptied.
+
+    Why: a window of a few thousand nodes holds hundreds of thousands of column
+    arrays. Dropped at once, they are freed in one deallocation cascade that holds the
+    GIL throughout: 1.9 s at ~600 k points/s (loadtest/regional_throughput.py, the
+    merge process's event-loop stall), during which the process neither merges nor
+    hands frames to the sinks. Freed one chunk per step, the interpreter hands the GIL
+    to the other threads between steps (sys.setswitchinterval).
+
+    Only containers private to the window are emptied: the string table is left whole
+    (frames reduced in this process share its list of strings).
+    """
+    while windows:
+        w = windows.pop()
+        for fams in (w.counters, w.hists):
+            while fams:
+                _, f = fams.popitem()
+                for chunks in vars(f).values():
+                    if isinstance(chunks, list):
+                        while chunks:
+                            chunks.pop()
+        for chunks in (w.profiles, w.events, w.stacks, w.gmaps.items):
+            while chunks:
+                chunks.pop()
+        w.gmaps._concat = None
+
+
 def _stack_table(chunks: list[tuple[I64, U32]]) -> Table:
     """A window's stacks (recorded chunks of new stacks) as one table, in id order."""
     if not chunks:  # profile rows whose stacks are all absent (-1)

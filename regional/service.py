@@ -25,7 +25,7 @@ from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
 from stratoscope.regional.frame import Block
 from stratoscope.regional.handover import unpack
-from stratoscope.regional.merge import Aggregator, MergeSettings
+from stratoscope.regional.merge import Aggregator, MergeSettings, release_windows
 from stratoscope.regional.validate import Limits
 from stratoscope.v1 import ingest_pb2
 
@@ -172,6 +172,9 @@ class Regional:
                 out = await self._reduce_and_queue(due) if due else []
             finally:
                 self._emitting_points -= emitting
+                # Off the event loop and piecewise: freeing a window at once holds the
+                # GIL for seconds (merge.release_windows).
+                await asyncio.to_thread(release_windows, due)
             self.metrics.flush_seconds.observe(time.perf_counter() - t0)
             open_ws = self.aggregator.open_windows()
             res_ns = self.aggregator.settings.resolution_s * 1_000_000_000

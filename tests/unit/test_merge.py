@@ -289,3 +289,30 @@ def test_held_points_count_series_and_event_rows_until_taken() -> None:
     assert agg.held_points() == 2 + 1 + 4
     assert len(agg.take_due(end + 120 * 1_000_000_000)) == 1
     assert agg.held_points() == 0
+
+
+def test_released_windows_are_emptied_and_their_frames_stay_whole() -> None:
+    """release_windows frees what the merge held, never what the frames it built hold."""
+    from stratoscope.regional.merge import release_windows
+
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0,
+                                   rollups=(Rollup("syscalls_total", ("syscall",)),)))
+    for node in ("a", "b"):
+        for slot in range(6):
+            h = Histogram()
+            h.add_slot(3, 2, 10)
+            agg.record(edge_batch(node, slot + 1, slot * 10,
+                                  {("read", f"p{slot}"): 5, ("write", "x"): 1},
+                                  {("read", "x"): h}))
+    due = agg.take_due(T0 + 61 * NS)
+    blocks = agg.emit(due)
+    before = totals(blocks, "syscalls_total"), hist_totals(blocks, "syscall_latency")
+    windows = list(due)
+    release_windows(due)
+    assert due == []
+    for w in windows:
+        assert not w.counters and not w.hists and not w.gmaps.items
+        assert w.strings.items  # frames built here share it: left whole
+    assert (totals(blocks, "syscalls_total"), hist_totals(blocks, "syscall_latency")) == before
+    assert before[0][("b", (("comm", "x"), ("syscall", "write")))] == 6
+    assert before[0][("", (("syscall", "read"),))] == 60
