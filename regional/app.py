@@ -23,6 +23,7 @@ from stratoscope.regional.config import QUEUE_MAX, QUEUE_RETRY, RegionalConfig
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.ingest import IngestProcess
 from stratoscope.regional.merge import MergeSettings
+from stratoscope.regional.rollups import declared_rollups
 from stratoscope.regional.runtime import tune_gc
 from stratoscope.regional.server import ServerTls
 from stratoscope.regional.service import Regional, flush_forever
@@ -42,9 +43,11 @@ def server_tls(config: RegionalConfig) -> ServerTls | None:
 
 
 def merge_settings(config: RegionalConfig) -> MergeSettings:
-    rollups: dict[str, Any] = {} if config.rollups is None else {"rollups": config.rollups}
+    rollups = config.rollups
+    if rollups is None:
+        rollups = declared_rollups(config.programs_dir)
     return MergeSettings(resolution_s=config.resolution_s, lateness_s=config.lateness,
-                         frame_nodes=config.frame_nodes, **rollups)
+                         frame_nodes=config.frame_nodes, rollups=rollups)
 
 
 async def check(config: RegionalConfig) -> int:

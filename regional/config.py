@@ -114,9 +114,19 @@ class RegionalConfig(BaseModel):
     #: stored; past it (checked every 0.2 s, so a soft bound) edges are answered RETRY
     #: until windows close. ~200-300 bytes of RSS each.
     max_held_points: int = Field(default=DEFAULT_MAX_HELD_POINTS, ge=1)
-    #: Roll-ups across nodes; None: those the program descriptions declare
-    #: (bpf/*.yaml, regional/rollups.py).
+    #: Program descriptions whose declared roll-ups apply: the edges' programs directory
+    #: when it holds programs beside the packaged ones; None: the packaged bpf/.
+    programs_dir: Path | None = None
+    #: Roll-ups across nodes; None: those the descriptions in ``programs_dir`` declare
+    #: (regional/rollups.py).
     rollups: tuple[Rollup, ...] | None = None
+
+    @field_validator("programs_dir")
+    @classmethod
+    def _programs_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not any(value.glob("*.yaml")):
+            raise ValueError(f"no program descriptions (*.yaml) in {str(value)!r}")
+        return value
     #: TLS of the ingest server; None: plaintext.
     tls: TlsSettings | None = None
     #: The ClickHouse sink; None (``none`` on the command line) disables it.

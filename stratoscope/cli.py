@@ -155,6 +155,8 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
      "points (series points and event rows) the merge may hold in windows not yet stored; past "
      "it (checked every 0.2 s, so a soft bound) edges are answered RETRY until windows close "
      "(~200-300 bytes of RSS each)"),
+    ("--programs-dir", "programs_dir",
+     "program descriptions (*.yaml) whose declared roll-ups apply (default: the packaged bpf/)"),
     ("--clickhouse", "clickhouse.dsn",
      "chdb:///DIR (embedded) or http(s)://user:pass@host:8123/db; 'none' disables"),
     ("--clickhouse-database", "clickhouse.database",

@@ -129,3 +129,18 @@ def test_a_new_program_brings_its_rollups(tmp_path: Path) -> None:
     assert declared_rollups(tmp_path) == (Rollup("x_total", ("op",)),)
 
 
+
+
+def test_a_regional_takes_the_rollups_of_its_programs_dir(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from stratoscope.regional.app import merge_settings
+    from stratoscope.regional.config import RegionalConfig
+
+    _write(tmp_path, _COUNTER.format(name="x", extra="", rollup="[op]"))
+    assert merge_settings(RegionalConfig(programs_dir=tmp_path)).rollups == (Rollup("x_total", ("op",)),)
+    assert merge_settings(RegionalConfig()).rollups == declared_rollups(ROOT / "bpf")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValidationError, match="no program descriptions"):
+        RegionalConfig(programs_dir=empty)
