@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stratoscope.edge.decoders.context import DecodeContext
-from stratoscope.edge.decoders.registry import get_decoder
 from stratoscope.edge.spec import CountersMap, EventsMap, FieldSpec, HistogramMap, ProfileMap
 
 __all__ = [
@@ -35,7 +34,7 @@ def _raw(value: Any) -> Any:
 def _decode_field(raw: Any, f: FieldSpec, ctx: DecodeContext) -> tuple[str, ...]:
     """One field's label values; a decoder that fails counts an error and yields
     "[error]" (and "" for its extra labels) instead of failing the whole drain."""
-    d = get_decoder(f.decoder)
+    d = f.decoder_def
     assert d.fn is not None
     try:
         values = d.fn(raw, f, ctx)

@@ -12,13 +12,14 @@ load time against the compiled program's real map layouts (see program.py).
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from stratoscope.edge.decoders.registry import get_decoder
+from stratoscope.edge.decoders.registry import Decoder, get_decoder
 from stratoscope.edge.errors import SpecError
 from stratoscope.resources import bpf_dir
 
@@ -79,13 +80,18 @@ class FieldSpec(_Strict):
     def label_name(self) -> str:
         return self.label or self.name
 
-    @property
+    @cached_property
+    def decoder_def(self) -> Decoder:
+        """The registered decoder (looked up once per field, not per decoded row)."""
+        return get_decoder(self.decoder)
+
+    @cached_property
     def labels(self) -> tuple[str, ...]:
         """Label names this field produces: none for padding and structural fields,
         else its own and the ones its decoder declares (cgroup adds "container")."""
         if self.padding:
             return ()
-        return get_decoder(self.decoder).labels(self.label_name)
+        return self.decoder_def.labels(self.label_name)
 
 
 def label_keys(fields: list[FieldSpec]) -> list[str]:

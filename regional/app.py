@@ -91,7 +91,7 @@ class RunningRegional:
                                      on_exit=lambda code: self.failed.set(),
                                      on_lag=self.regional.metrics.observe_lag)
         self._flusher: asyncio.Task[None] | None = None
-        self._lag_tasks: list[asyncio.Task[None]] = []
+        self._lag_monitor: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
         #: Holders of admission_closed(); while any, every batch is answered RETRY.
@@ -117,9 +117,8 @@ class RunningRegional:
             self.port = self._ingest.port
             self._backlog_task = asyncio.create_task(self._push_backlog())
             self._flusher = asyncio.create_task(flush_forever(self.regional))
-            lag = looplag.Lag()
-            self._lag_tasks = [asyncio.create_task(looplag.watch(lag)),
-                               asyncio.create_task(self._report_lag(lag))]
+            self._lag_monitor = asyncio.create_task(looplag.monitor(
+                lambda longest_s, stalls: self.regional.metrics.observe_lag("merge", longest_s, stalls)))
             if self.config.metrics_port:
                 self._metrics_server, _ = start_http_server(
                     self.config.metrics_port, addr=self.config.metrics_addr,
@@ -150,12 +149,6 @@ class RunningRegional:
                 self._pressure_sent = state
             if confirm:
                 await self._ingest.barrier()
-
-    async def _report_lag(self, lag: looplag.Lag, every_s: float = 1.0) -> None:
-        """This (the merge) process's event-loop stalls, to /metrics, every ``every_s``."""
-        while True:
-            await asyncio.sleep(every_s)
-            self.regional.metrics.observe_lag("merge", *lag.take())
 
     async def _push_backlog(self, every_s: float = 0.2) -> None:
         """Keep the ingest process's view of the pressure current."""
@@ -191,8 +184,7 @@ class RunningRegional:
         await asyncio.shield(self._stop_task)
 
     async def _stop(self, grace_s: float) -> None:
-        for t in self._lag_tasks:
-            await _cancel(t)
+        await _cancel(self._lag_monitor)
         await _cancel(self._backlog_task)
         await self._ingest.stop(grace_s)
         await _cancel(self._flusher)

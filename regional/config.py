@@ -9,7 +9,6 @@ where it came from, and the CLI exits 2.
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from stratoscope.regional.rollups import Rollup
 from stratoscope.regional.sinks.config import ClickHouseSettings, KafkaSettings, SinkSettings
-from stratoscope.settings import Duration, NonNegativeDuration
+from stratoscope.settings import Duration, NonNegativeDuration, readable_file
 
 __all__ = [
     "DEFAULT_DSN",
@@ -48,12 +47,6 @@ QUEUE_MAX = 6000
 DEFAULT_MAX_HELD_POINTS = 64_000_000
 
 
-def _readable(path: Path, what: str) -> Path:
-    if not os.access(path, os.R_OK) or not path.is_file():
-        raise ValueError(f"{what} {str(path)!r} is not a readable file")
-    return path
-
-
 class TlsSettings(BaseModel):
     """TLS of the ingest server; with ``client_ca``, mTLS and node identity from the
     client certificate's CN."""
@@ -72,10 +65,10 @@ class TlsSettings(BaseModel):
                              "tls needs cert and key (or leave tls out for plaintext)")
         if self.cert is None or self.key is None:
             raise ValueError("tls.cert and tls.key go together")
-        _readable(self.cert, "tls.cert")
-        _readable(self.key, "tls.key")
+        readable_file(self.cert, "tls.cert")
+        readable_file(self.key, "tls.key")
         if self.client_ca is not None:
-            _readable(self.client_ca, "tls.client_ca")
+            readable_file(self.client_ca, "tls.client_ca")
         return self
 
 

@@ -188,15 +188,17 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
     send_thread = threading.Thread(target=sender, name="ingest-handover", daemon=True)
     send_thread.start()
     out.put(Listening(port))
-    lag = looplag.Lag()
-    watchers = [asyncio.create_task(looplag.watch(lag)),
-                asyncio.create_task(_report_lag(lag, out))]
+
+    def report_lag(longest_s: float, stalls: list[float]) -> None:
+        if longest_s:
+            out.put(LoopLag(longest_s, stalls))
+
+    lag_monitor = asyncio.create_task(looplag.monitor(report_lag))
     while True:
         try:
             cmd = await loop.run_in_executor(None, chan.recv)
         except (EOFError, OSError):  # the regional is gone
-            for t in watchers:
-                t.cancel()
+            lag_monitor.cancel()
             await server.stop(0)
             return
         if isinstance(cmd, Pressure):
@@ -204,21 +206,11 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
         elif isinstance(cmd, Barrier):
             out.put(cmd)
         elif isinstance(cmd, Stop):
-            for t in watchers:
-                t.cancel()
+            lag_monitor.cancel()
             await server.stop(cmd.grace_s)
             out.put(Stopped())
             await loop.run_in_executor(None, send_thread.join)
             return
-
-
-async def _report_lag(lag: looplag.Lag, out: queue.SimpleQueue[IngestEvent],
-                      every_s: float = 1.0) -> None:
-    while True:
-        await asyncio.sleep(every_s)
-        longest, stalls = lag.take()
-        if longest:
-            out.put(LoopLag(longest, stalls))
 
 
 class IngestProcess:

@@ -48,3 +48,15 @@ async def watch(lag: Lag, every_s: float = WATCH_EVERY_S,
                 lag.samples = []
             lag.samples.append(late)
             lag.longest_s = max(lag.longest_s, late)
+
+
+async def monitor(report: Callable[[float, list[float]], None], every_s: float = 1.0) -> None:
+    """Watch this loop and ``report(longest_s, stalls)`` every ``every_s``; forever."""
+    lag = Lag()
+    watcher = asyncio.create_task(watch(lag))
+    try:
+        while True:
+            await asyncio.sleep(every_s)
+            report(*lag.take())
+    finally:
+        watcher.cancel()

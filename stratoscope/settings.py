@@ -9,6 +9,7 @@ where it came from, and no traceback (the CLI prints the ConfigError and exits 2
 from __future__ import annotations
 
 import copy
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "read_yaml",
+    "readable_file",
     "set_dotted",
     "validate_settings",
 ]
@@ -86,6 +88,14 @@ def _non_negative_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 #: Like Duration, but 0 is allowed (e.g. no allowed lateness).
 NonNegativeDuration = Annotated[float, BeforeValidator(_non_negative_duration)]
+
+
+def readable_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file this process can read (checked once, before anything
+    starts, so a wrong path is a setting error rather than a failure in a child)."""
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ValueError(f"{what} {str(path)!r} is not a readable file")
+    return path
 
 
 def read_yaml(path: Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:

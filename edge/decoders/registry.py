@@ -93,7 +93,14 @@ def decoder_names() -> frozenset[str]:
     return frozenset(_REGISTRY)
 
 
+_builtins_loaded = False
+
+
 def _load_builtins() -> None:
     # The built-in decoders register themselves on import; importing them here (not at
     # module top) keeps this module free of the decoders' own dependencies.
-    import stratoscope.edge.decoders.builtin  # noqa: F401
+    global _builtins_loaded
+    if not _builtins_loaded:
+        import stratoscope.edge.decoders.builtin  # noqa: F401
+
+        _builtins_loaded = True

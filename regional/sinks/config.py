@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from stratoscope.settings import Duration
+from stratoscope.settings import Duration, readable_file
 
 if TYPE_CHECKING:
     from stratoscope.regional.sinks.base import Sink
@@ -184,8 +184,8 @@ class KafkaSettings(SinkSettings):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
             path = getattr(self, name)
-            if path is not None and not os.access(path, os.R_OK):
-                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+            if path is not None:
+                readable_file(path, name)
         if self.sasl_password_env is not None and self.sasl_password_env not in os.environ:
             raise ValueError(f"environment variable {self.sasl_password_env!r} "
                              "(sasl_password_env) is not set")
