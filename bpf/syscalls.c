@@ -18,7 +18,14 @@
  * <map>_overflow_{0,1}[0]; one that finds the other map full too (which needs
  * garbage syscall numbers or a tiny OTHER_SERIES) is counted in slot [1], so no
  * increment is ever dropped silently. Counters flip with their maps, so one
- * window's counts match that window's "other" series exactly. */
+ * window's counts match that window's "other" series exactly.
+ *
+ * Sizing: MAX_SERIES series per map (latency: 4 entries per series, one per
+ * bucket) covers a busy node, 1,000 active processes with 30 kinds of syscalls
+ * each per interval, with room to spare. The aggregate maps are not
+ * preallocated, so their memory follows the series a node really has (an entry
+ * is allocated on a series' first increment in a window and freed by the drain)
+ * instead of MAX_SERIES x CPUs up front. */
 #include <uapi/linux/ptrace.h>
 #include "stratoscope.h"
 
@@ -26,8 +33,10 @@
 #define LATENCY 1
 #endif
 #ifndef MAX_SERIES
-#define MAX_SERIES 10240
+#define MAX_SERIES 65536
 #endif
+/* A latency series spreads over a few buckets (one entry per bucket). */
+#define LATENCY_ENTRIES (4 * MAX_SERIES)
 #ifndef OTHER_SERIES
 #define OTHER_SERIES 4096
 #endif
@@ -57,10 +66,10 @@ struct latency_key {
 };
 
 BPF_ARRAY(flip_ctl, u32, 1);
-BPF_PERCPU_HASH(counts_0, struct count_key, u64, MAX_SERIES);
-BPF_PERCPU_HASH(counts_1, struct count_key, u64, MAX_SERIES);
-BPF_HASH(errors_0, struct error_key, u64, MAX_SERIES);
-BPF_HASH(errors_1, struct error_key, u64, MAX_SERIES);
+BPF_F_TABLE("percpu_hash", struct count_key, u64, counts_0, MAX_SERIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash", struct count_key, u64, counts_1, MAX_SERIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct error_key, u64, errors_0, MAX_SERIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct error_key, u64, errors_1, MAX_SERIES, BPF_F_NO_PREALLOC);
 BPF_PERCPU_HASH(counts_other_0, struct count_key, u64, OTHER_SERIES);
 BPF_PERCPU_HASH(counts_other_1, struct count_key, u64, OTHER_SERIES);
 BPF_HASH(errors_other_0, struct error_key, u64, OTHER_SERIES);
@@ -71,8 +80,10 @@ BPF_PERCPU_ARRAY(counts_overflow_1, u64, 2);
 BPF_PERCPU_ARRAY(errors_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(errors_overflow_1, u64, 2);
 #if LATENCY
-BPF_PERCPU_HASH(latency_0, struct latency_key, struct strato_hist_val, MAX_SERIES);
-BPF_PERCPU_HASH(latency_1, struct latency_key, struct strato_hist_val, MAX_SERIES);
+BPF_F_TABLE("percpu_hash", struct latency_key, struct strato_hist_val, latency_0,
+            LATENCY_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash", struct latency_key, struct strato_hist_val, latency_1,
+            LATENCY_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_PERCPU_HASH(latency_other_0, struct latency_key, struct strato_hist_val, OTHER_SERIES);
 BPF_PERCPU_HASH(latency_other_1, struct latency_key, struct strato_hist_val, OTHER_SERIES);
 BPF_PERCPU_ARRAY(latency_overflow_0, u64, 2);
