@@ -22,10 +22,10 @@
  *
  * Sizing: MAX_SERIES series per map (latency: 4 entries per series, one per
  * bucket) covers a busy node, 1,000 active processes with 30 kinds of syscalls
- * each per interval, with room to spare. The aggregate maps are not
- * preallocated, so their memory follows the series a node really has (an entry
- * is allocated on a series' first increment in a window and freed by the drain)
- * instead of MAX_SERIES x CPUs up front. */
+ * each per interval, with room to spare. The maps are preallocated: a map
+ * that allocates as it goes (BPF_F_NO_PREALLOC) fails an insert with ENOMEM
+ * when a burst of new series outruns its per-CPU free list, which sent
+ * increments of a busy node to "other" although the map had room. */
 #include <uapi/linux/ptrace.h>
 #include "stratoscope.h"
 
@@ -39,9 +39,6 @@
 #define LATENCY_ENTRIES (4 * MAX_SERIES)
 #ifndef OTHER_SERIES
 #define OTHER_SERIES 4096
-#endif
-#ifndef MAX_THREADS
-#define MAX_THREADS 32768
 #endif
 
 struct count_key {
@@ -66,10 +63,10 @@ struct latency_key {
 };
 
 BPF_ARRAY(flip_ctl, u32, 1);
-BPF_F_TABLE("percpu_hash", struct count_key, u64, counts_0, MAX_SERIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("percpu_hash", struct count_key, u64, counts_1, MAX_SERIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct error_key, u64, errors_0, MAX_SERIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct error_key, u64, errors_1, MAX_SERIES, BPF_F_NO_PREALLOC);
+BPF_PERCPU_HASH(counts_0, struct count_key, u64, MAX_SERIES);
+BPF_PERCPU_HASH(counts_1, struct count_key, u64, MAX_SERIES);
+BPF_HASH(errors_0, struct error_key, u64, MAX_SERIES);
+BPF_HASH(errors_1, struct error_key, u64, MAX_SERIES);
 BPF_PERCPU_HASH(counts_other_0, struct count_key, u64, OTHER_SERIES);
 BPF_PERCPU_HASH(counts_other_1, struct count_key, u64, OTHER_SERIES);
 BPF_HASH(errors_other_0, struct error_key, u64, OTHER_SERIES);
@@ -80,41 +77,114 @@ BPF_PERCPU_ARRAY(counts_overflow_1, u64, 2);
 BPF_PERCPU_ARRAY(errors_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(errors_overflow_1, u64, 2);
 #if LATENCY
-BPF_F_TABLE("percpu_hash", struct latency_key, struct strato_hist_val, latency_0,
-            LATENCY_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("percpu_hash", struct latency_key, struct strato_hist_val, latency_1,
-            LATENCY_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_PERCPU_HASH(latency_0, struct latency_key, struct strato_hist_val, LATENCY_ENTRIES);
+BPF_PERCPU_HASH(latency_1, struct latency_key, struct strato_hist_val, LATENCY_ENTRIES);
 BPF_PERCPU_HASH(latency_other_0, struct latency_key, struct strato_hist_val, OTHER_SERIES);
 BPF_PERCPU_HASH(latency_other_1, struct latency_key, struct strato_hist_val, OTHER_SERIES);
 BPF_PERCPU_ARRAY(latency_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(latency_overflow_1, u64, 2);
-BPF_TABLE("lru_hash", u32, u64, start, MAX_THREADS);
+#endif
 
+/* What the hot path needs about the current task, kept in the task itself
+ * (task-local storage: no hash lookup, freed when the task exits):
+ * - its comm and cgroup, read with the helpers (~95 + ~50 ns) once and then
+ *   copied (gen says they are current: gen == ident_epoch[0] + 1);
+ * - with LATENCY, the entry timestamp and syscall number sys_enter left for
+ *   sys_exit (the number from sys_enter's arguments, not a probe read).
+ * A rename of the current task (prctl, exec) rewrites the cached comm from the
+ * tracepoint's argument; a rename of another task or a cgroup move bumps
+ * ident_epoch, so every task reads its comm and cgroup afresh once. */
+struct task_ident {
+    u64 ts;
+    u64 cgroup;
+    char comm[16];
+    u32 nr;
+    u32 gen;
+};
+
+BPF_TASK_STORAGE(tasks, struct task_ident);
+BPF_ARRAY(ident_epoch, u32, 1);
+
+static __always_inline u32 current_gen(void)
+{
+    u32 zero = 0;
+    u32 *e = ident_epoch.lookup(&zero);
+    return (e ? *e : 0) + 1;
+}
+
+RAW_TRACEPOINT_PROBE(task_rename)
+{
+    /* TP_PROTO(struct task_struct *task, const char *comm), fired before the copy. */
+    if (ctx->args[0] == bpf_get_current_task()) {
+        struct task_ident *t = tasks.task_storage_get(
+            (struct task_struct *)bpf_get_current_task_btf(), 0, 0);
+        if (t && t->gen == current_gen()) {
+            __builtin_memset(t->comm, 0, sizeof(t->comm));
+            bpf_probe_read_kernel_str(t->comm, sizeof(t->comm), (const char *)ctx->args[1]);
+        }
+        return 0;
+    }
+    u32 zero = 0;
+    u32 *e = ident_epoch.lookup(&zero);
+    if (e)
+        __sync_fetch_and_add(e, 1);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(cgroup_attach_task)
+{
+    u32 zero = 0;
+    u32 *e = ident_epoch.lookup(&zero);
+    if (e)
+        __sync_fetch_and_add(e, 1);
+    return 0;
+}
+
+#if LATENCY
 RAW_TRACEPOINT_PROBE(sys_enter)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 ts = bpf_ktime_get_ns();
-    u64 *slot = start.lookup(&tid);
-    if (slot)
-        *slot = ts;
-    else
-        start.update(&tid, &ts);
+    struct task_ident *t = tasks.task_storage_get(
+        (struct task_struct *)bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!t) {
+        /* No storage (allocation failed): this call's latency sample is lost, counted. */
+        u32 zero = 0, slot = 1, *flip = flip_ctl.lookup(&zero);
+        u64 *ovf = (flip && (*flip & 1)) ? latency_overflow_1.lookup(&slot)
+                                         : latency_overflow_0.lookup(&slot);
+        if (ovf)
+            *ovf += 1;
+        return 0;
+    }
+    t->nr = (u32)ctx->args[1];
+    t->ts = bpf_ktime_get_ns();
     return 0;
 }
 #endif
 
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
-    long nr = 0;
-#if defined(__x86_64__)
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-#elif defined(__aarch64__)
-    int nr32 = 0;
-    bpf_probe_read_kernel(&nr32, sizeof(nr32), &regs->syscallno);
-    nr = nr32;
+    long nr = -1;
+    struct task_ident *t = tasks.task_storage_get(
+        (struct task_struct *)bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+#if LATENCY
+    u64 ts = 0;
+    if (t && t->ts) {
+        ts = t->ts;
+        nr = (s32)t->nr;
+        t->ts = 0;
+    } else
 #endif
+    {
+        /* No sys_enter seen (in flight at attach, a new task's first return). */
+        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+#if defined(__x86_64__)
+        bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+#elif defined(__aarch64__)
+        int nr32 = 0;
+        bpf_probe_read_kernel(&nr32, sizeof(nr32), &regs->syscallno);
+        nr = nr32;
+#endif
+    }
     if (nr < 0)
         return 0;
 
@@ -124,8 +194,19 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 
     struct count_key key = {};
     key.syscall = (u32)nr;
-    key.cgroup = bpf_get_current_cgroup_id();
-    bpf_get_current_comm(&key.comm, sizeof(key.comm));
+    u32 gen = current_gen();
+    if (t && t->gen == gen) {
+        key.cgroup = t->cgroup;
+        __builtin_memcpy(key.comm, t->comm, sizeof(key.comm));
+    } else {
+        key.cgroup = bpf_get_current_cgroup_id();
+        bpf_get_current_comm(&key.comm, sizeof(key.comm));
+        if (t) {
+            t->cgroup = key.cgroup;
+            __builtin_memcpy(t->comm, key.comm, sizeof(key.comm));
+            t->gen = gen;
+        }
+    }
 
     u64 one = 1, init = 0, *cnt, *ovf;
     u32 slot;
@@ -185,12 +266,9 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     }
 
 #if LATENCY
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 *tsp = start.lookup(&tid);
-    if (!tsp || *tsp == 0)
+    if (!ts)
         return 0;
-    u64 delta = bpf_ktime_get_ns() - *tsp;
-    *tsp = 0;
+    u64 delta = bpf_ktime_get_ns() - ts;
     struct latency_key lkey = {};
     lkey.syscall = key.syscall;
     lkey.slot = strato_slot(delta);
