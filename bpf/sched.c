@@ -2,9 +2,10 @@
  * and comm, on-CPU time, voluntary and involuntary context switches.
  *
  * Formatted tracepoints only (their arguments are defined by the kernel's
- * format files, so no struct layout is read). The cgroup and comm of a task
- * are learned when it is switched out (it is `current` then) or forked, and
- * used when it is switched back in.
+ * format files, so no struct layout is read). Every update is keyed by the
+ * task being switched out, which is `current` (cgroup from the helper, comm
+ * from the record): a task's run-queue wait is measured when it is switched in
+ * and recorded when it is switched out again, so no map by pid holds comms.
  *
  * Full maps: an update that finds its map full (lookup_or_try_init returns
  * NULL) goes to the map's overflow series in <map>_other_{0,1} instead: comm
@@ -55,9 +56,21 @@ BPF_PERCPU_ARRAY(runq_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(runq_overflow_1, u64, 2);
 BPF_PERCPU_ARRAY(cpu_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(cpu_overflow_1, u64, 2);
-BPF_TABLE("lru_hash", u32, struct task_key, task_info, MAX_TASKS);
-BPF_TABLE("lru_hash", u32, u64, enqueued, MAX_TASKS);
-BPF_PERCPU_ARRAY(switched_in, u64, 1);
+/* Wakeup (or preemption) time per pid until the task is switched in; 0 once it
+ * has been. A plain hash written in place (an LRU update takes a lock on
+ * every wakeup); entries go when the task is freed. A wakeup that finds it
+ * full loses that run-queue sample, counted in runq_overflow_{0,1}[1]. */
+BPF_HASH(enqueued, u32, u64, MAX_TASKS);
+
+/* Per CPU: when the running task was switched in, and the run-queue wait it
+ * had (recorded when it is switched out again, when it is `current` and its
+ * comm and cgroup come from the tracepoint and a helper, not a map by pid). */
+struct cpu_state {
+    u64 since;
+    u64 waited;
+    u64 pending;
+};
+BPF_PERCPU_ARRAY(cpu_state, struct cpu_state, 1);
 
 static __always_inline u32 active_copy(void)
 {
@@ -66,23 +79,32 @@ static __always_inline u32 active_copy(void)
     return flip ? (*flip & 1) : 0;
 }
 
+static __always_inline void count_lost_runq(void)
+{
+    u32 lost = 1;
+    u64 *ovf = active_copy() ? runq_overflow_1.lookup(&lost) : runq_overflow_0.lookup(&lost);
+    if (ovf)
+        __sync_fetch_and_add(ovf, 1);
+}
+
+static __always_inline void mark_enqueued(u32 pid, u64 now)
+{
+    u64 *ts = enqueued.lookup(&pid);
+    if (ts)
+        *ts = now;
+    else if (enqueued.update(&pid, &now) != 0)
+        count_lost_runq();
+}
+
 TRACEPOINT_PROBE(sched, sched_wakeup)
 {
-    u32 pid = args->pid;
-    u64 now = bpf_ktime_get_ns();
-    enqueued.update(&pid, &now);
+    mark_enqueued(args->pid, bpf_ktime_get_ns());
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_wakeup_new)
 {
-    u32 pid = args->pid;
-    u64 now = bpf_ktime_get_ns();
-    struct task_key info = {};
-    info.cgroup = bpf_get_current_cgroup_id();  /* the parent's: a child starts there */
-    bpf_probe_read_kernel(&info.comm, sizeof(info.comm), args->comm);
-    task_info.update(&pid, &info);
-    enqueued.update(&pid, &now);
+    mark_enqueued(args->pid, bpf_ktime_get_ns());
     return 0;
 }
 
@@ -91,16 +113,16 @@ TRACEPOINT_PROBE(sched, sched_switch)
     u64 now = bpf_ktime_get_ns();
     u32 prev = args->prev_pid, next = args->next_pid, zero = 0;
     u32 active = active_copy();
+    struct cpu_state *cs = cpu_state.lookup(&zero);
+    if (!cs)
+        return 0;
 
     if (prev != 0) {
+        /* prev is current: its cgroup from the helper, its comm from the record. */
         struct task_key pk = {};
         pk.cgroup = bpf_get_current_cgroup_id();
         bpf_probe_read_kernel(&pk.comm, sizeof(pk.comm), args->prev_comm);
-        /* Write only when it changed (exec, cgroup move): most switches find it equal. */
-        struct task_key *known = task_info.lookup(&prev);
-        u64 *was = known ? (u64 *)known->comm : 0, *now_comm = (u64 *)pk.comm;
-        if (!was || known->cgroup != pk.cgroup || was[0] != now_comm[0] || was[1] != now_comm[1])
-            task_info.update(&prev, &pk);
+        int runnable = (args->prev_state & 0xff) == 0;
 
         struct cpu_val init = {}, *cv;
         if (active)
@@ -123,66 +145,63 @@ TRACEPOINT_PROBE(sched, sched_switch)
             if (ovf)
                 *ovf += 1;
         }
-        u64 *since = switched_in.lookup(&zero);
         if (cv) {
-            if (since && *since && now > *since)
-                cv->oncpu_ns += now - *since;
+            if (cs->since && now > cs->since)
+                cv->oncpu_ns += now - cs->since;
             /* Still runnable (state 0, or TASK_REPORT_MAX when preempted): involuntary. */
-            if ((args->prev_state & 0xff) == 0)
+            if (runnable)
                 cv->involuntary += 1;
             else
                 cv->voluntary += 1;
         }
-        if ((args->prev_state & 0xff) == 0)
-            enqueued.update(&prev, &now);
-    }
 
-    u64 *since = switched_in.lookup(&zero);
-    if (since)
-        *since = now;
+        if (cs->pending) {
+            u64 delta = cs->waited;
+            cs->pending = 0;
+            struct runq_key rk = {};
+            rk.slot = strato_slot(delta);
+            rk.cgroup = pk.cgroup;
+            __builtin_memcpy(rk.comm, pk.comm, sizeof(rk.comm));
+            struct strato_hist_val hinit = {}, *h;
+            if (active)
+                h = runq_1.lookup_or_try_init(&rk, &hinit);
+            else
+                h = runq_0.lookup_or_try_init(&rk, &hinit);
+            if (!h) {
+                struct runq_key okey = {};
+                okey.slot = rk.slot;
+                __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+                if (active)
+                    h = runq_other_1.lookup_or_try_init(&okey, &hinit);
+                else
+                    h = runq_other_0.lookup_or_try_init(&okey, &hinit);
+                u32 oslot = h ? 0 : 1;
+                u64 *ovf;
+                if (active)
+                    ovf = runq_overflow_1.lookup(&oslot);
+                else
+                    ovf = runq_overflow_0.lookup(&oslot);
+                if (ovf)
+                    *ovf += 1;
+            }
+            if (h) {
+                h->count += 1;
+                h->sum += delta;
+            }
+        }
+        if (runnable)
+            mark_enqueued(prev, now);
+    }
+    cs->since = now;
+    cs->pending = 0;
 
     if (next == 0)
         return 0;
     u64 *tsp = enqueued.lookup(&next);
-    if (!tsp)
-        return 0;
-    u64 delta = now - *tsp;
-    enqueued.delete(&next);
-
-    struct runq_key rk = {};
-    struct task_key *info = task_info.lookup(&next);
-    if (info) {
-        rk.cgroup = info->cgroup;
-        __builtin_memcpy(rk.comm, info->comm, sizeof(rk.comm));
-    } else {
-        bpf_probe_read_kernel(&rk.comm, sizeof(rk.comm), args->next_comm);
-    }
-    rk.slot = strato_slot(delta);
-    struct strato_hist_val hinit = {}, *h;
-    if (active)
-        h = runq_1.lookup_or_try_init(&rk, &hinit);
-    else
-        h = runq_0.lookup_or_try_init(&rk, &hinit);
-    if (!h) {
-        struct runq_key okey = {};
-        okey.slot = rk.slot;
-        __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
-        if (active)
-            h = runq_other_1.lookup_or_try_init(&okey, &hinit);
-        else
-            h = runq_other_0.lookup_or_try_init(&okey, &hinit);
-        u32 oslot = h ? 0 : 1;
-        u64 *ovf;
-        if (active)
-            ovf = runq_overflow_1.lookup(&oslot);
-        else
-            ovf = runq_overflow_0.lookup(&oslot);
-        if (ovf)
-            *ovf += 1;
-    }
-    if (h) {
-        h->count += 1;
-        h->sum += delta;
+    if (tsp && *tsp) {
+        cs->waited = now > *tsp ? now - *tsp : 0;
+        cs->pending = 1;
+        *tsp = 0;
     }
     return 0;
 }
@@ -190,7 +209,6 @@ TRACEPOINT_PROBE(sched, sched_switch)
 TRACEPOINT_PROBE(sched, sched_process_free)
 {
     u32 pid = args->pid;
-    task_info.delete(&pid);
     enqueued.delete(&pid);
     return 0;
 }
