@@ -85,6 +85,36 @@ BPF_PERCPU_ARRAY(latency_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(latency_overflow_1, u64, 2);
 #endif
 
+/* One call in counts (or its overflow series). With LATENCY, a call with a
+ * latency sample is counted by the sample instead: syscalls_total adds both
+ * maps (plus_samples_of in syscalls.yaml), so the hot path updates one map. */
+static __always_inline void count_call(struct count_key *key, u32 active)
+{
+    u64 init = 0, *cnt, *ovf;
+    if (active)
+        cnt = counts_1.lookup_or_try_init(key, &init);
+    else
+        cnt = counts_0.lookup_or_try_init(key, &init);
+    if (!cnt) {
+        struct count_key okey = {};
+        okey.syscall = key->syscall;
+        __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
+        if (active)
+            cnt = counts_other_1.lookup_or_try_init(&okey, &init);
+        else
+            cnt = counts_other_0.lookup_or_try_init(&okey, &init);
+        u32 slot = cnt ? 0 : 1;
+        if (active)
+            ovf = counts_overflow_1.lookup(&slot);
+        else
+            ovf = counts_overflow_0.lookup(&slot);
+        if (ovf)
+            *ovf += 1;
+    }
+    if (cnt)
+        *cnt += 1;
+}
+
 /* What the hot path needs about the current task, kept in the task itself
  * (task-local storage: no hash lookup, freed when the task exits):
  * - its comm and cgroup, read with the helpers (~95 + ~50 ns) once and then
@@ -208,31 +238,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         }
     }
 
-    u64 one = 1, init = 0, *cnt, *ovf;
+    u64 one = 1, init = 0, *ovf;
     u32 slot;
-    if (active)
-        cnt = counts_1.lookup_or_try_init(&key, &init);
-    else
-        cnt = counts_0.lookup_or_try_init(&key, &init);
-    if (!cnt) {
-        struct count_key okey = {};
-        okey.syscall = key.syscall;
-        __builtin_memcpy(okey.comm, OTHER_COMM, sizeof(OTHER_COMM));
-        if (active)
-            cnt = counts_other_1.lookup_or_try_init(&okey, &init);
-        else
-            cnt = counts_other_0.lookup_or_try_init(&okey, &init);
-        slot = cnt ? 0 : 1;
-        if (active)
-            ovf = counts_overflow_1.lookup(&slot);
-        else
-            ovf = counts_overflow_0.lookup(&slot);
-        if (ovf)
-            *ovf += 1;
-    }
-    if (cnt)
-        *cnt += 1;
-
     if (ret < 0 && ret >= -4095) {
         struct error_key ekey = {};
         ekey.syscall = key.syscall;
@@ -266,8 +273,11 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     }
 
 #if LATENCY
-    if (!ts)
+    if (!ts) {
+        /* No latency sample for this call: count it in counts. */
+        count_call(&key, active);
         return 0;
+    }
     u64 delta = bpf_ktime_get_ns() - ts;
     struct latency_key lkey = {};
     lkey.syscall = key.syscall;
@@ -300,6 +310,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         h->count += 1;
         h->sum += delta;
     }
+#else
+    count_call(&key, active);
 #endif
     return 0;
 }

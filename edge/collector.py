@@ -218,6 +218,21 @@ class Collector:
         raw = p.read_idle()
         limit = self.cfg.limits.series_per_metric
         n_series = 0
+        # Histograms first: a counter may also count a histogram's samples (taken
+        # here, before the bound folds histograms into one another).
+        hists: dict[str, dict[Labels, Histogram]] = {}
+        samples: dict[str, dict[Labels, int]] = {}
+        for rm in raw.maps:
+            m = rm.spec
+            if isinstance(m, HistogramMap):
+                hist = decode_histogram(m, rm.rows, self.ctx)
+                if rm.other_rows:
+                    _merge_other(
+                        hist, decode_histogram(m, rm.other_rows, self.ctx), label_keys(m.key),
+                        unbounded_labels(m.key), _merge_hist,
+                    )
+                hists[m.name] = hist
+                samples[m.name] = {labels: h.count for labels, h in hist.items() if h.count}
         for rm in raw.maps:
             m = rm.spec
             if isinstance(m, CountersMap | HistogramMap | ProfileMap) and m.overflow:
@@ -232,8 +247,11 @@ class Collector:
                     for metric, series in other.items():
                         _merge_other(decoded[metric], series, keys, unb, int.__add__)
                 for v in m.values:
+                    counted = decoded[v.metric]
+                    for labels, n in samples.get(v.plus_samples_of or "", {}).items():
+                        counted[labels] = counted.get(labels, 0) + n
                     series, folded = bound_series(
-                        decoded[v.metric], keys, unb, limit, int, int.__add__
+                        counted, keys, unb, limit, int, int.__add__
                     )
                     self._count_folded(p.name, v.metric, folded)
                     n_series += len(series)
@@ -241,14 +259,8 @@ class Collector:
                     b.add_counters(v.metric, v.unit, v.help, keys, series, kind)
             elif isinstance(m, HistogramMap):
                 keys = label_keys(m.key)
-                hist = decode_histogram(m, rm.rows, self.ctx)
-                if rm.other_rows:
-                    _merge_other(
-                        hist, decode_histogram(m, rm.other_rows, self.ctx), keys,
-                        unbounded_labels(m.key), _merge_hist,
-                    )
                 hist, folded = bound_series(
-                    hist, keys, unbounded_labels(m.key), limit,
+                    hists[m.name], keys, unbounded_labels(m.key), limit,
                     lambda h: h.count, _merge_hist,
                 )
                 self._count_folded(p.name, m.metric, folded)

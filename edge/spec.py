@@ -133,6 +133,11 @@ class ValueSpec(_Strict):
     kind: Literal["counter", "gauge"] = "counter"
     #: Labels the regional's roll-up across nodes keeps (none: no roll-up).
     rollup: RollupLabels | None = None
+    #: A histogram map of the same program whose samples this counter also counts,
+    #: per label set (its bucket dropped): the kernel counts an event either here
+    #: or as a sample there, so the hot path updates one map, not two. Ignored
+    #: when that map does not exist for the program's parameters.
+    plus_samples_of: str | None = None
 
 
 class ParamSpec(_Strict):
@@ -284,10 +289,28 @@ class ProgramSpec(_Strict):
                 names.add(n)
             if m.when is not None and m.when not in self.params:
                 raise ValueError(f"map {m.name!r}: 'when' names unknown param {m.when!r}")
+            if isinstance(m, CountersMap):
+                for v in m.values:
+                    if v.plus_samples_of is not None:
+                        self._check_samples_of(m, v)
         for pe in self.perf_events:
             if pe.frequency_param not in self.params:
                 raise ValueError(f"perf event {pe.fn!r}: unknown param {pe.frequency_param!r}")
         return self
+
+    def _check_samples_of(self, m: CountersMap, v: ValueSpec) -> None:
+        target = next((h for h in self.maps if h.name == v.plus_samples_of), None)
+        if not isinstance(target, HistogramMap):
+            raise ValueError(
+                f"metric {v.metric!r}: plus_samples_of {v.plus_samples_of!r} is not a "
+                "histogram map of this program"
+            )
+        if label_keys(target.key) != label_keys(m.key):
+            raise ValueError(
+                f"metric {v.metric!r}: histogram {target.name!r} has labels "
+                f"({', '.join(label_keys(target.key))}), the counter "
+                f"({', '.join(label_keys(m.key))})"
+            )
 
     def active_maps(self, params: dict[str, int]) -> list[MapSpec]:
         """Maps that exist for these compile-time parameters."""

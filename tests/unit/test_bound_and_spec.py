@@ -82,6 +82,30 @@ maps:
         load_spec(p)
 
 
+def test_plus_samples_of_names_a_histogram_with_the_same_labels(tmp_path: Path) -> None:
+    head = """program: x
+help: h
+source: x.c
+maps:
+  - name: c
+    kind: counters
+    key: [{name: f, type: u32}]
+    values: [{metric: c_total, help: h, plus_samples_of: %s}]
+  - name: lat
+    kind: histogram
+    metric: lat
+    help: h
+    key: [{name: slot, type: u32, decoder: bucket}, %s]
+"""
+    ok = _write(tmp_path, head % ("lat", "{name: f, type: u32}"))
+    counters = load_spec(ok).maps[0]
+    assert counters.kind == "counters" and counters.values[0].plus_samples_of == "lat"
+    with pytest.raises(SpecError, match="plus_samples_of 'c' is not a histogram map"):
+        load_spec(_write(tmp_path, head % ("c", "{name: f, type: u32}")))
+    with pytest.raises(SpecError, match=r"histogram 'lat' has labels \(g\), the counter \(f\)"):
+        load_spec(_write(tmp_path, head % ("lat", "{name: g, type: u32}")))
+
+
 def test_spec_program_must_match_file_name(tmp_path: Path) -> None:
     p = _write(tmp_path, "program: y\nhelp: h\nsource: x.c\nmaps: []\n")
     with pytest.raises(SpecError, match="must match the file name"):
