@@ -256,12 +256,18 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 
 TRACEPOINT_PROBE(tcp, tcp_probe)
 {
+    /* Runs on every segment: the remote address is read straight from the
+     * record (sockaddr_in / sockaddr_in6 as 28 bytes), no helper calls. */
     struct rtt_key k = {};
-    u16 port = 0;
-    struct conn_key tmp = {};
-    key_from_sockaddr(&tmp, args->daddr, &port);
-    __builtin_memcpy(k.raddr, tmp.raddr, 16);
-    k.family = tmp.family;
+    u16 family = args->family;
+    k.family = family;
+    if (family == AF_INET) {
+        k.raddr[10] = 0xff;
+        k.raddr[11] = 0xff;
+        __builtin_memcpy(k.raddr + 12, (const u8 *)args->daddr + 4, 4);
+    } else {
+        __builtin_memcpy(k.raddr, (const u8 *)args->daddr + 8, 16);
+    }
     u64 srtt = args->srtt;  /* microseconds */
     k.slot = strato_slot(srtt);
     struct strato_hist_val hinit = {}, *h;

@@ -15,8 +15,9 @@ per-round differences/ratios against that round's bare run):
    for this phase, then restored; never on during the timed rounds).
 3. HTTP on 127.0.0.1 (nginx + wrk if installed, else the C server/client in
    loadtest/workloads/) bare vs all six programs (after the collector's first
-   drain) vs all six with no drain in the run: requests/s, loss %, CPU per
-   request; then one untimed run with bpf_stats on for BPF ns per request.
+   drain) vs all six with syscall latency off vs all six with no drain in the
+   run: requests/s, loss %, CPU per request; then one untimed run with
+   bpf_stats on for BPF ns per request and per program.
 4. profile at 19 Hz: a CPU-bound C loop bare vs only the `profile` program.
 5. collector user-space cost: all six programs, default 10 s interval, for
    --idle-seconds then --steady-seconds; CPU % of one core and RSS from
@@ -1123,6 +1124,11 @@ def print_summary(res: dict[str, Any]) -> None:
             print(f"{'  BPF time per request':<30} {b['bpf_us_per_req']:.1f} us (bpf_stats run; bare "
                   f"total CPU {h['summary']['bare']['cpu_us_per_req']:.1f} us/request; largest: "
                   f"{top['function']} {top['ns_per_req'] / 1000:.1f} us)")
+        nl = h.get("loss_pct", {}).get("strato-all-nolat")
+        if nl is not None:
+            print(f"{'  syscalls without latency':<30} {nl:.2f} % fewer requests/s, "
+                  f"{h['cpu_loss_pct']['strato-all-nolat']:.2f} % per CPU second "
+                  "(all six, syscalls.LATENCY=0)")
         nd = h.get("loss_pct", {}).get("strato-all-nodrain")
         if nd is not None:
             print(f"{'  no drain in the run':<30} {nd:.2f} % fewer requests/s, "
@@ -1274,7 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
         if "http" in phases:
             all_six.failed = None
             nodrain = strato("strato-all-nodrain", exe, ALL_PROGRAMS, [], interval="3600s")
-            res["http"] = phase_http(args, [bare, all_six, nodrain], tmp, rng)
+            nolat = strato("strato-all-nolat", exe, ALL_PROGRAMS, ["syscalls.LATENCY=0"])
+            res["http"] = phase_http(args, [bare, all_six, nolat, nodrain], tmp, rng)
             print_http(res["http"])
             sys.stdout.flush()
         if "profile" in phases:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from stratoscope.edge.bound import OTHER
 from stratoscope.edge.decoders.cgroups import find_cgroup2_mount
 from tests.conftest import run_edge, unique_comm
 
@@ -105,6 +106,11 @@ def test_tcp_opens_closes_lifetimes_and_reset() -> None:
     assert run.counter("tcp_opens_total", port=p, remote="127.0.0.1") == 102
     lifetimes = run.histograms("tcp_connection_lifetime", port=p, direction="active")
     assert sum(h["count"] for h in lifetimes) == 51
+    # Segments on loopback: smoothed RTTs by remote address, IPv4 read from the record.
+    srtt = run.histograms("tcp_srtt", remote="127.0.0.1", family="ipv4")
+    assert sum(h["count"] for h in srtt) > 0
+    assert all(s["labels"]["remote"] in ("127.0.0.1", OTHER)
+               for s in run.histograms("tcp_srtt", family="ipv4"))
 
 
 def _block_device_of(path: Path) -> str:
