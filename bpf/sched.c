@@ -121,7 +121,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         /* prev is current: its cgroup from the helper, its comm from the record. */
         struct task_key pk = {};
         pk.cgroup = bpf_get_current_cgroup_id();
-        bpf_probe_read_kernel(&pk.comm, sizeof(pk.comm), args->prev_comm);
+        __builtin_memcpy(pk.comm, args->prev_comm, sizeof(pk.comm));  /* loads from the record */
         int runnable = (args->prev_state & 0xff) == 0;
 
         struct cpu_val init = {}, *cv;
