@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 from pathlib import Path
 
@@ -40,3 +41,19 @@ def test_batches_are_contiguous_windows() -> None:
     for prev, cur in zip(run.batches, run.batches[1:], strict=False):
         assert cur["start_ns"] == prev["end_ns"]
         assert cur["boot_id"] == prev["boot_id"]
+
+
+def test_a_thread_renamed_by_another_is_counted_under_its_new_name(
+    workload_bin: dict[str, Path]
+) -> None:
+    """The program caches each task's comm; a rename through /proc by another
+    thread must still put every later call under the new name."""
+    if platform.machine() != "x86_64":
+        pytest.fail(f"401 is an unassigned x86_64 number; pick one for {platform.machine()}")
+    comm = unique_comm("rnm")
+    with run_edge(["syscalls"], interval=0.3) as run:
+        subprocess.run([str(workload_bin["rename_thread"]), comm, "3000", "401"], check=True)
+    assert run.counter("syscalls_total", syscall="sys_401", comm=comm) == 3000
+    assert run.counter("syscall_errors_total", syscall="sys_401", comm=comm, errno="ENOSYS") == 3000
+    assert sum(h["count"] for h in run.histograms("syscall_latency", syscall="sys_401",
+                                                   comm=comm)) == 3000
