@@ -25,6 +25,9 @@ struct k32 { u64 a; u64 b; char c[16]; };
 BPF_PERCPU_HASH(h32, struct k32, u64, 10240);
 BPF_PERCPU_HASH(h8, u64, u64, 10240);
 BPF_ARRAY(flip, u32, 1);
+struct ident { u64 ts; u64 cgroup; char comm[16]; u32 nr; u32 gen; };
+BPF_TASK_STORAGE(tasks, struct ident);
+BPF_TABLE("lru_hash", u32, u64, lru, 32768);
 RAW_TRACEPOINT_PROBE(sys_exit) { %s return 0; }
 """
 
@@ -35,6 +38,15 @@ VARIANTS: dict[str, str] = {
     "orig_ax (probe_read)": (
         "long nr = 0; struct pt_regs *regs = (struct pt_regs *)ctx->args[0];"
         " bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax); if (nr == -1) return 1;"
+    ),
+    "ktime": "u64 t = bpf_ktime_get_ns(); if (t == 7) return 1;",
+    "task storage get": (
+        "struct ident *t = tasks.task_storage_get((struct task_struct *)"
+        "bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE); if (t && t->gen == 7) return 1;"
+    ),
+    "LRU hash by tid, lookup": (
+        "u32 tid = (u32)bpf_get_current_pid_tgid(); u64 z = 0, *v = lru.lookup(&tid);"
+        " if (!v) lru.update(&tid, &z); else if (*v == 7) return 1;"
     ),
     "cgroup id": "u64 cg = bpf_get_current_cgroup_id(); if (cg == 7) return 1;",
     "comm": "char c[16]; bpf_get_current_comm(&c, sizeof(c)); if (c[0] == 7) return 1;",
