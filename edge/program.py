@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -140,6 +141,51 @@ def _sum_cpus(value: Any, percpu: bool) -> Any:
 
 _FDINFO_RE = re.compile(r"^(run_time_ns|run_cnt):\s+(\d+)$", re.M)
 
+#: Entries read per BPF_MAP_LOOKUP_AND_DELETE_BATCH call. BCC's own
+#: items_lookup_and_delete_batch() allocates (and zeroes) buffers for the map's
+#: max_entries on every call: tens of MB per drain for maps sized for a busy
+#: node, which showed as collector CPU and RSS swings. A fixed window, kept per
+#: map, costs what the entries present cost.
+DRAIN_BATCH = 4096
+
+
+class _Drainer:
+    """Reads and deletes a map's entries in fixed-size batches, buffers reused."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.percpu = hasattr(table, "sLeaf")
+        self.keys = (table.Key * DRAIN_BATCH)()
+        self.values = (table.Leaf * DRAIN_BATCH)()
+        self.is_struct = hasattr(table.Key, "_fields_")
+
+    def drain(self) -> list[tuple[Any, Any]]:
+        from bcc.libbcc import lib
+
+        rows: list[tuple[Any, Any]] = []
+        token = ct.c_uint32(0)
+        count = ct.c_uint32(0)
+        first = True
+        key_type = self.table.Key
+        while True:
+            count.value = DRAIN_BATCH
+            res = lib.bpf_lookup_and_delete_batch(
+                self.table.map_fd, None if first else ct.byref(token), ct.byref(token),
+                ct.byref(self.keys), ct.byref(self.values), ct.byref(count),
+            )
+            err = ct.get_errno()
+            for i in range(count.value):
+                key = self.keys[i]
+                rows.append((
+                    key_type.from_buffer_copy(key) if self.is_struct else key,
+                    _sum_cpus(self.values[i], self.percpu),
+                ))
+            if res != 0:
+                if err == errno.ENOENT:
+                    return rows
+                raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err)}")
+            first = False
+
 
 class LoadedProgram:
     """One compiled and attached BPF program plus its description."""
@@ -158,6 +204,7 @@ class LoadedProgram:
         self._active = 0
         self._bpf_dir = bpf_dir
         self._event_sink: Callable[[str, bytes], None] | None = None
+        self._drainers: dict[str, _Drainer] = {}
 
     # -- lifecycle -------------------------------------------------------
     def load(self, on_event: Callable[[str, bytes], None] | None = None) -> None:
@@ -273,18 +320,9 @@ class LoadedProgram:
         for m in self.maps:
             if isinstance(m, EventsMap):
                 continue
-            table = self._bpf[f"{m.name}_{idle}".encode()]
-            percpu = hasattr(table, "sLeaf")
-            rows = [
-                (k, _sum_cpus(v, percpu)) for k, v in table.items_lookup_and_delete_batch()
-            ]
-            raw = RawMap(spec=m, rows=rows)
+            raw = RawMap(spec=m, rows=self._drain(f"{m.name}_{idle}"))
             if isinstance(m, CountersMap | HistogramMap | ProfileMap) and m.overflow:
-                other = self._bpf[f"{m.name}_other_{idle}".encode()]
-                raw.other_rows = [
-                    (k, _sum_cpus(v, hasattr(other, "sLeaf")))
-                    for k, v in other.items_lookup_and_delete_batch()
-                ]
+                raw.other_rows = self._drain(f"{m.name}_other_{idle}")
                 # The idle copy is quiescent after the flip, so read-then-zero loses nothing.
                 counts = self._bpf[f"{m.name}_overflow_{idle}".encode()]
                 per_slot = [sum(int(x) for x in counts[ct.c_int(i)]) for i in range(OVERFLOW_SLOTS)]
@@ -295,6 +333,13 @@ class LoadedProgram:
             if isinstance(m, ProfileMap):
                 out.stacks[m.name] = self._read_stacks(f"{m.stack_map}_{idle}")
         return out
+
+    def _drain(self, name: str) -> list[tuple[Any, Any]]:
+        """Read and delete every entry of one map copy, values summed over CPUs."""
+        drainer = self._drainers.get(name)
+        if drainer is None:
+            drainer = self._drainers[name] = _Drainer(self._bpf[name.encode()])
+        return drainer.drain()
 
     def _read_stacks(self, name: str) -> dict[int, list[int]]:
         table = self._bpf[name.encode()]
