@@ -7,9 +7,12 @@ its whole life. Harmless where malloc_trim does not exist (non-glibc).
 Compiling also pages in ~80 MB of the compiler's own code (libLLVM and
 libclang-cpp, file-backed), which stays resident, and counted in the
 collector's RSS, although nothing runs it again once the programs are loaded.
-``release_compiler_pages`` asks the kernel to reclaim those pages
-(MADV_PAGEOUT, Linux 5.4+); they are clean file pages, so they are dropped,
-not written anywhere, and would simply fault back in if the compiler ran again.
+``release_compiler_pages`` drops them from the collector's page tables: the
+code (r-xp: clean file pages, never written) with MADV_DONTNEED, which works
+even while another process maps the same library; everything else of those
+libraries with MADV_PAGEOUT (Linux 5.4+), which only reclaims what nothing else
+maps and never discards a written page. Either way a page the compiler needs
+again simply faults back in.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+MADV_DONTNEED = 4
 MADV_PAGEOUT = 21
 #: Shared objects that only the BPF compiler runs.
 _COMPILER_LIBS = re.compile(r"/lib(LLVM|clang|clang-cpp)[-.][^/]*$")
-_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s+(\S.*)$")
+_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s+(\S.*)$")
 
 
 @functools.cache
@@ -38,14 +42,15 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def compiler_mappings(maps_text: str) -> list[tuple[int, int]]:
-    """(start, length) of every mapping of a compiler library in a /proc/PID/maps text."""
+def compiler_mappings(maps_text: str) -> list[tuple[int, int, bool]]:
+    """(start, length, is code) of every mapping of a compiler library in a
+    /proc/PID/maps text; code is r-xp (read-only, executable, private)."""
     out = []
     for line in maps_text.splitlines():
         m = _MAPS_LINE.match(line)
-        if m and _COMPILER_LIBS.search(m.group(3)):
+        if m and _COMPILER_LIBS.search(m.group(4)):
             start, end = int(m.group(1), 16), int(m.group(2), 16)
-            out.append((start, end - start))
+            out.append((start, end - start, m.group(3) == "r-xp"))
     return out
 
 
@@ -63,8 +68,9 @@ def release_compiler_pages(maps_path: Path = Path("/proc/self/maps")) -> int:
     except OSError:
         return 0
     advised = 0
-    for start, length in regions:
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_PAGEOUT) == 0:
+    for start, length, code in regions:
+        advice = MADV_DONTNEED if code else MADV_PAGEOUT
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0:
             advised += length
     return advised
 

@@ -18,7 +18,8 @@ MAPS = """\
 
 def test_only_llvm_and_clang_libraries_are_picked() -> None:
     assert compiler_mappings(MAPS) == [
-        (0x7F0000000000, 0x100000), (0x7F0000100000, 0x300000), (0x7F0001000000, 0x200000),
+        (0x7F0000000000, 0x100000, False), (0x7F0000100000, 0x300000, True),
+        (0x7F0001000000, 0x200000, True),
     ]
 
 
