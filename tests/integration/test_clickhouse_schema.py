@@ -229,3 +229,74 @@ def test_users_get_a_hash_of_their_password_never_the_password(
                                        "'GRAFANA_CH_PW' is not set\n")
     assert main(["schema", "grants", "--user", "admin=x:env:Y"]) == 2
     assert "unknown user kind 'admin'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- retention
+
+
+def ttl_of(anchor: Any, db: str, table: str) -> str:
+    query = rows(anchor, "SELECT create_table_query FROM system.tables WHERE database = {db:String}"
+                         " AND name = {t:String}", db=db, t=table)[0][0]
+    m = re.search(r" TTL (.+?)(?: SETTINGS |$)", query)
+    assert m, query
+    return m.group(1)
+
+
+def test_retention_changes_ttls_once_and_defaults_change_nothing(anchor: Any) -> None:
+    from stratoscope.regional.sinks.clickhouse_retention import (
+        Retention,
+        apply_retention,
+        retention_drift,
+    )
+
+    db = f"r_{uuid.uuid4().hex[:12]}"
+    apply_migrations(anchor, db)
+    before = {t: ttl_of(anchor, db, t) for t in ("metric_points", "series", "events", "profile_stacks")}
+    # the defaults are the schema's TTLs: a store whose settings say nothing is left alone
+    assert retention_drift(anchor, db, Retention()) == {}
+    assert apply_retention(anchor, db, Retention()) == []
+    assert {t: ttl_of(anchor, db, t) for t in before} == before
+
+    wanted = Retention(raw=30, hourly=500, events=10)
+    assert apply_retention(anchor, db, wanted) == [
+        "metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h", "series", "events"]
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 30))"
+    assert ttl_of(anchor, db, "histogram_points") == "ts + toIntervalDay(if(resolution < 60, 7, 30))"
+    assert ttl_of(anchor, db, "metric_points_1h") == "ts + toIntervalDay(500)"
+    assert ttl_of(anchor, db, "series") == "last_seen + toIntervalDay(501)"
+    assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(10)"
+    assert ttl_of(anchor, db, "profile_stacks") == before["profile_stacks"]
+    # applied twice: nothing to do
+    assert apply_retention(anchor, db, wanted) == []
+    # and back to the defaults
+    assert set(apply_retention(anchor, db, Retention())) == {
+        "metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h", "series", "events"}
+    assert retention_drift(anchor, db, Retention()) == {}
+
+
+async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrate(
+        chdb_dir: str, anchor: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from stratoscope.regional.sinks.clickhouse import ClickHouseSink
+    from stratoscope.regional.sinks.clickhouse_retention import Retention
+
+    db = f"r_{uuid.uuid4().hex[:12]}"
+    first = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=3))
+    await first.start()
+    await first.stop()
+    assert first.retention_changed == ["profile_samples"]
+    assert ttl_of(anchor, db, "profile_samples") == "ts + toIntervalDay(3)"
+    again = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=3))
+    await again.start()  # a restart with the same settings
+    await again.stop()
+    assert (again.applied, again.retention_changed) == ([], [])
+    # a regional that may not alter tables says what differs and changes nothing
+    writer = ClickHouseSink(f"chdb://{chdb_dir}", database=db, migrate=False,
+                            retention=Retention(profiles=3, events=9))
+    with caplog.at_level("WARNING", logger="stratoscope.regional.sinks.clickhouse"):
+        await writer.start()
+        await writer.stop()
+    assert [r.getMessage() for r in caplog.records if "retention" in r.getMessage()] == [
+        f"retention of {db}.events is TTL toDateTime(ts) + toIntervalDay(30), the settings ask for "
+        "toDateTime(ts) + INTERVAL 9 DAY: start once with --migrate (as a user with the migrator "
+        "role) to apply it"]
+    assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(30)"
