@@ -1,13 +1,17 @@
 """The schema rendered for one server and for a cluster, checked against the real engine.
 
-chdb (ClickHouse 26.9 embedded) cannot apply the cluster rendering as it is: with a
-configuration naming a one-shard cluster, Keeper macros and the in-process test Keeper
-it creates ReplicatedMergeTree and Distributed tables, but the replicas stay read-only
-(no Keeper session is started in the embedded engine) and ``ON CLUSTER`` is refused
-(there is no distributed DDL worker). So the cluster files are held to a reviewed golden
-copy, parsed by the engine, checked for their structure (every MergeTree table of the
-single-server schema has a Replicated local table and a Distributed twin), and applied
-here with the cluster parts turned into their single-node equivalents.
+chdb (ClickHouse 26.9 embedded) cannot apply the cluster rendering whole: given a
+configuration with a one-shard cluster, Keeper macros and the in-process test Keeper,
+it creates ReplicatedMergeTree tables but they stay read-only (no Keeper session is
+started in the embedded engine), and ``ON CLUSTER`` is refused or never returns (no
+distributed DDL worker). Distributed tables over a one-shard cluster do work. So:
+
+* the cluster files are held to a reviewed golden copy and parsed by the engine;
+* their structure is checked: every MergeTree table of the single-server schema has a
+  Replicated local table and a Distributed twin sharded as documented;
+* in a process of its own (one_node_cluster.py) the rendering is applied to a one-shard
+  cluster with only ``ON CLUSTER`` dropped and the Replicated engines made plain, and
+  the regional's sink runs on it with ``cluster`` set, against a one-server twin.
 """
 
 from __future__ import annotations
@@ -300,3 +304,51 @@ async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrat
         "toDateTime(ts) + INTERVAL 9 DAY: start once with --migrate (as a user with the migrator "
         "role) to apply it"]
     assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(30)"
+
+
+# ---------------------------------------------------------------- the cluster path on one node
+
+
+def test_the_sink_on_a_one_shard_cluster_stores_what_one_server_stores(tmp_path: Path) -> None:
+    """tests/integration/one_node_cluster.py, in a process of its own (chdb reads its
+    configuration once per process): the cluster rendering with ON CLUSTER dropped and
+    Replicated engines made plain, Distributed tables as they ship, on a one-shard cluster."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "tests.integration.one_node_cluster",
+                           str(tmp_path / "store")], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["applied"] == ["0001", "0002", "0003", "0004", "0005", "0006"]
+    assert out["on_cluster"] == out["commands"] == 67  # every statement, the bootstrap's too
+    assert out["clusters"] == [["one", 1, 1]]
+    engines = out["engines"]
+    for table in ("metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h",
+                  "series", "profile_stacks", "profile_samples", "events", "nodes"):
+        assert engines[table] == "Distributed" and engines[f"{table}_local"].endswith("MergeTree"), table
+    # the sink writes the Distributed tables in the foreground, with its tokens
+    assert out["inserts"]["clustered"] == [[t, 1, True] for t in (
+        "profile_stacks", "series", "metric_points", "histogram_points", "profile_samples",
+        "events", "nodes")]
+    assert {foreground for _, foreground, _ in out["inserts"]["single"]} == {None}
+    # the rows reached the local tables before deliver() returned
+    assert out["local_rows"] == 12
+    # through Distributed tables, views with GLOBAL joins and local hourly views: the
+    # same totals as one server, exactly (n1 x1, n2 x3 and the roll-up)
+    expected = {
+        "metrics.rows": 12, "histograms.rows": 5, "profile_samples.rows": 6, "events.rows": 4,
+        "metrics_1h.rows": 12, "histograms_1h.rows": 5, "value": 157 + 2 + 3 * 157 + 2 + 314,
+        "value_1h": 946, "hist": [72, 6, [[3, 5, 10], [30, 12, 24]]],
+        "hist_1h": [72, 6, [[3, 5, 10], [30, 12, 24]]], "samples": 4 * (30 + 12 + 5),
+    }
+    assert out["first"] == out["single"] == expected
+    # a restarted sink delivering the same blocks changes nothing: the token reaches
+    # the local tables (and their hourly views) through the Distributed tables
+    assert out["again"] == expected
+    # retention on a cluster alters the local tables, once
+    assert out["retention"] == ["events"] and out["retention_again"] == []
+    assert out["events_local_ttl"].startswith("toDateTime(ts) + toIntervalDay(9) SETTINGS")
