@@ -11,8 +11,9 @@ from those keeps the grants in step with the sink. Three roles:
   migrations and the retention settings need on the database (CREATE, DROP, ALTER,
   INSERT and SELECT), plus ``CLUSTER`` for ``ON CLUSTER`` statements, plus the writer role.
 * ``stratoscope_reader`` (Grafana, people with SQL): SELECT on the database, through a
-  settings profile that keeps it read-only (``readonly = 2``: settings may change, data
-  and schema may not) and caps every query at ``max_execution_time``.
+  settings profile that keeps it read-only (``readonly = 1``: no writes, no DDL, no
+  settings changed) except for ``max_execution_time``, which Grafana's datasource sets
+  on every query to enforce its timeout: changeable, up to the cap, not above it.
 
 Users are optional: a password is read from a file or an environment variable when the
 SQL is rendered and only its SHA-256 is written (``IDENTIFIED WITH sha256_hash``), so
@@ -108,8 +109,9 @@ def access_statements(
         out.append(f"GRANT{on} CLUSTER ON *.* TO {MIGRATOR}")
     out += [
         f"GRANT{on} SELECT ON {db}.* TO {READER}",
-        f"CREATE SETTINGS PROFILE OR REPLACE {READER}{on} SETTINGS readonly = 2,"
-        f" max_execution_time = {max_execution_time} MAX {max_execution_time} TO {READER}",
+        f"CREATE SETTINGS PROFILE OR REPLACE {READER}{on} SETTINGS readonly = 1,"
+        f" max_execution_time = {max_execution_time} MAX {max_execution_time}"
+        f" CHANGEABLE_IN_READONLY TO {READER}",
     ]
     for u in users:
         out += [

@@ -199,8 +199,8 @@ def test_access_sql_equals_the_reviewed_files_and_parses(anchor: Any) -> None:
                                "profile_samples", "events", "nodes"]
     reader = [s for s in single if "stratoscope_reader" in s and "ROLE" not in s]
     assert reader == ["GRANT SELECT ON stratoscope.* TO stratoscope_reader",
-                      "CREATE SETTINGS PROFILE OR REPLACE stratoscope_reader SETTINGS readonly = 2,"
-                      " max_execution_time = 60 MAX 60 TO stratoscope_reader"]
+                      "CREATE SETTINGS PROFILE OR REPLACE stratoscope_reader SETTINGS readonly = 1,"
+                      " max_execution_time = 60 MAX 60 CHANGEABLE_IN_READONLY TO stratoscope_reader"]
     clustered = access_statements("stratoscope", "c1")
     assert "GRANT ON CLUSTER 'c1' INSERT ON stratoscope.metric_points_local TO stratoscope_writer" in clustered
     assert "GRANT ON CLUSTER 'c1' CLUSTER ON *.* TO stratoscope_migrator" in clustered
@@ -222,7 +222,7 @@ def test_users_get_a_hash_of_their_password_never_the_password(
     assert ("CREATE USER OR REPLACE regional IDENTIFIED WITH sha256_hash BY "
             f"'{hashlib.sha256(b's3cret-file').hexdigest()}' DEFAULT DATABASE metricsdb;") in out
     assert "GRANT stratoscope_reader TO grafana;\nALTER USER grafana DEFAULT ROLE stratoscope_reader;" in out
-    assert "max_execution_time = 30 MAX 30" in out
+    assert "max_execution_time = 30 MAX 30 CHANGEABLE_IN_READONLY" in out
     for stmt in out.split(";\n"):
         if stmt.strip() and not stmt.startswith("--"):
             assert rows(anchor, "SELECT formatQuery({q:String}) != ''", q=stmt) == [(1,)]
