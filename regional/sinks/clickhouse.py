@@ -63,6 +63,7 @@ from stratoscope.regional.sinks.clickhouse_retention import (
     retention_drift,
 )
 from stratoscope.regional.sinks.clickhouse_schema import (
+    CLUSTER_MACRO,
     bootstrap_statements,
     check_cluster,
     render_cluster,
@@ -369,6 +370,8 @@ class ClickHouseSink:
                 raise classify_error(exc, f"connecting to {self!r}") from exc
             self._client = client
             try:
+                if self.cluster is not None:
+                    await asyncio.to_thread(self._check_cluster, client)
                 if self.migrate:
                     self.applied = await asyncio.to_thread(
                         apply_migrations, client, self.database, self.migrations_dir, self.cluster
@@ -380,6 +383,25 @@ class ClickHouseSink:
             except Exception as exc:
                 await asyncio.to_thread(self._close_client)
                 raise classify_error(exc, f"migrating {self.database}") from exc
+
+    def _check_cluster(self, client: Any) -> None:
+        """The cluster is one the server knows, and so is the setting inserts rely on
+        (clickhouse-connect drops a setting the server does not know, with a warning:
+        inserts would silently go to the background)."""
+        assert self.cluster is not None
+        name = self.cluster
+        if name == CLUSTER_MACRO:
+            name = client.query("SELECT getMacro('cluster')").result_rows[0][0]
+        known = client.query("SELECT count() FROM system.clusters WHERE cluster = {c:String}",
+                             parameters={"c": name}).result_rows[0][0]
+        if not known:
+            raise PermanentError(f"ClickHouse cluster {name!r} (clickhouse.cluster) is not in the "
+                                 "server's remote_servers (see system.clusters)")
+        for setting in CLUSTER_INSERT_SETTINGS:
+            if not client.query("SELECT count() FROM system.settings WHERE name = {s:String}",
+                                parameters={"s": setting}).result_rows[0][0]:
+                raise PermanentError(f"the ClickHouse server does not know the setting {setting} "
+                                     "that cluster inserts rely on (upgrade it)")
 
     def _warn_retention(self, client: Any) -> None:
         """Without migrate the sink may not alter tables (docs/CLICKHOUSE.md: the writer

@@ -27,6 +27,7 @@ from typing import Any
 
 CONFIG = """<clickhouse>
   <tcp_port>9000</tcp_port>
+  <macros><cluster>one</cluster></macros>
   <remote_servers>
     <one><shard><internal_replication>true</internal_replication>
       <replica><host>localhost</host><port>9000</port></replica></shard></one>
@@ -118,6 +119,14 @@ async def main(store: Path) -> dict[str, Any]:
     await again.deliver(blocks)
     out["again"] = await snapshot(again)
     await again.stop()
+    for name in ("nope", "{cluster}"):  # not in remote_servers; the macro names 'one'
+        try:
+            probe = ClickHouseSink(f"chdb://{store}", database="clus", migrate=False, cluster=name)
+            await probe.start()
+            await probe.stop()
+            out[f"start:{name}"] = "started"
+        except Exception as exc:
+            out[f"start:{name}"] = f"{type(exc).__name__}: {exc}"
     out["retention"] = apply_retention(adapter, "clus", Retention(events=9), "one")
     out["events_local_ttl"] = client.query(
         "SELECT create_table_query FROM system.tables WHERE database = 'clus'"

@@ -349,6 +349,11 @@ def test_the_sink_on_a_one_shard_cluster_stores_what_one_server_stores(tmp_path:
     # a restarted sink delivering the same blocks changes nothing: the token reaches
     # the local tables (and their hourly views) through the Distributed tables
     assert out["again"] == expected
+    # a cluster the server does not know is refused at start; the macro is resolved
+    assert out["start:nope"] == ("PermanentError: ClickHouse cluster 'nope' "
+                                 "(clickhouse.cluster) is not in the server's remote_servers "
+                                 "(see system.clusters)")
+    assert out["start:{cluster}"] == "started"
     # retention on a cluster alters the local tables, once
     assert out["retention"] == ["events"] and out["retention_again"] == []
     assert out["events_local_ttl"].startswith("toDateTime(ts) + toIntervalDay(9) SETTINGS")
