@@ -161,6 +161,13 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
      "chdb:///DIR (embedded) or http(s)://user:pass@host:8123/db; 'none' disables"),
     ("--clickhouse-database", "clickhouse.database",
      "database of the tables (default: the http(s) DSN's path, else stratoscope)"),
+    ("--clickhouse-cluster", "clickhouse.cluster",
+     "ClickHouse cluster the tables live on (ON CLUSTER, Replicated + Distributed tables)"),
+    ("--clickhouse-retention-raw", "clickhouse.retention.raw", "days kept of points at 60 s and coarser, e.g. 35d"),
+    ("--clickhouse-retention-raw-fine", "clickhouse.retention.raw_fine", "days kept of points under 60 s"),
+    ("--clickhouse-retention-hourly", "clickhouse.retention.hourly", "days kept of hourly roll-ups"),
+    ("--clickhouse-retention-profiles", "clickhouse.retention.profiles", "days kept of profile samples"),
+    ("--clickhouse-retention-events", "clickhouse.retention.events", "days kept of process events"),
     ("--kafka", "kafka.bootstrap", "Kafka bootstrap servers (host:port,...); enables the Kafka sink"),
     ("--kafka-topic-prefix", "kafka.topic_prefix", "topics are PREFIX.metrics/.profiles/.events"),
     ("--kafka-compression", "kafka.compression", "auto, none, gzip, zstd, lz4 or snappy"),
@@ -269,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     _regional_args(d, server=False)
     d.add_argument("--duration", default="30s", help="how long the edge runs, e.g. 30s")
     d.set_defaults(func=_run_demo)
+    from stratoscope.regional.sinks.clickhouse_cli import add_parser as add_schema_parser
+
+    add_schema_parser(sub)  # stratoscope schema render|grants
     return parser
 
 

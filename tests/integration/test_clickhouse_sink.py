@@ -710,38 +710,3 @@ async def test_documented_queries(sink: ClickHouseSink) -> None:
     ]
     hours = [h for h, *_ in got]
     assert hours[0] == hours[1] < hours[2] == hours[3]
-
-
-def test_cluster_files_mirror_migrations(anchor: Any) -> None:
-    """deploy/clickhouse/cluster: same versions, every statement parses, local DDL is valid."""
-    cluster = load_migrations(MIGRATIONS_DIR.parent / "cluster")
-    single = load_migrations()
-    assert [(m.version, m.name) for m in cluster] == [(m.version, m.name) for m in single]
-    db = f"c_{uuid.uuid4().hex[:12]}"
-    anchor.command(f"CREATE DATABASE {db}")
-    replicated = re.compile(
-        r"Replicated(\w*MergeTree)\('/clickhouse/tables/\{shard\}/\{database\}/\{table\}',"
-        r" '\{replica\}'(?:, (\w+))?\)"
-    )
-    distributed = re.compile(r"ENGINE = Distributed\('\{cluster\}', '\w+', '(\w+)'.*$", re.MULTILINE)
-    for m in cluster:
-        for stmt in m.statements:
-            sql = stmt.replace("{db}", db)
-            assert "ON CLUSTER '{cluster}'" in sql
-            one(anchor, "SELECT formatQuery({q:String})", q=sql)  # parses
-            # made single-node (a Distributed table becomes a Merge table over its
-            # local table), every statement is valid DDL here
-            local = replicated.sub(lambda x: f"{x.group(1)}({x.group(2) or ''})", sql)
-            local = distributed.sub(lambda x: f"ENGINE = Merge('{db}', '^{x.group(1)}$')", local)
-            local = local.replace(" ON CLUSTER '{cluster}'", "").replace(
-                "replicated_deduplication_window", "non_replicated_deduplication_window")
-            anchor.command(local)
-    tables = dict(rows(anchor, "SELECT name, engine FROM system.tables WHERE database = {db:String}", db=db))
-    # 0001-0005: 10 local objects + 8 Distributed; 0006: -2 views, -4 Distributed, +7 local
-    # tables and their 7 Distributed tables, +6 materialized views, +4 reader views
-    assert len(tables) == 36, sorted(tables)
-    # what readers and the regional use has the single-node names
-    for name in ("metrics", "histograms", "metrics_1h", "histograms_1h"):
-        assert tables[name] == "View"
-    for name in ("metric_points", "histogram_points", "series", "metrics_ingest", "profile_samples", "events"):
-        assert tables[name] == "Merge" and tables[f"{name}_local"] != "Merge"

@@ -54,7 +54,7 @@ def test_wheel_holds_one_package_with_programs_and_schema(wheel_venv: tuple[Path
     for program in ("syscalls", "sched", "tcp", "block", "process", "profile"):
         assert f"stratoscope/bpf/{program}.c" in names and f"stratoscope/bpf/{program}.yaml" in names
     assert "stratoscope/bpf/stratoscope.h" in names
-    for folder in ("migrations", "cluster", "queries"):
+    for folder in ("migrations", "cluster", "access", "queries"):
         assert any(n.startswith(f"stratoscope/deploy/clickhouse/{folder}/") and n.endswith(".sql")
                    for n in names), folder
     assert "stratoscope/edge/collector.py" in names and "stratoscope/regional/app.py" in names
