@@ -198,11 +198,11 @@ ORDER BY time, node"""
 
 
 NODE_LAG = f"""
-SELECT node, any(region) AS region, max(last_seen) AS last_window_end,
+SELECT node, region, max(last_seen) AS last_window_end,
        dateDiff('second', max(last_seen), $__toTime) AS lag_s
 FROM nodes
 WHERE {node_scope(None)}
-GROUP BY node
+GROUP BY node, region
 ORDER BY lag_s DESC, node"""
 
 NODES_NOW = f"""

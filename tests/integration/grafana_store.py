@@ -194,6 +194,7 @@ def _workloads(bins: dict[str, Path], cg: Path, tmp: Path, store: EdgeStore) -> 
     threading.Event().wait(1.5)  # one more drain while the burner is alive (symbols)
     burn.stdin.close()
     assert burn.wait(timeout=10) == 0
+    burn.stdout.close()
 
 
 async def _run_regional(config: RegionalConfig, edge: Any) -> Any:
