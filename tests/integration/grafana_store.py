@@ -172,7 +172,7 @@ def _block_io() -> None:
         target.unlink(missing_ok=True)
 
 
-def _workloads(bins: dict[str, Path], cg: Path, tmp: Path, store: EdgeStore) -> None:
+def _workloads(bins: dict[str, Path], cg: Path, tmp: Path, store: EdgeStore, run: EdgeRun) -> None:
     exe = tmp / store.exec_comm
     shutil.copy("/bin/true", exe)
     spin = _in_cgroup(cg, [str(bins["spin_threads"]), unique_comm("gspin"), "4", "3"])
@@ -191,7 +191,11 @@ def _workloads(bins: dict[str, Path], cg: Path, tmp: Path, store: EdgeStore) -> 
     assert burn.stdout.readline() == b"done\n"  # burnt; waits on stdin, maps readable
     for p in (spin, opens, execs):
         assert p.wait(timeout=60) == 0
-    threading.Event().wait(1.5)  # one more drain while the burner is alive (symbols)
+    # Two more drains while the burner is alive: its user stacks are symbolized from its maps.
+    drained, deadline = len(run.batches), time.monotonic() + 30
+    while len(run.batches) < drained + 2:
+        assert time.monotonic() < deadline, "the edge stopped draining"
+        threading.Event().wait(0.1)
     burn.stdin.close()
     assert burn.wait(timeout=10) == 0
     burn.stdout.close()
@@ -228,7 +232,7 @@ def fill_store(anchor: Any, bins: dict[str, Path], tmp: Path) -> EdgeStore:
         with run_edge(PROGRAMS, interval=1.0, forward_to=[f"127.0.0.1:{port}"], node_id=store.node,
                       labels={"region": store.region},
                       params={"process": {"EVENTS_PER_SEC": 1}}) as run:
-            _workloads(bins, cg, tmp, store)
+            _workloads(bins, cg, tmp, store, run)
         return run
 
     try:
