@@ -266,6 +266,7 @@ SETTINGS join_use_nulls = 0"""
 
 REGION_VALUES = "SELECT DISTINCT region FROM nodes WHERE node != '' AND region != '' ORDER BY region"
 NODE_VALUES = f"SELECT DISTINCT node FROM nodes WHERE node != '' AND {REGION} ORDER BY node"
+#: Container ids; not "other", the edge's bucket for series beyond its top N.
 CONTAINER_VALUES = """SELECT DISTINCT labels['container'] AS container FROM series
-WHERE metric IN ('sched_oncpu_ns_total', 'syscalls_total') AND labels['container'] != ''
+WHERE metric IN ('sched_oncpu_ns_total', 'syscalls_total') AND labels['container'] NOT IN ('', 'other')
 ORDER BY container"""

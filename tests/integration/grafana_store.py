@@ -46,6 +46,8 @@ from tests.conftest import EdgeRun, run_edge, unique_comm
 BASE_TABLES = ("profile_stacks", "series", "metric_points", "histogram_points", "profile_samples",
                "events", "nodes")
 PROGRAMS = ["syscalls", "sched", "tcp", "block", "process", "profile"]
+#: The process program's event rate limit (tokens per second per CPU) during the run.
+EVENTS_PER_SEC = 20
 
 _EXPORT = """
 import sys, clickhouse_connect, pyarrow as pa
@@ -179,9 +181,11 @@ def _workloads(bins: dict[str, Path], cg: Path, tmp: Path, store: EdgeStore, run
     burn = _in_cgroup(cg, [str(bins["burn"]), store.burn_comm, "2"], stdin=subprocess.PIPE,
                       stdout=subprocess.PIPE)
     opens = _in_cgroup(cg, [str(bins["openat"]), store.openat_comm, "2000", "1000"])
-    # Bursts of 10 execs, 8 times: more than the process program's 1 event/s/CPU.
-    execs = _in_cgroup(cg, ["sh", "-c", f'for r in 1 2 3 4 5 6 7 8; do for i in 0 1 2 3 4 5 6 7 8 9; '
-                                        f'do "{exe}"; done; sleep 0.4; done'])
+    # Five bursts of 100 execs (each a fork, an exec and an exit: 300 events) against a
+    # bucket of EVENTS_PER_SEC tokens per CPU, refilled between the bursts: some events of
+    # every burst are stored, most are lost and counted.
+    execs = _in_cgroup(cg, ["sh", "-c", "for r in 1 2 3 4 5; do i=0; while [ $i -lt 100 ]; "
+                                        f'do "{exe}"; i=$((i+1)); done; sleep 1.1; done'])
     threads = [threading.Thread(target=_tcp_traffic), threading.Thread(target=_block_io)]
     for t in threads:
         t.start()
@@ -231,7 +235,7 @@ def fill_store(anchor: Any, bins: dict[str, Path], tmp: Path) -> EdgeStore:
     def edge(port: int) -> EdgeRun:
         with run_edge(PROGRAMS, interval=1.0, forward_to=[f"127.0.0.1:{port}"], node_id=store.node,
                       labels={"region": store.region},
-                      params={"process": {"EVENTS_PER_SEC": 1}}) as run:
+                      params={"process": {"EVENTS_PER_SEC": EVENTS_PER_SEC}}) as run:
             _workloads(bins, cg, tmp, store, run)
         return run
 
