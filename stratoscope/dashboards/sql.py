@@ -141,10 +141,14 @@ ORDER BY {group}"""
 
 
 def histogram_heatmap(metric: str, *, rollup: bool, container: bool) -> str:
-    """Samples per bucket and log2 bucket, the bucket named by its upper bound (0 = zero bucket)."""
+    """Samples per bucket and log2 bucket, the bucket named by its upper bound (0 = zero bucket).
+
+    The name is the bound zero-padded to 20 digits: the time series frame has one field per
+    bucket, and whatever orders those fields by name then orders them by bound.
+    """
     src = _hist_src(metric, "''", rollup=rollup, container=container)
     return f"""
-SELECT time, toString(bound) AS le, sum(n) AS count
+SELECT time, leftPad(toString(toUInt64(bound)), 20, '0') AS le, sum(n) AS count
 FROM (
     SELECT t AS time,
            arrayJoin(arrayConcat([(0., z)], arrayMap((i, c) -> (pow(2, i + 1), c), b.1, b.2))) AS p,

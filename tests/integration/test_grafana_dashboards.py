@@ -24,7 +24,7 @@ import pytest
 from stratoscope.dashboards.boards import dashboards
 from stratoscope.histogram import histogram_quantile
 from stratoscope.regional.sinks.clickhouse import apply_migrations, stack_id
-from tests.grafana_macros import ALL, QueryContext, Var, grafana_interval, interpolate
+from tests.grafana_macros import QueryContext, Var, grafana_interval, interpolate
 from tests.integration.grafana_store import EdgeStore, fill_store
 
 pytestmark = pytest.mark.kernel
@@ -69,14 +69,18 @@ def time_range(store: EdgeStore, long: bool) -> QueryContext:
 
 
 def variables(store: EdgeStore, scenario: str) -> dict[str, Var]:
-    pick = {
-        "all": (ALL, ALL, ALL),
-        "node": (store.region, store.node, ALL),
-        "container": (ALL, ALL, store.container),
+    """The variables at "All", at the run's region and node (two nodes chosen: a multi-value
+    list), or at its container."""
+    other = "node-without-data"
+    return {
+        "all": {"region": Var((store.region,)), "node": Var((store.node, other)),
+                "container": Var((store.container,))},
+        "node": {"region": Var((store.region,), (store.region,)),
+                 "node": Var((store.node, other), (store.node, other)),
+                 "container": Var((store.container,))},
+        "container": {"region": Var((store.region,)), "node": Var((store.node, other)),
+                      "container": Var((store.container,), (store.container,))},
     }[scenario]
-    opts = (store.region, store.node, store.container)
-    return {name: Var((o,), (sel,)) for name, o, sel in zip(("region", "node", "container"), opts, pick,
-                                                            strict=True)}
 
 
 def run(client: Any, sql: str, ctx: QueryContext, vars_: dict[str, Var]) -> Any:
@@ -106,7 +110,8 @@ def check_shape(panel: dict[str, Any], columns: tuple[str, ...], result: Any) ->
         values = [t for n, t in zip(names[1:], types[1:], strict=True) if not re.match(r".*String", t)]
         assert values and all(NUMERIC.match(t) for t in values), f"{title}: values {types}"
     if kind == "heatmap":
-        assert types[1] == "String" and all(float(r[1]) >= 0 for r in rows)
+        assert types[1] == "String" and all(len(r[1]) == 20 and float(r[1]) >= 0 for r in rows)
+        assert {float(r[1]) for r in rows} <= {0.0} | {2.0 ** i for i in range(65)}  # log2 bounds
     if kind == "stat":
         assert len(rows) == 1 and NUMERIC.match(types[0])
     if kind == "flamegraph":
