@@ -75,3 +75,11 @@ def test_dashboard_provider_points_at_a_folder_of_files() -> None:
     doc = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "stratoscope.yaml").read_text())
     (prov,) = doc["providers"]
     assert prov["type"] == "file" and prov["options"]["path"]
+
+
+def test_datasource_connection_comes_from_the_environment() -> None:
+    doc = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "stratoscope.yaml").read_text())
+    (ds,) = doc["datasources"]
+    for key in ("host", "port", "secure", "username", "defaultDatabase"):
+        assert re.fullmatch(r"\$\{STRATOSCOPE_CLICKHOUSE_[A-Z]+\}", ds["jsonData"][key]), key
+    assert ds["secureJsonData"] == {"password": "${STRATOSCOPE_CLICKHOUSE_PASSWORD}"}
