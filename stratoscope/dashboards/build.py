@@ -15,7 +15,7 @@ from typing import Any
 from stratoscope.dashboards.boards import dashboards
 
 #: deploy/grafana/dashboards/ of this tree (stratoscope/deploy is a link to deploy/).
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
+DEFAULT_OUT = (Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards").resolve()
 
 
 def render(board: dict[str, Any]) -> str:
