@@ -393,7 +393,8 @@ class Aggregator:
                 bid = self._block_id(w, "*", all_sources)
             else:
                 bid = self._block_id(w, strings[node], w.sources.get(node, []))
-            parts.append(Part(node, bid, w.node_labels.get(node, ()), w.events_lost.get(node, 0)))
+            parts.append(Part(node, bid, w.node_labels.get(node, ()), w.events_lost.get(node, 0),
+                              len(w.sources.get(node, ())) if node else 0))
         families: list[Family] = []
         m_tables: list[Table] = []
         h_tables: list[Table] = []

@@ -51,6 +51,7 @@ from stratoscope.regional.config import DEFAULT_DSN
 from stratoscope.regional.frame import Block, Frame
 from stratoscope.regional.sinks.base import PermanentError, RetriableError, SinkError
 from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
+    BATCHES_METRIC,
     EVENTS_LOST_METRIC,
     INSERT_ORDER,
     TARGET,
@@ -576,12 +577,12 @@ def concat_frames(shaped: Sequence[dict[str, pa.Table]]) -> dict[str, pa.Table]:
 
     One batch, not a chunked table: an Arrow file holds one dictionary per column (the
     frames' dictionaries differ), and ClickHouse makes a block, so a part, per batch.
-    The lost-event counter rows join the metric points (one part, not two).
+    The per-node counter rows (events lost, batches) join the metric points (one part, not two).
     """
     joined: dict[str, list[pa.Table]] = {}
     for tables in shaped:
         for name, table in tables.items():
-            if name == "metrics_events_lost" and "metric_points" in tables:
+            if name == "metrics_node_counters" and "metric_points" in tables:
                 table = _as_schema(table, tables["metric_points"].schema)
                 name = "metric_points"
             joined.setdefault(name, []).append(table)
@@ -736,7 +737,7 @@ def histogram_quantile_sql(
 
 __all__ = [
     "CLUSTER_INSERT_SETTINGS", "render_migrations",
-    "DEFAULT_DATABASE", "DEFAULT_DSN", "EVENTS_LOST_METRIC", "MIGRATIONS_DIR", "ClickHouseSink",
+    "BATCHES_METRIC", "DEFAULT_DATABASE", "DEFAULT_DSN", "EVENTS_LOST_METRIC", "MIGRATIONS_DIR", "ClickHouseSink",
     "Migration", "applied_migrations", "apply_migrations", "classify_error", "connect",
     "dedup_token", "dsn_database", "folded_stacks_sql", "histogram_quantile", "histogram_quantile_sql",
     "load_migrations", "pending_migrations", "split_statements", "stack_id",

@@ -23,6 +23,7 @@ from stratoscope.edge.decode import Histogram, ProfileRow
 from stratoscope.regional.frame import Block
 from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink, SinkError
 from stratoscope.regional.sinks.clickhouse import (
+    BATCHES_METRIC,
     EVENTS_LOST_METRIC,
     MIGRATIONS_DIR,
     ClickHouseSink,
@@ -306,6 +307,9 @@ async def test_deliver_exact_sums(sink: ClickHouseSink, anchor: Any, db: str) ->
                        " WHERE metric = 'procs_running'") == ("gauge", 3.0, 0, {})
     assert one(anchor, f"SELECT sum(value) FROM {db}.metrics WHERE metric = {{m:String}}",
                m=EVENTS_LOST_METRIC) == 2
+    # one edge batch went into node n1's block; the roll-up counts none
+    assert rows(anchor, f"SELECT node, sum(value) FROM {db}.metrics WHERE metric = {{m:String}} GROUP BY node",
+                m=BATCHES_METRIC) == [("n1", 1)]
 
     got = rows(anchor, f"""
         SELECT node, labels, sum(count), sum(sum), sum(zero_count),
@@ -353,7 +357,7 @@ async def test_same_blocks_twice_changes_nothing(
     blocks = [node_block("b1"), rollup_block("r1"), node_block("b2", start=HOUR + 60)]
     await sink.deliver(blocks)
     first = await snapshot(sink)
-    assert first["value"] == 2 * (157 + 2) + 314
+    assert first["value"] == 2 * (157 + 2 + 1) + 314  # + events lost, + the node's one batch
 
     await sink.deliver(blocks)  # the same call again
     assert await snapshot(sink) == first
@@ -384,12 +388,12 @@ async def test_retry_after_timeout_changes_nothing(
     with pytest.raises(PermanentError, match="UNKNOWN_TABLE"):
         await sink.deliver(blocks)
     # metrics and profiles went in before the failure
-    assert one(anchor, f"SELECT sum(value) FROM {db}.metric_points") == 157 + 2 + 314
+    assert one(anchor, f"SELECT sum(value) FROM {db}.metric_points") == 157 + 2 + 1 + 314
     anchor.command(f"RENAME TABLE {db}.histogram_points_away TO {db}.histogram_points")
 
     await sink.deliver(blocks)  # the retry: what went in is deduplicated, the rest written once
     after = await snapshot(sink)
-    assert after["value"] == 157 + 2 + 314
+    assert after["value"] == 157 + 2 + 1 + 314
     assert after["value_1h"] == after["value"]
     assert after["hist"] == (36, 3, ([3, 5, 10], [15, 6, 12]))
     assert after["hist_1h"] == after["hist"]
@@ -663,7 +667,7 @@ async def test_malformed_block_is_permanent_and_writes_nothing(
         await sink.deliver([node_block("good"), bad])
     assert one(anchor, f"SELECT count() FROM {db}.metrics") == 0
     await sink.deliver([node_block("good")])  # the sink is still usable
-    assert one(anchor, f"SELECT sum(value) FROM {db}.metrics") == 159
+    assert one(anchor, f"SELECT sum(value) FROM {db}.metrics") == 160  # 157 points, 2 events lost, 1 batch
 
 
 def test_dedup_token_is_per_table_and_order_free() -> None:
