@@ -123,10 +123,14 @@ class Fleet:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def version(self, host: str) -> str:
-        r = subprocess.run([str(self.prefix(host) / "venv/bin/python"), "-c",
-                            "import importlib.metadata as m; print(m.version('stratoscope'))"],
-                           capture_output=True, text=True, check=True, timeout=60)
-        return r.stdout.strip()
+        # -I and cwd: no source tree of the current directory in the way
+        r = subprocess.run([str(self.prefix(host) / "venv/bin/python"), "-I", "-c",
+                            "import importlib.metadata as m, stratoscope; "
+                            "print(m.version('stratoscope'), stratoscope.__file__)"],
+                           capture_output=True, text=True, check=True, timeout=60, cwd=self.root)
+        version, where = r.stdout.split()
+        assert where.startswith(str(self.prefix(host) / "venv")), where
+        return version
 
     def stop(self, host: str) -> None:
         """Stop the service with its own launcher (SIGTERM, wait for it to exit)."""
@@ -377,3 +381,18 @@ def test_kafka_topics_role_creates_the_missing_topics_once(tmp_path: Path) -> No
     r = subprocess.run([sys.executable, "-c", code, bootstrap, *topics], capture_output=True, text=True,
                        timeout=120)
     assert r.stdout.strip() == repr(sorted((t, 2) for t in topics)), r.stderr[-2000:]
+
+
+@pytest.mark.timeout(600)
+def test_lint_production_profile_and_syntax_check(tmp_path: Path) -> None:
+    """ansible-lint's production profile (offline: ansible.builtin only) and the syntax check."""
+    lint = subprocess.run([str(BIN / "ansible-lint"), "--offline", "--profile", "production", "--nocolor"],
+                          capture_output=True, text=True, cwd=ANSIBLE_DIR, env=ansible_env(tmp_path),
+                          timeout=600)
+    assert lint.returncode == 0, (lint.stdout + lint.stderr)[-4000:]
+    assert "Profile 'production' was required, and it passed." in lint.stdout + lint.stderr
+    syntax = subprocess.run([str(BIN / "ansible-playbook"), "--syntax-check", "-i",
+                             "inventory/example/hosts.yml", "site.yml"],
+                            capture_output=True, text=True, cwd=ANSIBLE_DIR, env=ansible_env(tmp_path),
+                            timeout=300)
+    assert syntax.returncode == 0, (syntax.stdout + syntax.stderr)[-4000:]
