@@ -89,6 +89,7 @@ def _run_edge(args: argparse.Namespace) -> int:
     preflight.check()
     output = _edge_output(cfg)
     collector = Collector(cfg)
+    _register_forward_counters(output, collector.registry)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -141,6 +142,16 @@ def _edge_output(cfg: Any) -> Any:
     if cfg.output or not cfg.regional:
         outputs.append(open_output(cfg.output or "jsonl:-"))
     return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)
+
+
+def _register_forward_counters(output: Any, registry: Any) -> None:
+    """Expose the forwarder's acked/rejected/dropped counts on the collector's /metrics."""
+    from stratoscope.edge.metrics import ForwardCounters
+    from stratoscope.edge.outputs import ForwardOutput
+
+    for out in getattr(output, "outputs", [output]):
+        if isinstance(out, ForwardOutput):
+            registry.register(ForwardCounters(out.forwarder.counts))
 
 
 #: The regional's flags: (flag, setting key, help). Every setting is also a key of the
