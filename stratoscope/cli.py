@@ -182,6 +182,8 @@ _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--listen", "listen", "gRPC ingest HOST:PORT"),
     ("--metrics-port", "metrics_port", "port for /metrics (0 disables)"),
     ("--metrics-addr", "metrics_addr", "address /metrics listens on"),
+    ("--query-listen", "query_listen",
+     "read endpoint for `stratoscope query`, HOST:PORT (cookbook queries only); 'none' disables"),
     ("--tls-cert", "tls.cert", "server certificate (enables TLS)"),
     ("--tls-key", "tls.key", "server key"),
     ("--tls-client-ca", "tls.client_ca",
@@ -245,7 +247,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         from stratoscope.settings import ConfigError
 
         raise ConfigError(f"--duration: {exc}") from None
-    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0)
+    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0, query_listen="127.0.0.1:0")
     return int(uvloop.run(run_demo(config, seconds)) or 0)
 
 
@@ -269,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     _regional_args(d, server=False)
     d.add_argument("--duration", default="30s", help="how long the edge runs, e.g. 30s")
     d.set_defaults(func=_run_demo)
+    from stratoscope.query.command import add_parser as add_query_parser
+    from stratoscope.status import add_parser as add_status_parser
+
+    add_query_parser(sub)
+    add_status_parser(sub)
     return parser
 
 

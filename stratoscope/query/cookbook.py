@@ -17,9 +17,12 @@ column name.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ __all__ = [
     "Query",
     "Result",
     "cookbook",
+    "plain_value",
     "run",
 ]
 
@@ -139,6 +143,28 @@ class Result:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def plain_value(value: Any) -> Any:
+    """A ClickHouse value as plain JSON data: datetimes as Unix seconds, NaN as None,
+    tuples as lists. Both ways of reading (the regional's endpoint and a server read
+    directly) hand rows over in this form, so they print the same."""
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return dt.timestamp()
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    return value
+
+
 def parse(name: str, text: str) -> Query:
     """The Query a cookbook file holds; ValueError naming the file and line on a bad header."""
     where = f"{name}.sql"
@@ -173,7 +199,7 @@ def parse(name: str, text: str) -> Query:
     for c in columns:
         if c.unit.startswith("@") and c.unit[1:] not in names:
             raise ValueError(f"{where}: column {c.name}'s unit {c.unit} names no column")
-    used = {}
+    used: dict[str, str] = {}
     for pname, ptype in _PLACEHOLDER.findall(text):
         if used.setdefault(pname, ptype) != ptype:
             raise ValueError(f"{where}: {{{pname}}} is used with two types")
@@ -220,4 +246,5 @@ async def run(runner: SqlRunner, query: Query, values: Mapping[str, Any], *, max
     }
     rows = await runner(query.sql, params, settings)
     truncated = len(rows) > max_rows
-    return Result(query.name, query.columns, [tuple(r) for r in rows[:max_rows]], truncated, params)
+    return Result(query.name, query.columns, [tuple(plain_value(v) for v in r) for r in rows[:max_rows]],
+                  truncated, params)
