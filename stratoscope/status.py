@@ -190,24 +190,24 @@ def regional_view(s: Scrape) -> list[Table]:
     sinks = Table(title="Sinks", title_justify="left")
     for col in ("sink", "delivered", "queued (lag)", "last insert", "retried", "failed", "dropped"):
         sinks.add_column(col, justify="left" if col == "sink" else "right")
-    names = sorted({lab.get("sink", "") for lab, _ in s.samples.get("stratoscope_regional_delivered_blocks_total", [])})
+    names = sorted({lab.get("sink", "") for lab, _ in s.samples.get("stratoscope_regional_sink_delivered_blocks_total", [])})
     for name in names:
-        last = s.get("stratoscope_regional_last_delivery_seconds", sink=name)
+        last = s.get("stratoscope_regional_sink_last_delivery_seconds", sink=name)
         sinks.add_row(
             name,
-            _count(s.get("stratoscope_regional_delivered_blocks_total", sink=name)),
-            _count(s.get("stratoscope_regional_queued_blocks", sink=name)),
+            _count(s.get("stratoscope_regional_sink_delivered_blocks_total", sink=name)),
+            _count(s.get("stratoscope_regional_sink_queued_blocks", sink=name)),
             NA if last is None else format_duration_ns(last * 1e9),
-            _count(s.get("stratoscope_regional_retried_total", sink=name)),
-            _count(s.get("stratoscope_regional_failed_blocks_total", sink=name)),
-            _count(s.get("stratoscope_regional_dropped_blocks_total", sink=name)),
+            _count(s.get("stratoscope_regional_sink_retried_total", sink=name)),
+            _count(s.get("stratoscope_regional_sink_failed_blocks_total", sink=name)),
+            _count(s.get("stratoscope_regional_sink_dropped_blocks_total", sink=name)),
         )
     drops: list[tuple[str, str, float]] = []
     for (reason,), v in sorted(s.by("stratoscope_regional_rejected_batches_total", "reason").items()):
         drops.append(("batch rejected", reason, v))
-    for (sink,), v in sorted(s.by("stratoscope_regional_failed_blocks_total", "sink").items()):
+    for (sink,), v in sorted(s.by("stratoscope_regional_sink_failed_blocks_total", "sink").items()):
         drops.append(("permanent sink error", sink, v))
-    for (sink,), v in sorted(s.by("stratoscope_regional_dropped_blocks_total", "sink").items()):
+    for (sink,), v in sorted(s.by("stratoscope_regional_sink_dropped_blocks_total", "sink").items()):
         drops.append(("sink queue full", sink, v))
     return [_kv_table(f"Regional {s.url}", summary), sinks, _drops("Dropped (lost data)", drops)]
 
