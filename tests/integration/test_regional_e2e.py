@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -316,6 +317,11 @@ def test_demo_command_reports_every_section(tmp_path: Path) -> None:
         assert title in r.stdout
     assert "sections without rows" not in r.stdout, r.stdout[-3000:]
     assert "tcp_opens_total" in r.stdout
+    # p99 latencies in ns/µs/ms/s (stratoscope/units.py), not raw nanosecond integers
+    top = r.stdout.split("Top syscalls", 1)[1].split("Run-queue latency", 1)[0]
+    rows = [line for line in top.splitlines() if line.startswith("│")]
+    assert rows and all(re.search(r"[0-9.,]+ (ns|µs|ms|s) +│$", line) for line in rows), top
+    assert "read endpoint http://127.0.0.1:" in r.stdout
 
 
 async def test_edge_fails_over_to_the_next_regional(regional: RunningRegional) -> None:
