@@ -1,8 +1,10 @@
 -- Fleet health: per node, how far behind its data is and what went missing.
 --
--- Per node: the newest window stored, how far behind it is, windows missing
--- between its first and newest (a node down, or batches lost), and process
--- events its edge could not send (ring buffer full or rate-limited).
+-- Per node: the newest window stored, how far behind it is, windows without any
+-- of its points between its first and newest (the node or its edge down, batches
+-- lost; also an edge whose drain stalled past a whole window: its next batch
+-- covers both and lands in one), and process events its edge could not send
+-- (ring buffer full or rate-limited).
 --
 -- behind = now - the end of the newest window stored: about one resolution plus
 -- the regional's lateness on a healthy node.
