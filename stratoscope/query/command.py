@@ -40,7 +40,9 @@ PROFILE_FORMATS = ("folded", "pprof", "svg")
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("query", help="run a cookbook query (deploy/clickhouse/queries) and print it",
-                       description=__doc__.split("\n\n")[0] if __doc__ else None)
+                       description="Run a named query of the cookbook (deploy/clickhouse/queries) "
+                                   "through the regional's read endpoint or on a ClickHouse store, "
+                                   "and print it (docs/QUERY.md).")
     p.add_argument("name", nargs="?", help="the query (--list shows them all)")
     p.add_argument("--list", action="store_true", help="list the queries and their parameters")
     p.add_argument("--node", help="one node (default: every node)")
