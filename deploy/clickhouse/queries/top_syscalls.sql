@@ -20,33 +20,48 @@ SELECT l.syscall AS syscall, l.calls AS calls, e.errors AS errors, l.p50 AS p50,
 FROM
 (
     WITH
-        sumMap(bucket_index, bucket_count) AS b,
-        sum(zero_count) AS z,
+        sumMap(h.hb) AS b,
+        sum(h.hz) AS z,
         z + arraySum(b.2) AS total,
         arrayCumSum(b.2) AS cum
     SELECT
-        labels['syscall'] AS syscall,
-        sum(count) AS calls,
+        s.labels['syscall'] AS syscall,
+        sum(h.hc) AS calls,
         if(total = 0, nan, if(z >= greatest(1, ceil(0.50 * total)), 0,
             pow(2, b.1[arrayFirstIndex(c -> z + c >= greatest(1, ceil(0.50 * total)), cum)] + 1))) AS p50,
         if(total = 0, nan, if(z >= greatest(1, ceil(0.99 * total)), 0,
             pow(2, b.1[arrayFirstIndex(c -> z + c >= greatest(1, ceil(0.99 * total)), cum)] + 1))) AS p99,
-        sum(sum) / greatest(sum(count), 1) AS mean
-    FROM histograms
-    WHERE metric = 'syscall_latency'
-      AND if({node:String} = '', node != '', node = {node:String})
-      AND ({comm:String} = '' OR labels['comm'] = {comm:String})
-      AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
+        sum(h.hs) / greatest(sum(h.hc), 1) AS mean
+    FROM
+    (
+        SELECT series_id, sumMap(bucket_index, bucket_count) AS hb, sum(zero_count) AS hz,
+               sum(count) AS hc, sum(sum) AS hs
+        FROM histogram_points
+        WHERE metric = 'syscall_latency'
+          AND if({node:String} = '', node != '', node = {node:String})
+          AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
+        GROUP BY series_id
+    ) AS h
+    LEFT ANY JOIN (SELECT series_id, labels FROM series WHERE metric = 'syscall_latency') AS s
+        ON s.series_id = h.series_id
+    WHERE {comm:String} = '' OR s.labels['comm'] = {comm:String}
     GROUP BY syscall
 ) AS l
 LEFT JOIN
 (
-    SELECT labels['syscall'] AS syscall, sum(value) AS errors
-    FROM metrics
-    WHERE metric = 'syscall_errors_total'
-      AND if({node:String} = '', node != '', node = {node:String})
-      AND ({comm:String} = '' OR labels['comm'] = {comm:String})
-      AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
+    SELECT s.labels['syscall'] AS syscall, sum(p.v) AS errors
+    FROM
+    (
+        SELECT series_id, sum(value) AS v
+        FROM metric_points
+        WHERE metric = 'syscall_errors_total'
+          AND if({node:String} = '', node != '', node = {node:String})
+          AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
+        GROUP BY series_id
+    ) AS p
+    LEFT ANY JOIN (SELECT series_id, labels FROM series WHERE metric = 'syscall_errors_total') AS s
+        ON s.series_id = p.series_id
+    WHERE {comm:String} = '' OR s.labels['comm'] = {comm:String}
     GROUP BY syscall
 ) AS e ON e.syscall = l.syscall
 ORDER BY p99 DESC, calls DESC, syscall

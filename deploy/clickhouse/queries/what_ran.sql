@@ -11,17 +11,23 @@
 -- column: exits count
 -- column: preempted count
 SELECT
-    labels['comm'] AS comm,
-    sumIf(value, metric = 'sched_oncpu_ns_total') AS cpu_time,
-    sumIf(value, metric = 'syscalls_total') AS syscalls,
-    sumIf(value, metric = 'process_events_total' AND labels['event'] = 'exec') AS execs,
-    sumIf(value, metric = 'process_events_total' AND labels['event'] = 'exit') AS exits,
-    sumIf(value, metric = 'sched_involuntary_switches_total') AS preempted
-FROM metrics
-WHERE metric IN ('sched_oncpu_ns_total', 'syscalls_total', 'process_events_total',
-                 'sched_involuntary_switches_total')
-  AND if({node:String} = '', node != '', node = {node:String})
-  AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
+    s.labels['comm'] AS comm,
+    sumIf(p.v, p.metric = 'sched_oncpu_ns_total') AS cpu_time,
+    sumIf(p.v, p.metric = 'syscalls_total') AS syscalls,
+    sumIf(p.v, p.metric = 'process_events_total' AND s.labels['event'] = 'exec') AS execs,
+    sumIf(p.v, p.metric = 'process_events_total' AND s.labels['event'] = 'exit') AS exits,
+    sumIf(p.v, p.metric = 'sched_involuntary_switches_total') AS preempted
+FROM
+(
+    SELECT metric, series_id, sum(value) AS v
+    FROM metric_points
+    WHERE metric IN ('sched_oncpu_ns_total', 'syscalls_total', 'process_events_total',
+                     'sched_involuntary_switches_total')
+      AND if({node:String} = '', node != '', node = {node:String})
+      AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
+    GROUP BY metric, series_id
+) AS p
+LEFT ANY JOIN series AS s ON s.metric = p.metric AND s.series_id = p.series_id
 GROUP BY comm
 ORDER BY cpu_time DESC, syscalls DESC, comm
 LIMIT {limit:UInt32}
