@@ -89,7 +89,11 @@ class QueryApi:
         class Handler(_Handler):
             owner = api
 
-        server = ThreadingHTTPServer((self.host, self.port), Handler)
+        try:
+            server = ThreadingHTTPServer((self.host, self.port), Handler)
+        except OSError as exc:  # the message names the setting to change
+            raise OSError(exc.errno, f"read endpoint {self.host}:{self.port} (query_listen): "
+                                     f"{exc.strerror}") from None
         server.daemon_threads = True
         self._server = server
         self.port = server.server_address[1]

@@ -220,3 +220,19 @@ def test_direct_read_of_the_embedded_store_after_the_regional_stops(store: Store
         assert _json(store, name, where=direct)["rows"], f"{name}: no rows read directly"
     gone = cli("query", "what_ran", "--regional", store.query_url, check=False)
     assert gone.returncode == 2 and "cannot read from the regional" in gone.stderr
+
+
+def test_a_taken_read_endpoint_port_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = cli("regional", "--listen", "127.0.0.1:0", "--metrics-port", "0",
+                "--query-listen", f"127.0.0.1:{port}", "--clickhouse", f"chdb://{tmp_path}/ch",
+                check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"stratoscope: error: cannot start the regional: [Errno 98] read endpoint "
+        f"127.0.0.1:{port} (query_listen): Address already in use")
