@@ -25,6 +25,10 @@ class EdgeMetrics:
             f"{ns}_drain_seconds", "Time to flip, read, decode and build one batch.",
             registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.last_drain = Gauge(
+            f"{ns}_last_drain_timestamp_seconds", "Unix time the last batch was built "
+            "(stratoscope status shows how long ago).", registry=registry,
+        )
         self.series = Gauge(
             f"{ns}_series", "Series in the last batch, per program.", ["program"],
             registry=registry,

@@ -786,7 +786,8 @@ class Regional:
         self.chdir = workdir / "clickhouse"
         self.logfile = workdir / "regional.log"
         self.cmd = [str(STRATOSCOPE), "regional", "--listen", f"127.0.0.1:{self.port}",
-                    "--metrics-port", str(self.mport), "--clickhouse", f"chdb://{self.chdir}",
+                    "--metrics-port", str(self.mport), "--query-listen", "none",
+                    "--clickhouse", f"chdb://{self.chdir}",
                     "--resolution", f"{RES_S}s", "--lateness", f"{LATENESS_S}s"]
         if kafka:
             self.cmd += ["--kafka", kafka, "--kafka-topic-prefix", topic_prefix]

@@ -82,6 +82,13 @@ def _sink_section(value: Any, required: str, default: str | None) -> Any:
     return value
 
 
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not (sep and host and port.isdigit() and int(port) < 65536):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
 class RegionalConfig(BaseModel):
     """Every setting of a regional (see deploy/regional.example.yaml)."""
 
@@ -92,6 +99,10 @@ class RegionalConfig(BaseModel):
     #: Port for /metrics; 0 disables it.
     metrics_port: int = Field(default=9432, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
+    #: The read endpoint (regional/queryapi.py: cookbook queries only), HOST:PORT; None
+    #: (``none`` on the command line) disables it. Loopback by default: with an embedded
+    #: store it is how ``stratoscope query`` on this machine reads while the regional runs.
+    query_listen: str | None = "127.0.0.1:9433"
     #: Names this regional in the roll-ups it writes and in block identities.
     regional_id: str = Field(default_factory=socket.gethostname, min_length=1)
     #: Output window (whole seconds).
@@ -147,10 +158,14 @@ class RegionalConfig(BaseModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not (sep and host and port.isdigit() and int(port) < 65536):
-            raise ValueError(f"expected HOST:PORT, got {value!r}")
-        return value
+        return _host_port(value)
+
+    @field_validator("query_listen", mode="before")
+    @classmethod
+    def _query_listen(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return _host_port(str(value))
 
     @field_validator("frame_nodes")
     @classmethod

@@ -200,6 +200,8 @@ _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--listen", "listen", "gRPC ingest HOST:PORT"),
     ("--metrics-port", "metrics_port", "port for /metrics (0 disables)"),
     ("--metrics-addr", "metrics_addr", "address /metrics listens on"),
+    ("--query-listen", "query_listen",
+     "read endpoint for `stratoscope query`, HOST:PORT (cookbook queries only); 'none' disables"),
     ("--tls-cert", "tls.cert", "server certificate (enables TLS)"),
     ("--tls-key", "tls.key", "server key"),
     ("--tls-client-ca", "tls.client_ca",
@@ -263,7 +265,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         from stratoscope.settings import ConfigError
 
         raise ConfigError(f"--duration: {exc}") from None
-    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0)
+    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0, query_listen="127.0.0.1:0")
     return int(uvloop.run(run_demo(config, seconds)) or 0)
 
 
@@ -287,8 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     _regional_args(d, server=False)
     d.add_argument("--duration", default="30s", help="how long the edge runs, e.g. 30s")
     d.set_defaults(func=_run_demo)
+    from stratoscope.query.command import add_parser as add_query_parser
     from stratoscope.regional.sinks.clickhouse_cli import add_parser as add_schema_parser
+    from stratoscope.status import add_parser as add_status_parser
 
+    add_query_parser(sub)
+    add_status_parser(sub)
     add_schema_parser(sub)  # stratoscope schema render|grants
     return parser
 

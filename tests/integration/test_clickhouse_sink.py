@@ -695,20 +695,26 @@ async def test_documented_queries(sink: ClickHouseSink) -> None:
                                               end=HOUR + 7200)
     expected = await sink.query(fold_sql, fold_params)
     assert len(expected) == 3
-    assert await sink.query(sql, {"node": "n1", "pid": 0, **span}) == expected
-    got = await sink.query(sql, {"node": "", "pid": 22, **span})
-    assert got == [("redis;entry_SYSCALL_64_[k];do_syscall_64_[k];ksys_write_[k]", 25)]
+    got = await sink.query(sql, {"node": "n1", "pid": 0, "comm": "", **span})
+    # stack and samples as folded_stacks_sql; cpu_time = samples x the 10 ms period
+    assert [(s, n) for s, n, _ in got] == expected
+    assert all(cpu == n * 10_000_000 for _, n, cpu in got)
+    got = await sink.query(sql, {"node": "", "pid": 22, "comm": "", **span})
+    assert got == [("redis;entry_SYSCALL_64_[k];do_syscall_64_[k];ksys_write_[k]", 25, 250_000_000)]
+    got = await sink.query(sql, {"node": "", "pid": 0, "comm": "redis", **span})
+    assert [(s, n) for s, n, _ in got] == [("redis;entry_SYSCALL_64_[k];do_syscall_64_[k];ksys_write_[k]", 25)]
 
     sql = (queries / "latency_quantiles.sql").read_text()
     got = await sink.query(sql, {"metric": "syscall_latency", "label": "syscall", "node": "n1",
                                  "start": HOUR, "end": HOUR + 3600})
     # read: zero 4, (8,16] x20, (32,64] x8 -> p50 16, p99 64; write: (1024,2048] x16
-    assert got == [("read", 16.0, 64.0, 32, 400 / 32), ("write", 2048.0, 2048.0, 16, 2000.0)]
+    assert got == [("read", 16.0, 64.0, 32, 400 / 32, "ns"), ("write", 2048.0, 2048.0, 16, 2000.0, "ns")]
 
     sql = (queries / "counter_per_hour.sql").read_text()
     got = await sink.query(sql, {"metric": "syscalls_total", "label": "comm", "node": "n1",
                                  **span})
-    assert [(v, t, ps) for _, v, t, ps in got] == [
+    assert {u for *_, u in got} == {"1"}
+    assert [(v, t, ps) for _, v, t, ps, _ in got] == [
         ("nginx", 600, 600 / 3600), ("redis", 28, 28 / 3600),
         ("nginx", 150, 150 / 3600), ("redis", 7, 7 / 3600),
     ]
