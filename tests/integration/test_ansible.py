@@ -164,7 +164,7 @@ class Fleet:
         inv = {"all": {"vars": common, "children": {
             "regionals": {"children": {"regionals_here": {"hosts": {"regional1": {
                 **paths("regional1", "regional"), "regional_port": self.regional_port,
-                "regional_metrics_port": self.regional_metrics,
+                "regional_metrics_port": self.regional_metrics, "regional_query_listen": "none",
                 "regional_resolution": "10s", "regional_lateness": "2s"}}}}},
             "edges": {"children": {"edges_here": {
                 "vars": {"edge_regional_group": "regionals_here", "edge_programs": ["syscalls"],
