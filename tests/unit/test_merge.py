@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from stratoscope.edge.batch import BatchBuilder, batch_to_dict
 from stratoscope.edge.decode import Histogram
 from stratoscope.regional.merge import Aggregator, MergeSettings, Rollup
+from stratoscope.v1 import batch_pb2 as pb
 from tests.frames import block_batch
 
 NS = 1_000_000_000
@@ -370,6 +371,7 @@ def test_folding_at_any_point_gives_the_same_sums(sends: list, fold_min_rows: in
     grouped into shards and frames, the sums per node and rolled up are the same."""
     expected: Counter[tuple] = Counter()
     hist_expected: Counter[tuple] = Counter()
+    gauge_expected: dict[tuple, float] = {}
     agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, fold_min_rows=fold_min_rows,
                                    fold_nodes=fold_nodes, frame_nodes=2,
                                    rollups=(Rollup("syscalls_total", ("syscall",)),
@@ -383,8 +385,17 @@ def test_folding_at_any_point_gives_the_same_sums(sends: list, fold_min_rows: in
             hists[(sc, comm)] = Histogram({v % 5: v}, count=v, sum=2 * v)
             hist_expected[(node, sc, comm, v % 5)] += v
             hist_expected[("", sc, "", v % 5)] += v
-        agg.record(edge_batch(node, seq, (seq % 6) * 10, counters, hists))
+        b = BatchBuilder(node, "b", seq, T0 + (seq % 6) * 10 * NS, T0 + ((seq % 6) * 10 + 10) * NS, {})
+        b.add_counters("syscalls_total", "calls", "h", KEYS, counters)
+        b.add_histograms("syscall_latency", "ns", "h", KEYS, hists)
+        gauge = {(comm,): float(v) for _, comm, v in series}
+        b.add_counters("open_fds", "", "h", ["comm"], gauge, kind=pb.GAUGE)
+        for (comm,), g in gauge.items():
+            gauge_expected[(node, comm)] = max(gauge_expected.get((node, comm), 0.0), g)
+        agg.record(b.build())
     blocks = agg.flush(0, force=True)
+    gauges = {(node, dict(labels)["comm"]): v for (node, labels), v in totals(blocks, "open_fds").items()}
+    assert gauges == gauge_expected
     got: Counter[tuple] = Counter()
     for (node, labels), v in totals(blocks, "syscalls_total").items():
         d = dict(labels)
