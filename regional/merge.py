@@ -120,7 +120,10 @@ class MergeSettings:
 
 
 def _nbytes(*arrays: npt.NDArray[np.generic]) -> int:
-    return sum(a.nbytes for a in arrays) + ARRAY_BYTES * len(arrays)
+    n = ARRAY_BYTES * len(arrays)
+    for a in arrays:
+        n += a.nbytes
+    return n
 
 
 class _Counters:
@@ -382,7 +385,7 @@ class Aggregator:
         vals = np.array(vals)  # a copy: a view would keep the whole hand-over buffer
         fam.keys.append(keys)
         fam.values.append(vals)
-        return n, _nbytes(keys, vals)
+        return n, keys.nbytes + vals.nbytes + 2 * ARRAY_BYTES
 
     def _record_hist(self, shard: _Shard, gmap: U32, node: int, h: HistCols) -> tuple[int, int]:
         label_keys = tuple(gmap[h.label_keys].tolist())
