@@ -225,9 +225,23 @@ class Regional:
             frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
             self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
             for q in self.sinks:
+                await self._room(q, len(blocks))
                 await q.put(blocks)
         await worker  # re-raises a failure of the in-process reduction
         return out
+
+    @staticmethod
+    async def _room(q: DeliveryQueue, blocks: int, poll_s: float = 0.05) -> None:
+        """Wait until ``q`` takes ``blocks`` more without dropping its oldest.
+
+        Why: a queue that is full drops its oldest blocks, which edges were acked for.
+        While this waits, the window being flushed stays held (its bytes count against
+        max_held_bytes) and the backlog stays at its RETRY bound, so edges are answered
+        RETRY and keep their batches instead. A queue that is not delivering (not
+        started, or stopping) is not waited for.
+        """
+        while q.running and q.queued and q.queued + blocks > q.max_queue_blocks:
+            await asyncio.sleep(poll_s)
 
     def _emit(self, due: list[Any], hand_over: Callable[[list[Block]], None]) -> None:
         """Reduce ``due`` chunk by chunk (in a forked child if configured; here for what
