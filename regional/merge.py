@@ -286,6 +286,7 @@ class _Window:
     points: int = 0
     #: accounted bytes outside the shards: strings, sources, stacks, events
     own_bytes: int = 0
+    event_rows: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -295,7 +296,7 @@ class _Window:
     @property
     def series(self) -> int:
         """Rows the window holds: its shards' aggregates and pending rows, and event rows."""
-        return sum(s.rows + s.pending for s in self.shards.values()) + sum(len(e["time"]) for e in self.events)
+        return sum(s.rows + s.pending for s in self.shards.values()) + self.event_rows
 
 
 class Aggregator:
@@ -456,6 +457,7 @@ class Aggregator:
             "detail": gmap[e.detail], "code": np.array(e.code),
         }
         w.events.append(chunk)
+        w.event_rows += n
         return _nbytes(*chunk.values())
 
     def held_points(self) -> int:
