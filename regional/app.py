@@ -82,7 +82,8 @@ class RunningRegional:
         ]
         self.regional = Regional(merge_settings(config), self.queues, regional_id=config.regional_id,
                                  frames_in_child=config.fork_frames,
-                                 max_held_points=config.max_held_points)
+                                 max_held_points=config.max_held_points,
+                                 max_held_bytes=config.max_held_bytes)
         #: Set when a part of the regional failed on its own (the ingest process died):
         #: the regional then stops, flushing what it holds, and exits non-zero.
         self.failed = asyncio.Event()
@@ -151,8 +152,10 @@ class RunningRegional:
             if state != self._pressure_sent:
                 was_full = self._pressure_sent is not None and self._pressure_sent[1]
                 if state[1] and not was_full:
-                    log.warning("windows hold %d points (limit %d): edges are told to RETRY until "
-                                "windows close", self.regional.held_points, self.regional.max_held_points)
+                    log.warning("windows hold %d points (limit %d), %d bytes (limit %d): edges are told "
+                                "to RETRY until windows close", self.regional.held_points,
+                                self.regional.max_held_points, self.regional.held_bytes,
+                                self.regional.max_held_bytes)
                 await asyncio.to_thread(self._ingest.set_pressure, *state)
                 self._pressure_sent = state
             if confirm:

@@ -21,6 +21,7 @@ from stratoscope.settings import Duration, NonNegativeDuration, readable_file
 
 __all__ = [
     "DEFAULT_DSN",
+    "DEFAULT_MAX_HELD_BYTES",
     "DEFAULT_MAX_HELD_POINTS",
     "QUEUE_MAX",
     "QUEUE_RETRY",
@@ -45,6 +46,11 @@ QUEUE_MAX = 6000
 #: peaks near 50 M. 64 M leaves room for that; in the benchmark a held point costs
 #: ~200-300 bytes of the regional's RSS (docs/BENCHMARKS.md), so ~13-19 GB.
 DEFAULT_MAX_HELD_POINTS = 64_000_000
+
+#: Default bound on the bytes windows hold (Regional.max_held_bytes, as the merge
+#: accounts them: regional/merge.py). Windows hold their aggregates, so this follows
+#: distinct series, not points received (docs/BENCHMARKS.md: bytes per held series).
+DEFAULT_MAX_HELD_BYTES = 2 * 1024**3
 
 
 class TlsSettings(BaseModel):
@@ -118,6 +124,9 @@ class RegionalConfig(BaseModel):
     #: stored; past it (checked every 0.2 s, so a soft bound) edges are answered RETRY
     #: until windows close. ~200-300 bytes of RSS each.
     max_held_points: int = Field(default=DEFAULT_MAX_HELD_POINTS, ge=1)
+    #: Bytes the merge may hold in windows not yet stored (its own account of their
+    #: arrays and objects); past it edges are answered RETRY, like max_held_points.
+    max_held_bytes: int = Field(default=DEFAULT_MAX_HELD_BYTES, ge=1)
     #: Program descriptions whose declared roll-ups apply: the edges' programs directory
     #: when it holds programs beside the packaged ones; None: the packaged bpf/.
     programs_dir: Path | None = None

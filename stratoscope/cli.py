@@ -164,8 +164,10 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--frame-nodes", "frame_nodes", "nodes per frame a closed window is reduced and stored in"),
     ("--max-held-points", "max_held_points",
      "points (series points and event rows) the merge may hold in windows not yet stored; past "
-     "it (checked every 0.2 s, so a soft bound) edges are answered RETRY until windows close "
-     "(~200-300 bytes of RSS each)"),
+     "it (checked every 0.2 s, so a soft bound) edges are answered RETRY until windows close"),
+    ("--max-held-bytes", "max_held_bytes",
+     "bytes the merge may hold in windows not yet stored (its account of their arrays); past it "
+     "edges are answered RETRY until windows close, like --max-held-points"),
     ("--programs-dir", "programs_dir",
      "program descriptions (*.yaml) whose declared roll-ups apply (default: the packaged bpf/)"),
     ("--clickhouse", "clickhouse.dsn",
