@@ -212,6 +212,7 @@ class Collector:
         self.metrics.batches.inc()
         self.metrics.batch_bytes.observe(batch.ByteSize())
         self.metrics.drain_seconds.observe(time.perf_counter() - t0)
+        self.metrics.last_drain.set_to_current_time()
         return batch
 
     def _drain_program(self, p: LoadedProgram, b: BatchBuilder) -> None:

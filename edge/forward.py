@@ -97,6 +97,14 @@ class GrpcForwarder:
         with self._cv:
             return len(self._pending)
 
+    def counts(self) -> dict[str, int]:
+        """The outcome tallies and the unacked depth, for /metrics (edge/metrics.py)."""
+        with self._cv:
+            s = self.stats
+            return {"acked": s.acked, "duplicates": s.duplicates, "rejected": s.rejected,
+                    "retries": s.retries, "dropped": s.dropped, "reconnects": s.reconnects,
+                    "unacked": len(self._pending)}
+
     def write(self, batch: pb.Batch) -> None:
         if self.wire_columns == "packed":
             batch = packed_copy(batch)

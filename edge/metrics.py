@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -24,6 +24,10 @@ class EdgeMetrics:
         self.drain_seconds = Histogram(
             f"{ns}_drain_seconds", "Time to flip, read, decode and build one batch.",
             registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.last_drain = Gauge(
+            f"{ns}_last_drain_timestamp_seconds", "Unix time the last batch was built "
+            "(stratoscope status shows how long ago).", registry=registry,
         )
         self.series = Gauge(
             f"{ns}_series", "Series in the last batch, per program.", ["program"],
@@ -78,3 +82,41 @@ class BpfRunStats(Collector):
             ns.add_metric([program], run_ns / 1e9)
         yield cnt
         yield ns
+
+
+#: The forwarder's tallies (edge/forward.py ``GrpcForwarder.counts``): key -> (metric, help).
+FORWARD_COUNTERS: dict[str, tuple[str, str]] = {
+    "acked": ("batches_acked",
+              "Batches a regional acknowledged as accepted (the edge then forgets them)."),
+    "duplicates": ("batches_duplicate",
+                   "Batches a regional already had (acknowledged as duplicates)."),
+    "rejected": ("batches_rejected",
+                 "Batches a regional refused as invalid (dropped; the reason is logged)."),
+    "retries": ("batches_retried",
+                "RETRY answers: the regional was behind and the batch is sent again later."),
+    "dropped": ("batches_dropped",
+                "Unacknowledged batches dropped because the unacked buffer was full."),
+    "reconnects": ("reconnects", "Streams to a regional that ended and were opened again."),
+}
+
+
+class ForwardCounters(Collector):
+    """What happened to the batches sent to the regionals, read from the forwarder's own
+    tallies at scrape time (so there is one count, not a copy to keep in step).
+
+    ``stratoscope_edge_batches_acked_total`` > 0 is the proof that this node's data
+    reaches a regional: the rolling deployment waits for it before it moves on.
+    """
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        counts = self._source()
+        for key, (name, text) in FORWARD_COUNTERS.items():
+            yield CounterMetricFamily(f"stratoscope_edge_{name}", text, value=counts.get(key, 0))
+        yield GaugeMetricFamily(
+            "stratoscope_edge_batches_unacked",
+            "Batches sent or waiting to be sent that no regional has acknowledged yet.",
+            value=counts.get("unacked", 0),
+        )

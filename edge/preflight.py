@@ -30,7 +30,15 @@ def check(tracefs: Path = Path("/sys/kernel/tracing"), modules: Path = Path("/li
             "CAP_BPF,CAP_PERFMON,CAP_SYS_RESOURCE (see deploy/systemd/stratoscope-edge.service)"
         )
     debug_tracing = Path("/sys/kernel/debug/tracing/events")
-    if not (tracefs / "events").is_dir() and not debug_tracing.is_dir():
+    try:
+        mounted = (tracefs / "events").is_dir() or debug_tracing.is_dir()
+    except PermissionError:
+        # tracefs is root-only (0700) unless mounted with gid= and mode=.
+        raise PreflightError(
+            f"cannot read {tracefs}: run as root, or mount tracefs readable by this "
+            f"service's group (`mount -o remount,gid=GROUP,mode=0750 {tracefs}`)"
+        ) from None
+    if not mounted:
         raise PreflightError(
             f"tracefs is not mounted: run `mount -t tracefs nodev {tracefs}` (scripts/setup.sh does it)"
         )

@@ -1,4 +1,6 @@
-"""Regenerate the Python wire code from proto/stratoscope/v1/*.proto.
+"""Regenerate the Python code of proto/stratoscope/*/*.proto: the wire contract (v1/) and
+pprof's profile.proto (pprof/, vendored: what ``stratoscope query flamegraph --format pprof``
+writes).
 
 The .proto files are the single source of truth; the generated modules are not
 committed, because protobuf's generated code must match the runtime that runs it.

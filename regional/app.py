@@ -23,6 +23,7 @@ from stratoscope.regional.config import QUEUE_MAX, QUEUE_RETRY, RegionalConfig
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.ingest import IngestProcess
 from stratoscope.regional.merge import MergeSettings
+from stratoscope.regional.queryapi import QueryApi
 from stratoscope.regional.rollups import declared_rollups
 from stratoscope.regional.runtime import tune_gc
 from stratoscope.regional.server import ServerTls
@@ -81,7 +82,8 @@ class RunningRegional:
         ]
         self.regional = Regional(merge_settings(config), self.queues, regional_id=config.regional_id,
                                  frames_in_child=config.fork_frames,
-                                 max_held_points=config.max_held_points)
+                                 max_held_points=config.max_held_points,
+                                 max_held_bytes=config.max_held_bytes)
         #: Set when a part of the regional failed on its own (the ingest process died):
         #: the regional then stops, flushing what it holds, and exits non-zero.
         self.failed = asyncio.Event()
@@ -94,6 +96,9 @@ class RunningRegional:
         self._lag_monitor: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
+        self._query_api: QueryApi | None = None
+        #: The read endpoint's port (0: not running).
+        self.query_port = 0
         #: Holders of admission_closed(); while any, every batch is answered RETRY.
         self._closers = 0
         self._pressure_lock = asyncio.Lock()
@@ -123,6 +128,10 @@ class RunningRegional:
                 self._metrics_server, _ = start_http_server(
                     self.config.metrics_port, addr=self.config.metrics_addr,
                     registry=self.regional.registry)
+            if self.config.query_listen and self.config.clickhouse is not None:
+                self._query_api = QueryApi(self.config.query_listen, self.sink("clickhouse").query,
+                                           self.regional.registry)
+                self.query_port = await self._query_api.start()
         except BaseException:
             await self.stop()
             raise
@@ -143,8 +152,10 @@ class RunningRegional:
             if state != self._pressure_sent:
                 was_full = self._pressure_sent is not None and self._pressure_sent[1]
                 if state[1] and not was_full:
-                    log.warning("windows hold %d points (limit %d): edges are told to RETRY until "
-                                "windows close", self.regional.held_points, self.regional.max_held_points)
+                    log.warning("windows hold %d points (limit %d), %d bytes (limit %d): edges are told "
+                                "to RETRY until windows close", self.regional.held_points,
+                                self.regional.max_held_points, self.regional.held_bytes,
+                                self.regional.max_held_bytes)
                 await asyncio.to_thread(self._ingest.set_pressure, *state)
                 self._pressure_sent = state
             if confirm:
@@ -184,6 +195,8 @@ class RunningRegional:
         await asyncio.shield(self._stop_task)
 
     async def _stop(self, grace_s: float) -> None:
+        if self._query_api is not None:
+            await self._query_api.stop()
         await _cancel(self._lag_monitor)
         await _cancel(self._backlog_task)
         await self._ingest.stop(grace_s)

@@ -21,6 +21,7 @@ from stratoscope.settings import Duration, NonNegativeDuration, readable_file
 
 __all__ = [
     "DEFAULT_DSN",
+    "DEFAULT_MAX_HELD_BYTES",
     "DEFAULT_MAX_HELD_POINTS",
     "QUEUE_MAX",
     "QUEUE_RETRY",
@@ -45,6 +46,11 @@ QUEUE_MAX = 6000
 #: peaks near 50 M. 64 M leaves room for that; in the benchmark a held point costs
 #: ~200-300 bytes of the regional's RSS (docs/BENCHMARKS.md), so ~13-19 GB.
 DEFAULT_MAX_HELD_POINTS = 64_000_000
+
+#: Default bound on the bytes windows hold (Regional.max_held_bytes, as the merge
+#: accounts them: regional/merge.py). Windows hold their aggregates, so this follows
+#: distinct series, not points received (docs/BENCHMARKS.md: bytes per held series).
+DEFAULT_MAX_HELD_BYTES = 2 * 1024**3
 
 
 class TlsSettings(BaseModel):
@@ -82,6 +88,13 @@ def _sink_section(value: Any, required: str, default: str | None) -> Any:
     return value
 
 
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not (sep and host and port.isdigit() and int(port) < 65536):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
 class RegionalConfig(BaseModel):
     """Every setting of a regional (see deploy/regional.example.yaml)."""
 
@@ -92,6 +105,10 @@ class RegionalConfig(BaseModel):
     #: Port for /metrics; 0 disables it.
     metrics_port: int = Field(default=9432, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
+    #: The read endpoint (regional/queryapi.py: cookbook queries only), HOST:PORT; None
+    #: (``none`` on the command line) disables it. Loopback by default: with an embedded
+    #: store it is how ``stratoscope query`` on this machine reads while the regional runs.
+    query_listen: str | None = "127.0.0.1:9433"
     #: Names this regional in the roll-ups it writes and in block identities.
     regional_id: str = Field(default_factory=socket.gethostname, min_length=1)
     #: Output window (whole seconds).
@@ -107,6 +124,9 @@ class RegionalConfig(BaseModel):
     #: stored; past it (checked every 0.2 s, so a soft bound) edges are answered RETRY
     #: until windows close. ~200-300 bytes of RSS each.
     max_held_points: int = Field(default=DEFAULT_MAX_HELD_POINTS, ge=1)
+    #: Bytes the merge may hold in windows not yet stored (its own account of their
+    #: arrays and objects); past it edges are answered RETRY, like max_held_points.
+    max_held_bytes: int = Field(default=DEFAULT_MAX_HELD_BYTES, ge=1)
     #: Program descriptions whose declared roll-ups apply: the edges' programs directory
     #: when it holds programs beside the packaged ones; None: the packaged bpf/.
     programs_dir: Path | None = None
@@ -147,10 +167,14 @@ class RegionalConfig(BaseModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not (sep and host and port.isdigit() and int(port) < 65536):
-            raise ValueError(f"expected HOST:PORT, got {value!r}")
-        return value
+        return _host_port(value)
+
+    @field_validator("query_listen", mode="before")
+    @classmethod
+    def _query_listen(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return _host_port(str(value))
 
     @field_validator("frame_nodes")
     @classmethod

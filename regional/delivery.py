@@ -162,6 +162,11 @@ class DeliveryQueue:
             self._run(), name=f"delivery-{self.sink.name}"
         )
 
+    @property
+    def running(self) -> bool:
+        """Whether a delivery task is draining the queue (started and not stopping)."""
+        return self._task is not None and not self._stopping
+
     async def stop(self) -> None:
         """Deliver what is queued for up to ``stop_timeout_s``, drop the rest, stop the sink.
 

@@ -62,6 +62,9 @@ async def run_demo(config: RegionalConfig, seconds: float) -> int:
     since = int(time.time()) // config.resolution_s * config.resolution_s
     console.print(f"[bold]regional[/] on 127.0.0.1:{running.port} → {config.clickhouse.dsn}"
                   + (f" + Kafka {config.kafka.bootstrap}" if config.kafka else ""))
+    if running.query_port:
+        console.print(f"[bold]read endpoint[/] http://127.0.0.1:{running.query_port} "
+                      f"(stratoscope query --list --regional http://127.0.0.1:{running.query_port})")
     console.print(f"[bold]edge[/] on this node for {seconds:.0f} s (all six programs)…")
     edge = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "stratoscope.cli", "edge", "--regional", f"127.0.0.1:{running.port}",

@@ -53,6 +53,8 @@ class Part:
     block_id: str
     labels: tuple[tuple[int, int], ...] = ()
     events_lost: int = 0
+    #: edge batches merged into this block (0 for the roll-up)
+    batches: int = 0
 
 
 class Table:

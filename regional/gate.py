@@ -71,7 +71,7 @@ class Gate:
             return ack, None, ""
         if self.held_full:
             ack.status = ingest_pb2.Ack.RETRY
-            ack.reason = "regional overloaded: windows in memory are at their limit (max held points)"
+            ack.reason = "regional overloaded: windows in memory are at their limit (max held points or bytes)"
             return ack, None, ""
         try:
             whole, inflated = open_batch(batch, self.limits)

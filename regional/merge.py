@@ -8,25 +8,40 @@ families whose description declares a roll-up are also summed across nodes
 Profile rows are summed per (node, profile, pid, comm, cgroup, stacks); events
 are kept as they are.
 
-Work is columnar. record() maps a batch's strings into the window's string table
-(one Python step per *string*, not per point) and keeps the batch's columns and
-that map; stacks are interned by their content (one dict lookup per stack).
-emit() translates label values through the maps (one gather per family),
-concatenates and reduces each family's columns with numpy and returns
-one ``Frame`` per window: every node's merged rows at once, which the sinks read
-as columns (see regional/frame.py). A node's ``Block`` is a part of the frame.
+A window holds its aggregate, not its inputs. record() maps a batch's strings
+into the window's string table (one Python step per *string*, not per point),
+translates each family's label values to window string ids (one gather per family)
+and appends the rows to the family's *pending* rows in the batch's *shard* (the
+window's nodes in groups of ``fold_nodes``, by arrival). Once a shard's pending rows
+are as many as its aggregate's (and at least ``fold_min_rows``), they are *folded*:
+aggregate and pending rows are grouped by their bit-packed keys and summed (numpy,
+regional/columns.py), so a window's memory follows its distinct series, not the points
+it received, and each point is grouped a bounded number of times (amortized: the
+pending rows a fold takes are at least the aggregate it re-reads). Why shards: a
+fold's time is the shard's, not the window's (the merge process's event loop runs it:
+tens of milliseconds, not seconds), and the shards are the frames' building blocks.
+Stacks are interned per window by their content.
 
-A window closes at its end + allowed lateness. A batch for a closed window is
-not lost: it goes into a *late partial* for that window, emitted at the next
-flush as separate blocks whose counts add to what was stored before (storage
-sums rows; it never overwrites). Block ids are derived from the identities of
-the edge batches they contain, so re-emitting the same content gives the same
-id and downstream idempotency keys hold.
+A window closes at its end + allowed lateness. emit() folds each shard's last pending
+rows and returns one ``Frame`` per ``frame_nodes`` nodes (whole shards): every node's
+merged rows at once, which the sinks read as columns (see regional/frame.py). A node's
+``Block`` is a part of the frame.
+
+A batch for a closed window is not lost: it goes into a *late partial* for that window,
+emitted at the next flush as separate blocks whose counts add to what was stored
+before (storage sums rows; it never overwrites). Block ids are derived from the
+identities of the edge batches they contain, so re-emitting the same content gives
+the same id and downstream idempotency keys hold.
+
+Every window keeps an account of the bytes it holds (``held_bytes``: its arrays, and
+a fixed cost per string, batch identity and array object), which the regional's
+memory bound (``max_held_bytes``) is checked against.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -72,6 +87,15 @@ _BUCKET_SHIFT = 64  # bucket indices (-64..127) shifted to stay unsigned
 U32 = npt.NDArray[np.uint32]
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
+I16 = npt.NDArray[np.int16]
+
+#: Accounted bytes beyond array data (held_bytes): a numpy array object; a string in
+#: the window's table (str object, dict entry, list slot); a batch's identity in a
+#: window's sources (a tuple, its boot id and seq, a list slot). Measured with
+#: sys.getsizeof and tracemalloc on CPython 3.11 / numpy 2, rounded up.
+ARRAY_BYTES = 112
+STRING_BYTES = 120
+SOURCE_BYTES = 160
 
 
 #: The roll-ups the packaged program descriptions declare (regional/rollups.py).
@@ -87,78 +111,157 @@ class MergeSettings:
     remember_closed: int = 10_000
     #: Nodes per frame when a window is reduced (see Aggregator.emit_chunks).
     frame_nodes: int = 250
+    #: Nodes per shard, the unit a window's rows are folded in (the module docstring);
+    #: the shards are gcd(fold_nodes, frame_nodes) nodes so that frames are whole shards.
+    fold_nodes: int = 25
+    #: A shard folds once its pending rows are at least this many (and at least its
+    #: aggregate's rows): below it the numpy calls per family cost more than the rows.
+    fold_min_rows: int = 32_768
 
 
-class _Gmaps:
-    """Every recorded batch's map from its string indices to the window's (one array per
-    batch, shared by a window and the parts it is split into for emitting).
+def _nbytes(*arrays: npt.NDArray[np.generic]) -> int:
+    n = ARRAY_BYTES * len(arrays)
+    for a in arrays:
+        n += a.nbytes
+    return n
 
-    Why: record() keeps a family's label values as the batch sent them and the batch's
-    index here; emit() translates every chunk of a family with one gather over ``concat()``.
-    Translating at record time cost a matrix and three numpy calls per family per batch
-    (~170 us of the merge process's busiest thread per 2,000-series batch); at emit it is a
-    few calls per family per frame, in the frame child.
-    """
 
-    __slots__ = ("items", "_concat")
+class _Counters:
+    """One counter or gauge family's rows in one shard: the aggregate (if folded) first,
+    then the pending chunks. Keys are (rows x 1 + label keys) matrices of window string
+    ids: the node, then the label values."""
+
+    __slots__ = ("kind", "name", "unit", "help", "label_keys", "keys", "values", "folded")
+
+    def __init__(self, kind: int, name: int, unit: int, help: int, label_keys: tuple[int, ...]) -> None:
+        self.kind, self.name, self.unit, self.help, self.label_keys = kind, name, unit, help, label_keys
+        self.keys: list[U32] = []
+        self.values: list[npt.NDArray[np.generic]] = []
+        #: whether keys[0] is the aggregate (unique, sorted keys)
+        self.folded = False
+
+    def fold(self) -> int:
+        """Group the rows into the aggregate; returns its rows."""
+        if len(self.keys) == 1 and self.folded:
+            return len(self.keys[0])
+        keys = np.concatenate(self.keys) if len(self.keys) > 1 else self.keys[0]
+        vals = np.concatenate(self.values) if len(self.values) > 1 else self.values[0]
+        g = group(keys)
+        self.keys = [g.keys]
+        self.values = [g.max(vals) if self.kind == pb.GAUGE else g.sum(vals)]
+        self.folded = True
+        return len(g.keys)
+
+    def nbytes(self) -> int:
+        return _nbytes(*self.keys, *self.values)
+
+
+class _Hists:
+    """One histogram family's rows in one shard (like ``_Counters``); each chunk's bucket
+    offsets are its rows + 1, from 0."""
+
+    __slots__ = ("name", "unit", "help", "label_keys", "keys", "count", "sum", "zero", "offsets",
+                 "b_idx", "b_cnt", "folded")
+
+    def __init__(self, name: int, unit: int, help: int, label_keys: tuple[int, ...]) -> None:
+        self.name, self.unit, self.help, self.label_keys = name, unit, help, label_keys
+        self.keys: list[U32] = []
+        self.count: list[npt.NDArray[np.generic]] = []
+        self.sum: list[npt.NDArray[np.generic]] = []
+        self.zero: list[npt.NDArray[np.generic]] = []
+        self.offsets: list[I64] = []
+        self.b_idx: list[I16] = []
+        self.b_cnt: list[U64] = []
+        self.folded = False
+
+    def fold(self) -> int:
+        if len(self.keys) == 1 and self.folded:
+            return len(self.keys[0])
+        rows = list(map(len, self.count))
+        g = group(np.concatenate(self.keys))
+        n = len(g.keys)
+        series = g.inverse[_bucket_rows(self.offsets, rows)]
+        b_sid, b_idx, b_cnt = _reduce_buckets(series, np.concatenate(self.b_idx), np.concatenate(self.b_cnt))
+        self.keys = [g.keys]
+        self.count = [g.sum(np.concatenate(self.count))]
+        self.sum = [g.sum(np.concatenate(self.sum))]
+        self.zero = [g.sum(np.concatenate(self.zero))]
+        self.offsets = [np.searchsorted(b_sid, np.arange(n + 1)).astype(np.int64)]
+        self.b_idx = [b_idx.astype(np.int16)]
+        self.b_cnt = [b_cnt]
+        self.folded = True
+        return n
+
+    def nbytes(self) -> int:
+        return _nbytes(*self.keys, *self.count, *self.sum, *self.zero, *self.offsets, *self.b_idx, *self.b_cnt)
+
+
+#: Profile row columns while a window is held: PROFILE_COLS with the node instead of the part.
+_PROFILE_KEYS = ("node", "name", "period", "pid", "comm", "cgroup", "kstack", "ustack")
+
+
+class _Profiles:
+    """One shard's profile rows: chunks of columns (``_PROFILE_KEYS`` and ``samples``),
+    the aggregate (if folded) first."""
+
+    __slots__ = ("chunks", "folded")
 
     def __init__(self) -> None:
-        self.items: list[U32] = []
-        self._concat: tuple[U32, I64] | None = None
+        self.chunks: list[dict[str, npt.NDArray[np.generic]]] = []
+        self.folded = False
 
-    def add(self, gmap: U32) -> int:
-        self.items.append(gmap)
-        return len(self.items) - 1
+    def fold(self) -> int:
+        if not self.chunks:
+            return 0
+        if len(self.chunks) == 1 and self.folded:
+            return len(self.chunks[0]["samples"])
+        cols = {k: np.concatenate([c[k] for c in self.chunks]) for k in self.chunks[0]}
+        # (name, period) pairs are few: a small id instead of a 64-bit period in the key
+        kind = _pair_ids(cols["name"], cols["period"])
+        order, starts, _ = group_columns([
+            cols["node"], kind.astype(np.uint32), cols["pid"], cols["comm"], cols["cgroup"],
+            (cols["kstack"] + 1).astype(np.uint64), (cols["ustack"] + 1).astype(np.uint64),
+        ])
+        rep = order[starts]
+        out = {k: cols[k][rep] for k in _PROFILE_KEYS}
+        out["samples"] = np.add.reduceat(cols["samples"][order], starts).astype(np.uint64)
+        self.chunks = [out]
+        self.folded = True
+        return len(starts)
 
-    def concat(self) -> tuple[U32, I64]:
-        """(every map end to end, where each batch's starts). Only for a detached window."""
-        if self._concat is None or len(self._concat[1]) != len(self.items):
-            sizes = np.fromiter(map(len, self.items), dtype=np.int64, count=len(self.items))
-            base = np.zeros(len(self.items), dtype=np.int64)
-            np.cumsum(sizes[:-1], out=base[1:])
-            self._concat = (np.concatenate(self.items) if self.items else np.zeros(0, np.uint32), base)
-        return self._concat
-
-
-@dataclass
-class _Chunks:
-    """One family's recorded chunks, one per batch: the batch's node (window string id),
-    its index in the window's ``_Gmaps`` and its label values (batch string indices,
-    row-major: rows x label keys)."""
-
-    nodes: list[int] = field(default_factory=list)
-    batches: list[int] = field(default_factory=list)
-    labels: list[U32] = field(default_factory=list)
-
-    def add(self, node: int, batch: int, labels: U32) -> None:
-        self.nodes.append(node)
-        self.batches.append(batch)
-        self.labels.append(labels)
+    def nbytes(self) -> int:
+        return sum(_nbytes(*c.values()) for c in self.chunks)
 
 
 @dataclass
-class _Counters(_Chunks):
-    kind: int = 0
-    name: int = 0
-    unit: int = 0
-    help: int = 0
-    label_keys: tuple[int, ...] = ()
-    values: list[npt.NDArray[np.generic]] = field(default_factory=list)
+class _Shard:
+    """The rows of up to ``fold_nodes`` nodes of a window, folded together."""
 
+    counters: dict[tuple[int, int, tuple[int, ...]], _Counters] = field(default_factory=dict)
+    hists: dict[tuple[int, tuple[int, ...]], _Hists] = field(default_factory=dict)
+    profiles: _Profiles = field(default_factory=_Profiles)
+    #: rows recorded since the last fold, and the aggregate's rows after it
+    pending: int = 0
+    rows: int = 0
+    #: accounted bytes of every family's rows and the profile rows
+    nbytes: int = 0
 
-@dataclass
-class _Hists(_Chunks):
-    name: int = 0
-    unit: int = 0
-    help: int = 0
-    label_keys: tuple[int, ...] = ()
-    count: list[U64] = field(default_factory=list)
-    sum: list[U64] = field(default_factory=list)
-    zero: list[U64] = field(default_factory=list)
-    #: the batch's bucket offsets (rows + 1, from 0)
-    offsets: list[I64] = field(default_factory=list)
-    b_idx: list[I64] = field(default_factory=list)
-    b_cnt: list[U64] = field(default_factory=list)
+    def fold(self) -> None:
+        """Fold every family's pending rows into its aggregate (and re-account the bytes)."""
+        if not self.pending:
+            return
+        rows = nbytes = 0
+        for f in self.counters.values():
+            if f.keys:
+                rows += f.fold()
+                nbytes += f.nbytes()
+        for h in self.hists.values():
+            if h.keys:
+                rows += h.fold()
+                nbytes += h.nbytes()
+        rows += self.profiles.fold()
+        nbytes += self.profiles.nbytes()
+        self.rows, self.pending, self.nbytes = rows, 0, nbytes
 
 
 @dataclass
@@ -167,11 +270,10 @@ class _Window:
     end_ns: int
     late: bool
     strings: StringTable = field(default_factory=StringTable)
-    gmaps: _Gmaps = field(default_factory=_Gmaps)
-    counters: dict[tuple[int, int, tuple[int, ...]], _Counters] = field(default_factory=dict)
-    hists: dict[tuple[int, tuple[int, ...]], _Hists] = field(default_factory=dict)
-    #: profile row chunks: PROFILE_COLS with the node instead of the part
-    profiles: list[dict[str, npt.NDArray[np.generic]]] = field(default_factory=list)
+    #: every node (window string id) -> its arrival rank in the window (shards and
+    #: frames are ranges of ranks)
+    rank: dict[int, int] = field(default_factory=dict)
+    shards: dict[int, _Shard] = field(default_factory=dict)
     #: the window's distinct stacks: their frames' window string ids as bytes -> index,
     #: and their frames
     stack_index: dict[bytes, int] = field(default_factory=dict)
@@ -180,7 +282,21 @@ class _Window:
     events_lost: dict[int, int] = field(default_factory=dict)
     node_labels: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     sources: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    #: series points, profile rows and event rows received (what max_held_points counts)
     points: int = 0
+    #: accounted bytes outside the shards: strings, sources, stacks, events
+    own_bytes: int = 0
+    event_rows: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the window holds, as accounted (the module docstring)."""
+        return self.own_bytes + sum(s.nbytes for s in self.shards.values())
+
+    @property
+    def series(self) -> int:
+        """Rows the window holds: its shards' aggregates and pending rows, and event rows."""
+        return sum(s.rows + s.pending for s in self.shards.values()) + self.event_rows
 
 
 class Aggregator:
@@ -190,6 +306,8 @@ class Aggregator:
         self.settings = settings or MergeSettings()
         self.regional_id = regional_id
         self._res_ns = self.settings.resolution_s * NS
+        #: nodes per shard: frames (frame_nodes) are whole shards
+        self._shard_nodes = math.gcd(self.settings.fold_nodes, self.settings.frame_nodes)
         self._open: dict[int, _Window] = {}
         self._late: dict[int, _Window] = {}
         self._closed: OrderedDict[int, None] = OrderedDict()
@@ -216,61 +334,84 @@ class Aggregator:
             w = table[ws] = _Window(ws, ws + self._res_ns, late)
         if late:
             self.late_batches += 1
+        n_strings = len(w.strings.items)
         gmap = w.strings.intern_all(b.strings)
-        batch = w.gmaps.add(gmap)
         node = w.strings(b.node_id)
+        rank = w.rank.get(node)
+        if rank is None:
+            rank = w.rank[node] = len(w.rank)
+        shard = w.shards.get(rank // self._shard_nodes)
+        if shard is None:
+            shard = w.shards[rank // self._shard_nodes] = _Shard()
         w.sources.setdefault(node, []).append((b.boot_id, b.seq))
         if len(b.node_label_keys):
             w.node_labels[node] = tuple(
                 zip(gmap[b.node_label_keys].tolist(), gmap[b.node_label_values].tolist(), strict=True)
             )
+        rows = nbytes = 0
         for m in b.metrics:
-            self._record_metric(w, gmap, node, batch, m)
+            r, nb = self._record_metric(shard, gmap, node, m)
+            rows, nbytes = rows + r, nbytes + nb
         for h in b.histograms:
-            self._record_hist(w, gmap, node, batch, h)
+            r, nb = self._record_hist(shard, gmap, node, h)
+            rows, nbytes = rows + r, nbytes + nb
+        n_stack_chunks = len(w.stacks)
         for p in b.profiles:
-            self._record_profile(w, gmap, node, p)
+            r, nb = self._record_profile(w, shard, gmap, node, p)
+            rows, nbytes = rows + r, nbytes + nb
+        w.own_bytes += (STRING_BYTES * (len(w.strings.items) - n_strings) + SOURCE_BYTES
+                        + sum(_nbytes(off, fr) for off, fr in w.stacks[n_stack_chunks:]))
         if b.events is not None:
-            self._record_events(w, gmap, node, b.events)
+            w.own_bytes += self._record_events(w, gmap, node, b.events)
+        w.points += rows
+        shard.pending += rows
+        shard.nbytes += nbytes
+        if shard.pending >= max(shard.rows, self.settings.fold_min_rows):
+            shard.fold()
         return late
 
-    def _record_metric(self, w: _Window, gmap: U32, node: int, batch: int, m: MetricCols) -> None:
+    def _record_metric(self, shard: _Shard, gmap: U32, node: int, m: MetricCols) -> tuple[int, int]:
         label_keys = tuple(gmap[m.label_keys].tolist())
         name = int(gmap[m.name])
-        fam = w.counters.get((m.kind, name, label_keys))
+        fam = shard.counters.get((m.kind, name, label_keys))
         if fam is None:
-            fam = w.counters[(m.kind, name, label_keys)] = _Counters(
-                kind=m.kind, name=name, unit=int(gmap[m.unit]), help=int(gmap[m.help]),
-                label_keys=label_keys)
+            fam = shard.counters[(m.kind, name, label_keys)] = _Counters(
+                m.kind, name, int(gmap[m.unit]), int(gmap[m.help]), label_keys)
         vals: npt.NDArray[np.generic] = m.gauge_values if m.kind == pb.GAUGE else m.counter_values
         n = len(vals)
-        fam.add(node, batch, m.label_values)
-        fam.values.append(vals)
-        w.points += n
         self.points_in += n
+        if not n:
+            return 0, 0
+        keys = _series_keys(gmap, node, m.label_values, n, len(label_keys))
+        vals = np.array(vals)  # a copy: a view would keep the whole hand-over buffer
+        fam.keys.append(keys)
+        fam.values.append(vals)
+        return n, keys.nbytes + vals.nbytes + 2 * ARRAY_BYTES
 
-    def _record_hist(self, w: _Window, gmap: U32, node: int, batch: int, h: HistCols) -> None:
+    def _record_hist(self, shard: _Shard, gmap: U32, node: int, h: HistCols) -> tuple[int, int]:
         label_keys = tuple(gmap[h.label_keys].tolist())
         name = int(gmap[h.name])
-        fam = w.hists.get((name, label_keys))
+        fam = shard.hists.get((name, label_keys))
         if fam is None:
-            fam = w.hists[(name, label_keys)] = _Hists(
-                name=name, unit=int(gmap[h.unit]), help=int(gmap[h.help]), label_keys=label_keys)
+            fam = shard.hists[(name, label_keys)] = _Hists(
+                name, int(gmap[h.unit]), int(gmap[h.help]), label_keys)
         n = len(h.count)
-        fam.add(node, batch, h.label_values)
-        fam.count.append(h.count)
-        fam.sum.append(h.sum)
-        fam.zero.append(h.zero)
-        fam.offsets.append(h.offsets)
-        fam.b_idx.append(h.bucket_index)
-        fam.b_cnt.append(h.bucket_count)
-        w.points += n
         self.points_in += n
+        if not n:
+            return 0, 0
+        arrays = (_series_keys(gmap, node, h.label_values, n, len(label_keys)),
+                  np.array(h.count), np.array(h.sum), np.array(h.zero), np.array(h.offsets, dtype=np.int64),
+                  h.bucket_index.astype(np.int16), np.array(h.bucket_count))
+        for chunks, a in zip((fam.keys, fam.count, fam.sum, fam.zero, fam.offsets, fam.b_idx, fam.b_cnt),
+                             arrays, strict=True):
+            chunks.append(a)  # type: ignore[attr-defined]
+        return n, _nbytes(*arrays)
 
-    def _record_profile(self, w: _Window, gmap: U32, node: int, p: ProfileCols) -> None:
+    def _record_profile(self, w: _Window, shard: _Shard, gmap: U32, node: int,
+                        p: ProfileCols) -> tuple[int, int]:
         n = len(p.samples)
         if not n:
-            return
+            return 0, 0
         frames = gmap[p.stack_frames]
         # Stacks are interned per window by their content: the bytes of their frames'
         # window string ids, one slice and one dict lookup per *stack* (not per frame).
@@ -293,31 +434,45 @@ class Aggregator:
             off, idx = ragged_index(p.stack_offsets, np.asarray(new, dtype=np.int64))
             w.stacks.append((off, frames[idx]))
         local = np.asarray(ids + [-1], dtype=np.int64)  # index -1: "no stack"
-        w.profiles.append({
+        chunk: dict[str, npt.NDArray[np.generic]] = {
             "node": np.full(n, node, np.uint32), "name": np.full(n, gmap[p.name], np.uint32),
-            "period": np.full(n, p.period_ns, np.uint64), "pid": p.pid,
+            "period": np.full(n, p.period_ns, np.uint64), "pid": np.array(p.pid),
             "comm": gmap[p.comm], "cgroup": gmap[p.cgroup],
-            "kstack": local[p.kernel_stack], "ustack": local[p.user_stack], "samples": p.samples,
-        })
-        w.points += n
+            "kstack": local[p.kernel_stack], "ustack": local[p.user_stack], "samples": np.array(p.samples),
+        }
+        shard.profiles.chunks.append(chunk)
+        return n, _nbytes(*chunk.values())
 
-    def _record_events(self, w: _Window, gmap: U32, node: int, e: EventCols) -> None:
+    def _record_events(self, w: _Window, gmap: U32, node: int, e: EventCols) -> int:
+        """Keep a batch's event rows (copied off the hand-over buffer); returns their bytes."""
         n = len(e.time_ns)
         w.points += n  # event rows are held too: they count against max_held_points
-        if n:
-            w.events.append({
-                "node": np.full(n, node, np.uint32), "time": e.time_ns, "kind": gmap[e.kind],
-                "pid": e.pid, "ppid": e.ppid, "comm": gmap[e.comm], "cgroup": gmap[e.cgroup],
-                "detail": gmap[e.detail], "code": e.code,
-            })
         if e.lost:
             w.events_lost[node] = w.events_lost.get(node, 0) + e.lost
+        if not n:
+            return 0
+        chunk: dict[str, npt.NDArray[np.generic]] = {
+            "node": np.full(n, node, np.uint32), "time": np.array(e.time_ns), "kind": gmap[e.kind],
+            "pid": np.array(e.pid), "ppid": np.array(e.ppid), "comm": gmap[e.comm], "cgroup": gmap[e.cgroup],
+            "detail": gmap[e.detail], "code": np.array(e.code),
+        }
+        w.events.append(chunk)
+        w.event_rows += n
+        return _nbytes(*chunk.values())
 
     def held_points(self) -> int:
         """Points and event rows recorded into windows not yet taken for emission (open
-        and late): what the regional's memory bound (max_held_points) counts."""
+        and late): what the regional's bound max_held_points counts."""
         with self._lock:
             return sum(w.points for w in self._open.values()) + sum(w.points for w in self._late.values())
+
+    def held(self) -> tuple[int, int]:
+        """(bytes, rows) held in windows not yet taken for emission: what the regional's
+        memory bound (max_held_bytes) counts, and the rows (aggregated series, pending
+        rows, event rows) they hold."""
+        with self._lock:
+            windows = [*self._open.values(), *self._late.values()]
+            return sum(w.nbytes for w in windows), sum(w.series for w in windows)
 
     # -- output --------------------------------------------------------------------
     def open_windows(self) -> list[int]:
@@ -356,18 +511,45 @@ class Aggregator:
         """The blocks of detached windows, one frame of up to ``settings.frame_nodes``
         nodes at a time, so that sinks can write the first while the next is reduced.
 
-        The chunks of a window are fixed by the window alone (its nodes in string-id
-        order), so ``skip`` resumes after the first chunks (a caller whose frame child
+        The chunks of a window are fixed by the window alone (its nodes by arrival
+        rank), so ``skip`` resumes after the first chunks (a caller whose frame child
         died part-way). Each chunk rolls its own nodes up: the roll-up of a window
         arrives as additive partials, like a late batch's.
         """
         n = 0
         for w in windows:
-            for sub in _split_by_nodes(w, self.settings.frame_nodes):
+            for sub in self._split_by_frames(w):
                 n += 1
                 if n <= skip:
                     continue
                 yield blocks_of(self.frame(sub))
+
+    def _split_by_frames(self, w: _Window) -> Iterator[_Window]:
+        """``w`` as windows of up to ``frame_nodes`` nodes each, by arrival rank (``w``
+        itself if it is small). Whole shards move (frames are whole shards); the parts
+        share the window's string table and its stacks (each frame keeps only the
+        stacks its rows use)."""
+        chunk = self.settings.frame_nodes
+        if len(w.rank) <= chunk:
+            yield w
+            return
+        per_frame = chunk // self._shard_nodes
+        # the window's stacks concatenated once, not once per part
+        full = _stack_table(w.stacks)
+        frames: U32 = np.asarray(full.values("frames", "values"), dtype=np.uint32)
+        stacks = [(full.offsets("frames"), frames)] if len(full) else []
+        subs = [_Window(w.start_ns, w.end_ns, w.late, strings=w.strings, stack_index=w.stack_index,
+                        stacks=stacks) for _ in range(0, len(w.rank), chunk)]
+        for node, rank in w.rank.items():
+            subs[rank // chunk].rank[node] = rank
+        for attr in ("sources", "node_labels", "events_lost"):
+            for n, v in getattr(w, attr).items():
+                getattr(subs[w.rank[n] // chunk], attr)[n] = v
+        for sid, shard in w.shards.items():
+            subs[sid // per_frame].shards[sid] = shard
+        for c in w.events:
+            subs[w.rank[int(c["node"][0])] // chunk].events.append(c)
+        yield from subs
 
     def _block_id(self, w: _Window, node: str, sources: list[tuple[str, int]]) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -378,10 +560,12 @@ class Aggregator:
     def frame(self, w: _Window) -> Frame:
         """Reduce one detached window to its Frame."""
         strings = w.strings.items
-        counters = [self._reduce_counters(w, f) for f in w.counters.values()]
-        hists = [self._reduce_hists(w, f) for f in w.hists.values()]
+        for shard in w.shards.values():
+            shard.fold()
+        counters = _gather_counters(w)
+        hists = _gather_hists(w)
         rollup_counters, rollup_hists = self._rollups(w, counters, hists)
-        nodes = _window_nodes(w)
+        nodes = sorted(w.rank)
         if rollup_counters or rollup_hists:
             nodes.insert(0, 0)  # node "" (string id 0) sorts first
         part_of = np.full(len(strings), -1, dtype=np.int32)
@@ -393,7 +577,8 @@ class Aggregator:
                 bid = self._block_id(w, "*", all_sources)
             else:
                 bid = self._block_id(w, strings[node], w.sources.get(node, []))
-            parts.append(Part(node, bid, w.node_labels.get(node, ()), w.events_lost.get(node, 0)))
+            parts.append(Part(node, bid, w.node_labels.get(node, ()), w.events_lost.get(node, 0),
+                              len(w.sources.get(node, ())) if node else 0))
         families: list[Family] = []
         m_tables: list[Table] = []
         h_tables: list[Table] = []
@@ -414,26 +599,6 @@ class Aggregator:
             profiles=profiles, stacks=stacks, events=events,
         )
 
-    @staticmethod
-    def _reduce_counters(w: _Window, f: _Counters) -> tuple[_Counters, U32, npt.NDArray[np.generic]]:
-        vals = np.concatenate(f.values)
-        keys = _keys(w, f, list(map(len, f.values)))
-        g = group(keys)
-        return f, g.keys, (g.max(vals) if f.kind == pb.GAUGE else g.sum(vals))
-
-    @staticmethod
-    def _reduce_hists(w: _Window, f: _Hists) -> tuple:  # type: ignore[type-arg]
-        rows = list(map(len, f.count))
-        keys = _keys(w, f, rows)
-        g = group(keys)
-        cnt = g.sum(np.concatenate(f.count))
-        sm = g.sum(np.concatenate(f.sum))
-        zero = g.sum(np.concatenate(f.zero))
-        b_sid, b_idx, b_cnt = _reduce_buckets(
-            g.inverse[_bucket_rows(f.offsets, rows)], np.concatenate(f.b_idx), np.concatenate(f.b_cnt),
-        )
-        return f, g.keys, cnt, sm, zero, b_sid, b_idx, b_cnt
-
     def _rollups(self, w: _Window, counters: list, hists: list) -> tuple[list, list]:  # type: ignore[type-arg]
         rules = {r.metric: r for r in self.settings.rollups}
         out_c, out_h = [], []
@@ -443,7 +608,7 @@ class Aggregator:
                 continue
             proj, label_keys = _project(w, fam.label_keys, keys, rule.by)
             g = group(proj)
-            rf = _Counters(kind=fam.kind, name=fam.name, unit=fam.unit, help=fam.help, label_keys=label_keys)
+            rf = _Counters(fam.kind, fam.name, fam.unit, fam.help, label_keys)
             out_c.append((rf, g.keys, g.sum(vals)))
         for fam, keys, cnt, sm, zero, b_sid, b_idx, b_cnt in hists:
             rule = rules.get(w.strings.items[fam.name])
@@ -452,29 +617,19 @@ class Aggregator:
             proj, label_keys = _project(w, fam.label_keys, keys, rule.by)
             g = group(proj)
             rb_sid, rb_idx, rb_cnt = _reduce_buckets(g.inverse[b_sid], b_idx, b_cnt)
-            rh = _Hists(name=fam.name, unit=fam.unit, help=fam.help, label_keys=label_keys)
+            rh = _Hists(fam.name, fam.unit, fam.help, label_keys)
             out_h.append((rh, g.keys, g.sum(cnt), g.sum(sm), g.sum(zero), rb_sid, rb_idx, rb_cnt))
         return out_c, out_h
 
     @staticmethod
     def _reduce_profiles(w: _Window, part_of: npt.NDArray[np.int32]) -> tuple[Table, Table]:
-        if not w.profiles:
+        chunks = [c for s in w.shards.values() for c in s.profiles.chunks]
+        if not chunks:
             return empty_profiles(), empty_stacks()
         stacks = _stack_table(w.stacks)
-        cols = {k: np.concatenate([c[k] for c in w.profiles]) for k in w.profiles[0]}
-        # (name, period) pairs are few: a small id instead of a 64-bit period in the key
-        kind = _pair_ids(cols["name"], cols["period"])
-        order, starts, _ = group_columns([
-            cols["node"], kind.astype(np.uint32), cols["pid"], cols["comm"], cols["cgroup"],
-            (cols["kstack"] + 1).astype(np.uint64), (cols["ustack"] + 1).astype(np.uint64),
-        ])
-        rep = order[starts]
-        out = {
-            "part": part_of[cols["node"][rep]], "name": cols["name"][rep],
-            "period": cols["period"][rep], "pid": cols["pid"][rep], "comm": cols["comm"][rep],
-            "cgroup": cols["cgroup"][rep], "kstack": cols["kstack"][rep], "ustack": cols["ustack"][rep],
-            "samples": np.add.reduceat(cols["samples"][order], starts).astype(np.uint64),
-        }
+        # shards hold disjoint nodes and each is folded: the rows are the merged rows
+        out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        out["part"] = part_of[out.pop("node")]
         rows = np.lexsort((out["period"], out["name"], out["part"]))
         t = Table({k: out[k][rows].astype(PROFILE_COLS[k]) for k in PROFILE_COLS})
         # only the stacks these rows use: the parts of a split window share its stacks,
@@ -482,33 +637,85 @@ class Aggregator:
         return t, used_stacks(t, stacks)
 
 
+def _series_keys(gmap: U32, node: int, label_values: U32, n: int, k: int) -> U32:
+    """A chunk's key matrix (n x 1 + k): the node, then its label values translated from
+    the batch's string indices to the window's."""
+    keys = np.empty((n, k + 1), dtype=np.uint32)
+    keys[:, 0] = node
+    if k:
+        keys[:, 1:] = gmap[label_values].reshape(n, k)
+    return keys
+
+
+def _gather_counters(w: _Window) -> list[tuple[_Counters, U32, npt.NDArray[np.generic]]]:
+    """Every counter family's folded rows across the window's shards (disjoint nodes,
+    so the rows are the family's merged rows), in the order families were first seen."""
+    by_key: dict[tuple[int, int, tuple[int, ...]], list[_Counters]] = {}
+    for shard in w.shards.values():
+        for key, f in shard.counters.items():
+            by_key.setdefault(key, []).append(f)
+    out = []
+    for fams in by_key.values():
+        keys = [k for f in fams for k in f.keys]
+        vals = [v for f in fams for v in f.values]
+        f0 = fams[0]
+        if not keys:
+            keys, vals = [np.zeros((0, len(f0.label_keys) + 1), np.uint32)], [np.zeros(0, np.uint64)]
+        out.append((f0, np.concatenate(keys), np.concatenate(vals)))
+    return out
+
+
+def _gather_hists(w: _Window) -> list[tuple]:  # type: ignore[type-arg]
+    """Every histogram family's folded rows across the window's shards (like
+    ``_gather_counters``), with each bucket's row."""
+    by_key: dict[tuple[int, tuple[int, ...]], list[_Hists]] = {}
+    for shard in w.shards.values():
+        for key, f in shard.hists.items():
+            by_key.setdefault(key, []).append(f)
+    out = []
+    for fams in by_key.values():
+        f0 = fams[0]
+        k = len(f0.label_keys)
+        parts = [f for f in fams if f.keys]
+        if not parts:
+            e64 = np.zeros(0, np.uint64)
+            out.append((f0, np.zeros((0, k + 1), np.uint32), e64, e64, e64, np.zeros(0, np.int64),
+                        np.zeros(0, np.int64), e64))
+            continue
+        rows = [len(f.count[0]) for f in parts]
+        b_sid = _bucket_rows([f.offsets[0] for f in parts], rows)
+        out.append((f0, np.concatenate([f.keys[0] for f in parts]),
+                    np.concatenate([f.count[0] for f in parts]), np.concatenate([f.sum[0] for f in parts]),
+                    np.concatenate([f.zero[0] for f in parts]), b_sid,
+                    np.concatenate([f.b_idx[0] for f in parts]).astype(np.int64),
+                    np.concatenate([f.b_cnt[0] for f in parts])))
+    return out
+
+
 def release_windows(windows: list[_Window]) -> None:
     """Free detached, already reduced windows one chunk at a time (run it in a worker
     thread); ``windows`` is emptied.
 
-    Why: a window of a few thousand nodes holds hundreds of thousands of column
-    arrays. Dropped at once, they are freed in one deallocation cascade that holds the
-    GIL throughout: 1.9 s at ~600 k points/s (loadtest/regional_throughput.py, the
-    merge process's event-loop stall), during which the process neither merges nor
-    hands frames to the sinks. Freed one chunk per step, the interpreter hands the GIL
-    to the other threads between steps (sys.setswitchinterval).
+    Why: dropped at once, a window's arrays and Python objects are freed in one
+    deallocation cascade that holds the GIL throughout (1.9 s at ~600 k points/s when
+    windows kept every batch's columns), during which the process neither merges nor
+    hands frames to the sinks. Freed one family at a time, the interpreter hands the
+    GIL to the other threads between steps (sys.setswitchinterval).
 
     Only containers private to the window are emptied: the string table is left whole
     (frames reduced in this process share its list of strings).
     """
     while windows:
         w = windows.pop()
-        for fams in (w.counters, w.hists):
-            while fams:
-                _, f = fams.popitem()
-                for chunks in vars(f).values():
-                    if isinstance(chunks, list):
-                        while chunks:
-                            chunks.pop()
-        for chunks in (w.profiles, w.events, w.stacks, w.gmaps.items):
+        while w.shards:
+            _, s = w.shards.popitem()
+            for fams in (s.counters, s.hists):
+                while fams:
+                    fams.popitem()
+            s.profiles.chunks.clear()
+        for chunks in (w.events, w.stacks):
             while chunks:
                 chunks.pop()
-        w.gmaps._concat = None
 
 
 def _stack_table(chunks: list[tuple[I64, U32]]) -> Table:
@@ -518,81 +725,6 @@ def _stack_table(chunks: list[tuple[I64, U32]]) -> Table:
     tables = [Table({"id": np.zeros(len(off) - 1, np.int64)}, {"frames": (off, {"values": frames})})
               for off, frames in chunks]
     return tables[0] if len(tables) == 1 else Table.concat(tables)
-
-
-def _window_nodes(w: _Window) -> list[int]:
-    return sorted(set(w.sources) | {int(c["node"][0]) for c in w.profiles}
-                  | {int(c["node"][0]) for c in w.events})
-
-
-def _split_by_nodes(w: _Window, chunk: int) -> Iterator[_Window]:
-    """``w`` as windows of up to ``chunk`` nodes each (``w`` itself if it is small).
-
-    Every recorded column chunk comes from one batch, so from one node: splitting
-    moves whole chunks, in one pass over them (a pass per part made this quadratic:
-    a third of a 3,400-node window's reduction). The parts share the window's string
-    maps and its stacks (each frame keeps only the stacks its rows use).
-    """
-    nodes = _window_nodes(w)
-    if len(nodes) <= chunk:
-        yield w
-        return
-    part_of = {n: i // chunk for i, n in enumerate(nodes)}
-    # the window's stacks concatenated once, not once per part
-    full = _stack_table(w.stacks)
-    frames: U32 = np.asarray(full.values("frames", "values"), dtype=np.uint32)
-    stacks = [(full.offsets("frames"), frames)] if len(full) else []
-    subs = [_Window(w.start_ns, w.end_ns, w.late, strings=w.strings, gmaps=w.gmaps,
-                    stack_index=w.stack_index, stacks=stacks) for _ in range(0, len(nodes), chunk)]
-    for attr in ("sources", "node_labels", "events_lost"):
-        for n, v in getattr(w, attr).items():
-            getattr(subs[part_of[n]], attr)[n] = v
-    for c in w.profiles:
-        subs[part_of[int(c["node"][0])]].profiles.append(c)
-    for c in w.events:
-        subs[part_of[int(c["node"][0])]].events.append(c)
-    for key, fam in w.counters.items():
-        for j, node in enumerate(fam.nodes):
-            if len(fam.values[j]):
-                sub = subs[part_of[node]]
-                sf = sub.counters.get(key)
-                if sf is None:
-                    sf = sub.counters[key] = _Counters(kind=fam.kind, name=fam.name, unit=fam.unit,
-                                                       help=fam.help, label_keys=fam.label_keys)
-                sf.add(node, fam.batches[j], fam.labels[j])
-                sf.values.append(fam.values[j])
-    for hkey, h in w.hists.items():
-        for j, node in enumerate(h.nodes):
-            if len(h.count[j]):
-                sub = subs[part_of[node]]
-                sh = sub.hists.get(hkey)
-                if sh is None:
-                    sh = sub.hists[hkey] = _Hists(name=h.name, unit=h.unit, help=h.help,
-                                                  label_keys=h.label_keys)
-                sh.add(node, h.batches[j], h.labels[j])
-                sh.count.append(h.count[j])
-                sh.sum.append(h.sum[j])
-                sh.zero.append(h.zero[j])
-                sh.offsets.append(h.offsets[j])
-                sh.b_idx.append(h.b_idx[j])
-                sh.b_cnt.append(h.b_cnt[j])
-    yield from subs
-
-
-def _keys(w: _Window, f: _Counters | _Hists, rows: list[int]) -> U32:
-    """A family's key matrix: one row per recorded series, the node (window string id)
-    then the label values translated to window string ids (see ``_Gmaps``)."""
-    k = len(f.label_keys)
-    counts = np.asarray(rows, dtype=np.int64)
-    n = int(counts.sum())
-    keys = np.empty((n, k + 1), dtype=np.uint32)
-    keys[:, 0] = np.repeat(np.asarray(f.nodes, dtype=np.uint32), counts)
-    if k and n:
-        allg, base = w.gmaps.concat()
-        local = np.concatenate(f.labels).astype(np.int64)
-        local += np.repeat(base[f.batches], counts * k)
-        keys[:, 1:] = allg[local].reshape(n, k)
-    return keys
 
 
 def _bucket_rows(offsets: list[I64], rows: list[int]) -> I64:

@@ -1,7 +1,8 @@
 """The demo's report: what the pipeline stored, read back from ClickHouse with SQL.
 
 Runs through a sink's ``query`` so that, with an embedded store, the reader is
-the process that owns it.
+the process that owns it. Numbers print through stratoscope/units.py, as
+``stratoscope query`` prints them (a p99 reads ``896 ms``, not ``896,376,998``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.table import Table
 
 from stratoscope.histogram import histogram_quantile
 from stratoscope.regional.sinks.clickhouse import folded_stacks_sql
+from stratoscope.units import format_value
 
 Query = Callable[[str, dict[str, Any] | None], Awaitable[list[tuple]]]
 
@@ -79,22 +81,34 @@ async def collect(query: Query, since_s: int) -> dict[str, list[tuple]]:
     return out
 
 
+#: Units of each section's columns (stratoscope/units.py): durations print as ns/µs/ms/s.
+COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "syscalls": (("syscall", "text"), ("calls", "count"), ("p99", "ns")),
+    "runqueue": (("samples", "count"), ("p50", "ns"), ("p99", "ns")),
+    "tcp": (("metric", "text"), ("total", "count")),
+    "block": (("device", "text"), ("op", "text"), ("requests", "count"), ("p99", "ns")),
+    "process": (("comm", "text"), ("execs", "count")),
+    "stacks": (("stack", "text"), ("samples", "count")),
+}
+TITLES = {
+    "syscalls": "Top syscalls (SQL over ClickHouse)",
+    "runqueue": "Run-queue latency",
+    "tcp": "TCP",
+    "block": "Block I/O",
+    "process": "Process execs",
+    "stacks": "Hottest stacks (folded, root→leaf)",
+}
+
+
 def render(sections: dict[str, list[tuple]], console: Console | None = None) -> None:
     c = console or Console()
-
-    def table(title: str, cols: list[str], rows: list[tuple]) -> None:
-        t = Table(title=title)
-        for col in cols:
-            t.add_column(col)
+    for name in SECTIONS:
+        rows = sections[name]
+        if name == "stacks":
+            rows = [(s if len(s) < 110 else "…" + s[-109:], n) for s, n in rows]
+        t = Table(title=TITLES[name])
+        for col, unit in COLUMNS[name]:
+            t.add_column(col, justify="left" if unit == "text" else "right")
         for r in rows:
-            t.add_row(*[f"{v:,.0f}" if isinstance(v, float) else
-                        f"{v:,}" if isinstance(v, int) else escape(str(v)) for v in r])
+            t.add_row(*[escape(format_value(v, unit)) for v, (_, unit) in zip(r, COLUMNS[name], strict=True)])
         c.print(t)
-
-    table("Top syscalls (SQL over ClickHouse)", ["syscall", "calls", "p99 ns"], sections["syscalls"])
-    table("Run-queue latency", ["samples", "p50 ns", "p99 ns"], sections["runqueue"])
-    table("TCP", ["metric", "total"], sections["tcp"])
-    table("Block I/O", ["device", "op", "requests", "p99 ns"], sections["block"])
-    table("Process execs", ["comm", "execs"], sections["process"])
-    stacks = [(s if len(s) < 110 else "…" + s[-109:], n) for s, n in sections["stacks"]]
-    table("Hottest stacks (folded, root→leaf)", ["stack", "samples"], stacks)

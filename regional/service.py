@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from stratoscope.regional.batchcols import BatchCols
-from stratoscope.regional.config import DEFAULT_MAX_HELD_POINTS
+from stratoscope.regional.config import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_HELD_POINTS
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
 from stratoscope.regional.frame import Block
@@ -70,6 +70,10 @@ class RegionalMetrics:
         self.flush_seconds = Histogram(f"{ns}_flush_seconds", "Time to close windows into blocks.", registry=registry)
         self.held_points = Gauge(f"{ns}_held_points", "Points and event rows held in windows not yet queued for the sinks (open, late, being reduced).", registry=registry)
         self.held_points_limit = Gauge(f"{ns}_held_points_limit", "Held points at which edges are told to RETRY (--max-held-points).", registry=registry)
+        self.held_bytes = Gauge(f"{ns}_held_bytes", "Bytes held in windows not yet queued for the sinks (open, late, being reduced), as the merge accounts them.", registry=registry)
+        self.held_bytes_limit = Gauge(f"{ns}_held_bytes_limit", "Held bytes at which edges are told to RETRY (--max-held-bytes).", registry=registry)
+        self.held_series = Gauge(f"{ns}_held_series", "Rows held in open and late windows: aggregated series, rows not yet folded, event rows.", registry=registry)
+        self.held_bytes_per_series = Gauge(f"{ns}_held_bytes_per_series", "Held bytes per held row in open and late windows (0 when none).", registry=registry)
         self.frame_fallbacks = Counter(f"{ns}_frame_fallbacks", "Windows reduced in-process because the forked frame child failed.", registry=registry)
         self.loop_stalls = Histogram(
             f"{ns}_event_loop_stall_seconds", "How late an event loop woke from a 10 ms timer, per stall over 1 ms, by process (ingest: acks wait that long; merge).",
@@ -105,6 +109,7 @@ class Regional:
         regional_id: str = "regional",
         frames_in_child: bool = False,
         max_held_points: int = DEFAULT_MAX_HELD_POINTS,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
     ) -> None:
         self.aggregator = Aggregator(settings, regional_id)
         #: Reduce closed windows in a forked child (regional/forkframe.py), not a thread.
@@ -113,7 +118,10 @@ class Regional:
         #: answered RETRY (they keep their batches and back off) until windows close.
         #: (Validated where users set it: RegionalConfig.)
         self.max_held_points = max_held_points
+        #: Bound on the bytes windows hold (as the merge accounts them), the same way.
+        self.max_held_bytes = max_held_bytes
         self._emitting_points = 0
+        self._emitting_bytes = 0
         #: Batch limits the ingest process's Gate validates against.
         self.limits = limits or Limits()
         self.sinks = sinks
@@ -123,6 +131,10 @@ class Regional:
         self.registry.register(_SinkStats(lambda: self.sinks))
         self.metrics.held_points.set_function(lambda: self.held_points)
         self.metrics.held_points_limit.set(max_held_points)
+        self.metrics.held_bytes.set_function(lambda: self.held_bytes)
+        self.metrics.held_bytes_limit.set(max_held_bytes)
+        self.metrics.held_series.set_function(lambda: self.aggregator.held()[1])
+        self.metrics.held_bytes_per_series.set_function(self._bytes_per_series)
         self._flush_lock = asyncio.Lock()
 
     @property
@@ -136,9 +148,18 @@ class Regional:
         return self.aggregator.held_points() + self._emitting_points
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes in windows not yet handed to the sinks: open, late, and being reduced."""
+        return self.aggregator.held()[0] + self._emitting_bytes
+
+    def _bytes_per_series(self) -> float:
+        nbytes, rows = self.aggregator.held()
+        return nbytes / rows if rows else 0.0
+
+    @property
     def held_full(self) -> bool:
-        """Whether the merge holds as many points as it may (edges get RETRY)."""
-        return self.held_points >= self.max_held_points
+        """Whether the merge holds as many bytes or points as it may (edges get RETRY)."""
+        return self.held_bytes >= self.max_held_bytes or self.held_points >= self.max_held_points
 
     def accept_admitted(self, packed: bytes | bytearray | memoryview, size: int | None) -> None:
         """Merge a batch the ingest process's Gate accepted, handed over as its decoded
@@ -167,11 +188,14 @@ class Regional:
             t0 = time.perf_counter()
             due = self.aggregator.take_due(now, force=force)
             emitting = sum(w.points for w in due)
+            emitting_bytes = sum(w.nbytes for w in due)
             self._emitting_points += emitting  # still in memory until reduced and queued
+            self._emitting_bytes += emitting_bytes
             try:
                 out = await self._reduce_and_queue(due) if due else []
             finally:
                 self._emitting_points -= emitting
+                self._emitting_bytes -= emitting_bytes
                 # Off the event loop and piecewise: freeing a window at once holds the
                 # GIL for seconds (merge.release_windows).
                 await asyncio.to_thread(release_windows, due)
@@ -201,9 +225,23 @@ class Regional:
             frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
             self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
             for q in self.sinks:
+                await self._room(q, len(blocks))
                 await q.put(blocks)
         await worker  # re-raises a failure of the in-process reduction
         return out
+
+    @staticmethod
+    async def _room(q: DeliveryQueue, blocks: int, poll_s: float = 0.05) -> None:
+        """Wait until ``q`` takes ``blocks`` more without dropping its oldest.
+
+        Why: a queue that is full drops its oldest blocks, which edges were acked for.
+        While this waits, the window being flushed stays held (its bytes count against
+        max_held_bytes) and the backlog stays at its RETRY bound, so edges are answered
+        RETRY and keep their batches instead. A queue that is not delivering (not
+        started, or stopping) is not waited for.
+        """
+        while q.running and q.queued and q.queued + blocks > q.max_queue_blocks:
+            await asyncio.sleep(poll_s)
 
     def _emit(self, due: list[Any], hand_over: Callable[[list[Block]], None]) -> None:
         """Reduce ``due`` chunk by chunk (in a forked child if configured; here for what

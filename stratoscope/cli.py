@@ -89,6 +89,7 @@ def _run_edge(args: argparse.Namespace) -> int:
     preflight.check()
     output = _edge_output(cfg)
     collector = Collector(cfg)
+    _register_forward_counters(output, collector.registry)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -143,6 +144,16 @@ def _edge_output(cfg: Any) -> Any:
     return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)
 
 
+def _register_forward_counters(output: Any, registry: Any) -> None:
+    """Expose the forwarder's acked/rejected/dropped counts on the collector's /metrics."""
+    from stratoscope.edge.metrics import ForwardCounters
+    from stratoscope.edge.outputs import ForwardOutput
+
+    for out in getattr(output, "outputs", [output]):
+        if isinstance(out, ForwardOutput):
+            registry.register(ForwardCounters(out.forwarder.counts))
+
+
 #: The regional's flags: (flag, setting key, help). Every setting is also a key of the
 #: --config file (dotted here: "kafka.bootstrap" is ``kafka: {bootstrap: ...}``); the
 #: defaults live in the settings models (regional/config.py), not in argparse.
@@ -153,14 +164,23 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--frame-nodes", "frame_nodes", "nodes per frame a closed window is reduced and stored in"),
     ("--max-held-points", "max_held_points",
      "points (series points and event rows) the merge may hold in windows not yet stored; past "
-     "it (checked every 0.2 s, so a soft bound) edges are answered RETRY until windows close "
-     "(~200-300 bytes of RSS each)"),
+     "it (checked every 0.2 s, so a soft bound) edges are answered RETRY until windows close"),
+    ("--max-held-bytes", "max_held_bytes",
+     "bytes the merge may hold in windows not yet stored (its account of their arrays); past it "
+     "edges are answered RETRY until windows close, like --max-held-points"),
     ("--programs-dir", "programs_dir",
      "program descriptions (*.yaml) whose declared roll-ups apply (default: the packaged bpf/)"),
     ("--clickhouse", "clickhouse.dsn",
      "chdb:///DIR (embedded) or http(s)://user:pass@host:8123/db; 'none' disables"),
     ("--clickhouse-database", "clickhouse.database",
      "database of the tables (default: the http(s) DSN's path, else stratoscope)"),
+    ("--clickhouse-cluster", "clickhouse.cluster",
+     "ClickHouse cluster the tables live on (ON CLUSTER, Replicated + Distributed tables)"),
+    ("--clickhouse-retention-raw", "clickhouse.retention.raw", "days kept of points at 60 s and coarser, e.g. 35d"),
+    ("--clickhouse-retention-raw-fine", "clickhouse.retention.raw_fine", "days kept of points under 60 s"),
+    ("--clickhouse-retention-hourly", "clickhouse.retention.hourly", "days kept of hourly roll-ups"),
+    ("--clickhouse-retention-profiles", "clickhouse.retention.profiles", "days kept of profile samples"),
+    ("--clickhouse-retention-events", "clickhouse.retention.events", "days kept of process events"),
     ("--kafka", "kafka.bootstrap", "Kafka bootstrap servers (host:port,...); enables the Kafka sink"),
     ("--kafka-topic-prefix", "kafka.topic_prefix", "topics are PREFIX.metrics/.profiles/.events"),
     ("--kafka-compression", "kafka.compression", "auto, none, gzip, zstd, lz4 or snappy"),
@@ -182,6 +202,8 @@ _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--listen", "listen", "gRPC ingest HOST:PORT"),
     ("--metrics-port", "metrics_port", "port for /metrics (0 disables)"),
     ("--metrics-addr", "metrics_addr", "address /metrics listens on"),
+    ("--query-listen", "query_listen",
+     "read endpoint for `stratoscope query`, HOST:PORT (cookbook queries only); 'none' disables"),
     ("--tls-cert", "tls.cert", "server certificate (enables TLS)"),
     ("--tls-key", "tls.key", "server key"),
     ("--tls-client-ca", "tls.client_ca",
@@ -245,7 +267,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         from stratoscope.settings import ConfigError
 
         raise ConfigError(f"--duration: {exc}") from None
-    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0)
+    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0, query_listen="127.0.0.1:0")
     return int(uvloop.run(run_demo(config, seconds)) or 0)
 
 
@@ -269,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     _regional_args(d, server=False)
     d.add_argument("--duration", default="30s", help="how long the edge runs, e.g. 30s")
     d.set_defaults(func=_run_demo)
+    from stratoscope.query.command import add_parser as add_query_parser
+    from stratoscope.regional.sinks.clickhouse_cli import add_parser as add_schema_parser
+    from stratoscope.status import add_parser as add_status_parser
+
+    add_query_parser(sub)
+    add_status_parser(sub)
+    add_schema_parser(sub)  # stratoscope schema render|grants
     return parser
 
 

@@ -124,7 +124,9 @@ def run_edge(
         yield run
     finally:
         stop.set()
-        thread.join(timeout=60)
+        thread.join(timeout=120)
+        if thread.is_alive():  # its final drain never came: say so, not a short count
+            errors.append(AssertionError("the edge's final drain did not finish within 120 s"))
         collector.stop()
         if forward is not None:
             forward.close()

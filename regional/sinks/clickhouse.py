@@ -51,11 +51,24 @@ from stratoscope.regional.config import DEFAULT_DSN
 from stratoscope.regional.frame import Block, Frame
 from stratoscope.regional.sinks.base import PermanentError, RetriableError, SinkError
 from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
+    BATCHES_METRIC,
     EVENTS_LOST_METRIC,
     INSERT_ORDER,
     TARGET,
     arrow_tables,
     stack_id,
+)
+from stratoscope.regional.sinks.clickhouse_retention import (
+    Retention,
+    apply_retention,
+    retention_drift,
+)
+from stratoscope.regional.sinks.clickhouse_schema import (
+    CLUSTER_MACRO,
+    bootstrap_statements,
+    check_cluster,
+    render_cluster,
+    split_statements,
 )
 from stratoscope.regional.sinks.config import check_database, dsn_database
 from stratoscope.resources import clickhouse_dir
@@ -67,8 +80,14 @@ DEFAULT_DATABASE = "stratoscope"
 MIGRATIONS_DIR = clickhouse_dir("migrations")
 
 
+#: Insert settings the cluster rendering relies on. A Distributed table queues an
+#: insert on the initiator's disk and answers at once unless the insert is in the
+#: foreground: then it returns only when every shard's local table has its rows, so an
+#: error reaches the delivery queue (which retries) and the shards' Replicated tables
+#: see this insert's settings, insert_deduplication_token included (docs/CLICKHOUSE.md).
+CLUSTER_INSERT_SETTINGS = {"distributed_foreground_insert": 1}
+
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
-_STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
 
 # --------------------------------------------------------------------------
 # Migrations
@@ -83,25 +102,28 @@ class Migration:
     checksum: str
 
 
-def split_statements(sql: str) -> list[str]:
-    """Split a migration file at lines ending with ``;``; drop comment-only chunks."""
-    out = []
-    for chunk in _STATEMENT_END.split(sql):
-        code = [ln for ln in chunk.splitlines() if ln.strip() and not ln.strip().startswith("--")]
-        if code:
-            out.append(chunk.strip())
-    return out
+def render_migrations(directory: Path | str | None = None,
+                      cluster: str | None = None) -> list[tuple[str, str]]:
+    """(file name, rendered text) of the migration files of ``directory`` (default
+    MIGRATIONS_DIR) in version order: the files themselves for one server (``cluster``
+    None), their cluster rendering otherwise (clickhouse_schema.render_cluster)."""
+    d = Path(directory) if directory is not None else MIGRATIONS_DIR
+    files = [(f.name, f.read_text(encoding="utf-8")) for f in sorted(d.iterdir())
+             if _MIGRATION_FILE.match(f.name)]
+    if cluster is None:
+        return files
+    return list(zip([n for n, _ in files], render_cluster(files, cluster), strict=True))
 
 
-def load_migrations(directory: Path | str | None = None) -> list[Migration]:
-    """The migration files of ``directory`` (default MIGRATIONS_DIR), in version order."""
+def load_migrations(directory: Path | str | None = None, cluster: str | None = None) -> list[Migration]:
+    """The migrations of ``directory`` (default MIGRATIONS_DIR) in version order, rendered
+    for one server or for ``cluster``; the checksum is of the rendered text, so the
+    single-server checksums are those of the files."""
     d = Path(directory) if directory is not None else MIGRATIONS_DIR
     found: list[Migration] = []
-    for f in sorted(d.iterdir()):
-        m = _MIGRATION_FILE.match(f.name)
-        if not m:
-            continue
-        text = f.read_text(encoding="utf-8")
+    for filename, text in render_migrations(d, cluster):
+        m = _MIGRATION_FILE.match(filename)
+        assert m is not None
         found.append(
             Migration(
                 version=m.group(1),
@@ -118,20 +140,9 @@ def load_migrations(directory: Path | str | None = None) -> list[Migration]:
     return found
 
 
-def _bootstrap(client: Any, database: str) -> None:
-    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations ("
-        " version String, name String, checksum String,"
-        " applied_at DateTime64(3, 'UTC') DEFAULT now64(3))"
-        " ENGINE = MergeTree ORDER BY version"
-    )
-    # statements done of a migration not yet recorded whole (see apply_migrations)
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {database}.schema_migration_steps ("
-        " version String, step UInt32, applied_at DateTime64(3, 'UTC') DEFAULT now64(3))"
-        " ENGINE = MergeTree ORDER BY (version, step)"
-    )
+def _bootstrap(client: Any, database: str, cluster: str | None = None) -> None:
+    for stmt in bootstrap_statements(database, cluster):
+        client.command(stmt)
 
 
 def applied_migrations(client: Any, database: str) -> dict[str, str]:
@@ -154,7 +165,8 @@ def applied_migrations(client: Any, database: str) -> dict[str, str]:
 
 
 def apply_migrations(
-    client: Any, database: str = DEFAULT_DATABASE, directory: Path | str | None = None
+    client: Any, database: str = DEFAULT_DATABASE, directory: Path | str | None = None,
+    cluster: str | None = None,
 ) -> list[str]:
     """Apply the pending migrations in order; return the versions applied (``[]`` if none).
 
@@ -163,11 +175,12 @@ def apply_migrations(
     every statement must be able to run twice (``CREATE ... IF NOT EXISTS``, ``DROP
     ... IF EXISTS``, ``RENAME TABLE IF EXISTS``, ``ALTER ... MODIFY COLUMN``).
     Statements are numbered in file order: do not edit a migration that may have
-    been applied in part. ``client`` is a clickhouse-connect client.
+    been applied in part. ``client`` is a clickhouse-connect client. With ``cluster``,
+    the cluster rendering is applied (``ON CLUSTER``: every node at once).
     """
     check_database(database)
-    migrations = load_migrations(directory)
-    _bootstrap(client, database)
+    migrations = load_migrations(directory, cluster)
+    _bootstrap(client, database, cluster)
     done = applied_migrations(client, database)
     applied: list[str] = []
     for m in migrations:
@@ -201,10 +214,11 @@ def apply_migrations(
 
 
 def pending_migrations(
-    client: Any, database: str = DEFAULT_DATABASE, directory: Path | str | None = None
+    client: Any, database: str = DEFAULT_DATABASE, directory: Path | str | None = None,
+    cluster: str | None = None,
 ) -> list[str]:
     done = applied_migrations(client, database)
-    return [m.version for m in load_migrations(directory) if m.version not in done]
+    return [m.version for m in load_migrations(directory, cluster) if m.version not in done]
 
 
 # --------------------------------------------------------------------------
@@ -313,12 +327,20 @@ class ClickHouseSink:
         *,
         migrations_dir: Path | str | None = None,
         client_kwargs: dict[str, Any] | None = None,
+        cluster: str | None = None,
+        retention: Retention | None = None,
     ) -> None:
-        """``database``: default the DSN's path for http(s) DSNs, else "stratoscope"."""
+        """``database``: default the DSN's path for http(s) DSNs, else "stratoscope".
+        ``cluster``: the cluster the tables live on (None: one server). ``retention``:
+        applied with the migrations (default: the schema's TTLs)."""
         self.dsn = dsn
         self.database = check_database(database or dsn_database(dsn) or DEFAULT_DATABASE)
         self.migrate = migrate
         self.migrations_dir = migrations_dir
+        self.cluster = None if cluster is None else check_cluster(cluster)
+        self.retention = retention if retention is not None else Retention()
+        #: Tables whose TTL the last start() changed (for logs and tests).
+        self.retention_changed: list[str] = []
         self._client_kwargs = dict(client_kwargs or {})
         self._client: Any = None
         self._lock = asyncio.Lock()
@@ -349,13 +371,51 @@ class ClickHouseSink:
                 raise classify_error(exc, f"connecting to {self!r}") from exc
             self._client = client
             try:
+                if self.cluster is not None:
+                    await asyncio.to_thread(self._check_cluster, client)
                 if self.migrate:
                     self.applied = await asyncio.to_thread(
-                        apply_migrations, client, self.database, self.migrations_dir
+                        apply_migrations, client, self.database, self.migrations_dir, self.cluster
                     )
+                    self.retention_changed = await asyncio.to_thread(
+                        apply_retention, client, self.database, self.retention, self.cluster)
+                else:
+                    await asyncio.to_thread(self._warn_retention, client)
             except Exception as exc:
                 await asyncio.to_thread(self._close_client)
                 raise classify_error(exc, f"migrating {self.database}") from exc
+
+    def _check_cluster(self, client: Any) -> None:
+        """The cluster is one the server knows, and so is the setting inserts rely on
+        (clickhouse-connect drops a setting the server does not know, with a warning:
+        inserts would silently go to the background)."""
+        assert self.cluster is not None
+        name = self.cluster
+        if name == CLUSTER_MACRO:
+            name = client.query("SELECT getMacro('cluster')").result_rows[0][0]
+        known = client.query("SELECT count() FROM system.clusters WHERE cluster = {c:String}",
+                             parameters={"c": name}).result_rows[0][0]
+        if not known:
+            raise PermanentError(f"ClickHouse cluster {name!r} (clickhouse.cluster) is not in the "
+                                 "server's remote_servers (see system.clusters)")
+        for setting in CLUSTER_INSERT_SETTINGS:
+            if not client.query("SELECT count() FROM system.settings WHERE name = {s:String}",
+                                parameters={"s": setting}).result_rows[0][0]:
+                raise PermanentError(f"the ClickHouse server does not know the setting {setting} "
+                                     "that cluster inserts rely on (upgrade it)")
+
+    def _warn_retention(self, client: Any) -> None:
+        """Without migrate the sink may not alter tables (docs/CLICKHOUSE.md: the writer
+        role only inserts): say which retention differs from the settings."""
+        try:
+            drift = retention_drift(client, self.database, self.retention, self.cluster)
+        except Exception:  # a store not migrated yet: the health check says so
+            log.debug("retention of %s not checked", self.database, exc_info=True)
+            return
+        for table, (current, wanted) in drift.items():
+            log.warning("retention of %s.%s is TTL %s, the settings ask for %s: start once with "
+                        "--migrate (as a user with the migrator role) to apply it",
+                        self.database, table, current or "none", wanted)
 
     async def stop(self) -> None:
         async with self._lock:
@@ -384,7 +444,7 @@ class ClickHouseSink:
         if one != [(1,)]:
             raise RetriableError(f"{self!r}: SELECT 1 returned {one!r}")
         try:
-            missing = pending_migrations(client, self.database, self.migrations_dir)
+            missing = pending_migrations(client, self.database, self.migrations_dir, self.cluster)
         except Exception as exc:
             raise classify_error(exc, f"reading {self.database}.schema_migrations") from exc
         if missing:
@@ -496,6 +556,7 @@ class ClickHouseSink:
                 # merge-on-insert of the *_1h and series targets is useless:
                 # background merges collapse those rows
                 "optimize_on_insert": 0,
+                **(CLUSTER_INSERT_SETTINGS if self.cluster is not None else {}),
             }
             try:
                 client.insert_arrow(TARGET.get(name, name), table, database=self.database,
@@ -516,12 +577,12 @@ def concat_frames(shaped: Sequence[dict[str, pa.Table]]) -> dict[str, pa.Table]:
 
     One batch, not a chunked table: an Arrow file holds one dictionary per column (the
     frames' dictionaries differ), and ClickHouse makes a block, so a part, per batch.
-    The lost-event counter rows join the metric points (one part, not two).
+    The per-node counter rows (events lost, batches) join the metric points (one part, not two).
     """
     joined: dict[str, list[pa.Table]] = {}
     for tables in shaped:
         for name, table in tables.items():
-            if name == "metrics_events_lost" and "metric_points" in tables:
+            if name == "metrics_node_counters" and "metric_points" in tables:
                 table = _as_schema(table, tables["metric_points"].schema)
                 name = "metric_points"
             joined.setdefault(name, []).append(table)
@@ -675,7 +736,8 @@ def histogram_quantile_sql(
 
 
 __all__ = [
-    "DEFAULT_DATABASE", "DEFAULT_DSN", "EVENTS_LOST_METRIC", "MIGRATIONS_DIR", "ClickHouseSink",
+    "CLUSTER_INSERT_SETTINGS", "render_migrations",
+    "BATCHES_METRIC", "DEFAULT_DATABASE", "DEFAULT_DSN", "EVENTS_LOST_METRIC", "MIGRATIONS_DIR", "ClickHouseSink",
     "Migration", "applied_migrations", "apply_migrations", "classify_error", "connect",
     "dedup_token", "dsn_database", "folded_stacks_sql", "histogram_quantile", "histogram_quantile_sql",
     "load_migrations", "pending_migrations", "split_statements", "stack_id",

@@ -27,14 +27,17 @@ from stratoscope.v1 import batch_pb2 as pb
 
 NS = 1_000_000_000
 EVENTS_LOST_METRIC = "stratoscope_events_lost"
+#: Edge batches merged into a node's block of a window (the fleet dashboard's batches
+#: and nodes reporting).
+BATCHES_METRIC = "stratoscope_batches"
 
 #: Insert order: stacks and series before the rows that reference them. Arrow table
-#: name -> ClickHouse table (the lost-events counters are metric rows of their own
-#: insert). Point rows carry ``series_id`` and no labels (migration 0006): a series'
+#: name -> ClickHouse table (each node's events lost and batches are metric rows of their
+#: own insert). Point rows carry ``series_id`` and no labels (migration 0006): a series'
 #: labels and unit go to ``series`` once, when this sink has not sent it lately.
-INSERT_ORDER = ("profile_stacks", "series", "metric_points", "metrics_events_lost", "histogram_points",
+INSERT_ORDER = ("profile_stacks", "series", "metric_points", "metrics_node_counters", "histogram_points",
                 "profile_samples", "events", "nodes")
-TARGET = {"metrics_events_lost": "metric_points"}
+TARGET = {"metrics_node_counters": "metric_points"}
 
 #: series_id of a label map (keys sorted): fold over its pairs of
 #: h = (h XOR md5_64(key)) * P, then h = (h XOR md5_64(value)) * P, from SERIES_SEED,
@@ -312,7 +315,7 @@ def arrow_tables(
     """Arrow tables of ``parts`` (sorted) of a frame, without the stacks and series
     in ``known_*`` (``None``: send all).
 
-    ``metrics_events_lost`` holds the edge's lost-event counters, rows of the metric
+    ``metrics_node_counters`` holds each node's lost-event and batch counters, rows of the metric
     points table inserted separately (their metric name is not a frame string).
     """
     fs = frame_strings(frame)
@@ -326,22 +329,25 @@ def arrow_tables(
         "value": pa.array(m["value"]),
         "gauge": pa.array(m["gauge"]),
     }, known_series, new)
-    lost = [(i, frame.parts[i].events_lost) for i in parts if frame.parts[i].events_lost]
-    if lost:
-        part = np.array([i for i, _ in lost], dtype=np.int64)
-        n = len(lost)
-        out["metrics_events_lost"] = pa.table(_time(fs, n) | _encode(fs, _ident_ids(fs, part)) | {
-            "metric": pa.array([EVENTS_LOST_METRIC] * n),
+    counters = [(i, metric, v) for i in parts
+                for metric, v in ((EVENTS_LOST_METRIC, frame.parts[i].events_lost),
+                                  (BATCHES_METRIC, frame.parts[i].batches)) if v]
+    if counters:
+        part = np.array([i for i, _, _ in counters], dtype=np.int64)
+        n = len(counters)
+        out["metrics_node_counters"] = pa.table(_time(fs, n) | _encode(fs, _ident_ids(fs, part)) | {
+            "metric": pa.array([m for _, m, _ in counters]),
             "kind": pa.array(["counter"] * n),
             "series_id": pa.array(np.full(n, SERIES_SEED, np.uint64)),
-            "value": pa.array(np.array([v for _, v in lost], dtype=np.uint64)),
+            "value": pa.array(np.array([v for _, _, v in counters], dtype=np.uint64)),
         })
-        if known_series is None or (EVENTS_LOST_METRIC, SERIES_SEED) not in known_series:
-            new.keys.append((EVENTS_LOST_METRIC, SERIES_SEED))
-            new.tables.append(pa.table({
-                "metric": [EVENTS_LOST_METRIC], "series_id": [SERIES_SEED], "unit": [""], "labels": [[]],
-                "last_seen": [frame.start_ns // NS],
-            }, schema=_SERIES_SCHEMA))
+        for metric in dict.fromkeys(m for _, m, _ in counters):
+            if known_series is None or (metric, SERIES_SEED) not in known_series:
+                new.keys.append((metric, SERIES_SEED))
+                new.tables.append(pa.table({
+                    "metric": [metric], "series_id": [SERIES_SEED], "unit": [""], "labels": [[]],
+                    "last_seen": [frame.start_ns // NS],
+                }, schema=_SERIES_SCHEMA))
 
     h = frame.histograms.take(frame.rows_of("histograms", parts))
     boff = pa.array((h.offsets("buckets") - h.offsets("buckets")[0]).astype(np.int32))

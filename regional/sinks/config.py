@@ -20,6 +20,8 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from stratoscope.regional.sinks.clickhouse_retention import Retention
+from stratoscope.regional.sinks.clickhouse_schema import check_cluster
 from stratoscope.settings import Duration, readable_file
 
 if TYPE_CHECKING:
@@ -84,6 +86,25 @@ class ClickHouseSettings(SinkSettings):
     #: Apply schema migrations at start; default (None): yes for an embedded store,
     #: no for a server (Ansible applies them there).
     migrate: bool | None = None
+    #: The ClickHouse cluster (``remote_servers``) the tables live on; None: one server.
+    #: Set: the cluster rendering of the migrations applies (ON CLUSTER, Replicated
+    #: tables, Distributed tables sharded by node) and inserts go through the
+    #: Distributed tables, synchronously (docs/CLICKHOUSE.md).
+    cluster: str | None = None
+    #: Days kept per resolution; the defaults are the schema's TTLs.
+    retention: Retention = Retention()
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, cluster: str | None) -> str | None:
+        return None if cluster is None else check_cluster(cluster)
+
+    @model_validator(mode="after")
+    def _cluster_needs_server(self) -> ClickHouseSettings:
+        if self.cluster is not None and self.embedded:
+            raise ValueError("clickhouse.cluster needs a ClickHouse server (an http(s):// DSN); "
+                             "the embedded store is one server")
+        return self
 
     @field_validator("dsn")
     @classmethod
@@ -117,7 +138,8 @@ class ClickHouseSettings(SinkSettings):
         from stratoscope.regional.sinks.clickhouse import ClickHouseSink
 
         migrate = self.embedded if self.migrate is None else self.migrate
-        return ClickHouseSink(self.dsn, self.database, migrate)
+        return ClickHouseSink(self.dsn, self.database, migrate, cluster=self.cluster,
+                              retention=self.retention)
 
 
 def _safe(dsn: str) -> str:

@@ -23,6 +23,7 @@ from stratoscope.edge.decode import Histogram, ProfileRow
 from stratoscope.regional.frame import Block
 from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink, SinkError
 from stratoscope.regional.sinks.clickhouse import (
+    BATCHES_METRIC,
     EVENTS_LOST_METRIC,
     MIGRATIONS_DIR,
     ClickHouseSink,
@@ -306,6 +307,9 @@ async def test_deliver_exact_sums(sink: ClickHouseSink, anchor: Any, db: str) ->
                        " WHERE metric = 'procs_running'") == ("gauge", 3.0, 0, {})
     assert one(anchor, f"SELECT sum(value) FROM {db}.metrics WHERE metric = {{m:String}}",
                m=EVENTS_LOST_METRIC) == 2
+    # one edge batch went into node n1's block; the roll-up counts none
+    assert rows(anchor, f"SELECT node, sum(value) FROM {db}.metrics WHERE metric = {{m:String}} GROUP BY node",
+                m=BATCHES_METRIC) == [("n1", 1)]
 
     got = rows(anchor, f"""
         SELECT node, labels, sum(count), sum(sum), sum(zero_count),
@@ -353,7 +357,7 @@ async def test_same_blocks_twice_changes_nothing(
     blocks = [node_block("b1"), rollup_block("r1"), node_block("b2", start=HOUR + 60)]
     await sink.deliver(blocks)
     first = await snapshot(sink)
-    assert first["value"] == 2 * (157 + 2) + 314
+    assert first["value"] == 2 * (157 + 2 + 1) + 314  # + events lost, + the node's one batch
 
     await sink.deliver(blocks)  # the same call again
     assert await snapshot(sink) == first
@@ -384,12 +388,12 @@ async def test_retry_after_timeout_changes_nothing(
     with pytest.raises(PermanentError, match="UNKNOWN_TABLE"):
         await sink.deliver(blocks)
     # metrics and profiles went in before the failure
-    assert one(anchor, f"SELECT sum(value) FROM {db}.metric_points") == 157 + 2 + 314
+    assert one(anchor, f"SELECT sum(value) FROM {db}.metric_points") == 157 + 2 + 1 + 314
     anchor.command(f"RENAME TABLE {db}.histogram_points_away TO {db}.histogram_points")
 
     await sink.deliver(blocks)  # the retry: what went in is deduplicated, the rest written once
     after = await snapshot(sink)
-    assert after["value"] == 157 + 2 + 314
+    assert after["value"] == 157 + 2 + 1 + 314
     assert after["value_1h"] == after["value"]
     assert after["hist"] == (36, 3, ([3, 5, 10], [15, 6, 12]))
     assert after["hist_1h"] == after["hist"]
@@ -663,7 +667,7 @@ async def test_malformed_block_is_permanent_and_writes_nothing(
         await sink.deliver([node_block("good"), bad])
     assert one(anchor, f"SELECT count() FROM {db}.metrics") == 0
     await sink.deliver([node_block("good")])  # the sink is still usable
-    assert one(anchor, f"SELECT sum(value) FROM {db}.metrics") == 159
+    assert one(anchor, f"SELECT sum(value) FROM {db}.metrics") == 160  # 157 points, 2 events lost, 1 batch
 
 
 def test_dedup_token_is_per_table_and_order_free() -> None:
@@ -691,57 +695,28 @@ async def test_documented_queries(sink: ClickHouseSink) -> None:
                                               end=HOUR + 7200)
     expected = await sink.query(fold_sql, fold_params)
     assert len(expected) == 3
-    assert await sink.query(sql, {"node": "n1", "pid": 0, **span}) == expected
-    got = await sink.query(sql, {"node": "", "pid": 22, **span})
-    assert got == [("redis;entry_SYSCALL_64_[k];do_syscall_64_[k];ksys_write_[k]", 25)]
+    got = await sink.query(sql, {"node": "n1", "pid": 0, "comm": "", **span})
+    # stack and samples as folded_stacks_sql; cpu_time = samples x the 10 ms period
+    assert [(s, n) for s, n, _ in got] == expected
+    assert all(cpu == n * 10_000_000 for _, n, cpu in got)
+    got = await sink.query(sql, {"node": "", "pid": 22, "comm": "", **span})
+    assert got == [("redis;entry_SYSCALL_64_[k];do_syscall_64_[k];ksys_write_[k]", 25, 250_000_000)]
+    got = await sink.query(sql, {"node": "", "pid": 0, "comm": "redis", **span})
+    assert [(s, n) for s, n, _ in got] == [("redis;entry_SYSCALL_64_[k];do_syscall_64_[k];ksys_write_[k]", 25)]
 
     sql = (queries / "latency_quantiles.sql").read_text()
     got = await sink.query(sql, {"metric": "syscall_latency", "label": "syscall", "node": "n1",
                                  "start": HOUR, "end": HOUR + 3600})
     # read: zero 4, (8,16] x20, (32,64] x8 -> p50 16, p99 64; write: (1024,2048] x16
-    assert got == [("read", 16.0, 64.0, 32, 400 / 32), ("write", 2048.0, 2048.0, 16, 2000.0)]
+    assert got == [("read", 16.0, 64.0, 32, 400 / 32, "ns"), ("write", 2048.0, 2048.0, 16, 2000.0, "ns")]
 
     sql = (queries / "counter_per_hour.sql").read_text()
     got = await sink.query(sql, {"metric": "syscalls_total", "label": "comm", "node": "n1",
                                  **span})
-    assert [(v, t, ps) for _, v, t, ps in got] == [
+    assert {u for *_, u in got} == {"1"}
+    assert [(v, t, ps) for _, v, t, ps, _ in got] == [
         ("nginx", 600, 600 / 3600), ("redis", 28, 28 / 3600),
         ("nginx", 150, 150 / 3600), ("redis", 7, 7 / 3600),
     ]
     hours = [h for h, *_ in got]
     assert hours[0] == hours[1] < hours[2] == hours[3]
-
-
-def test_cluster_files_mirror_migrations(anchor: Any) -> None:
-    """deploy/clickhouse/cluster: same versions, every statement parses, local DDL is valid."""
-    cluster = load_migrations(MIGRATIONS_DIR.parent / "cluster")
-    single = load_migrations()
-    assert [(m.version, m.name) for m in cluster] == [(m.version, m.name) for m in single]
-    db = f"c_{uuid.uuid4().hex[:12]}"
-    anchor.command(f"CREATE DATABASE {db}")
-    replicated = re.compile(
-        r"Replicated(\w*MergeTree)\('/clickhouse/tables/\{shard\}/\{database\}/\{table\}',"
-        r" '\{replica\}'(?:, (\w+))?\)"
-    )
-    distributed = re.compile(r"ENGINE = Distributed\('\{cluster\}', '\w+', '(\w+)'.*$", re.MULTILINE)
-    for m in cluster:
-        for stmt in m.statements:
-            sql = stmt.replace("{db}", db)
-            assert "ON CLUSTER '{cluster}'" in sql
-            one(anchor, "SELECT formatQuery({q:String})", q=sql)  # parses
-            # made single-node (a Distributed table becomes a Merge table over its
-            # local table), every statement is valid DDL here
-            local = replicated.sub(lambda x: f"{x.group(1)}({x.group(2) or ''})", sql)
-            local = distributed.sub(lambda x: f"ENGINE = Merge('{db}', '^{x.group(1)}$')", local)
-            local = local.replace(" ON CLUSTER '{cluster}'", "").replace(
-                "replicated_deduplication_window", "non_replicated_deduplication_window")
-            anchor.command(local)
-    tables = dict(rows(anchor, "SELECT name, engine FROM system.tables WHERE database = {db:String}", db=db))
-    # 0001-0005: 10 local objects + 8 Distributed; 0006: -2 views, -4 Distributed, +7 local
-    # tables and their 7 Distributed tables, +6 materialized views, +4 reader views
-    assert len(tables) == 36, sorted(tables)
-    # what readers and the regional use has the single-node names
-    for name in ("metrics", "histograms", "metrics_1h", "histograms_1h"):
-        assert tables[name] == "View"
-    for name in ("metric_points", "histogram_points", "series", "metrics_ingest", "profile_samples", "events"):
-        assert tables[name] == "Merge" and tables[f"{name}_local"] != "Merge"

@@ -132,7 +132,12 @@ def test_block_write_bytes_after_fsync(tmp_path: Path) -> None:
                 fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        threading.Event().wait(0.5)
+        # fsync returned, so every request completed; the drains that carry them may
+        # come late on a busy machine: wait for them, with a deadline.
+        deadline = time.monotonic() + 60
+        while (run.counter("block_bytes_total", device=device, op="write") < size
+               and time.monotonic() < deadline):
+            threading.Event().wait(0.2)
     target.unlink()
     written = run.counter("block_bytes_total", device=device, op="write")
     assert written >= size, f"{written} bytes written to {device}, expected >= {size}"

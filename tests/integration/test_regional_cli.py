@@ -34,7 +34,7 @@ def test_regional_serves_metrics_and_stops_cleanly_on_sigterm(tmp_path: Path) ->
     port = 19532
     proc = subprocess.Popen(
         [*CLI, "regional", "--listen", "127.0.0.1:0", "--metrics-port", str(port),
-         "--clickhouse", f"chdb://{tmp_path}/ch"],
+         "--query-listen", "none", "--clickhouse", f"chdb://{tmp_path}/ch"],
         stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -114,7 +114,7 @@ async def test_regional_fails_fast_when_its_ingest_process_dies(tmp_path: Path) 
     from stratoscope.regional.app import RunningRegional
     from stratoscope.regional.config import RegionalConfig
 
-    running = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0,
+    running = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                                              clickhouse=f"chdb://{tmp_path}/ch"))
     await running.start()
     try:
@@ -139,7 +139,7 @@ async def test_lifecycle_stop_is_idempotent_and_a_failed_start_stops_what_starte
     await never.stop()
     await never.stop()
 
-    running = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0,
+    running = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                                              clickhouse=f"chdb://{tmp_path}/ch",
                                              kafka={"bootstrap": "127.0.0.1:1"}))  # type: ignore[arg-type]
     with pytest.raises(SinkError, match="cannot connect to Kafka at 127.0.0.1:1"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -41,7 +42,7 @@ async def regional(tmp_path: Path) -> AsyncIterator[RunningRegional]:
     # The sinks run in child processes (the production setup); the embedded store
     # belongs to the ClickHouse one, so tests read it through the regional (sql()).
     config = RegionalConfig(
-        listen="127.0.0.1:0", metrics_port=0,
+        listen="127.0.0.1:0", metrics_port=0, query_listen=None,
         clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=f"e2e_{uuid.uuid4().hex[:10]}"),
         kafka=KafkaSettings(bootstrap=kafka_bootstrap(), topic_prefix=f"e2e-{uuid.uuid4().hex[:10]}"),
         resolution=60, lateness=0,
@@ -316,6 +317,11 @@ def test_demo_command_reports_every_section(tmp_path: Path) -> None:
         assert title in r.stdout
     assert "sections without rows" not in r.stdout, r.stdout[-3000:]
     assert "tcp_opens_total" in r.stdout
+    # p99 latencies in ns/µs/ms/s (stratoscope/units.py), not raw nanosecond integers
+    top = r.stdout.split("Top syscalls", 1)[1].split("Run-queue latency", 1)[0]
+    rows = [line for line in top.splitlines() if line.startswith("│")]
+    assert rows and all(re.search(r"[0-9.,]+ (ns|µs|ms|s) +│$", line) for line in rows), top
+    assert "read endpoint http://127.0.0.1:" in r.stdout
 
 
 async def test_edge_fails_over_to_the_next_regional(regional: RunningRegional) -> None:
@@ -347,7 +353,7 @@ async def test_memory_bound_answers_retry_then_stores_each_batch_once(tmp_path: 
     # each synthetic batch holds 3 points (2 counters, 1 histogram): two reach the bound
     # a long lateness: no window closes on its own during the test (a minute boundary
     # between the sends must not clear the bound early); drain() closes them
-    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0,
+    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                             clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=db),
                             resolution=60, lateness=600, max_held_points=5)
     running = RunningRegional(config)

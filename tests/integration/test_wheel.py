@@ -9,6 +9,7 @@ programs and migrations must come from the installed package.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import site
 import subprocess
@@ -54,10 +55,19 @@ def test_wheel_holds_one_package_with_programs_and_schema(wheel_venv: tuple[Path
     for program in ("syscalls", "sched", "tcp", "block", "process", "profile"):
         assert f"stratoscope/bpf/{program}.c" in names and f"stratoscope/bpf/{program}.yaml" in names
     assert "stratoscope/bpf/stratoscope.h" in names
-    for folder in ("migrations", "cluster", "queries"):
+    for folder in ("migrations", "cluster", "access", "queries"):
         assert any(n.startswith(f"stratoscope/deploy/clickhouse/{folder}/") and n.endswith(".sql")
                    for n in names), folder
     assert "stratoscope/edge/collector.py" in names and "stratoscope/regional/app.py" in names
+    assert "stratoscope/pprof/profile_pb2.py" in names  # flamegraph --format pprof
+
+
+def test_installed_query_reads_its_cookbook(wheel_venv: tuple[Path, Path]) -> None:
+    _, bin_dir = wheel_venv
+    out = subprocess.run([str(bin_dir / "stratoscope"), "query", "--list"], capture_output=True,
+                         text=True, timeout=120, check=True, env={**os.environ, "COLUMNS": "200"})
+    for name in ("top_syscalls", "flamegraph", "fleet_health", "what_ran"):
+        assert name in out.stdout
 
 
 def test_installed_edge_drains_the_real_kernel(wheel_venv: tuple[Path, Path], tmp_path: Path) -> None:

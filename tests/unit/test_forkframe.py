@@ -132,3 +132,49 @@ def test_a_signal_for_the_child_does_not_reach_the_parent() -> None:
         assert got == []
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+async def test_a_flush_waits_for_room_in_a_sink_queue_instead_of_dropping_acked_blocks() -> None:
+    """A window whose blocks do not fit the sink's queue waits for the sink to deliver:
+    nothing is dropped, every block arrives once."""
+    from stratoscope.regional.delivery import DeliveryQueue
+    from stratoscope.regional.frame import Block
+
+    class SlowSink:
+        name = "slow"
+
+        def __init__(self) -> None:
+            self.gate = asyncio.Event()
+            self.got: list[str] = []
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        async def health_check(self) -> None:
+            pass
+
+        async def deliver(self, blocks: list[Block]) -> None:
+            await self.gate.wait()
+            self.got += [b.block_id for b in blocks]
+
+    sink = SlowSink()
+    q = DeliveryQueue(sink, max_queue_blocks=3, batch_max_blocks=2, batch_max_wait_s=0)
+    settings = MergeSettings(resolution_s=60, lateness_s=0, rollups=(), frame_nodes=2)
+    regional = Regional(settings, [q])
+    for i in range(5):
+        regional.aggregator.record(edge_batch(f"n{i}", 1, 0, {("read", "x"): i + 1}))
+    await q.start()
+    try:
+        flush = asyncio.create_task(regional.flush(force=True))
+        await asyncio.sleep(0.3)
+        assert not flush.done() and q.queued <= 3  # frames of 2, 2, 1 blocks: the third waits
+        sink.gate.set()
+        blocks = await asyncio.wait_for(flush, 10)
+        await q.flush()
+    finally:
+        await q.stop()
+    assert q.dropped == 0 and len(blocks) == 5
+    assert sorted(sink.got) == sorted(b.block_id for b in blocks)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from stratoscope.edge.batch import BatchBuilder, batch_to_dict
 from stratoscope.edge.decode import Histogram
 from stratoscope.regional.merge import Aggregator, MergeSettings, Rollup
+from stratoscope.v1 import batch_pb2 as pb
 from tests.frames import block_batch
 
 NS = 1_000_000_000
@@ -311,8 +312,98 @@ def test_released_windows_are_emptied_and_their_frames_stay_whole() -> None:
     release_windows(due)
     assert due == []
     for w in windows:
-        assert not w.counters and not w.hists and not w.gmaps.items
+        assert not w.shards and not w.events and not w.stacks
         assert w.strings.items  # frames built here share it: left whole
     assert (totals(blocks, "syscalls_total"), hist_totals(blocks, "syscall_latency")) == before
     assert before[0][("b", (("comm", "x"), ("syscall", "write")))] == 6
     assert before[0][("", (("syscall", "read"),))] == 60
+
+
+def _series_batch(node: str, seq: int, n: int, offset: int = 0) -> Any:
+    b = BatchBuilder(node, "boot", seq, T0 + (seq - 1) % 6 * 10 * NS, T0 + ((seq - 1) % 6 + 1) * 10 * NS, {})
+    b.add_counters("syscalls_total", "calls", "h", KEYS,
+                   {(f"s{offset + i}", "app"): seq for i in range(n)})
+    b.add_histograms("syscall_latency", "ns", "h", KEYS,
+                     {(f"s{offset + i}", "app"): Histogram({i % 7: 1, 9: 2}, count=3, sum=5)
+                      for i in range(n // 4)})
+    return b.build()
+
+
+def test_a_windows_memory_follows_its_distinct_series_not_its_points() -> None:
+    """The same series sent 6 times hold the memory of one sending (plus each batch's
+    identity); 6 sendings of different series hold 6 times as much."""
+    from stratoscope.regional.merge import SOURCE_BYTES
+
+    n = 40_000  # counter rows per batch, more than fold_min_rows: every batch folds
+    same = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=()))
+    same.record(_series_batch("n1", 1, n))
+    one_bytes, one_rows = same.held()
+    assert one_rows == n + n // 4
+    for seq in range(2, 7):
+        same.record(_series_batch("n1", seq, n))
+    assert same.held() == (one_bytes + 5 * SOURCE_BYTES, one_rows)
+    assert same.held_points() == 6 * (n + n // 4)  # points received: what max_held_points counts
+
+    distinct = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=()))
+    for seq in range(1, 7):
+        distinct.record(_series_batch("n1", seq, n, offset=seq * n))
+    nbytes, rows = distinct.held()
+    assert rows == 6 * one_rows
+    assert 5.5 * one_bytes < nbytes < 6.5 * one_bytes  # the strings of new label values too
+
+    blocks = same.flush(0, force=True)
+    t = totals(blocks, "syscalls_total")
+    assert len(t) == n and t[("n1", (("comm", "app"), ("syscall", "s7")))] == 1 + 2 + 3 + 4 + 5 + 6
+    h = hist_totals(blocks, "syscall_latency")
+    assert h[("n1", (("comm", "app"), ("syscall", "s8")))] == [18, 30, 0, Counter({1: 6, 9: 12})]
+    assert same.held() == (0, 0)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["n1", "n2", "n3", "n4", "n5"]),
+                          st.lists(st.tuples(st.sampled_from(["read", "write", "open"]),
+                                             st.sampled_from(["a", "b"]), st.integers(1, 1000)),
+                                   max_size=6)),
+                min_size=1, max_size=30),
+       st.integers(0, 8), st.integers(1, 3))
+@settings(max_examples=60, deadline=None)
+def test_folding_at_any_point_gives_the_same_sums(sends: list, fold_min_rows: int, fold_nodes: int) -> None:
+    """Whenever shards fold (every batch, now and then, only at emit) and however nodes are
+    grouped into shards and frames, the sums per node and rolled up are the same."""
+    expected: Counter[tuple] = Counter()
+    hist_expected: Counter[tuple] = Counter()
+    gauge_expected: dict[tuple, float] = {}
+    agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, fold_min_rows=fold_min_rows,
+                                   fold_nodes=fold_nodes, frame_nodes=2,
+                                   rollups=(Rollup("syscalls_total", ("syscall",)),
+                                            Rollup("syscall_latency", ("syscall",)))))
+    for seq, (node, series) in enumerate(sends, start=1):
+        counters = {(sc, comm): v for sc, comm, v in series}
+        hists = {}
+        for (sc, comm), v in counters.items():
+            expected[(node, sc, comm)] += v
+            expected[("", sc, "")] += v
+            hists[(sc, comm)] = Histogram({v % 5: v}, count=v, sum=2 * v)
+            hist_expected[(node, sc, comm, v % 5)] += v
+            hist_expected[("", sc, "", v % 5)] += v
+        b = BatchBuilder(node, "b", seq, T0 + (seq % 6) * 10 * NS, T0 + ((seq % 6) * 10 + 10) * NS, {})
+        b.add_counters("syscalls_total", "calls", "h", KEYS, counters)
+        b.add_histograms("syscall_latency", "ns", "h", KEYS, hists)
+        gauge = {(comm,): float(v) for _, comm, v in series}
+        b.add_counters("open_fds", "", "h", ["comm"], gauge, kind=pb.GAUGE)
+        for (comm,), g in gauge.items():
+            gauge_expected[(node, comm)] = max(gauge_expected.get((node, comm), 0.0), g)
+        agg.record(b.build())
+    blocks = agg.flush(0, force=True)
+    gauges = {(node, dict(labels)["comm"]): v for (node, labels), v in totals(blocks, "open_fds").items()}
+    assert gauges == gauge_expected
+    got: Counter[tuple] = Counter()
+    for (node, labels), v in totals(blocks, "syscalls_total").items():
+        d = dict(labels)
+        got[(node, d["syscall"], d.get("comm", ""))] += v
+    assert got == +expected
+    hist_got: Counter[tuple] = Counter()
+    for (node, labels), (_, _, _, buckets) in hist_totals(blocks, "syscall_latency").items():
+        d = dict(labels)
+        for i, c in buckets.items():
+            hist_got[(node, d["syscall"], d.get("comm", ""), i)] += c
+    assert hist_got == +hist_expected

@@ -13,6 +13,7 @@ import yaml
 from stratoscope.cli import _regional_config, build_parser
 from stratoscope.regional.config import (
     DEFAULT_DSN,
+    DEFAULT_MAX_HELD_BYTES,
     DEFAULT_MAX_HELD_POINTS,
     QUEUE_RETRY,
     RegionalConfig,
@@ -208,6 +209,31 @@ def test_max_held_points_default_cli_and_bounds() -> None:
     assert config("--max-held-points", "1000", "--clickhouse", "none").max_held_points == 1000
     with pytest.raises(ConfigError, match="max_held_points.*must be greater than or equal to 1"):
         config("--max-held-points", "0", "--clickhouse", "none")
+
+
+def test_max_held_bytes_default_cli_bounds_and_what_it_bounds() -> None:
+    """The bytes bound is checked against the merge's account of its windows."""
+    from stratoscope.edge.batch import BatchBuilder
+    from stratoscope.regional.merge import MergeSettings
+    from stratoscope.regional.service import Regional
+
+    assert RegionalConfig().max_held_bytes == DEFAULT_MAX_HELD_BYTES == 2 * 1024**3
+    assert config("--max-held-bytes", "5000", "--clickhouse", "none").max_held_bytes == 5000
+    with pytest.raises(ConfigError, match="max_held_bytes.*must be greater than or equal to 1"):
+        config("--max-held-bytes", "0", "--clickhouse", "none")
+    end = 1_800_000_030 * 1_000_000_000
+    b = BatchBuilder("n1", "boot", 1, end - 10_000_000_000, end, {})
+    b.add_counters("c", "", "", ["k"], {(f"v{i}",): i for i in range(100)})
+    regional = Regional(MergeSettings(resolution_s=60, lateness_s=0), [], max_held_bytes=10_000)
+    assert not regional.held_full
+    regional.aggregator.record(b.build())
+    held = regional.held_bytes
+    # 100 rows of (node, label) keys and a value, the strings, the batch's identity
+    assert 100 * (8 + 8) < held < 100 * (8 + 8) + 120 * 110 + 1000
+    assert regional.held_full and regional.held_points == 100
+    assert regional.registry.get_sample_value("stratoscope_regional_held_bytes") == held
+    assert regional.registry.get_sample_value("stratoscope_regional_held_series") == 100
+    assert regional.registry.get_sample_value("stratoscope_regional_held_bytes_per_series") == held / 100
 
 
 def test_gate_answers_retry_while_windows_are_full_or_draining_and_remembers_nothing() -> None:

@@ -1,4 +1,14 @@
--- Cluster variant of ../migrations/0002_profiles.sql.
+-- 0002_profiles.sql of deploy/clickhouse/migrations rendered for the cluster '{cluster}'.
+-- Generated: stratoscope schema render --cluster '{cluster}' (do not edit; docs/CLICKHOUSE.md).
+
+-- CPU profiles. A stack is stored once, keyed by stack_id (a 64-bit hash of
+-- its frames, see regional/sinks/clickhouse.py:stack_id); frames are leaf
+-- first. Samples reference kernel and user stacks by id (0 = none). A flame
+-- graph for any node / process / time range is one query joining the two
+-- (regional.sinks.clickhouse.folded_stacks_sql, deploy/clickhouse/queries/).
+--
+-- The sink re-sends a stack at least every few hours while it is in use, so
+-- last_seen moves forward and the TTL only removes stacks nobody samples.
 CREATE TABLE IF NOT EXISTS {db}.profile_stacks_local ON CLUSTER '{cluster}'
 (
     stack_id   UInt64,
@@ -8,7 +18,7 @@ CREATE TABLE IF NOT EXISTS {db}.profile_stacks_local ON CLUSTER '{cluster}'
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', last_seen)
 ORDER BY stack_id
 TTL last_seen + INTERVAL 30 DAY
-SETTINGS replicated_deduplication_window = 10000
+SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.profile_stacks ON CLUSTER '{cluster}' AS {db}.profile_stacks_local
@@ -35,7 +45,7 @@ ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{
 PARTITION BY toDate(ts)
 ORDER BY (profile, node, comm, pid, ts)
 TTL ts + INTERVAL 14 DAY
-SETTINGS replicated_deduplication_window = 10000, ttl_only_drop_parts = 1
+SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800, ttl_only_drop_parts = 1
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.profile_samples ON CLUSTER '{cluster}' AS {db}.profile_samples_local

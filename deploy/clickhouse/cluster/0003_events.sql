@@ -1,4 +1,7 @@
--- Cluster variant of ../migrations/0003_events.sql.
+-- 0003_events.sql of deploy/clickhouse/migrations rendered for the cluster '{cluster}'.
+-- Generated: stratoscope schema render --cluster '{cluster}' (do not edit; docs/CLICKHOUSE.md).
+
+-- Rare process events (exec, exit, fork, oom), one row each, nanosecond time.
 CREATE TABLE IF NOT EXISTS {db}.events_local ON CLUSTER '{cluster}'
 (
     ts       DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
@@ -17,7 +20,7 @@ ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{
 PARTITION BY toDate(ts)
 ORDER BY (node, kind, ts)
 TTL toDateTime(ts) + INTERVAL 30 DAY
-SETTINGS replicated_deduplication_window = 10000, ttl_only_drop_parts = 1
+SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800, ttl_only_drop_parts = 1
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.events ON CLUSTER '{cluster}' AS {db}.events_local

@@ -1,10 +1,28 @@
--- Cluster variant of migrations/0005_sorted_labels.sql (see there): label maps
--- arrive sorted by key, so series_id and the hourly views drop mapSort().
+-- 0005_sorted_labels.sql of deploy/clickhouse/migrations rendered for the cluster '{cluster}'.
+-- Generated: stratoscope schema render --cluster '{cluster}' (do not edit; docs/CLICKHOUSE.md).
+
+-- Label maps arrive sorted by key: the regional writes them that way (the
+-- ClickHouse sink sorts each family's label keys once per window). Computing
+-- mapSort(labels) for every row -- in series_id and in the hourly views -- was
+-- the largest single cost of an insert: with chdb, metrics rows went from
+-- ~290k to ~500k rows/s without it (loadtest/regional_throughput.py, parts).
+--
+-- series_id keeps its values: cityHash64 of a sorted map is what
+-- cityHash64(mapSort(labels)) computed before. Writers other than the
+-- regional must sort label keys too, or their series get other ids.
 ALTER TABLE {db}.metrics_local ON CLUSTER '{cluster}'
 MODIFY COLUMN series_id UInt64 MATERIALIZED cityHash64(labels)
 ;
 
+ALTER TABLE {db}.metrics ON CLUSTER '{cluster}'
+MODIFY COLUMN series_id UInt64 MATERIALIZED cityHash64(labels)
+;
+
 ALTER TABLE {db}.histograms_local ON CLUSTER '{cluster}'
+MODIFY COLUMN series_id UInt64 MATERIALIZED cityHash64(labels)
+;
+
+ALTER TABLE {db}.histograms ON CLUSTER '{cluster}'
 MODIFY COLUMN series_id UInt64 MATERIALIZED cityHash64(labels)
 ;
 

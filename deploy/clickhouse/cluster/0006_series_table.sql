@@ -1,13 +1,52 @@
--- Cluster variant of ../migrations/0006_series_table.sql (see there): narrow
--- point tables, label maps once per series, reader views joining them.
+-- 0006_series_table.sql of deploy/clickhouse/migrations rendered for the cluster '{cluster}'.
+-- Generated: stratoscope schema render --cluster '{cluster}' (do not edit; docs/CLICKHOUSE.md).
+
+--                                        ReplacingMergeTree keeps the newest
+--   metrics, histograms, metrics_1h, histograms_1h
+--                                        VIEWs joining points to series: the
+--                                        columns of the tables they replace, so
+--                                        queries keep working
+--   metrics_ingest / histograms_ingest   Null tables for other writers (and the
+--                                        copy of old data below): insert rows
+--                                        with their label map as before; their
+--                                        views compute series_id and store
+--                                        points and series
 --
--- The regional inserts into the Distributed point tables (sharded by node)
--- and the Distributed `series` (sharded by series_id). Hourly views run on
--- every shard, local table to local table. A series lives on one shard and
--- the points that use it on many, so the reader views (`metrics`, ...; plain
--- views on every node) join the Distributed point table to `series` with
--- GLOBAL JOIN: the initiator reads the series once (filters on metric reach it)
--- and ships them to the shards.
+-- series_id of a label map: over its pairs in key order,
+--   h = (h XOR md5_64(key)) * P, then h = (h XOR md5_64(value)) * P,
+-- from a fixed seed; md5_64 = the first 8 bytes of MD5 as a little-endian
+-- UInt64 (regional/sinks/clickhouse_arrow.py: series_id, series_id_sql). The
+-- regional computes it itself and sends a series' labels only when it has not
+-- sent them in the last hours, so point inserts carry no label maps at all.
+-- A 64-bit hash: two label sets of one metric that collide share labels in
+-- the views (about 2^-64 per pair of sets; not a defence against a writer
+-- that forges collisions with MD5).
+--
+-- Other writers insert into the *_ingest tables; for a retried insert to be
+-- dropped they must send insert_deduplication_token with
+-- deduplicate_blocks_in_dependent_materialized_views = 1 (as the sink does).
+--
+-- Data written before this migration stays in metrics_v0, histograms_v0,
+-- metrics_1h_v0 and histograms_1h_v0 (the old schema; their TTLs still
+-- apply) and is not visible through the new views. To copy it, with H = the
+-- first whole hour of metrics_v0 (toStartOfHour(min(ts)) + 3600):
+--   INSERT INTO {db}.metrics_ingest SELECT resolution, ts, region, cluster,
+--     node, metric, kind, unit, labels, value, gauge
+--     FROM {db}.metrics_v0 WHERE ts >= H
+--   (raw rows, their series and their hourly roll-ups), then the older hours:
+--   INSERT INTO {db}.metric_points_1h SELECT ts, region, cluster, node,
+--     metric, kind, <series_id_sql(labels)>, value, gauge_sum, gauge_min,
+--     gauge_max, rows FROM {db}.metrics_1h_v0 WHERE ts < H
+--   INSERT INTO {db}.series SELECT metric, <series_id_sql(labels)>,
+--     any(unit), any(mapSort(labels)), max(ts) FROM {db}.metrics_1h_v0
+--     WHERE ts < H GROUP BY 1, 2
+-- and the same for histograms; then drop the *_v0 tables. <series_id_sql> is
+-- the arrayFold expression of metric_points_mv below.
+--
+-- A run interrupted half way resumes after its last recorded statement
+-- (apply_migrations, schema_migration_steps), so the renames never run again
+-- once the reader views exist; the statement that was running when it stopped
+-- can run twice.
 DROP VIEW IF EXISTS {db}.metrics_1h_mv ON CLUSTER '{cluster}'
 ;
 
@@ -20,10 +59,18 @@ DROP TABLE IF EXISTS {db}.metrics ON CLUSTER '{cluster}'
 RENAME TABLE IF EXISTS {db}.metrics_local TO {db}.metrics_v0_local ON CLUSTER '{cluster}'
 ;
 
+CREATE TABLE IF NOT EXISTS {db}.metrics_v0 ON CLUSTER '{cluster}' AS {db}.metrics_v0_local
+ENGINE = Distributed('{cluster}', '{db}', 'metrics_v0_local', cityHash64(node))
+;
+
 DROP TABLE IF EXISTS {db}.histograms ON CLUSTER '{cluster}'
 ;
 
 RENAME TABLE IF EXISTS {db}.histograms_local TO {db}.histograms_v0_local ON CLUSTER '{cluster}'
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histograms_v0 ON CLUSTER '{cluster}' AS {db}.histograms_v0_local
+ENGINE = Distributed('{cluster}', '{db}', 'histograms_v0_local', cityHash64(node))
 ;
 
 DROP TABLE IF EXISTS {db}.metrics_1h ON CLUSTER '{cluster}'
@@ -32,10 +79,18 @@ DROP TABLE IF EXISTS {db}.metrics_1h ON CLUSTER '{cluster}'
 RENAME TABLE IF EXISTS {db}.metrics_1h_local TO {db}.metrics_1h_v0_local ON CLUSTER '{cluster}'
 ;
 
+CREATE TABLE IF NOT EXISTS {db}.metrics_1h_v0 ON CLUSTER '{cluster}' AS {db}.metrics_1h_v0_local
+ENGINE = Distributed('{cluster}', '{db}', 'metrics_1h_v0_local', cityHash64(node))
+;
+
 DROP TABLE IF EXISTS {db}.histograms_1h ON CLUSTER '{cluster}'
 ;
 
 RENAME TABLE IF EXISTS {db}.histograms_1h_local TO {db}.histograms_1h_v0_local ON CLUSTER '{cluster}'
+;
+
+CREATE TABLE IF NOT EXISTS {db}.histograms_1h_v0 ON CLUSTER '{cluster}' AS {db}.histograms_1h_v0_local
+ENGINE = Distributed('{cluster}', '{db}', 'histograms_1h_v0_local', cityHash64(node))
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.series_local ON CLUSTER '{cluster}'
@@ -49,11 +104,11 @@ CREATE TABLE IF NOT EXISTS {db}.series_local ON CLUSTER '{cluster}'
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', last_seen)
 ORDER BY (metric, series_id)
 TTL last_seen + INTERVAL 401 DAY
-SETTINGS replicated_deduplication_window = 10000
+SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.series ON CLUSTER '{cluster}' AS {db}.series_local
-ENGINE = Distributed('{cluster}', '{db}', 'series_local', cityHash64(series_id))
+ENGINE = Distributed('{cluster}', '{db}', 'series_local', series_id)
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.metric_points_local ON CLUSTER '{cluster}'
@@ -73,7 +128,7 @@ ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{
 PARTITION BY (resolution, toDate(ts))
 ORDER BY (metric, kind, region, cluster, node, series_id, resolution, ts)
 TTL ts + toIntervalDay(if(resolution < 60, 7, 35))
-SETTINGS replicated_deduplication_window = 10000, ttl_only_drop_parts = 1
+SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800, ttl_only_drop_parts = 1
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.metric_points ON CLUSTER '{cluster}' AS {db}.metric_points_local
@@ -100,13 +155,14 @@ ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{
 PARTITION BY (resolution, toDate(ts))
 ORDER BY (metric, region, cluster, node, series_id, resolution, ts)
 TTL ts + toIntervalDay(if(resolution < 60, 7, 35))
-SETTINGS replicated_deduplication_window = 10000, ttl_only_drop_parts = 1
+SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800, ttl_only_drop_parts = 1
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.histogram_points ON CLUSTER '{cluster}' AS {db}.histogram_points_local
 ENGINE = Distributed('{cluster}', '{db}', 'histogram_points_local', cityHash64(node))
 ;
 
+-- readers always aggregate). No label map in the sort key any more.
 CREATE TABLE IF NOT EXISTS {db}.metric_points_1h_local ON CLUSTER '{cluster}'
 (
     ts         DateTime('UTC') CODEC(DoubleDelta, ZSTD(1)),
@@ -126,7 +182,7 @@ ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{
 PARTITION BY toYYYYMM(ts)
 ORDER BY (metric, kind, region, cluster, node, series_id, ts)
 TTL ts + INTERVAL 400 DAY
-SETTINGS replicated_deduplication_window = 10000
+SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.metric_points_1h ON CLUSTER '{cluster}' AS {db}.metric_points_1h_local
@@ -150,13 +206,16 @@ ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{
 PARTITION BY toYYYYMM(ts)
 ORDER BY (metric, region, cluster, node, series_id, ts)
 TTL ts + INTERVAL 400 DAY
-SETTINGS replicated_deduplication_window = 10000
+SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800
 ;
 
 CREATE TABLE IF NOT EXISTS {db}.histogram_points_1h ON CLUSTER '{cluster}' AS {db}.histogram_points_1h_local
 ENGINE = Distributed('{cluster}', '{db}', 'histogram_points_1h_local', cityHash64(node))
 ;
 
+-- Hourly roll-ups follow every insert into the point tables (the regional's
+-- and the ingest views'); a retried insert's token reaches them
+-- (deduplicate_blocks_in_dependent_materialized_views = 1).
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_points_1h_mv ON CLUSTER '{cluster}'
 TO {db}.metric_points_1h_local AS
 SELECT
@@ -182,6 +241,7 @@ SELECT
 FROM {db}.histogram_points_local
 ;
 
+-- For other writers: rows with label maps (any key order), as 0001 took them.
 CREATE TABLE IF NOT EXISTS {db}.metrics_ingest_local ON CLUSTER '{cluster}'
 (
     resolution  UInt32,
@@ -259,6 +319,11 @@ FROM (SELECT metric, arrayFold((acc, k, v) -> bitXor(bitXor(acc, reinterpretAsUI
 GROUP BY metric, series_id
 ;
 
+-- What readers query: the columns of the tables of 0001/0004. LEFT ANY JOIN: a
+-- series is written before (regional) or with (ingest views) its points and
+-- outlives them (TTL 401 days after it was last sent, and the regional sends
+-- it again every few hours while it has points); copies of one series hold the
+-- same labels, so any one will do. Filters on metric reach both sides.
 CREATE VIEW IF NOT EXISTS {db}.metrics ON CLUSTER '{cluster}' AS
 SELECT
     p.resolution AS resolution, p.ts AS ts, p.region AS region, p.cluster AS cluster, p.node AS node,

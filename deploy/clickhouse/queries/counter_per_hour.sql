@@ -1,11 +1,21 @@
 -- A counter per hour and value of one label, from the hourly roll-up.
--- Parameters: metric, label, node ('' = the roll-up across nodes), start / end
--- (Unix seconds, end exclusive).
+--
+-- param: metric String       a counter metric, e.g. syscalls_total
+-- param: label String        the label to group by, e.g. comm
+-- param: node String = ''    one node; '' = the roll-up across nodes
+-- param: start Int64         hours starting at or after (Unix seconds)
+-- param: end Int64           hours starting before (Unix seconds)
+-- column: hour timestamp
+-- column: label_value text
+-- column: total @unit
+-- column: per_second number
+-- column: unit text
 SELECT
     ts AS hour,
     labels[{label:String}] AS label_value,
     sum(value) AS total,
-    sum(value) / 3600 AS per_second
+    sum(value) / 3600 AS per_second,
+    any(unit) AS unit
 FROM metrics_1h
 WHERE metric = {metric:String}
   AND kind = 'counter'

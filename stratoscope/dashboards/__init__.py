@@ -1,0 +1,1 @@
+"""Grafana dashboards as code: ``python -m stratoscope.dashboards`` writes deploy/grafana/dashboards/."""

@@ -1,0 +1,5 @@
+import sys
+
+from stratoscope.dashboards.build import main
+
+sys.exit(main())

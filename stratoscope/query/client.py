@@ -1,0 +1,102 @@
+"""Where ``stratoscope query`` runs a cookbook query: a regional's read endpoint, or a
+ClickHouse store directly (a server, or an embedded directory no regional holds open).
+
+Both hand back the same Result, rows in plain form (cookbook.plain_value), so a query
+prints the same whichever way it was read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode
+
+from stratoscope.query.cookbook import Column, CookbookError, Query, Result, run
+
+__all__ = ["DEFAULT_REGIONAL", "DirectClient", "QueryTargetError", "RegionalClient", "Target"]
+
+#: The regional's read endpoint on this machine (regional setting query_listen).
+DEFAULT_REGIONAL = "http://127.0.0.1:9433"
+#: Rows and seconds a direct query may take (the endpoint has its own bounds).
+MAX_ROWS = 100_000
+TIMEOUT_S = 60.0
+
+
+class QueryTargetError(Exception):
+    """The place to read from cannot be reached or refused; the message says what to do."""
+
+
+class Target(Protocol):
+    def run(self, query: Query, values: Mapping[str, Any]) -> Result: ...
+
+
+class RegionalClient:
+    """A regional's read endpoint (regional/queryapi.py) over HTTP."""
+
+    def __init__(self, url: str, timeout_s: float = TIMEOUT_S + 15) -> None:
+        self.url = url.rstrip("/")
+        if "://" not in self.url:
+            self.url = "http://" + self.url
+        self.timeout_s = timeout_s
+
+    def _get(self, path: str) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as exc:
+            try:
+                body = json.loads(exc.read())
+            except ValueError:
+                body = {"error": f"HTTP {exc.code} {exc.reason}"}
+            if exc.code in (400, 404) and "error" in body:
+                known = body.get("queries")
+                raise CookbookError(body["error"] + (f"; known: {', '.join(known)}" if known else "")) from None
+            raise QueryTargetError(f"{self.url}: {body.get('error', exc.reason)}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise QueryTargetError(
+                f"cannot read from the regional at {self.url} ({reason}); is it running with "
+                f"query_listen set? Or read a store directly with --clickhouse DSN") from None
+
+    def run(self, query: Query, values: Mapping[str, Any]) -> Result:
+        params = query.bind(values)
+        body = self._get(f"/query/{quote(query.name)}?{urlencode(params)}")
+        columns = tuple(Column(c["name"], c["unit"]) for c in body["columns"])
+        return Result(body["query"], columns, [tuple(r) for r in body["rows"]],
+                      bool(body.get("truncated")), body.get("params", params))
+
+
+class DirectClient:
+    """A ClickHouse store read in this process through clickhouse-connect: an http(s)
+    server, or chdb:///DIR when no regional holds that directory open."""
+
+    def __init__(self, dsn: str, database: str | None = None) -> None:
+        self.dsn, self.database = dsn, database
+
+    def run(self, query: Query, values: Mapping[str, Any]) -> Result:
+        query.bind(values)  # a bad parameter before connecting
+        return asyncio.run(self._run(query, values))
+
+    async def _run(self, query: Query, values: Mapping[str, Any]) -> Result:
+        from stratoscope.regional.sinks.base import SinkError
+        from stratoscope.regional.sinks.clickhouse import ClickHouseSink
+
+        try:
+            sink = ClickHouseSink(self.dsn, database=self.database, migrate=False)
+        except ValueError as exc:
+            raise QueryTargetError(f"--clickhouse: {exc}") from None
+        try:
+            await sink.start()
+            return await run(sink.query, query, values, max_rows=MAX_ROWS, timeout_s=TIMEOUT_S)
+        except SinkError as exc:
+            text = str(exc)
+            if "EmbeddedServer" in text or "already" in text.lower():
+                text = (f"the embedded store {self.dsn} is open in another process (a running "
+                        f"regional?): read it through the regional with --regional URL")
+            raise QueryTargetError(text) from None
+        finally:
+            await sink.stop()
