@@ -329,16 +329,19 @@ class ClickHouseSink:
         client_kwargs: dict[str, Any] | None = None,
         cluster: str | None = None,
         retention: Retention | None = None,
+        retention_allow_shrink: bool = False,
     ) -> None:
         """``database``: default the DSN's path for http(s) DSNs, else "stratoscope".
         ``cluster``: the cluster the tables live on (None: one server). ``retention``:
-        applied with the migrations (default: the schema's TTLs)."""
+        applied with the migrations (default: nothing set, every TTL left as it is);
+        a shorter TTL only with ``retention_allow_shrink``."""
         self.dsn = dsn
         self.database = check_database(database or dsn_database(dsn) or DEFAULT_DATABASE)
         self.migrate = migrate
         self.migrations_dir = migrations_dir
         self.cluster = None if cluster is None else check_cluster(cluster)
         self.retention = retention if retention is not None else Retention()
+        self.retention_allow_shrink = retention_allow_shrink
         #: Tables whose TTL the last start() changed (for logs and tests).
         self.retention_changed: list[str] = []
         self._client_kwargs = dict(client_kwargs or {})
@@ -378,7 +381,8 @@ class ClickHouseSink:
                         apply_migrations, client, self.database, self.migrations_dir, self.cluster
                     )
                     self.retention_changed = await asyncio.to_thread(
-                        apply_retention, client, self.database, self.retention, self.cluster)
+                        apply_retention, client, self.database, self.retention, self.cluster,
+                        allow_shrink=self.retention_allow_shrink)
                 else:
                     await asyncio.to_thread(self._warn_retention, client)
             except Exception as exc:

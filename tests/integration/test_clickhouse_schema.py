@@ -246,8 +246,9 @@ def ttl_of(anchor: Any, db: str, table: str) -> str:
     return m.group(1)
 
 
-def test_retention_changes_ttls_once_and_defaults_change_nothing(anchor: Any) -> None:
+def test_retention_changes_ttls_once_and_unset_keys_change_nothing(anchor: Any) -> None:
     from stratoscope.regional.sinks.clickhouse_retention import (
+        SCHEMA,
         Retention,
         apply_retention,
         retention_drift,
@@ -256,26 +257,71 @@ def test_retention_changes_ttls_once_and_defaults_change_nothing(anchor: Any) ->
     db = f"r_{uuid.uuid4().hex[:12]}"
     apply_migrations(anchor, db)
     before = {t: ttl_of(anchor, db, t) for t in ("metric_points", "series", "events", "profile_stacks")}
-    # the defaults are the schema's TTLs: a store whose settings say nothing is left alone
-    assert retention_drift(anchor, db, Retention()) == {}
-    assert apply_retention(anchor, db, Retention()) == []
+    # nothing set: every table is left alone; the schema's own values are no change either
+    for r in (Retention(), SCHEMA):
+        assert retention_drift(anchor, db, r) == {}
+        assert apply_retention(anchor, db, r) == []
     assert {t: ttl_of(anchor, db, t) for t in before} == before
 
-    wanted = Retention(raw=30, hourly=500, events=10)
+    wanted = Retention(raw=40, hourly=500, events=45)
     assert apply_retention(anchor, db, wanted) == [
         "metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h", "series", "events"]
-    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 30))"
-    assert ttl_of(anchor, db, "histogram_points") == "ts + toIntervalDay(if(resolution < 60, 7, 30))"
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 40))"
+    assert ttl_of(anchor, db, "histogram_points") == "ts + toIntervalDay(if(resolution < 60, 7, 40))"
     assert ttl_of(anchor, db, "metric_points_1h") == "ts + toIntervalDay(500)"
     assert ttl_of(anchor, db, "series") == "last_seen + toIntervalDay(501)"
-    assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(10)"
+    assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(45)"
     assert ttl_of(anchor, db, "profile_stacks") == before["profile_stacks"]
-    # applied twice: nothing to do
+    # applied twice: nothing to do; a key set alone keeps the others' current days
     assert apply_retention(anchor, db, wanted) == []
-    # and back to the defaults
-    assert set(apply_retention(anchor, db, Retention())) == {
+    assert apply_retention(anchor, db, Retention(raw_fine=9)) == ["metric_points", "histogram_points"]
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 9, 40))"
+    assert ttl_of(anchor, db, "series") == "last_seen + toIntervalDay(501)"
+    # back to the schema's values shortens every one of them: allowed only when asked
+    assert set(apply_retention(anchor, db, SCHEMA, allow_shrink=True)) == {
         "metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h", "series", "events"}
-    assert retention_drift(anchor, db, Retention()) == {}
+    assert {t: ttl_of(anchor, db, t) for t in before} == before
+
+
+def test_a_start_without_retention_settings_keeps_a_longer_ttl_and_shrinking_needs_a_setting(
+        anchor: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from stratoscope.regional.sinks.clickhouse_retention import (
+        Retention,
+        RetentionShrinkError,
+        apply_retention,
+    )
+
+    db = f"r_{uuid.uuid4().hex[:12]}"
+    apply_migrations(anchor, db)
+    points = "ts + toIntervalDay(if(resolution < 60, 7, {}))"
+    assert apply_retention(anchor, db, Retention(raw=90)) == ["metric_points", "histogram_points"]
+    assert ttl_of(anchor, db, "metric_points") == points.format(90)
+    # a later start whose settings say nothing: the 90 days stay
+    apply_migrations(anchor, db)
+    assert apply_retention(anchor, db, Retention()) == []
+    assert ttl_of(anchor, db, "metric_points") == points.format(90)
+    # 10 days without the setting: refused, one line, nothing altered
+    with pytest.raises(RetentionShrinkError) as err:
+        apply_retention(anchor, db, Retention(raw=10))
+    assert str(err.value) == (
+        f"retention of {db}.metric_points: the settings ask for TTL "
+        "ts + toIntervalDay(if(resolution < 60, 7, 10)) (10 days), shorter than its TTL "
+        "ts + toIntervalDay(if(resolution < 60, 7, 90)) (90 days), which deletes data; set "
+        "clickhouse.retention_allow_shrink: true (--clickhouse-retention-allow-shrink) to apply it")
+    assert ttl_of(anchor, db, "metric_points") == points.format(90)
+    assert ttl_of(anchor, db, "histogram_points") == points.format(90)
+    # the finer resolution is held to the same rule
+    with pytest.raises(RetentionShrinkError, match=r"\(3 days at resolutions under 60 s\), shorter than"):
+        apply_retention(anchor, db, Retention(raw_fine=3))
+    # with it: applied, and a warning says so
+    with caplog.at_level("WARNING", logger="stratoscope.regional.sinks.clickhouse_retention"):
+        assert apply_retention(anchor, db, Retention(raw=10), allow_shrink=True) == [
+            "metric_points", "histogram_points"]
+    assert ttl_of(anchor, db, "metric_points") == points.format(10)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"retention of {db}.{t}: TTL ts + toIntervalDay(if(resolution < 60, 7, 10)) (was "
+        f"{points.format(90)}); shortened, ClickHouse deletes the rows past it"
+        for t in ("metric_points", "histogram_points")]
 
 
 async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrate(
@@ -284,18 +330,18 @@ async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrat
     from stratoscope.regional.sinks.clickhouse_retention import Retention
 
     db = f"r_{uuid.uuid4().hex[:12]}"
-    first = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=3))
+    first = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=20))
     await first.start()
     await first.stop()
     assert first.retention_changed == ["profile_samples"]
-    assert ttl_of(anchor, db, "profile_samples") == "ts + toIntervalDay(3)"
-    again = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=3))
+    assert ttl_of(anchor, db, "profile_samples") == "ts + toIntervalDay(20)"
+    again = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=20))
     await again.start()  # a restart with the same settings
     await again.stop()
     assert (again.applied, again.retention_changed) == ([], [])
     # a regional that may not alter tables says what differs and changes nothing
     writer = ClickHouseSink(f"chdb://{chdb_dir}", database=db, migrate=False,
-                            retention=Retention(profiles=3, events=9))
+                            retention=Retention(profiles=20, events=9))
     with caplog.at_level("WARNING", logger="stratoscope.regional.sinks.clickhouse"):
         await writer.start()
         await writer.stop()
@@ -304,6 +350,32 @@ async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrat
         "toDateTime(ts) + INTERVAL 9 DAY: start once with --migrate (as a user with the migrator "
         "role) to apply it"]
     assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(30)"
+
+
+async def test_the_sink_refuses_to_shorten_a_ttl_unless_allowed(chdb_dir: str, anchor: Any) -> None:
+    from stratoscope.regional.sinks.base import PermanentError
+    from stratoscope.regional.sinks.clickhouse import ClickHouseSink
+    from stratoscope.regional.sinks.clickhouse_retention import Retention
+
+    db = f"r_{uuid.uuid4().hex[:12]}"
+    dsn = f"chdb://{chdb_dir}"
+    for retention in (Retention(raw=90), Retention()):  # set, then a start that says nothing
+        sink = ClickHouseSink(dsn, database=db, retention=retention)
+        await sink.start()
+        await sink.stop()
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 90))"
+    refused = ClickHouseSink(dsn, database=db, retention=Retention(raw=10))
+    with pytest.raises(PermanentError, match=(
+            rf"^retention of {db}\.metric_points: the settings ask for TTL .+ \(10 days\), shorter "
+            r"than its TTL .+ \(90 days\), which deletes data; set clickhouse\.retention_allow_shrink: "
+            r"true \(--clickhouse-retention-allow-shrink\) to apply it$")):
+        await refused.start()
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 90))"
+    allowed = ClickHouseSink(dsn, database=db, retention=Retention(raw=10), retention_allow_shrink=True)
+    await allowed.start()
+    await allowed.stop()
+    assert allowed.retention_changed == ["metric_points", "histogram_points"]
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 10))"
 
 
 # ---------------------------------------------------------------- the cluster path on one node
