@@ -219,13 +219,41 @@ def test_users_get_a_hash_of_their_password_never_the_password(
     assert "s3cret" not in out
     import hashlib
 
-    assert ("CREATE USER OR REPLACE regional IDENTIFIED WITH sha256_hash BY "
-            f"'{hashlib.sha256(b's3cret-file').hexdigest()}' DEFAULT DATABASE metricsdb;") in out
+    # a salted hash per user: SHA-256(password + salt), the salt random (16 bytes, hex)
+    users = re.findall(r"^CREATE USER OR REPLACE (\w+) IDENTIFIED WITH sha256_hash BY '([0-9a-f]{64})'"
+                       r" SALT '([0-9a-f]{32})' DEFAULT DATABASE metricsdb;$", out, re.MULTILINE)
+    assert [u[0] for u in users] == ["regional", "grafana"]
+    for (_, digest, salt), password in zip(users, (b"s3cret-file", b"s3cret-env"), strict=True):
+        assert digest == hashlib.sha256(password + salt.encode()).hexdigest()
+    assert users[0][2] != users[1][2]
+    assert hashlib.sha256(b"s3cret-file").hexdigest() not in out
     assert "GRANT stratoscope_reader TO grafana;\nALTER USER grafana DEFAULT ROLE stratoscope_reader;" in out
     assert "max_execution_time = 30 MAX 30 CHANGEABLE_IN_READONLY" in out
     for stmt in out.split(";\n"):
         if stmt.strip() and not stmt.startswith("--"):
             assert rows(anchor, "SELECT formatQuery({q:String}) != ''", q=stmt) == [(1,)]
+    # the same password twice: two salts, two hashes
+    assert main(["schema", "grants", "--user", f"writer=a:file:{tmp_path / 'pw'}",
+                 "--user", f"reader=b:file:{tmp_path / 'pw'}"]) == 0
+    hashes = re.findall(r"sha256_hash BY '(\w+)' SALT '(\w+)'", capsys.readouterr().out)
+    assert len(hashes) == 2 and len({h for h, _ in hashes}) == 2 and len({s for _, s in hashes}) == 2
+    # --out: readable by its owner only, also when the file was there before, world-readable
+    out_file = tmp_path / "users.sql"
+    out_file.write_text("old\n")
+    out_file.chmod(0o644)
+    assert main(["schema", "grants", "--user", f"writer=regional:file:{tmp_path / 'pw'}",
+                 "--out", str(out_file)]) == 0
+    assert out_file.stat().st_mode & 0o777 == 0o600
+    written = out_file.read_text()
+    assert "old" not in written and re.search(r"^CREATE USER OR REPLACE regional IDENTIFIED WITH "
+                                              r"sha256_hash BY '\w{64}' SALT '\w{32}'", written, re.MULTILINE)
+    fresh = tmp_path / "fresh.sql"
+    assert main(["schema", "grants", "--out", str(fresh)]) == 0
+    assert fresh.stat().st_mode & 0o777 == 0o600
+    assert fresh.read_text() == (MIGRATIONS_DIR.parent / "access" / "grants.sql").read_text()
+    assert main(["schema", "grants", "--out", str(tmp_path / "no" / "such.sql")]) == 2
+    assert capsys.readouterr().err == (
+        f"stratoscope: error: cannot write {tmp_path / 'no' / 'such.sql'}: No such file or directory\n")
     # a missing secret is one line and exit 2
     monkeypatch.delenv("GRAFANA_CH_PW")
     assert main(["schema", "grants", "--user", "reader=grafana:env:GRAFANA_CH_PW"]) == 2
