@@ -344,6 +344,9 @@ class ClickHouseSink:
         self.retention_allow_shrink = retention_allow_shrink
         #: Tables whose TTL the last start() changed (for logs and tests).
         self.retention_changed: list[str] = []
+        #: What a start without migrate found to differ from the settings, one line each
+        #: (``stratoscope regional --check`` prints them, Ansible looks for them).
+        self.check_notes: list[str] = []
         self._client_kwargs = dict(client_kwargs or {})
         self._client: Any = None
         self._lock = asyncio.Lock()
@@ -416,6 +419,8 @@ class ClickHouseSink:
         except Exception:  # a store not migrated yet: the health check says so
             log.debug("retention of %s not checked", self.database, exc_info=True)
             return
+        self.check_notes = [f"retention differs: {self.database}.{table} has TTL {current or 'none'}, "
+                            f"the settings ask for {wanted}" for table, (current, wanted) in drift.items()]
         for table, (current, wanted) in drift.items():
             log.warning("retention of %s.%s is TTL %s, the settings ask for %s: start once with "
                         "--migrate (as a user with the migrator role) to apply it",

@@ -377,6 +377,9 @@ async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrat
         f"retention of {db}.events is TTL toDateTime(ts) + toIntervalDay(30), the settings ask for "
         "toDateTime(ts) + INTERVAL 9 DAY: start once with --migrate (as a user with the migrator "
         "role) to apply it"]
+    assert writer.check_notes == [
+        f"retention differs: {db}.events has TTL toDateTime(ts) + toIntervalDay(30), the settings "
+        "ask for toDateTime(ts) + INTERVAL 9 DAY"]
     assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(30)"
 
 
