@@ -212,6 +212,8 @@ _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
 _BOOL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--migrate", "clickhouse.migrate",
      "apply schema migrations at start (default: yes for embedded, no for a server)"),
+    ("--clickhouse-retention-allow-shrink", "clickhouse.retention_allow_shrink",
+     "let a retention setting shorten a table's TTL, deleting the rows past it (default: refused)"),
     ("--fork-frames", "fork_frames", "reduce closed windows in a forked child (default) or in a thread"),
 )
 

@@ -329,18 +329,24 @@ class ClickHouseSink:
         client_kwargs: dict[str, Any] | None = None,
         cluster: str | None = None,
         retention: Retention | None = None,
+        retention_allow_shrink: bool = False,
     ) -> None:
         """``database``: default the DSN's path for http(s) DSNs, else "stratoscope".
         ``cluster``: the cluster the tables live on (None: one server). ``retention``:
-        applied with the migrations (default: the schema's TTLs)."""
+        applied with the migrations (default: nothing set, every TTL left as it is);
+        a shorter TTL only with ``retention_allow_shrink``."""
         self.dsn = dsn
         self.database = check_database(database or dsn_database(dsn) or DEFAULT_DATABASE)
         self.migrate = migrate
         self.migrations_dir = migrations_dir
         self.cluster = None if cluster is None else check_cluster(cluster)
         self.retention = retention if retention is not None else Retention()
+        self.retention_allow_shrink = retention_allow_shrink
         #: Tables whose TTL the last start() changed (for logs and tests).
         self.retention_changed: list[str] = []
+        #: What a start without migrate found to differ from the settings, one line each
+        #: (``stratoscope regional --check`` prints them, Ansible looks for them).
+        self.check_notes: list[str] = []
         self._client_kwargs = dict(client_kwargs or {})
         self._client: Any = None
         self._lock = asyncio.Lock()
@@ -378,7 +384,8 @@ class ClickHouseSink:
                         apply_migrations, client, self.database, self.migrations_dir, self.cluster
                     )
                     self.retention_changed = await asyncio.to_thread(
-                        apply_retention, client, self.database, self.retention, self.cluster)
+                        apply_retention, client, self.database, self.retention, self.cluster,
+                        allow_shrink=self.retention_allow_shrink)
                 else:
                     await asyncio.to_thread(self._warn_retention, client)
             except Exception as exc:
@@ -412,6 +419,8 @@ class ClickHouseSink:
         except Exception:  # a store not migrated yet: the health check says so
             log.debug("retention of %s not checked", self.database, exc_info=True)
             return
+        self.check_notes = [f"retention differs: {self.database}.{table} has TTL {current or 'none'}, "
+                            f"the settings ask for {wanted}" for table, (current, wanted) in drift.items()]
         for table, (current, wanted) in drift.items():
             log.warning("retention of %s.%s is TTL %s, the settings ask for %s: start once with "
                         "--migrate (as a user with the migrator role) to apply it",

@@ -16,14 +16,18 @@ from those keeps the grants in step with the sink. Three roles:
   on every query to enforce its timeout: changeable, up to the cap, not above it.
 
 Users are optional: a password is read from a file or an environment variable when the
-SQL is rendered and only its SHA-256 is written (``IDENTIFIED WITH sha256_hash``), so
-the SQL holds no password and the reviewed file (deploy/clickhouse/access) holds no user.
+SQL is rendered and only a salted SHA-256 of it is written (``IDENTIFIED WITH
+sha256_hash BY 'hex' SALT 'salt'``, the server checks SHA-256(password + salt)), so the
+SQL holds no password, two users with one password get different hashes, and the
+reviewed file (deploy/clickhouse/access) holds no user. The salt is random per user and
+per rendering, so rendering twice gives two different, equally valid files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +65,9 @@ class AccessUser:
             raise ValueError(f"user {self.name}: give its password as a file or an environment "
                              "variable (one of the two)")
 
-    def password_sha256(self) -> str:
-        """SHA-256 (hex) of the password, read now; the password itself is not kept."""
+    def password_sha256(self, salt: str) -> str:
+        """SHA-256 (hex) of the password, read now, followed by ``salt``: what the server
+        compares for ``sha256_hash ... SALT``; the password itself is not kept."""
         if self.password_file is not None:
             try:
                 secret = self.password_file.read_text(encoding="utf-8").strip()
@@ -77,7 +82,7 @@ class AccessUser:
             secret = os.environ[self.password_env]
         if not secret:
             raise ValueError(f"user {self.name}: the password is empty")
-        return hashlib.sha256(secret.encode()).hexdigest()
+        return hashlib.sha256(secret.encode() + salt.encode()).hexdigest()
 
 
 def access_statements(
@@ -114,9 +119,10 @@ def access_statements(
         f" CHANGEABLE_IN_READONLY TO {READER}",
     ]
     for u in users:
+        salt = secrets.token_hex(16)
         out += [
             f"CREATE USER OR REPLACE {u.name}{on} IDENTIFIED WITH sha256_hash BY"
-            f" '{u.password_sha256()}' DEFAULT DATABASE {db}",
+            f" '{u.password_sha256(salt)}' SALT '{salt}' DEFAULT DATABASE {db}",
             f"GRANT{on} {ROLES[u.kind]} TO {u.name}",
             f"ALTER USER {u.name}{on} DEFAULT ROLE {ROLES[u.kind]}",
         ]

@@ -8,6 +8,7 @@ a migration is added (a test fails until they are).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ def add_parser(sub: Any) -> None:
                    help="longest query of the reader role, e.g. 60s (default 60s)")
     g.add_argument("--user", action="append", default=[], metavar="KIND=NAME:file:PATH|KIND=NAME:env:VAR",
                    help="create a user of KIND writer, migrator or reader whose password is in "
-                        "a file or an environment variable (only its SHA-256 is printed)")
-    g.add_argument("--out", type=Path, help="write to this file instead of stdout")
+                        "a file or an environment variable (only a salted SHA-256 of it is printed)")
+    g.add_argument("--out", type=Path,
+                   help="write to this file (created or truncated, mode 0600) instead of stdout")
     g.set_defaults(func=_grants)
 
 
@@ -75,8 +77,25 @@ def _grants(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        args.out.write_text(text, encoding="utf-8")
+        try:
+            _write_private(args.out, text)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {args.out}: {exc.strerror}") from None
     return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (the users' hashes can be
+    attacked offline); an existing file is truncated and its mode set to 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fd = -1
+            f.write(text)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def render_access(statements: list[str]) -> str:

@@ -91,8 +91,12 @@ class ClickHouseSettings(SinkSettings):
     #: tables, Distributed tables sharded by node) and inserts go through the
     #: Distributed tables, synchronously (docs/CLICKHOUSE.md).
     cluster: str | None = None
-    #: Days kept per resolution; the defaults are the schema's TTLs.
+    #: Days kept per resolution; an unset key leaves the tables' TTL as it is (a fresh
+    #: store: the schema's). Applied only by a sink that migrates.
     retention: Retention = Retention()
+    #: Let ``retention`` shorten a TTL (which deletes the rows past it); otherwise such
+    #: a start fails with one line naming the table.
+    retention_allow_shrink: bool = False
 
     @field_validator("cluster")
     @classmethod
@@ -139,7 +143,8 @@ class ClickHouseSettings(SinkSettings):
 
         migrate = self.embedded if self.migrate is None else self.migrate
         return ClickHouseSink(self.dsn, self.database, migrate, cluster=self.cluster,
-                              retention=self.retention)
+                              retention=self.retention,
+                              retention_allow_shrink=self.retention_allow_shrink)
 
 
 def _safe(dsn: str) -> str:

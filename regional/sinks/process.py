@@ -209,6 +209,7 @@ async def _child_loop(chan: pipes.Channel[SinkReply, SinkRequest], settings: Sin
                 await sink.stop()
             elif isinstance(call, HealthCheck):
                 await sink.health_check()
+                result = list(getattr(sink, "check_notes", ()))
             elif isinstance(call, Deliver):
                 await sink.deliver(unpack_blocks(call.items))
             elif isinstance(call, Query):
@@ -339,6 +340,11 @@ class ProcessSink:
 
     async def health_check(self) -> None:
         await self._call(HealthCheck())
+
+    async def check(self) -> list[str]:
+        """Run the health check; return what the sink noted at start that an operator
+        should act on (e.g. a retention that differs from the settings), one line each."""
+        return list(await self._call(HealthCheck()) or ())
 
     async def deliver(self, blocks: list[Block]) -> None:
         if not blocks:

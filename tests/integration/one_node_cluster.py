@@ -127,11 +127,11 @@ async def main(store: Path) -> dict[str, Any]:
             out[f"start:{name}"] = "started"
         except Exception as exc:
             out[f"start:{name}"] = f"{type(exc).__name__}: {exc}"
-    out["retention"] = apply_retention(adapter, "clus", Retention(events=9), "one")
+    out["retention"] = apply_retention(adapter, "clus", Retention(events=9), "one", allow_shrink=True)
     out["events_local_ttl"] = client.query(
         "SELECT create_table_query FROM system.tables WHERE database = 'clus'"
         " AND name = 'events_local'").result_rows[0][0].split(" TTL ", 1)[1]
-    out["retention_again"] = apply_retention(adapter, "clus", Retention(events=9), "one")
+    out["retention_again"] = apply_retention(adapter, "clus", Retention(events=9), "one", allow_shrink=True)
     client.close()
     engine.close()
     return out

@@ -219,13 +219,41 @@ def test_users_get_a_hash_of_their_password_never_the_password(
     assert "s3cret" not in out
     import hashlib
 
-    assert ("CREATE USER OR REPLACE regional IDENTIFIED WITH sha256_hash BY "
-            f"'{hashlib.sha256(b's3cret-file').hexdigest()}' DEFAULT DATABASE metricsdb;") in out
+    # a salted hash per user: SHA-256(password + salt), the salt random (16 bytes, hex)
+    users = re.findall(r"^CREATE USER OR REPLACE (\w+) IDENTIFIED WITH sha256_hash BY '([0-9a-f]{64})'"
+                       r" SALT '([0-9a-f]{32})' DEFAULT DATABASE metricsdb;$", out, re.MULTILINE)
+    assert [u[0] for u in users] == ["regional", "grafana"]
+    for (_, digest, salt), password in zip(users, (b"s3cret-file", b"s3cret-env"), strict=True):
+        assert digest == hashlib.sha256(password + salt.encode()).hexdigest()
+    assert users[0][2] != users[1][2]
+    assert hashlib.sha256(b"s3cret-file").hexdigest() not in out
     assert "GRANT stratoscope_reader TO grafana;\nALTER USER grafana DEFAULT ROLE stratoscope_reader;" in out
     assert "max_execution_time = 30 MAX 30 CHANGEABLE_IN_READONLY" in out
     for stmt in out.split(";\n"):
         if stmt.strip() and not stmt.startswith("--"):
             assert rows(anchor, "SELECT formatQuery({q:String}) != ''", q=stmt) == [(1,)]
+    # the same password twice: two salts, two hashes
+    assert main(["schema", "grants", "--user", f"writer=a:file:{tmp_path / 'pw'}",
+                 "--user", f"reader=b:file:{tmp_path / 'pw'}"]) == 0
+    hashes = re.findall(r"sha256_hash BY '(\w+)' SALT '(\w+)'", capsys.readouterr().out)
+    assert len(hashes) == 2 and len({h for h, _ in hashes}) == 2 and len({s for _, s in hashes}) == 2
+    # --out: readable by its owner only, also when the file was there before, world-readable
+    out_file = tmp_path / "users.sql"
+    out_file.write_text("old\n")
+    out_file.chmod(0o644)
+    assert main(["schema", "grants", "--user", f"writer=regional:file:{tmp_path / 'pw'}",
+                 "--out", str(out_file)]) == 0
+    assert out_file.stat().st_mode & 0o777 == 0o600
+    written = out_file.read_text()
+    assert "old" not in written and re.search(r"^CREATE USER OR REPLACE regional IDENTIFIED WITH "
+                                              r"sha256_hash BY '\w{64}' SALT '\w{32}'", written, re.MULTILINE)
+    fresh = tmp_path / "fresh.sql"
+    assert main(["schema", "grants", "--out", str(fresh)]) == 0
+    assert fresh.stat().st_mode & 0o777 == 0o600
+    assert fresh.read_text() == (MIGRATIONS_DIR.parent / "access" / "grants.sql").read_text()
+    assert main(["schema", "grants", "--out", str(tmp_path / "no" / "such.sql")]) == 2
+    assert capsys.readouterr().err == (
+        f"stratoscope: error: cannot write {tmp_path / 'no' / 'such.sql'}: No such file or directory\n")
     # a missing secret is one line and exit 2
     monkeypatch.delenv("GRAFANA_CH_PW")
     assert main(["schema", "grants", "--user", "reader=grafana:env:GRAFANA_CH_PW"]) == 2
@@ -246,8 +274,9 @@ def ttl_of(anchor: Any, db: str, table: str) -> str:
     return m.group(1)
 
 
-def test_retention_changes_ttls_once_and_defaults_change_nothing(anchor: Any) -> None:
+def test_retention_changes_ttls_once_and_unset_keys_change_nothing(anchor: Any) -> None:
     from stratoscope.regional.sinks.clickhouse_retention import (
+        SCHEMA,
         Retention,
         apply_retention,
         retention_drift,
@@ -256,26 +285,71 @@ def test_retention_changes_ttls_once_and_defaults_change_nothing(anchor: Any) ->
     db = f"r_{uuid.uuid4().hex[:12]}"
     apply_migrations(anchor, db)
     before = {t: ttl_of(anchor, db, t) for t in ("metric_points", "series", "events", "profile_stacks")}
-    # the defaults are the schema's TTLs: a store whose settings say nothing is left alone
-    assert retention_drift(anchor, db, Retention()) == {}
-    assert apply_retention(anchor, db, Retention()) == []
+    # nothing set: every table is left alone; the schema's own values are no change either
+    for r in (Retention(), SCHEMA):
+        assert retention_drift(anchor, db, r) == {}
+        assert apply_retention(anchor, db, r) == []
     assert {t: ttl_of(anchor, db, t) for t in before} == before
 
-    wanted = Retention(raw=30, hourly=500, events=10)
+    wanted = Retention(raw=40, hourly=500, events=45)
     assert apply_retention(anchor, db, wanted) == [
         "metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h", "series", "events"]
-    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 30))"
-    assert ttl_of(anchor, db, "histogram_points") == "ts + toIntervalDay(if(resolution < 60, 7, 30))"
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 40))"
+    assert ttl_of(anchor, db, "histogram_points") == "ts + toIntervalDay(if(resolution < 60, 7, 40))"
     assert ttl_of(anchor, db, "metric_points_1h") == "ts + toIntervalDay(500)"
     assert ttl_of(anchor, db, "series") == "last_seen + toIntervalDay(501)"
-    assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(10)"
+    assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(45)"
     assert ttl_of(anchor, db, "profile_stacks") == before["profile_stacks"]
-    # applied twice: nothing to do
+    # applied twice: nothing to do; a key set alone keeps the others' current days
     assert apply_retention(anchor, db, wanted) == []
-    # and back to the defaults
-    assert set(apply_retention(anchor, db, Retention())) == {
+    assert apply_retention(anchor, db, Retention(raw_fine=9)) == ["metric_points", "histogram_points"]
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 9, 40))"
+    assert ttl_of(anchor, db, "series") == "last_seen + toIntervalDay(501)"
+    # back to the schema's values shortens every one of them: allowed only when asked
+    assert set(apply_retention(anchor, db, SCHEMA, allow_shrink=True)) == {
         "metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h", "series", "events"}
-    assert retention_drift(anchor, db, Retention()) == {}
+    assert {t: ttl_of(anchor, db, t) for t in before} == before
+
+
+def test_a_start_without_retention_settings_keeps_a_longer_ttl_and_shrinking_needs_a_setting(
+        anchor: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from stratoscope.regional.sinks.clickhouse_retention import (
+        Retention,
+        RetentionShrinkError,
+        apply_retention,
+    )
+
+    db = f"r_{uuid.uuid4().hex[:12]}"
+    apply_migrations(anchor, db)
+    points = "ts + toIntervalDay(if(resolution < 60, 7, {}))"
+    assert apply_retention(anchor, db, Retention(raw=90)) == ["metric_points", "histogram_points"]
+    assert ttl_of(anchor, db, "metric_points") == points.format(90)
+    # a later start whose settings say nothing: the 90 days stay
+    apply_migrations(anchor, db)
+    assert apply_retention(anchor, db, Retention()) == []
+    assert ttl_of(anchor, db, "metric_points") == points.format(90)
+    # 10 days without the setting: refused, one line, nothing altered
+    with pytest.raises(RetentionShrinkError) as err:
+        apply_retention(anchor, db, Retention(raw=10))
+    assert str(err.value) == (
+        f"retention of {db}.metric_points: the settings ask for TTL "
+        "ts + toIntervalDay(if(resolution < 60, 7, 10)) (10 days), shorter than its TTL "
+        "ts + toIntervalDay(if(resolution < 60, 7, 90)) (90 days), which deletes data; set "
+        "clickhouse.retention_allow_shrink: true (--clickhouse-retention-allow-shrink) to apply it")
+    assert ttl_of(anchor, db, "metric_points") == points.format(90)
+    assert ttl_of(anchor, db, "histogram_points") == points.format(90)
+    # the finer resolution is held to the same rule
+    with pytest.raises(RetentionShrinkError, match=r"\(3 days at resolutions under 60 s\), shorter than"):
+        apply_retention(anchor, db, Retention(raw_fine=3))
+    # with it: applied, and a warning says so
+    with caplog.at_level("WARNING", logger="stratoscope.regional.sinks.clickhouse_retention"):
+        assert apply_retention(anchor, db, Retention(raw=10), allow_shrink=True) == [
+            "metric_points", "histogram_points"]
+    assert ttl_of(anchor, db, "metric_points") == points.format(10)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"retention of {db}.{t}: TTL ts + toIntervalDay(if(resolution < 60, 7, 10)) (was "
+        f"{points.format(90)}); shortened, ClickHouse deletes the rows past it"
+        for t in ("metric_points", "histogram_points")]
 
 
 async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrate(
@@ -284,18 +358,18 @@ async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrat
     from stratoscope.regional.sinks.clickhouse_retention import Retention
 
     db = f"r_{uuid.uuid4().hex[:12]}"
-    first = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=3))
+    first = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=20))
     await first.start()
     await first.stop()
     assert first.retention_changed == ["profile_samples"]
-    assert ttl_of(anchor, db, "profile_samples") == "ts + toIntervalDay(3)"
-    again = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=3))
+    assert ttl_of(anchor, db, "profile_samples") == "ts + toIntervalDay(20)"
+    again = ClickHouseSink(f"chdb://{chdb_dir}", database=db, retention=Retention(profiles=20))
     await again.start()  # a restart with the same settings
     await again.stop()
     assert (again.applied, again.retention_changed) == ([], [])
     # a regional that may not alter tables says what differs and changes nothing
     writer = ClickHouseSink(f"chdb://{chdb_dir}", database=db, migrate=False,
-                            retention=Retention(profiles=3, events=9))
+                            retention=Retention(profiles=20, events=9))
     with caplog.at_level("WARNING", logger="stratoscope.regional.sinks.clickhouse"):
         await writer.start()
         await writer.stop()
@@ -303,7 +377,36 @@ async def test_the_sink_applies_retention_at_start_and_only_warns_without_migrat
         f"retention of {db}.events is TTL toDateTime(ts) + toIntervalDay(30), the settings ask for "
         "toDateTime(ts) + INTERVAL 9 DAY: start once with --migrate (as a user with the migrator "
         "role) to apply it"]
+    assert writer.check_notes == [
+        f"retention differs: {db}.events has TTL toDateTime(ts) + toIntervalDay(30), the settings "
+        "ask for toDateTime(ts) + INTERVAL 9 DAY"]
     assert ttl_of(anchor, db, "events") == "toDateTime(ts) + toIntervalDay(30)"
+
+
+async def test_the_sink_refuses_to_shorten_a_ttl_unless_allowed(chdb_dir: str, anchor: Any) -> None:
+    from stratoscope.regional.sinks.base import PermanentError
+    from stratoscope.regional.sinks.clickhouse import ClickHouseSink
+    from stratoscope.regional.sinks.clickhouse_retention import Retention
+
+    db = f"r_{uuid.uuid4().hex[:12]}"
+    dsn = f"chdb://{chdb_dir}"
+    for retention in (Retention(raw=90), Retention()):  # set, then a start that says nothing
+        sink = ClickHouseSink(dsn, database=db, retention=retention)
+        await sink.start()
+        await sink.stop()
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 90))"
+    refused = ClickHouseSink(dsn, database=db, retention=Retention(raw=10))
+    with pytest.raises(PermanentError, match=(
+            rf"^retention of {db}\.metric_points: the settings ask for TTL .+ \(10 days\), shorter "
+            r"than its TTL .+ \(90 days\), which deletes data; set clickhouse\.retention_allow_shrink: "
+            r"true \(--clickhouse-retention-allow-shrink\) to apply it$")):
+        await refused.start()
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 90))"
+    allowed = ClickHouseSink(dsn, database=db, retention=Retention(raw=10), retention_allow_shrink=True)
+    await allowed.start()
+    await allowed.stop()
+    assert allowed.retention_changed == ["metric_points", "histogram_points"]
+    assert ttl_of(anchor, db, "metric_points") == "ts + toIntervalDay(if(resolution < 60, 7, 10))"
 
 
 # ---------------------------------------------------------------- the cluster path on one node

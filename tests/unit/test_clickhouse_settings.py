@@ -9,7 +9,12 @@ import pytest
 
 from stratoscope.cli import _regional_config, build_parser
 from stratoscope.regional.config import RegionalConfig
-from stratoscope.regional.sinks.clickhouse_retention import Retention, parse_days, ttl_expressions
+from stratoscope.regional.sinks.clickhouse_retention import (
+    SCHEMA,
+    Retention,
+    parse_days,
+    ttl_expressions,
+)
 from stratoscope.settings import ConfigError
 
 SERVER = "http://ch1:8123/stratoscope"
@@ -22,9 +27,12 @@ def config(*argv: str) -> RegionalConfig:
 def test_defaults_are_one_server_and_the_schemas_ttls() -> None:
     ch = RegionalConfig().clickhouse
     assert ch is not None and ch.cluster is None
-    assert ch.retention == Retention(raw=35, raw_fine=7, hourly=400, profiles=14, events=30)
+    # nothing set: every table keeps its TTL; shortening one needs its own setting
+    assert ch.retention == Retention() and ch.retention.set_keys() == set()
+    assert ch.retention_allow_shrink is False
+    assert Retention(raw=35, raw_fine=7, hourly=400, profiles=14, events=30) == SCHEMA
     # the TTLs of migrations 0002, 0003 and 0006, as written there
-    assert ttl_expressions(ch.retention) == {
+    assert ttl_expressions(SCHEMA) == ttl_expressions(ch.retention) == {
         "metric_points": "ts + toIntervalDay(if(resolution < 60, 7, 35))",
         "histogram_points": "ts + toIntervalDay(if(resolution < 60, 7, 35))",
         "metric_points_1h": "ts + INTERVAL 400 DAY",
@@ -52,6 +60,13 @@ def test_cluster_and_retention_from_file_and_flags(tmp_path: Path) -> None:
     assert ttl_expressions(Retention(profiles=90))["profile_stacks"] == "last_seen + INTERVAL 90 DAY"
     sink = ch.build()
     assert (sink.cluster, sink.retention) == ("{cluster}", ch.retention)  # type: ignore[attr-defined]
+    assert sink.retention_allow_shrink is False  # type: ignore[attr-defined]
+    # shortening a TTL: a setting of its own, from the file or a flag
+    cfg.write_text(f"clickhouse:\n  dsn: {SERVER}\n  retention_allow_shrink: true\n")
+    assert config("--config", str(cfg)).clickhouse.retention_allow_shrink is True  # type: ignore[union-attr]
+    ch = config("--clickhouse", SERVER, "--clickhouse-retention-allow-shrink").clickhouse
+    assert ch is not None and ch.retention_allow_shrink is True
+    assert ch.build().retention_allow_shrink is True  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
