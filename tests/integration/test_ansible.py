@@ -12,12 +12,15 @@ installs the wheel alone (``--no-deps --no-index``), so nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import site
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -37,6 +40,8 @@ BIN = Path(sys.executable).parent
 EDGES = ("edge1", "edge2", "edge3")
 #: openat calls the workload makes; every edge sees the same kernel, so each must store it.
 OPENATS = 4000
+#: A password with every character the environment file must escape; never in the output.
+GRAFANA_PASSWORD = 'pw"$x`\\y\'z'
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
                    r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.MULTILINE)
 
@@ -174,6 +179,8 @@ class Fleet:
                 "grafana_source_dir": str(self.grafana_src),
                 "grafana_provisioning_dir": str(grafana / "provisioning"),
                 "grafana_dashboards_dir": str(grafana / "dashboards"),
+                "grafana_clickhouse_env_file": str(grafana / "stratoscope-clickhouse.env"),
+                "grafana_clickhouse_password": GRAFANA_PASSWORD,
                 "grafana_install_plugin": False, "grafana_owner": "root",
                 "grafana_group": "root", "stratoscope_service_manager": "none"}}},
         }}}
@@ -244,6 +251,7 @@ def deployed(fleet: Fleet, wheels: Wheels, tmp_path_factory: pytest.TempPathFact
     rc, out, recap = playbook(ANSIBLE_DIR / "site.yml", fleet.inventory(), fleet.root / "ansible",
                               "-e", f"stratoscope_wheel={wheels.old}", "-e", "stratoscope_edge_serial=3")
     assert rc == 0, out[-6000:]
+    assert GRAFANA_PASSWORD not in out
     assert set(recap) == {"regional1", *EDGES, "grafana1"}, out[-3000:]
     assert all(r["failed"] == 0 and r["changed"] > 0 for r in recap.values()), recap
     return fleet
@@ -283,7 +291,14 @@ def test_deploy_is_idempotent_and_every_edge_reaches_clickhouse_exactly(
     grafana = fleet.root / "grafana"
     assert sorted(p.relative_to(grafana).as_posix() for p in grafana.rglob("*") if p.is_file()) == [
         "dashboards/overview.json", "provisioning/dashboards/stratoscope.yaml",
-        "provisioning/datasources/stratoscope.yaml"]
+        "provisioning/datasources/stratoscope.yaml", "stratoscope-clickhouse.env"]
+    env_file = grafana / "stratoscope-clickhouse.env"
+    assert env_file.stat().st_mode & 0o777 == 0o640
+    assert [line for line in env_file.read_text().splitlines() if not line.startswith("#")] == [
+        'STRATOSCOPE_CLICKHOUSE_HOST="localhost"', 'STRATOSCOPE_CLICKHOUSE_PORT="9000"',
+        'STRATOSCOPE_CLICKHOUSE_SECURE="false"', 'STRATOSCOPE_CLICKHOUSE_DATABASE="stratoscope"',
+        'STRATOSCOPE_CLICKHOUSE_USER="stratoscope_grafana"',
+        'STRATOSCOPE_CLICKHOUSE_PASSWORD="pw\\"\\$x\\`\\\\y\'z"']
 
     rc, out, recap = playbook(ANSIBLE_DIR / "site.yml", fleet.inventory(), fleet.root / "ansible",
                               "-e", f"stratoscope_wheel={wheels.old}", "-e", "stratoscope_edge_serial=3")
@@ -418,3 +433,109 @@ def test_lint_production_profile_and_syntax_check(tmp_path: Path) -> None:
                             capture_output=True, text=True, cwd=ANSIBLE_DIR, env=ansible_env(tmp_path),
                             timeout=300)
     assert syntax.returncode == 0, (syntax.stdout + syntax.stderr)[-4000:]
+
+
+def _exec_start_pre(unit: Path) -> list[str]:
+    """The argv systemd runs for the unit's one ``ExecStartPre=+`` line ($$ is a literal $)."""
+    (line,) = [ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStartPre=")]
+    assert line.startswith("ExecStartPre=+/bin/sh -c '"), line
+    return [arg.replace("$$", "$") for arg in shlex.split(line.removeprefix("ExecStartPre=+"))]
+
+
+def _verify(unit: Path) -> None:
+    """systemd-analyze verify, where a warning (an unknown key, a bad value) is a failure too."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is needed to check the units (apt install systemd)")
+    r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), (unit.name, r.stdout, r.stderr)
+
+
+@pytest.mark.timeout(600)
+def test_systemd_units_render_and_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The edge, regional and grafana units as the roles render them (the roles' own templates
+    and defaults, through ansible's template module) and as deploy/systemd ships them pass
+    ``systemd-analyze verify`` without a warning; the edge's tracefs line really runs."""
+    prefix = tmp_path / "prefix"
+    (prefix / "venv/bin").mkdir(parents=True)
+    (prefix / "venv/bin/stratoscope").symlink_to(BIN / "stratoscope")
+    out = tmp_path / "out"
+    variants = {"service": ("stratoscope", "stratoscope"), "root": ("root", "root"),
+                "rootgroup": ("stratoscope", "root")}
+    for name in (*variants, "grafana/grafana-server.service.d", "yaml"):
+        (out / name).mkdir(parents=True)
+    (out / "grafana/grafana-server.service").write_text("[Service]\nExecStart=/bin/true\n")
+    roles = ANSIBLE_DIR / "roles"
+    templates = {"edge": roles / "edge/templates/stratoscope-edge.service.j2",
+                 "regional": roles / "regional/templates/stratoscope-regional.service.j2"}
+
+    def render(name: str, src: Path, dest: str, loop: list[Any], **task_vars: Any) -> dict[str, Any]:
+        return {"name": name, "ansible.builtin.template": {"src": str(src), "dest": dest, "mode": "0644"},
+                "loop": loop, "vars": task_vars}
+
+    play = [{"name": "Render the units", "hosts": "all", "gather_facts": False,
+             "vars_files": [str(roles / r / "defaults/main.yml")
+                            for r in ("stratoscope", "edge", "regional", "grafana")],
+             "tasks": [
+                 render(f"Render the {kind} unit", src, f"{{{{ out }}}}/{{{{ item.0 }}}}/{src.stem}",
+                        [[n, u, g] for n, (u, g) in variants.items()],
+                        stratoscope_user="{{ item.1 }}", stratoscope_group="{{ item.2 }}")
+                 for kind, src in templates.items()] + [
+                 render("Render the grafana drop-in", roles / "grafana/templates/environment.conf.j2",
+                        "{{ out }}/grafana/grafana-server.service.d/stratoscope.conf", [0],
+                        grafana_clickhouse_env_file="/etc/grafana/stratoscope-clickhouse.env"),
+                 render("Render the regional settings", roles / "regional/templates/regional.yaml.j2",
+                        "{{ out }}/yaml/{{ item.0 }}.yaml",
+                        [["embedded", "chdb:///var/lib/x", ""], ["server", "https://u:p@ch:8443/db", ""],
+                         ["server-explicit", "https://u:p@ch:8443/db", "127.0.0.1:9555"],
+                         ["embedded-off", "chdb:///var/lib/x", "none"]],
+                        regional_clickhouse_dsn="{{ item.1 }}", regional_query_listen="{{ item.2 }}"),
+             ]}]
+    play_path = tmp_path / "render.yml"
+    play_path.write_text(yaml.safe_dump(play, sort_keys=False))
+    rc, text, recap = playbook(play_path, _local_inventory(tmp_path / "inventory.yml"), tmp_path / "ansible",
+                               "-e", json.dumps({"out": str(out), "edge_prefix": str(prefix),
+                                                  "regional_prefix": str(prefix)}))
+    assert rc == 0 and recap["here"]["failed"] == 0, text[-4000:]
+
+    # The regional's read endpoint: on for the embedded store, off for a server unless set.
+    assert {p.stem: yaml.safe_load(p.read_text())["query_listen"] for p in (out / "yaml").iterdir()} == {
+        "embedded": "127.0.0.1:9433", "server": None, "server-explicit": "127.0.0.1:9555",
+        "embedded-off": None}
+
+    for name in variants:
+        _verify(out / name / "stratoscope-edge.service")
+        _verify(out / name / "stratoscope-regional.service")
+    _verify(out / "grafana/grafana-server.service")
+    assert (out / "grafana/grafana-server.service.d/stratoscope.conf").read_text().splitlines()[-2:] == [
+        "[Service]", "EnvironmentFile=/etc/grafana/stratoscope-clickhouse.env"]
+    # deploy/systemd: the same units with the example install's paths.
+    static = tmp_path / "static"
+    static.mkdir()
+    for unit in (ROOT / "deploy/systemd").glob("*.service"):
+        (static / unit.name).write_text(re.sub(r"^ExecStart=/opt/\S+/bin/stratoscope ",
+                                               f"ExecStart={BIN / 'stratoscope'} ", unit.read_text(),
+                                               flags=re.MULTILINE))
+        _verify(static / unit.name)
+    assert _exec_start_pre(static / "stratoscope-edge.service") == _exec_start_pre(
+        out / "service/stratoscope-edge.service")
+    assert "remount" not in " ".join(_exec_start_pre(out / "root/stratoscope-edge.service"))
+
+    # The tracefs line as systemd would run it, twice (idempotent), with group root so that
+    # nobody new may read tracefs; then tracefs gets back its group and mode.
+    tracefs = Path("/sys/kernel/tracing")
+    before = tracefs.stat()
+    try:
+        for name in ("rootgroup", "rootgroup", "root"):
+            r = subprocess.run(_exec_start_pre(out / name / "stratoscope-edge.service"),
+                               capture_output=True, text=True, timeout=60)
+            assert (r.returncode, r.stderr) == (0, ""), (name, r.stderr)
+            after = tracefs.stat()
+            assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (0, 0o750), name
+            assert (tracefs / "events").is_dir()
+    finally:
+        subprocess.run(["mount", "-t", "tracefs", "-o",
+                        f"remount,gid={before.st_gid},mode={stat.S_IMODE(before.st_mode):04o}",
+                        "nodev", str(tracefs)], check=True, timeout=60)
+    restored = tracefs.stat()
+    assert (restored.st_gid, restored.st_mode) == (before.st_gid, before.st_mode)
