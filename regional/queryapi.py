@@ -137,7 +137,10 @@ class QueryApi:
         self._query = query
         self.max_rows, self.timeout_s, self.answer_grace_s = max_rows, timeout_s, answer_grace_s
         self.connection_timeout_s, self.max_connections = connection_timeout_s, max_connections
+        self.max_concurrent = max_concurrent
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._running_lock = threading.Lock()
+        self._running = 0
         self.requests = Counter(
             "stratoscope_regional_query_requests", "Read-endpoint requests by query and outcome "
             "(ok, bad_request, unknown_query, busy, timeout, failed, stopping).", ["query", "outcome"],
@@ -179,6 +182,24 @@ class QueryApi:
             await asyncio.to_thread(server.shutdown)
             server.server_close()
 
+    @property
+    def running(self) -> int:
+        """Queries holding a slot: sent to the store and not yet answered by it."""
+        with self._running_lock:
+            return self._running
+
+    def _take_slot(self) -> bool:
+        with self._running_lock:
+            if not self._slots.acquire(blocking=False):
+                return False
+            self._running += 1
+            return True
+
+    def _free_slot(self) -> None:
+        with self._running_lock:
+            self._running -= 1
+            self._slots.release()
+
     # -- called from the HTTP threads --------------------------------------
 
     def answer(self, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -215,7 +236,7 @@ class QueryApi:
             query.bind(values)
         except CookbookError as exc:
             raise _HttpError(400, {"error": str(exc)}, "bad_request") from None
-        if not self._slots.acquire(blocking=False):
+        if not self._take_slot():
             raise _HttpError(429, {"error": "the store is answering another query; retry shortly"},
                              "busy", {"Retry-After": str(RETRY_AFTER_S)})
         return self._on_loop(query, values)
@@ -231,9 +252,9 @@ class QueryApi:
                 run(self._query, query, values, max_rows=self.max_rows, timeout_s=self.timeout_s),
                 loop)
         except RuntimeError:
-            self._slots.release()
+            self._free_slot()
             raise _HttpError(503, {"error": "the regional is stopping"}, "stopping") from None
-        future.add_done_callback(lambda _: self._slots.release())
+        future.add_done_callback(lambda _: self._free_slot())
         try:
             result = future.result(self.timeout_s + self.answer_grace_s)
         except TimeoutError:  # the sink still runs it: the slot stays taken until it answers

@@ -17,7 +17,7 @@ NUMBERS = """-- Numbers, largest first.
 --
 -- param: n UInt32
 -- column: v count
-SELECT number AS v FROM system.numbers LIMIT {n:UInt32}
+SELECT number AS v FROM numbers({n:UInt32})
 ORDER BY v DESC
 SETTINGS join_use_nulls = 0
 -- a trailing comment;
