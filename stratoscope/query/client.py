@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -25,6 +26,9 @@ DEFAULT_REGIONAL = "http://127.0.0.1:9433"
 #: Rows and seconds a direct query may take (the endpoint has its own bounds).
 MAX_ROWS = 100_000
 TIMEOUT_S = 60.0
+#: How long a read through the regional keeps retrying while the endpoint answers 429
+#: (it runs one query at a time, so two people asking at once is normal).
+BUSY_WAIT_S = 30.0
 
 
 class QueryTargetError(Exception):
@@ -59,6 +63,12 @@ def scrub(text: str, dsn: str) -> str:
     return text
 
 
+class _Busy(Exception):
+    def __init__(self, message: str, after_s: float) -> None:
+        super().__init__(message)
+        self.message, self.after_s = message, after_s
+
+
 class Target(Protocol):
     def run(self, query: Query, values: Mapping[str, Any]) -> Result: ...
 
@@ -66,13 +76,28 @@ class Target(Protocol):
 class RegionalClient:
     """A regional's read endpoint (regional/queryapi.py) over HTTP."""
 
-    def __init__(self, url: str, timeout_s: float = TIMEOUT_S + 15) -> None:
+    def __init__(self, url: str, timeout_s: float = TIMEOUT_S + 15,
+                 busy_wait_s: float = BUSY_WAIT_S) -> None:
         self.url = url.rstrip("/")
         if "://" not in self.url:
             self.url = "http://" + self.url
-        self.timeout_s = timeout_s
+        self.timeout_s, self.busy_wait_s = timeout_s, busy_wait_s
 
     def _get(self, path: str) -> dict[str, Any]:
+        """The JSON answer; a 429 (busy) is retried after its Retry-After until
+        ``busy_wait_s`` has passed."""
+        deadline = time.monotonic() + self.busy_wait_s
+        while True:
+            try:
+                return self._get_once(path)
+            except _Busy as busy:
+                if time.monotonic() + busy.after_s > deadline:
+                    raise QueryTargetError(scrub(
+                        f"{self.url}: {busy.message} (still busy after {self.busy_wait_s:g} s)",
+                        self.url)) from None
+                time.sleep(busy.after_s)
+
+    def _get_once(self, path: str) -> dict[str, Any]:
         try:
             with urllib.request.urlopen(self.url + path, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())  # type: ignore[no-any-return]
@@ -81,6 +106,12 @@ class RegionalClient:
                 body = json.loads(exc.read())
             except ValueError:
                 body = {"error": f"HTTP {exc.code} {exc.reason}"}
+            if exc.code == 429:
+                try:
+                    after = min(max(float(exc.headers.get("Retry-After", "1")), 0.1), 10.0)
+                except ValueError:
+                    after = 1.0
+                raise _Busy(str(body.get("error", "busy")), after) from None
             if exc.code in (400, 404) and "error" in body:
                 known = body.get("queries")
                 raise CookbookError(body["error"] + (f"; known: {', '.join(known)}" if known else "")) from None

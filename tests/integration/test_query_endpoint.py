@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from stratoscope.query.client import QueryTargetError, RegionalClient
+from stratoscope.query.cookbook import lookup
 from stratoscope.regional.queryapi import RETRY_AFTER_S, QueryApi
 from stratoscope.regional.sinks.clickhouse import ClickHouseSink
 
@@ -127,4 +129,30 @@ async def test_connections_time_out_and_are_bounded(sink: ClickHouseSink) -> Non
     finally:
         for s in idle:
             s.close()
+        await api.stop()
+
+
+async def test_the_command_waits_out_a_busy_endpoint(sink: ClickHouseSink) -> None:
+    """``stratoscope query`` through the regional retries a 429 after its Retry-After
+    for up to busy_wait_s; past that it is one message."""
+    registry = CollectorRegistry()
+    gated = Gated(sink)
+    api = QueryApi("127.0.0.1:0", gated, registry)
+    port = await api.start()
+    q, values = lookup("fleet_health"), {"start": 0, "end": 1}
+    try:
+        first = asyncio.create_task(asyncio.to_thread(get, port))
+        await asyncio.wait_for(gated.entered.wait(), 30)
+        with pytest.raises(QueryTargetError, match="still busy after 0 s"):
+            await asyncio.to_thread(RegionalClient(f"127.0.0.1:{port}", busy_wait_s=0).run, q, values)
+        waiting = asyncio.create_task(asyncio.to_thread(
+            RegionalClient(f"127.0.0.1:{port}", busy_wait_s=60).run, q, values))
+        await wait_until("the waiting command to be answered 429", lambda: count(registry, "busy") >= 2)
+        gated.gate.set()
+        assert (await asyncio.wait_for(first, 30))[0] == 200
+        result = await asyncio.wait_for(waiting, 60)
+        assert result.rows == [] and not result.truncated
+        assert count(registry, "ok") == 2
+    finally:
+        gated.gate.set()
         await api.stop()
