@@ -133,7 +133,8 @@ class RunningRegional:
                     registry=self.regional.registry)
             if self.config.query_listen and self.config.clickhouse is not None:
                 self._query_api = QueryApi(self.config.query_listen, self.sink("clickhouse").query,
-                                           self.regional.registry)
+                                           self.regional.registry,
+                                           max_concurrent=self.config.query_max_concurrent)
                 self.query_port = await self._query_api.start()
         except BaseException:
             await self.stop()

@@ -109,6 +109,10 @@ class RegionalConfig(BaseModel):
     #: (``none`` on the command line) disables it. Loopback by default: with an embedded
     #: store it is how ``stratoscope query`` on this machine reads while the regional runs.
     query_listen: str | None = "127.0.0.1:9433"
+    #: Read-endpoint queries run at once; more are answered 429. A query runs in the
+    #: ClickHouse sink process, which answers one request at a time: while it runs,
+    #: the sink's inserts wait (up to the endpoint's 10 s of server time per query).
+    query_max_concurrent: int = Field(default=1, ge=1, le=16)
     #: Names this regional in the roll-ups it writes and in block identities.
     regional_id: str = Field(default_factory=socket.gethostname, min_length=1)
     #: Output window (whole seconds).

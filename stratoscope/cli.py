@@ -204,6 +204,8 @@ _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--metrics-addr", "metrics_addr", "address /metrics listens on"),
     ("--query-listen", "query_listen",
      "read endpoint for `stratoscope query`, HOST:PORT (cookbook queries only); 'none' disables"),
+    ("--query-max-concurrent", "query_max_concurrent",
+     "read-endpoint queries at once (default 1; each holds up the ClickHouse sink's inserts)"),
     ("--tls-cert", "tls.cert", "server certificate (enables TLS)"),
     ("--tls-key", "tls.key", "server key"),
     ("--tls-client-ca", "tls.client_ca",

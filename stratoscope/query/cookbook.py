@@ -36,6 +36,7 @@ __all__ = [
     "Param",
     "Query",
     "Result",
+    "bounded_call",
     "cookbook",
     "plain_value",
     "run",
@@ -233,18 +234,31 @@ def lookup(name: str) -> Query:
 SqlRunner = Callable[[str, dict[str, Any], dict[str, Any]], Awaitable[list[tuple[Any, ...]]]]
 
 
+def bounded_call(query: Query, values: Mapping[str, Any], *, max_rows: int,
+                 timeout_s: float) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The SQL, bound parameters and ClickHouse settings that run ``query`` bounded to
+    ``max_rows`` + 1 rows and ``timeout_s`` of server time.
+
+    The row bound is a ``LIMIT`` around the query, not ``max_result_rows``: a reader
+    with ``readonly = 1`` (deploy/clickhouse/access/grants.sql) may change no setting but
+    ``max_execution_time`` (CHANGEABLE_IN_READONLY), so that is the only one sent. One
+    row past ``max_rows`` says the result was cut. ClickHouse stops reading once the
+    limit is reached, so the rows are cut on the server, not buffered here.
+    """
+    params = query.bind(values)
+    body = query.sql.rstrip().rstrip(";").rstrip()
+    # The newline before ")" ends a trailing "-- comment" of the query's last line.
+    sql = f"SELECT * FROM (\n{body}\n) LIMIT {int(max_rows) + 1}"
+    return sql, params, {"max_execution_time": max(1, int(timeout_s))}
+
+
 async def run(runner: SqlRunner, query: Query, values: Mapping[str, Any], *, max_rows: int,
               timeout_s: float) -> Result:
     """Run ``query`` bound to ``values`` through ``runner``, at most ``max_rows`` rows and
     ``timeout_s`` of server time (ClickHouse enforces both: the rows are cut, not
-    buffered, and a long query is stopped rather than abandoned)."""
-    params = query.bind(values)
-    settings = {
-        "max_result_rows": max_rows + 1,
-        "result_overflow_mode": "break",
-        "max_execution_time": max(1, int(timeout_s)),
-    }
-    rows = await runner(query.sql, params, settings)
+    buffered, and a long query is stopped rather than abandoned; see bounded_call)."""
+    sql, params, settings = bounded_call(query, values, max_rows=max_rows, timeout_s=timeout_s)
+    rows = await runner(sql, params, settings)
     truncated = len(rows) > max_rows
     return Result(query.name, query.columns, [tuple(plain_value(v) for v in r) for r in rows[:max_rows]],
                   truncated, params)

@@ -148,6 +148,14 @@ def _attached(store: Store) -> int:
                if line.startswith("stratoscope_edge_programs_attached{") and line.endswith(" 1.0"))
 
 
+def _syn_retransmits() -> int:
+    """SYN retransmits of this network namespace so far (TcpExt: TCPSynRetrans)."""
+    with open("/proc/net/netstat") as fh:
+        lines = [line.split() for line in fh if line.startswith("TcpExt:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index("TCPSynRetrans")])
+
+
 def _tcp_traffic() -> None:
     """Ten accepted loopback connections, and SYNs dropped by a full accept queue: a
     listener with backlog 0 that never accepts holds one connection; the next
@@ -167,12 +175,15 @@ def _tcp_traffic() -> None:
         full.listen(0)
         port = full.getsockname()[1]
         clients = [socket.socket() for _ in range(4)]
+        before = _syn_retransmits()
         try:
             for c in clients:
                 c.setblocking(False)
                 with contextlib.suppress(BlockingIOError):
                     c.connect(("127.0.0.1", port))
-            time.sleep(2.5)  # the workload itself: SYN retransmits happen ~1 s after a drop
+            # SYNs of all but the one the queue holds are dropped and resent ~1 s later
+            wait_for("the dropped SYNs to be retransmitted",
+                     lambda: _syn_retransmits() - before >= len(clients) - 1, 15, every_s=0.1)
         finally:
             for c in clients:
                 c.close()

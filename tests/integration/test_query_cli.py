@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime
@@ -38,8 +39,8 @@ EXTRA = {
     "latency_quantiles": ["--param", "metric=syscall_latency", "--param", "label=syscall"],
     "counter_per_hour": ["--param", "metric=syscalls_total", "--param", "label=syscall"],
 }
-#: Queries whose node parameter means the roll-up when empty: they run on it.
-ROLLUP = {"latency_quantiles", "counter_per_hour"}
+#: Queries run without --node: their default, every node summed.
+EVERY_NODE = {"latency_quantiles", "counter_per_hour"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def store(workload_bin: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 
 
 def _args(store: Store, name: str, *more: str) -> list[str]:
-    node = [] if name in ROLLUP else ["--node", store.node]
+    node = [] if name in EVERY_NODE else ["--node", store.node]
     return ["query", name, *node, *EXTRA.get(name, []), *more]
 
 
@@ -93,6 +94,19 @@ def test_exact_values_of_the_known_workload(store: Store) -> None:
     in_burn = sum(r["samples"] for r in stacks if "stratoscope_burn_cpu" in r["stack"].split(";"))
     assert all(r["stack"].startswith(store.burn_comm + ";") for r in stacks)
     assert in_burn / total > 0.8, stacks[:3]
+
+    # Labels the roll-ups across nodes drop (block's keeps only op, syscalls' only syscall)
+    # still group: without --node these queries sum the node rows, not the roll-up.
+    devices = _json(store, "latency_quantiles", "--param", "metric=block_latency",
+                    "--param", "label=device", where=where)["rows"]
+    assert devices and all(r["label_value"] for r in devices), devices
+    by_comm = _json(store, "latency_quantiles", "--param", "metric=syscall_latency",
+                    "--param", "label=comm", where=where)
+    assert _by(by_comm, "label_value")[store.counted_comm]["samples"] >= OPENAT_OK + OPENAT_ENOENT
+    hourly = _json(store, "counter_per_hour", "--param", "metric=syscall_errors_total",
+                   "--param", "label=comm", where=where)["rows"]
+    assert all(r["label_value"] for r in hourly), hourly
+    assert sum(r["total"] for r in hourly if r["label_value"] == store.counted_comm) == OPENAT_ENOENT
 
     tcp = _by(_json(store, "tcp_retransmits", where=where), "node")[store.node]
     assert tcp["opens"] >= 20  # ten connections, both ends
@@ -236,3 +250,38 @@ def test_a_taken_read_endpoint_port_is_one_line_naming_the_setting(tmp_path: Pat
     assert r.stderr.strip().splitlines()[-1] == (
         f"stratoscope: error: cannot start the regional: [Errno 98] read endpoint "
         f"127.0.0.1:{port} (query_listen): Address already in use")
+
+
+#: Per window of syscalls_total for openat: the roll-up (node = ''), the node rows, and the
+#: node rows of one process name (a parameter).
+ROLLUP_VS_NODES = """
+SELECT toUnixTimestamp(p.ts) AS ts,
+       sumIf(p.value, p.node = '') AS rollup,
+       sumIf(p.value, p.node != '') AS nodes,
+       sumIf(p.value, p.node != '' AND s.labels['comm'] = {comm:String}) AS counted
+FROM stratoscope.metric_points AS p
+INNER JOIN (SELECT series_id, any(labels) AS labels FROM stratoscope.series
+            WHERE metric = 'syscalls_total' GROUP BY series_id) AS s ON s.series_id = p.series_id
+WHERE p.metric = 'syscalls_total' AND s.labels['syscall'] = 'openat'
+GROUP BY ts ORDER BY ts
+"""
+
+
+def test_rollup_equals_the_sum_of_node_rows(store: Store) -> None:
+    """Per window, the roll-up across nodes of openat calls is exactly the sum of the
+    node rows (nothing doubled, nothing lost), and the node rows hold the counted
+    child's 1,200 calls exactly. Read on the stored directory once the regional is gone."""
+    assert store.stop_regional() == 0
+    script = (
+        "import json, sys, clickhouse_connect\n"
+        "c = clickhouse_connect.get_client(dsn=sys.argv[1])\n"
+        "rows = c.query(sys.argv[2], parameters={'comm': sys.argv[3]}).result_rows\n"
+        "print(json.dumps([list(r) for r in rows]))\n")
+    out = subprocess.run([sys.executable, "-c", script, f"chdb://{store.chdb_dir}", ROLLUP_VS_NODES,
+                          store.counted_comm], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    windows = json.loads(out.stdout)
+    assert windows, "no openat rows stored"
+    assert [(ts, rollup) for ts, rollup, _, _ in windows] == [(ts, nodes) for ts, _, nodes, _ in windows]
+    assert sum(counted for *_, counted in windows) == OPENAT_OK + OPENAT_ENOENT
+    assert sum(nodes for _, _, nodes, _ in windows) >= OPENAT_OK + OPENAT_ENOENT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stratoscope.query.cookbook import CookbookError, cookbook, parse, plain_value
+from stratoscope.query.cookbook import CookbookError, bounded_call, cookbook, parse, plain_value
 from stratoscope.units import UNITS
 
 GOOD = """-- Title of it.
@@ -78,3 +78,18 @@ def test_plain_values() -> None:
     assert plain_value(float("nan")) is None
     assert plain_value(datetime(1970, 1, 1, 0, 1)) == 60.0
     assert plain_value((1, [2.0, b"x"])) == [1, [2.0, "x"]]
+
+
+def test_bounded_call_sends_only_max_execution_time() -> None:
+    """A reader with readonly = 1 may change max_execution_time only (grants.sql):
+    the row bound travels in the SQL as LIMIT max_rows + 1."""
+    q = parse("good", GOOD + "-- trailing comment\n;\n")
+    sql, params, settings = bounded_call(q, {"start": "5"}, max_rows=100, timeout_s=10.7)
+    assert settings == {"max_execution_time": 10}
+    assert params == {"node": "", "pid": 0, "start": 5}
+    body = GOOD + "-- trailing comment"
+    assert sql == f"SELECT * FROM (\n{body}\n) LIMIT 101"
+    for q in cookbook().values():
+        values = {p.name: 1 if p.type != "String" else "x" for p in q.params}
+        _, _, settings = bounded_call(q, values, max_rows=5, timeout_s=0.2)
+        assert settings == {"max_execution_time": 1}, q.name

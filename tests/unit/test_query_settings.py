@@ -30,3 +30,11 @@ def test_a_bad_address_is_one_line() -> None:
         config("--query-listen", "9433")
     assert str(err.value) == ("setting 'query_listen' on the command line (--query-listen): "
                               "expected HOST:PORT, got '9433'")
+
+
+def test_queries_at_once_default_one_flag_and_bounds() -> None:
+    assert RegionalConfig().query_max_concurrent == 1
+    assert config("--query-max-concurrent", "3").query_max_concurrent == 3
+    with pytest.raises(ConfigError) as err:
+        config("--query-max-concurrent", "0")
+    assert "query_max_concurrent" in str(err.value) and "\n" not in str(err.value)

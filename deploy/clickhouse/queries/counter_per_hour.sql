@@ -1,8 +1,11 @@
--- A counter per hour and value of one label, from the hourly roll-up.
+-- A counter per hour and value of one label, from the hourly table (metrics_1h).
+--
+-- Every node summed unless one is given: the roll-up rows across nodes keep
+-- only the labels their program declares, so they are not read here.
 --
 -- param: metric String       a counter metric, e.g. syscalls_total
 -- param: label String        the label to group by, e.g. comm
--- param: node String = ''    one node; '' = the roll-up across nodes
+-- param: node String = ''    one node; '' = every node (their sum, not the roll-up)
 -- param: start Int64         hours starting at or after (Unix seconds)
 -- param: end Int64           hours starting before (Unix seconds)
 -- column: hour timestamp
@@ -19,7 +22,7 @@ SELECT
 FROM metrics_1h
 WHERE metric = {metric:String}
   AND kind = 'counter'
-  AND node = {node:String}
+  AND if({node:String} = '', node != '', node = {node:String})
   AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
 GROUP BY hour, label_value
 ORDER BY hour, label_value

@@ -1,11 +1,12 @@
 -- p50 / p99, count and mean of any histogram metric per value of one label.
 --
 -- p50 / p99 are the upper bound of the scale-0 bucket holding the quantile;
--- over a time range, for one node ('' = the roll-up across nodes).
+-- over a time range, for one node or every node summed. The roll-ups across
+-- nodes keep only the labels their program declares, so this reads node rows.
 --
 -- param: metric String       a histogram metric, e.g. syscall_latency
 -- param: label String        the label to group by, e.g. syscall
--- param: node String = ''    one node; '' = the roll-up across nodes
+-- param: node String = ''    one node; '' = every node (their sum, not the roll-up)
 -- param: start Int64         windows starting at or after (Unix seconds)
 -- param: end Int64           windows starting before (Unix seconds)
 -- column: label_value text
@@ -30,7 +31,7 @@ SELECT
     any(unit) AS unit
 FROM histograms
 WHERE metric = {metric:String}
-  AND node = {node:String}
+  AND if({node:String} = '', node != '', node = {node:String})
   AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
 GROUP BY label_value
 ORDER BY label_value
