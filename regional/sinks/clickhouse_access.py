@@ -116,7 +116,9 @@ def access_statements(
         f"GRANT{on} SELECT ON {db}.* TO {READER}",
         f"CREATE SETTINGS PROFILE OR REPLACE {READER}{on} SETTINGS readonly = 1,"
         f" max_execution_time = {max_execution_time} MAX {max_execution_time}"
-        f" CHANGEABLE_IN_READONLY TO {READER}",
+        # join_use_nulls: the cookbook and the dashboards pin it to its default (0) in
+        # SETTINGS, which a readonly profile allows only for settings marked changeable.
+        f" CHANGEABLE_IN_READONLY, join_use_nulls = 0 CHANGEABLE_IN_READONLY TO {READER}",
     ]
     for u in users:
         salt = secrets.token_hex(16)

@@ -200,7 +200,8 @@ def test_access_sql_equals_the_reviewed_files_and_parses(anchor: Any) -> None:
     reader = [s for s in single if "stratoscope_reader" in s and "ROLE" not in s]
     assert reader == ["GRANT SELECT ON stratoscope.* TO stratoscope_reader",
                       "CREATE SETTINGS PROFILE OR REPLACE stratoscope_reader SETTINGS readonly = 1,"
-                      " max_execution_time = 60 MAX 60 CHANGEABLE_IN_READONLY TO stratoscope_reader"]
+                      " max_execution_time = 60 MAX 60 CHANGEABLE_IN_READONLY,"
+                      " join_use_nulls = 0 CHANGEABLE_IN_READONLY TO stratoscope_reader"]
     clustered = access_statements("stratoscope", "c1")
     assert "GRANT ON CLUSTER 'c1' INSERT ON stratoscope.metric_points_local TO stratoscope_writer" in clustered
     assert "GRANT ON CLUSTER 'c1' CLUSTER ON *.* TO stratoscope_migrator" in clustered

@@ -15,4 +15,4 @@ GRANT SELECT ON stratoscope.schema_migration_steps TO stratoscope_writer;
 GRANT CREATE DATABASE, CREATE TABLE, CREATE VIEW, DROP TABLE, DROP VIEW, ALTER TABLE, ALTER VIEW, INSERT, SELECT ON stratoscope.* TO stratoscope_migrator;
 GRANT stratoscope_writer TO stratoscope_migrator;
 GRANT SELECT ON stratoscope.* TO stratoscope_reader;
-CREATE SETTINGS PROFILE OR REPLACE stratoscope_reader SETTINGS readonly = 1, max_execution_time = 60 MAX 60 CHANGEABLE_IN_READONLY TO stratoscope_reader;
+CREATE SETTINGS PROFILE OR REPLACE stratoscope_reader SETTINGS readonly = 1, max_execution_time = 60 MAX 60 CHANGEABLE_IN_READONLY, join_use_nulls = 0 CHANGEABLE_IN_READONLY TO stratoscope_reader;

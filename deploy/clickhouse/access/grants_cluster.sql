@@ -23,4 +23,4 @@ GRANT ON CLUSTER '{cluster}' CREATE DATABASE, CREATE TABLE, CREATE VIEW, DROP TA
 GRANT ON CLUSTER '{cluster}' stratoscope_writer TO stratoscope_migrator;
 GRANT ON CLUSTER '{cluster}' CLUSTER ON *.* TO stratoscope_migrator;
 GRANT ON CLUSTER '{cluster}' SELECT ON stratoscope.* TO stratoscope_reader;
-CREATE SETTINGS PROFILE OR REPLACE stratoscope_reader ON CLUSTER '{cluster}' SETTINGS readonly = 1, max_execution_time = 60 MAX 60 CHANGEABLE_IN_READONLY TO stratoscope_reader;
+CREATE SETTINGS PROFILE OR REPLACE stratoscope_reader ON CLUSTER '{cluster}' SETTINGS readonly = 1, max_execution_time = 60 MAX 60 CHANGEABLE_IN_READONLY, join_use_nulls = 0 CHANGEABLE_IN_READONLY TO stratoscope_reader;
