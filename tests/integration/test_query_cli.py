@@ -92,8 +92,12 @@ def test_exact_values_of_the_known_workload(store: Store) -> None:
     stacks = _json(store, "flamegraph", "--pid", str(store.burn_pid), where=where)["rows"]
     total = sum(r["samples"] for r in stacks)
     in_burn = sum(r["samples"] for r in stacks if "stratoscope_burn_cpu" in r["stack"].split(";"))
-    assert all(r["stack"].startswith(store.burn_comm + ";") for r in stacks)
-    assert in_burn / total > 0.8, stacks[:3]
+    # A sample may land between Popen's fork and exec, under the parent's thread name;
+    # every sample in the burner's function carries the burner's name.
+    named = sum(r["samples"] for r in stacks if r["stack"].startswith(store.burn_comm + ";"))
+    assert all(r["stack"].startswith(store.burn_comm + ";") for r in stacks
+               if "stratoscope_burn_cpu" in r["stack"].split(";"))
+    assert named / total > 0.8 and in_burn / total > 0.8, stacks[:3]
 
     # Labels the roll-ups across nodes drop (block's keeps only op, syscalls' only syscall)
     # still group: without --node these queries sum the node rows, not the roll-up.
@@ -146,8 +150,9 @@ def _chromium() -> str:
 
 
 def test_flamegraph_as_folded_pprof_and_svg(store: Store, tmp_path: Path) -> None:
+    # By pid and name: a sample between Popen's fork and exec has the pid, not the name.
     base = ["query", "flamegraph", "--node", store.node, "--pid", str(store.burn_pid),
-            "--regional", store.query_url]
+            "--comm", store.burn_comm, "--regional", store.query_url]
     folded = cli(*base, "--format", "folded").stdout.splitlines()
     assert folded and all(line.startswith(store.burn_comm + ";") for line in folded)
     assert all(line.rsplit(" ", 1)[1].isdigit() for line in folded)
