@@ -35,7 +35,7 @@ from stratoscope.edge.decode import (
 )
 from stratoscope.edge.decoders.cgroups import CgroupResolver
 from stratoscope.edge.errors import LoadError
-from stratoscope.edge.memory import release_compiler_pages, release_free_memory
+from stratoscope.edge.memory import release_compiler_pages
 from stratoscope.edge.metrics import BpfRunStats, EdgeMetrics
 from stratoscope.edge.program import LoadedProgram
 from stratoscope.edge.spec import (
@@ -49,6 +49,7 @@ from stratoscope.edge.spec import (
     load_spec,
     unbounded_labels,
 )
+from stratoscope.heap import release_free_memory
 from stratoscope.v1 import batch_pb2 as pb
 
 log = logging.getLogger("stratoscope.edge")

@@ -1,8 +1,7 @@
-"""Give freed heap memory and the compiler's pages back to the operating system.
+"""Give the compiler's pages back to the operating system.
 
-Compiling BPF programs (LLVM) and parsing symbol tables leave large freed
-regions in glibc's heap; without a trim they stay in the collector's RSS for
-its whole life. Harmless where malloc_trim does not exist (non-glibc).
+Compiling BPF programs (LLVM) and parsing symbol tables also leave large freed
+regions in glibc's heap: stratoscope/heap.py returns those.
 
 Compiling also pages in ~80 MB of the compiler's own code (libLLVM and
 libclang-cpp, file-backed), which stays resident, and counted in the
@@ -21,7 +20,6 @@ import ctypes
 import ctypes.util
 import functools
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 MADV_DONTNEED = 4
@@ -75,18 +73,3 @@ def release_compiler_pages(maps_path: Path = Path("/proc/self/maps")) -> int:
     return advised
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)

@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from stratoscope import heap
 from stratoscope.regional import pipes
 
 T = TypeVar("T")
@@ -51,6 +52,7 @@ def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Ite
     items (iterate it in a worker thread). Raises ChildFailed if the child fails
     part-way, after the items it delivered; its traceback goes to stderr.
     """
+    heap.prepare()  # not in the child: the lookup may start a process
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: compute, write, leave without any cleanup
@@ -68,6 +70,11 @@ def stream_in_fork(fn: Callable[[T], Iterable[R]], arg: T, nice: int = 0) -> Ite
             out: pipes.Channel[R, None] = pipes.Channel(send_fd=w)
             for item in fn(arg):
                 out.send(item)
+                # This item's arrays are garbage once written: give their pages back,
+                # or the child keeps every frame's high-water mark (glibc's mmap
+                # threshold rises after large frees) on top of its copy-on-write share.
+                del item
+                heap.release_free_memory()
             code = 0
         except BaseException:
             with contextlib.suppress(BaseException):

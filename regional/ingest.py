@@ -50,7 +50,7 @@ from multiprocessing.connection import Connection
 from stratoscope.regional import looplag, pipes
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
-from stratoscope.regional.runtime import tune_gc
+from stratoscope.regional.runtime import name_process, tune_gc
 from stratoscope.regional.server import ServerTls, serve
 from stratoscope.regional.validate import Limits
 from stratoscope.v1 import batch_pb2 as pb
@@ -156,6 +156,7 @@ class Admission:
 def _ingest_main(conn: Connection, listen: str, tls: ServerTls | None,
                  limits: Limits, max_queued_blocks: int, log_level: int) -> None:
     chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
+    name_process("strato-ingest")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [ingest %(process)d] %(name)s: %(message)s")

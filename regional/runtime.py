@@ -1,4 +1,4 @@
-"""Interpreter settings for the regional's processes (merge, ingest, sinks).
+"""Interpreter and process settings for the regional's processes (merge, ingest, sinks).
 
 Why: a window holds hundreds of thousands of small Python containers (per-batch
 column lists, per-family dicts) until it closes. CPython's default cyclic-GC
@@ -11,6 +11,7 @@ Collection still happens, just rarely.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 #: Allocations between young-generation collections (CPython default: 700).
@@ -22,3 +23,11 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
+
+
+def name_process(name: str) -> None:
+    """Set this process's name as `ps`, `top` and /proc/PID/comm show it (15 bytes at
+    most), so an operator tells the ingest and sink processes from the merge process.
+    A spawned child would otherwise be one more "python3"."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+        f.write(name[:15])

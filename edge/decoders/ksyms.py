@@ -15,7 +15,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from stratoscope.edge.memory import release_free_memory
+from stratoscope.heap import release_free_memory
 
 __all__ = ["UNKNOWN", "KernelSymbols"]
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from stratoscope.regional import pipes
 from stratoscope.regional.frame import Block, Frame, blocks_of
-from stratoscope.regional.runtime import tune_gc
+from stratoscope.regional.runtime import name_process, tune_gc
 from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink, SinkError
 from stratoscope.regional.sinks.config import SinkSettings
 
@@ -166,6 +166,7 @@ def _demote_merges_forever(every_s: float = 2.0) -> None:
 
 def _child_main(conn: Connection, settings: SinkSettings, log_level: int) -> None:
     refused = None
+    name_process("strato-sink-" + {"clickhouse": "ch", "kafka": "kfk"}.get(settings.kind, settings.kind))
     try:
         os.nice(SINK_NICE)  # first: threads started later inherit it
     except OSError as exc:  # a sandbox that refuses setpriority(): run at normal priority
