@@ -23,7 +23,6 @@ __all__ = [
     "DEFAULT_DSN",
     "DEFAULT_MAX_HELD_BYTES",
     "DEFAULT_MAX_HELD_POINTS",
-    "QUEUE_AHEAD",
     "QUEUE_MAX",
     "QUEUE_RETRY",
     "RegionalConfig",
@@ -40,10 +39,6 @@ DEFAULT_DSN = "chdb:///var/lib/stratoscope/clickhouse"
 #: 14.7 GB while ClickHouse fell behind.
 QUEUE_RETRY = 3000
 QUEUE_MAX = 6000
-#: Blocks a window's flush queues for a sink ahead of its delivery (two deliveries of
-#: two 250-node frames, and room): the rest of the window waits, reduced frame by frame
-#: as the sink takes them, and counts against max_held_bytes, not as sink backlog.
-QUEUE_AHEAD = 1200
 
 #: Default bound on points held in windows (Regional.max_held_points). A window is held
 #: from its first batch until its last frame is queued for the sinks: at 500 k points/s,

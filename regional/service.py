@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from stratoscope.regional.batchcols import BatchCols
-from stratoscope.regional.config import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_HELD_POINTS, QUEUE_AHEAD
+from stratoscope.regional.config import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_HELD_POINTS
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
 from stratoscope.regional.frame import Block
@@ -31,13 +30,6 @@ from stratoscope.regional.validate import Limits
 from stratoscope.v1 import ingest_pb2
 
 log = logging.getLogger("stratoscope.regional")
-
-#: Frames a flush's worker hands over before the sinks' queues have taken them.
-HAND_OVER_FRAMES = 2
-
-
-class _Abandoned(Exception):
-    """The flush waiting for frames failed; its worker stops reducing."""
 
 
 class _SinkStats(Collector):
@@ -214,52 +206,33 @@ class Regional:
             return out
 
     async def _reduce_and_queue(self, due: list[Any]) -> list[Block]:
-        """Reduce detached windows and put their blocks on every sink's queue, frame by frame.
-
-        Paced by the sinks: a sink's queue holds at most QUEUE_AHEAD blocks beyond what
-        it is delivering, and the worker hands over at most ``HAND_OVER_FRAMES`` frames
-        that are not yet queued (the frame child waits on its pipe meanwhile). Why: a
-        frame child reduces a window faster than ClickHouse stores it, and every frame
-        produced early is memory in this process (measured at 500 k points/s: a
-        window's frames, ~0.8 GB, queued here while the sink worked through them)."""
+        """Reduce detached windows and put their blocks on every sink's queue, frame by frame."""
         out: list[Block] = []
         # Reducing takes ~10 ms per node-window: in a thread (and, in a running
         # regional, a forked child), so batches keep being merged and acked.
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[list[Block] | None] = asyncio.Queue()
-        room = threading.Semaphore(HAND_OVER_FRAMES)
-        abandoned = threading.Event()
 
         def hand_over(blocks: list[Block]) -> None:  # in the worker thread
-            while not room.acquire(timeout=0.5):
-                if abandoned.is_set():
-                    raise _Abandoned("the flush stopped taking frames")
             loop.call_soon_threadsafe(chunks.put_nowait, blocks)
 
         worker = asyncio.ensure_future(asyncio.to_thread(self._emit, due, hand_over))
         # scheduled after every chunk the worker handed over (call_soon is FIFO)
         worker.add_done_callback(lambda _: chunks.put_nowait(None))
-        try:
-            while (blocks := await chunks.get()) is not None:
-                out.extend(blocks)
-                self.metrics.blocks.inc(len(blocks))
-                frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
-                self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
-                for q in self.sinks:
-                    await self._room(q, len(blocks), min(QUEUE_AHEAD, q.max_queue_blocks))
-                    await q.put(blocks)
-                room.release()
-        except BaseException:
-            abandoned.set()
-            worker.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
-            raise
+        while (blocks := await chunks.get()) is not None:
+            out.extend(blocks)
+            self.metrics.blocks.inc(len(blocks))
+            frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
+            self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
+            for q in self.sinks:
+                await self._room(q, len(blocks))
+                await q.put(blocks)
         await worker  # re-raises a failure of the in-process reduction
         return out
 
     @staticmethod
-    async def _room(q: DeliveryQueue, blocks: int, limit: int, poll_s: float = 0.05) -> None:
-        """Wait until ``q`` holds ``blocks`` more within ``limit`` (at most its bound:
-        never dropping its oldest), or is empty.
+    async def _room(q: DeliveryQueue, blocks: int, poll_s: float = 0.05) -> None:
+        """Wait until ``q`` takes ``blocks`` more without dropping its oldest.
 
         Why: a queue that is full drops its oldest blocks, which edges were acked for.
         While this waits, the window being flushed stays held (its bytes count against
@@ -267,7 +240,7 @@ class Regional:
         RETRY and keep their batches instead. A queue that is not delivering (not
         started, or stopping) is not waited for.
         """
-        while q.running and q.queued and q.queued + blocks > limit:
+        while q.running and q.queued and q.queued + blocks > q.max_queue_blocks:
             await asyncio.sleep(poll_s)
 
     def _emit(self, due: list[Any], hand_over: Callable[[list[Block]], None]) -> None:

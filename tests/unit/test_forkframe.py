@@ -134,79 +134,31 @@ def test_a_signal_for_the_child_does_not_reach_the_parent() -> None:
         signal.signal(signal.SIGTERM, old)
 
 
-class SlowSink:
-    """A sink that delivers once its gate opens."""
-
-    name = "slow"
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.got: list[str] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def health_check(self) -> None:
-        pass
-
-    async def deliver(self, blocks: list[Any]) -> None:
-        await self.gate.wait()
-        self.got += [b.block_id for b in blocks]
-
-
-async def until(what: str, cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
-async def test_a_flush_reduces_frames_as_the_sinks_take_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The frames of a window wait to be reduced while a sink is behind: its queue holds
-    QUEUE_AHEAD blocks, two more frames are handed over, and the reduction waits for
-    room to hand over the next; then every block arrives once."""
-    from stratoscope.regional import service
-    from stratoscope.regional.delivery import DeliveryQueue
-
-    monkeypatch.setattr(service, "QUEUE_AHEAD", 4)  # two frames of 2 nodes
-    sink = SlowSink()
-    q = DeliveryQueue(sink, max_queue_blocks=100, batch_max_blocks=2, batch_max_wait_s=0)
-    regional = Regional(MergeSettings(resolution_s=60, lateness_s=0, rollups=(), frame_nodes=2), [q])
-    for i in range(20):
-        regional.aggregator.record(edge_batch(f"n{i}", 1, 0, {("read", "x"): i + 1}))
-    made = []
-    chunks = regional.aggregator.emit_chunks
-
-    def counted(due: list, skip: int = 0) -> Iterator[list]:  # type: ignore[type-arg]
-        for blocks in chunks(due, skip):
-            made.append(len(blocks))
-            yield blocks
-
-    monkeypatch.setattr(regional.aggregator, "emit_chunks", counted)
-    await q.start()
-    try:
-        flush = asyncio.create_task(regional.flush(force=True))
-        # 2 frames queued (one of them in delivery), 1 waiting for room, 1 handed over,
-        # 1 made and waiting to be handed over; 5 more not reduced yet
-        await until("five frames made", lambda: len(made) == 5 and q.queued == 4)
-        await asyncio.sleep(0.2)
-        assert len(made) == 5 and not flush.done()
-        sink.gate.set()
-        blocks = await asyncio.wait_for(flush, 10)
-        await q.flush()
-    finally:
-        await q.stop()
-    assert len(made) == 10 and q.dropped == 0 and len(blocks) == 20
-    assert sorted(sink.got) == sorted(b.block_id for b in blocks)
-
-
 async def test_a_flush_waits_for_room_in_a_sink_queue_instead_of_dropping_acked_blocks() -> None:
     """A window whose blocks do not fit the sink's queue waits for the sink to deliver:
     nothing is dropped, every block arrives once."""
     from stratoscope.regional.delivery import DeliveryQueue
+    from stratoscope.regional.frame import Block
+
+    class SlowSink:
+        name = "slow"
+
+        def __init__(self) -> None:
+            self.gate = asyncio.Event()
+            self.got: list[str] = []
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        async def health_check(self) -> None:
+            pass
+
+        async def deliver(self, blocks: list[Block]) -> None:
+            await self.gate.wait()
+            self.got += [b.block_id for b in blocks]
 
     sink = SlowSink()
     q = DeliveryQueue(sink, max_queue_blocks=3, batch_max_blocks=2, batch_max_wait_s=0)
