@@ -21,8 +21,8 @@ per-round differences/ratios against that round's bare run):
    requests/s, loss %, CPU per request; then one untimed run with
    bpf_stats on for BPF ns per request and per program.
 4. profile at 19 Hz: a CPU-bound C loop bare vs only the `profile` program.
-5. collector user-space cost: all six programs, default 10 s interval, for
-   --idle-seconds then --steady-seconds; CPU % of one core and RSS from
+5. collector user-space cost: all six programs, then the default set, default
+   10 s interval, each for --idle-seconds then --steady-seconds; CPU % of one core and RSS from
    /proc/PID/{stat,status}.
 
 Other processes' tracing BPF programs tax the bare runs too: rounds during
@@ -1054,9 +1054,9 @@ def phase_idle(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
             "loadavg_1m": f"{load_before} -> {load_after}"}
 
 
-def print_idle(i: dict[str, Any]) -> None:
+def print_idle(i: dict[str, Any], what: str) -> None:
     print()
-    print("== Collector user-space cost: all six programs, default 10 s interval, nothing "
+    print(f"== Collector user-space cost: {what}, default 10 s interval, nothing "
           "run by this benchmark (the machine's other load continues) ==")
     if "failed" in i:
         print(f"FAILED: {i['failed']}")
@@ -1154,21 +1154,23 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"{'profile 19 Hz, CPU-bound':<30} {sl:+.2f} % ({p['wall']['slowdown_pct']:+.2f} %) "
               f"slower, direct BPF cost {res.get('profile_direct_pct', float('nan')):.3f} % "
               f"[<= {TARGETS['profile_pct']:.0f} %]: {verdict(sl, TARGETS['profile_pct'])}")
-    i = res.get("idle")
-    if i:
+    for idle_key, which in (("idle", "all six"), ("idle_default", "default set")):
+        i = res.get(idle_key)
+        if not i:
+            continue
         if "failed" in i:
-            print(f"{'collector idle':<30} FAILED: {i['failed']}")
-        else:
-            for key, label in (("first", f"collector CPU, first {i['first']['seconds']:.0f} s"),
-                               ("steady", "collector CPU, steady")):
-                w = i.get(key)
-                if not w:
-                    continue
-                print(f"{label:<30} {w['cpu_pct']:.2f} % of one core "
-                      f"[<= {TARGETS['idle_cpu_pct']} %]: "
-                      f"{verdict(w['cpu_pct'], TARGETS['idle_cpu_pct'])}")
-            print(f"{'collector RSS':<30} {i['rss_mb_min']:.0f}-{i['rss_mb_max']:.0f} MB "
-                  f"[<= {TARGETS['rss_mb']:.0f} MB]: {verdict(i['rss_mb_max'], TARGETS['rss_mb'])}")
+            print(f"{'collector idle, ' + which:<30} FAILED: {i['failed']}")
+            continue
+        for key, label in (("first", f"CPU, first {i['first']['seconds']:.0f} s"),
+                           ("steady", "CPU, steady")):
+            w = i.get(key)
+            if not w:
+                continue
+            print(f"{'collector ' + label + ', ' + which:<30} {w['cpu_pct']:.2f} % of one core "
+                  f"[<= {TARGETS['idle_cpu_pct']} %]: "
+                  f"{verdict(w['cpu_pct'], TARGETS['idle_cpu_pct'])}")
+        print(f"{'collector RSS, ' + which:<30} {i['rss_mb_min']:.0f}-{i['rss_mb_max']:.0f} MB "
+              f"[<= {TARGETS['rss_mb']:.0f} MB]: {verdict(i['rss_mb_max'], TARGETS['rss_mb'])}")
     dist = []
     for phase, d in (("syscalls", sc.get("_disturbed")), ("http", (h or {}).get("disturbed")),
                      ("profile", (p or {}).get("disturbed"))):
@@ -1308,7 +1310,10 @@ def main(argv: list[str] | None = None) -> int:
             idle_cfg = strato("strato-all-idle", exe, ALL_PROGRAMS, ["syscalls.LATENCY=1"],
                               interval=None)
             res["idle"] = phase_idle(args, idle_cfg)
-            print_idle(res["idle"])
+            print_idle(res["idle"], "all six programs")
+            idle_default = strato("strato-default-idle", exe, default_programs(), [], interval=None)
+            res["idle_default"] = phase_idle(args, idle_default)
+            print_idle(res["idle_default"], f"the default set ({default_programs()})")
         foreign = foreign_tracing_progs(own | set(_LIVE))
         if foreign:
             res["warnings"].append("other processes had tracing BPF programs at the end: "
