@@ -1201,6 +1201,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http-seconds", type=float, default=10.0,
                    help="seconds per HTTP load run, started after the collector's first drain")
     p.add_argument("--http-conns", type=int, default=16)
+    p.add_argument("--http-configs", default=None,
+                   help="subset of all,all-nolat,all-nodrain,default for the HTTP phase "
+                        "(default: all of them; bare always runs)")
     p.add_argument("--http-body", type=int, default=1024, help="static file size in bytes")
     p.add_argument("--http-port", type=int, default=18431)
     p.add_argument("--http-server", choices=["auto", "nginx", "c"], default="auto")
@@ -1299,7 +1302,11 @@ def main(argv: list[str] | None = None) -> int:
                              interval="3600s")
             nolat = strato("strato-all-nolat", exe, ALL_PROGRAMS, ["syscalls.LATENCY=0"])
             defaults = strato("strato-default", exe, default_programs(), [])
-            res["http"] = phase_http(args, [bare, all_six, nolat, nodrain, defaults], tmp, rng)
+            http_cfgs = [all_six, nolat, nodrain, defaults]
+            if args.http_configs:
+                wanted = set(args.http_configs.split(","))
+                http_cfgs = [c for c in http_cfgs if c.name.removeprefix("strato-") in wanted]
+            res["http"] = phase_http(args, [bare, *http_cfgs], tmp, rng)
             print_http(res["http"])
             sys.stdout.flush()
         if "profile" in phases:
