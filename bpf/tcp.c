@@ -1,6 +1,6 @@
 /* TCP connection lifecycle: active and passive opens, closes, lifetimes,
- * resets sent and received, retransmits, and smoothed RTT, per service port
- * and remote address. Formatted tracepoints only.
+ * resets sent and received, retransmits, and (with RTT=1) smoothed RTT, per
+ * service port and remote address. Formatted tracepoints only.
  *
  * The "port" label is the service side of a connection: the remote port of
  * an active open, the local port of a passive one, so ephemeral ports never
@@ -254,6 +254,13 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     return 0;
 }
 
+#ifndef RTT
+#define RTT 0
+#endif
+
+#if RTT
+/* Opt-in (RTT=1): the only per-segment hook; without it the program runs per
+ * connection and per retransmit or reset only. Not compiled, it is not attached. */
 TRACEPOINT_PROBE(tcp, tcp_probe)
 {
     /* Runs on every segment: the remote address is read straight from the
@@ -297,3 +304,4 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     }
     return 0;
 }
+#endif

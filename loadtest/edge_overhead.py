@@ -9,18 +9,20 @@ per-round differences/ratios against that round's bare run):
 1. syscall cost: a C loop (loadtest/workloads/sysloop.c, gcc -O2) doing N
    getppid() then N one-byte write()s to /dev/null, timed inside the program,
    under: bare; stratoscope `syscalls` counts only (LATENCY=0); `syscalls` with
-   latency histograms (LATENCY=1); all six programs; Debian's syscount-bpfcc;
+   latency histograms (LATENCY=1); all six programs (syscall latency on);
+   Debian's syscount-bpfcc;
    syscount-bpfcc -L.
 2. in-kernel ns per event per BPF function (kernel.bpf_stats_enabled=1 only
    for this phase, then restored; never on during the timed rounds).
 3. HTTP on 127.0.0.1 (nginx + wrk if installed, else the C server/client in
    loadtest/workloads/) bare vs all six programs (after the collector's first
    drain) vs all six with syscall latency off vs all six with no drain in the
-   run: requests/s, loss %, CPU per request; then one untimed run with
+   run vs the default set (the programs not marked ``default: false``):
+   requests/s, loss %, CPU per request; then one untimed run with
    bpf_stats on for BPF ns per request and per program.
 4. profile at 19 Hz: a CPU-bound C loop bare vs only the `profile` program.
-5. collector user-space cost: all six programs, default 10 s interval, for
-   --idle-seconds then --steady-seconds; CPU % of one core and RSS from
+5. collector user-space cost: all six programs, then the default set, default
+   10 s interval, each for --idle-seconds then --steady-seconds; CPU % of one core and RSS from
    /proc/PID/{stat,status}.
 
 Other processes' tracing BPF programs tax the bare runs too: rounds during
@@ -59,13 +61,23 @@ ROOT = HERE.parent
 WORKLOADS = HERE / "workloads"
 SYSCOUNT = Path("/usr/sbin/syscount-bpfcc")
 ALL_PROGRAMS = "syscalls,sched,tcp,block,process,profile"
+
+
+def default_programs() -> str:
+    """The edge's default set: the programs whose bpf/<name>.yaml does not say
+    ``default: false`` (what `stratoscope edge` runs when no program is named)."""
+    import yaml  # the edge's own dependency, in the venv that runs this script
+
+    return ",".join(sorted(p.stem for p in (ROOT / "bpf").glob("*.yaml")
+                           if yaml.safe_load(p.read_text()).get("default", True)))
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 TARGETS = {
     "counts_ns": 120.0,  # added ns per syscall, syscalls LATENCY=0
     "latency_ns": 300.0,  # added ns per syscall, syscalls LATENCY=1
-    "http_loss_pct": 3.0,  # requests/s lost with all six programs
+    "http_loss_pct": 3.0,  # requests/s lost with the default program set
+    "http_all_loss_pct": 8.0,  # requests/s lost with every program
     "profile_pct": 1.0,  # CPU-bound slowdown with profile at 19 Hz
     "idle_cpu_pct": 0.5,  # collector CPU, % of one core, idle node
     "rss_mb": 150.0,  # collector resident memory
@@ -1042,9 +1054,9 @@ def phase_idle(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
             "loadavg_1m": f"{load_before} -> {load_after}"}
 
 
-def print_idle(i: dict[str, Any]) -> None:
+def print_idle(i: dict[str, Any], what: str) -> None:
     print()
-    print("== Collector user-space cost: all six programs, default 10 s interval, nothing "
+    print(f"== Collector user-space cost: {what}, default 10 s interval, nothing "
           "run by this benchmark (the machine's other load continues) ==")
     if "failed" in i:
         print(f"FAILED: {i['failed']}")
@@ -1111,13 +1123,15 @@ def print_summary(res: dict[str, Any]) -> None:
                   "inside BPF programs (sys_enter + sys_exit, bpf_stats)")
     h = res.get("http")
     if h:
-        loss = h.get("loss_pct", {}).get("strato-all", float("nan"))
-        print(f"{'HTTP, all six programs':<30} {loss:.2f} % fewer requests/s "
-              f"[<= {TARGETS['http_loss_pct']:.0f} %]: {verdict(loss, TARGETS['http_loss_pct'])}")
-        cl = h.get("cpu_loss_pct", {}).get("strato-all")
-        if cl is not None:
-            print(f"{'  same, CPU per request':<30} {cl:.2f} % fewer requests per CPU second "
-                  "(less sensitive to other load)")
+        for cfg, key, label in (("strato-default", "http_loss_pct", "HTTP, default set"),
+                                ("strato-all", "http_all_loss_pct", "HTTP, all six programs")):
+            loss = h.get("loss_pct", {}).get(cfg, float("nan"))
+            print(f"{label:<30} {loss:.2f} % fewer requests/s "
+                  f"[<= {TARGETS[key]:.0f} %]: {verdict(loss, TARGETS[key])}")
+            cl = h.get("cpu_loss_pct", {}).get(cfg)
+            if cl is not None:
+                print(f"{'  same, CPU per request':<30} {cl:.2f} % fewer requests per CPU second "
+                      "(less sensitive to other load)")
         b = h.get("bpf") or {}
         if "bpf_us_per_req" in b and "bare" in h.get("summary", {}):
             top = max(b["functions"], key=lambda f: f["ns_per_req"])
@@ -1140,21 +1154,23 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"{'profile 19 Hz, CPU-bound':<30} {sl:+.2f} % ({p['wall']['slowdown_pct']:+.2f} %) "
               f"slower, direct BPF cost {res.get('profile_direct_pct', float('nan')):.3f} % "
               f"[<= {TARGETS['profile_pct']:.0f} %]: {verdict(sl, TARGETS['profile_pct'])}")
-    i = res.get("idle")
-    if i:
+    for idle_key, which in (("idle", "all six"), ("idle_default", "default set")):
+        i = res.get(idle_key)
+        if not i:
+            continue
         if "failed" in i:
-            print(f"{'collector idle':<30} FAILED: {i['failed']}")
-        else:
-            for key, label in (("first", f"collector CPU, first {i['first']['seconds']:.0f} s"),
-                               ("steady", "collector CPU, steady")):
-                w = i.get(key)
-                if not w:
-                    continue
-                print(f"{label:<30} {w['cpu_pct']:.2f} % of one core "
-                      f"[<= {TARGETS['idle_cpu_pct']} %]: "
-                      f"{verdict(w['cpu_pct'], TARGETS['idle_cpu_pct'])}")
-            print(f"{'collector RSS':<30} {i['rss_mb_min']:.0f}-{i['rss_mb_max']:.0f} MB "
-                  f"[<= {TARGETS['rss_mb']:.0f} MB]: {verdict(i['rss_mb_max'], TARGETS['rss_mb'])}")
+            print(f"{'collector idle, ' + which:<30} FAILED: {i['failed']}")
+            continue
+        for key, label in (("first", f"CPU, first {i['first']['seconds']:.0f} s"),
+                           ("steady", "CPU, steady")):
+            w = i.get(key)
+            if not w:
+                continue
+            print(f"{'collector ' + label + ', ' + which:<30} {w['cpu_pct']:.2f} % of one core "
+                  f"[<= {TARGETS['idle_cpu_pct']} %]: "
+                  f"{verdict(w['cpu_pct'], TARGETS['idle_cpu_pct'])}")
+        print(f"{'collector RSS, ' + which:<30} {i['rss_mb_min']:.0f}-{i['rss_mb_max']:.0f} MB "
+              f"[<= {TARGETS['rss_mb']:.0f} MB]: {verdict(i['rss_mb_max'], TARGETS['rss_mb'])}")
     dist = []
     for phase, d in (("syscalls", sc.get("_disturbed")), ("http", (h or {}).get("disturbed")),
                      ("profile", (p or {}).get("disturbed"))):
@@ -1185,6 +1201,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http-seconds", type=float, default=10.0,
                    help="seconds per HTTP load run, started after the collector's first drain")
     p.add_argument("--http-conns", type=int, default=16)
+    p.add_argument("--http-configs", default=None,
+                   help="subset of all,all-nolat,all-nodrain,default for the HTTP phase "
+                        "(default: all of them; bare always runs)")
     p.add_argument("--http-body", type=int, default=1024, help="static file size in bytes")
     p.add_argument("--http-port", type=int, default=18431)
     p.add_argument("--http-server", choices=["auto", "nginx", "c"], default="auto")
@@ -1231,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
     bare = Config("bare", None)
     counts = strato("strato-counts", exe, "syscalls", ["syscalls.LATENCY=0"])
     latency = strato("strato-latency", exe, "syscalls", ["syscalls.LATENCY=1"])
-    all_six = strato("strato-all", exe, ALL_PROGRAMS, [])
+    all_six = strato("strato-all", exe, ALL_PROGRAMS, ["syscalls.LATENCY=1"])
     sc = syscount("syscount", [])
     sc_l = syscount("syscount-L", ["-L"])
     if not SYSCOUNT.exists():
@@ -1279,9 +1298,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
         if "http" in phases:
             all_six.failed = None
-            nodrain = strato("strato-all-nodrain", exe, ALL_PROGRAMS, [], interval="3600s")
+            nodrain = strato("strato-all-nodrain", exe, ALL_PROGRAMS, ["syscalls.LATENCY=1"],
+                             interval="3600s")
             nolat = strato("strato-all-nolat", exe, ALL_PROGRAMS, ["syscalls.LATENCY=0"])
-            res["http"] = phase_http(args, [bare, all_six, nolat, nodrain], tmp, rng)
+            defaults = strato("strato-default", exe, default_programs(), [])
+            http_cfgs = [all_six, nolat, nodrain, defaults]
+            if args.http_configs:
+                wanted = set(args.http_configs.split(","))
+                http_cfgs = [c for c in http_cfgs if c.name.removeprefix("strato-") in wanted]
+            res["http"] = phase_http(args, [bare, *http_cfgs], tmp, rng)
             print_http(res["http"])
             sys.stdout.flush()
         if "profile" in phases:
@@ -1289,9 +1314,13 @@ def main(argv: list[str] | None = None) -> int:
             print_profile(res["profile"], res.get("profile_direct_pct", float("nan")))
             sys.stdout.flush()
         if "idle" in phases:
-            idle_cfg = strato("strato-all-idle", exe, ALL_PROGRAMS, [], interval=None)
+            idle_cfg = strato("strato-all-idle", exe, ALL_PROGRAMS, ["syscalls.LATENCY=1"],
+                              interval=None)
             res["idle"] = phase_idle(args, idle_cfg)
-            print_idle(res["idle"])
+            print_idle(res["idle"], "all six programs")
+            idle_default = strato("strato-default-idle", exe, default_programs(), [], interval=None)
+            res["idle_default"] = phase_idle(args, idle_default)
+            print_idle(res["idle_default"], f"the default set ({default_programs()})")
         foreign = foreign_tracing_progs(own | set(_LIVE))
         if foreign:
             res["warnings"].append("other processes had tracing BPF programs at the end: "

@@ -235,7 +235,8 @@ def fill_store(anchor: Any, bins: dict[str, Path], tmp: Path) -> EdgeStore:
     def edge(port: int) -> EdgeRun:
         with run_edge(PROGRAMS, interval=1.0, forward_to=[f"127.0.0.1:{port}"], node_id=store.node,
                       labels={"region": store.region},
-                      params={"process": {"EVENTS_PER_SEC": EVENTS_PER_SEC}}) as run:
+                      params={"process": {"EVENTS_PER_SEC": EVENTS_PER_SEC}, "syscalls": {"LATENCY": 1},
+                              "tcp": {"RTT": 1}}) as run:
             _workloads(bins, cg, tmp, store, run)
         return run
 

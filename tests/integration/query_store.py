@@ -226,7 +226,7 @@ def running_store(workload_bin: dict[str, Path], tmp: Path) -> Iterator[Store]:
         with open(logs["edge"], "wb") as elog:
             store.edge = subprocess.Popen(
                 [sys.executable, "-m", "stratoscope.cli", "edge", "--regional", f"127.0.0.1:{ingest}",
-                 "--programs", ",".join(PROGRAMS), "--interval", "1s", "--metrics-port", str(emetrics),
+                 "--programs", ",".join(PROGRAMS), "--param", "syscalls.LATENCY=1", "--param", "tcp.RTT=1", "--interval", "1s", "--metrics-port", str(emetrics),
                  "--node-id", node],
                 stdout=elog, stderr=subprocess.STDOUT, env=env)
 

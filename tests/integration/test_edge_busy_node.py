@@ -80,7 +80,8 @@ def _overflow(run: EdgeRun, map_name: str, lost: bool = False) -> float:
 def test_busy_node_exact_at_default_settings(workload_bin: dict[str, Path]) -> None:
     prefix = unique_comm("bz")[:9]  # + up to 3 digits of the child index, or "p"
     probe = f"{prefix}p"
-    with run_edge(["syscalls"], interval=0.5,
+    # default sizes, with the latency histograms (opt-in) that take four map entries a series
+    with run_edge(["syscalls"], interval=0.5, params={"syscalls": {"LATENCY": 1}},
                   limits={"series_per_metric": 1_000_000}) as run:
         made = _busy(workload_bin["busy_node"], prefix, probe, PROBE_OK, PROBE_MISSING)
     assert len(run.batches) >= 2
@@ -112,7 +113,7 @@ def test_busy_node_tiny_maps_exact_totals_and_overflow(workload_bin: dict[str, P
     if platform.machine() != "x86_64":
         pytest.fail(f"NOSYS_BASE is an x86_64 range; pick one for {platform.machine()}")
     prefix = unique_comm("bt")[:9]
-    with run_edge(["syscalls"], interval=0.5, params={"syscalls": {"MAX_SERIES": 64}},
+    with run_edge(["syscalls"], interval=0.5, params={"syscalls": {"MAX_SERIES": 64, "LATENCY": 1}},
                   # No folding in user space: every "other" series comes from the kernel.
                   limits={"series_per_metric": 1_000_000}) as run:
         made = _busy(workload_bin["busy_node"], prefix, f"{prefix}p", 0, 0, NOSYS_BASE)

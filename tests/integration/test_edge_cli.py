@@ -88,24 +88,37 @@ def test_default_set_survives_a_failing_program(tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             try:
                 metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-                if "stratoscope_edge_batches_total 1.0" in metrics or "batches_total 2.0" in metrics:
+                if 'stratoscope_edge_programs_attached{program="process"} 1.0' in metrics:
                     break
             except OSError:
                 pass
             time.sleep(0.5)
-        assert 'stratoscope_edge_programs_attached{program="syscalls"} 1.0' in metrics
+        # the default set (default: true in bpf/*.yaml): block fails, the rest attach
+        assert 'stratoscope_edge_programs_attached{program="process"} 1.0' in metrics
+        assert 'stratoscope_edge_programs_attached{program="tcp"} 1.0' in metrics
+        assert 'stratoscope_edge_programs_attached{program="profile"} 1.0' in metrics
         assert 'stratoscope_edge_programs_attached{program="block"} 0.0' in metrics
         assert 'stratoscope_edge_program_attach_failures_total{program="block"} 1.0' in metrics
-        assert 'stratoscope_edge_bpf_run_count_total{program="syscalls"}' in metrics
+        assert 'program="syscalls"' not in metrics and 'program="sched"' not in metrics  # opt-in
+        child = subprocess.Popen(["true"])  # one exec, one exit
+        assert child.wait(timeout=30) == 0
+
+        def exits_seen() -> bool:
+            return any(e["kind"] == "exit" and e["pid"] == child.pid
+                       for line in out.read_text().splitlines()
+                       for e in json.loads(line).get("events", []))
+        deadline = time.monotonic() + 60
+        while not exits_seen():
+            assert time.monotonic() < deadline, "the process program's exit event never arrived"
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert err.count("program 'block'") == 1  # warned once
     batches = [json.loads(line) for line in out.read_text().splitlines()]
-    assert batches, "no batch written"
     names = {m["name"] for b in batches for m in b["metrics"]}
-    assert {"syscalls_total", "sched_oncpu_ns_total"} <= names
+    assert "process_events_total" in names
 
 
 def test_once_writes_one_batch_and_sigterm_drains(tmp_path: Path) -> None:

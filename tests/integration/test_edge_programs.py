@@ -76,12 +76,13 @@ def _serve(listener: socket.socket, n: int) -> None:
         conn.close()
 
 
-def test_tcp_opens_closes_lifetimes_and_reset() -> None:
+@pytest.mark.parametrize("rtt", [0, 1])
+def test_tcp_opens_closes_lifetimes_and_reset(rtt: int) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     port = listener.getsockname()[1]
-    with run_edge(["tcp"], interval=0.5) as run:
+    with run_edge(["tcp"], interval=0.5, params={"tcp": {"RTT": rtt}}) as run:
         server = threading.Thread(target=_serve, args=(listener, 51))
         server.start()
         for _ in range(50):
@@ -106,8 +107,12 @@ def test_tcp_opens_closes_lifetimes_and_reset() -> None:
     assert run.counter("tcp_opens_total", port=p, remote="127.0.0.1") == 102
     lifetimes = run.histograms("tcp_connection_lifetime", port=p, direction="active")
     assert sum(h["count"] for h in lifetimes) == 51
-    # Segments on loopback: smoothed RTTs by remote address, IPv4 read from the record.
+    # Segments on loopback: smoothed RTTs by remote address, IPv4 read from the record;
+    # none without RTT=1 (tcp_probe is then not compiled, so not attached).
     srtt = run.histograms("tcp_srtt", remote="127.0.0.1", family="ipv4")
+    if not rtt:
+        assert run.histograms("tcp_srtt") == []
+        return
     assert sum(h["count"] for h in srtt) > 0
     assert all(s["labels"]["remote"] in ("127.0.0.1", OTHER)
                for s in run.histograms("tcp_srtt", family="ipv4"))

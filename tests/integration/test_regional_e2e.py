@@ -92,7 +92,8 @@ async def test_openat_exact_through_regional_into_clickhouse_and_kafka(
     target = [f"127.0.0.1:{regional.port}"]
 
     def edge_side() -> Any:
-        with run_edge(["syscalls"], interval=0.5, forward_to=target, node_id="e2e-node") as run:
+        with run_edge(["syscalls"], interval=0.5, forward_to=target, node_id="e2e-node",
+                      params={"syscalls": {"LATENCY": 1}}) as run:
             # 15 pauses of 100 ms: the workload spans at least two 0.5 s intervals, so the
             # regional merges several batches (30 ms pauses once fit in one on CI)
             subprocess.run([str(workload_bin["openat"]), comm, "10000", "5000", "100000"], check=True)
