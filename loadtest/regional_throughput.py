@@ -739,14 +739,7 @@ def family_memory_mb(pid: int) -> dict[str, tuple[float, float]]:
         with contextlib.suppress(OSError, ValueError):
             with open(f"/proc/{p}/comm") as f:
                 name = "merge" if p == pid else f.read().strip()
-            rss = pss = 0.0
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss = int(line.split()[1]) / 1024
-                    elif line.startswith("Pss:"):
-                        pss = int(line.split()[1]) / 1024
-            out[f"{name}/{p}"] = (rss, pss)
+            out[f"{name}/{p}"] = _two_fields_mb(f"/proc/{p}/smaps_rollup", "Rss:", "Pss:")
     return out
 
 
@@ -787,15 +780,20 @@ def machine_cpu() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
-def rss_mb(pid: int) -> tuple[float, float]:
-    rss = hwm = 0.0
-    with open(f"/proc/{pid}/status") as f:
+def _two_fields_mb(path: str, a: str, b: str) -> tuple[float, float]:
+    """Two "Name: N kB" fields of a /proc file, in MB (0 where absent)."""
+    got = {a: 0.0, b: 0.0}
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
-    return rss, hwm
+            key = line.split(maxsplit=1)[0] if line.strip() else ""
+            if key in got:
+                got[key] = int(line.split()[1]) / 1024
+    return got[a], got[b]
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(RSS, peak RSS) of a process, MB."""
+    return _two_fields_mb(f"/proc/{pid}/status", "VmRSS:", "VmHWM:")
 
 
 class Regional:
