@@ -51,7 +51,7 @@ def test_a_thread_renamed_by_another_is_counted_under_its_new_name(
     if platform.machine() != "x86_64":
         pytest.fail(f"401 is an unassigned x86_64 number; pick one for {platform.machine()}")
     comm = unique_comm("rnm")
-    with run_edge(["syscalls"], interval=0.3) as run:
+    with run_edge(["syscalls"], interval=0.3, params={"syscalls": {"LATENCY": 1}}) as run:
         subprocess.run([str(workload_bin["rename_thread"]), comm, "3000", "401"], check=True)
     assert run.counter("syscalls_total", syscall="sys_401", comm=comm) == 3000
     assert run.counter("syscall_errors_total", syscall="sys_401", comm=comm, errno="ENOSYS") == 3000
