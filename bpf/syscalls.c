@@ -30,7 +30,16 @@
 #include "stratoscope.h"
 
 #ifndef LATENCY
-#define LATENCY 1
+#define LATENCY 0
+#endif
+/* 1: each task's comm, cgroup and entry timestamp in task-local storage (kernel
+ * 5.11+ with BTF). 0, the fallback: comm and cgroup from the helpers on every
+ * call and the entry timestamp in a hash by thread id (MAX_TASKS entries). */
+#ifndef TASK_STORAGE
+#define TASK_STORAGE 1
+#endif
+#ifndef MAX_TASKS
+#define MAX_TASKS 65536
 #endif
 #ifndef MAX_SERIES
 #define MAX_SERIES 65536
@@ -115,6 +124,7 @@ static __always_inline void count_call(struct count_key *key, u32 active)
         *cnt += 1;
 }
 
+#if TASK_STORAGE
 /* What the hot path needs about the current task, kept in the task itself
  * (task-local storage: no hash lookup, freed when the task exits):
  * - its comm and cgroup, read with the helpers (~95 + ~50 ns) once and then
@@ -169,40 +179,84 @@ RAW_TRACEPOINT_PROBE(cgroup_attach_task)
         __sync_fetch_and_add(e, 1);
     return 0;
 }
+#endif
 
 #if LATENCY
+static __always_inline void count_lost_sample(void)
+{
+    /* No room for this call's entry: its latency sample is lost, counted. */
+    u32 zero = 0, slot = 1, *flip = flip_ctl.lookup(&zero);
+    u64 *ovf = (flip && (*flip & 1)) ? latency_overflow_1.lookup(&slot)
+                                     : latency_overflow_0.lookup(&slot);
+    if (ovf)
+        *ovf += 1;
+}
+
+#if TASK_STORAGE
 RAW_TRACEPOINT_PROBE(sys_enter)
 {
     struct task_ident *t = tasks.task_storage_get(
         (struct task_struct *)bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!t) {
-        /* No storage (allocation failed): this call's latency sample is lost, counted. */
-        u32 zero = 0, slot = 1, *flip = flip_ctl.lookup(&zero);
-        u64 *ovf = (flip && (*flip & 1)) ? latency_overflow_1.lookup(&slot)
-                                         : latency_overflow_0.lookup(&slot);
-        if (ovf)
-            *ovf += 1;
+        count_lost_sample();
         return 0;
     }
     t->nr = (u32)ctx->args[1];
     t->ts = bpf_ktime_get_ns();
     return 0;
 }
+#else
+struct entry {
+    u64 ts;
+    u32 nr;
+    u32 pad;
+};
+BPF_HASH(entered, u32, struct entry, MAX_TASKS);
+
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+    u32 nr = (u32)ctx->args[1];
+#if defined(__x86_64__)
+    if (nr == 60 || nr == 231)  /* exit, exit_group: never return, would leak an entry */
+        return 0;
+#elif defined(__aarch64__)
+    if (nr == 93 || nr == 94)
+        return 0;
+#endif
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct entry e = {.ts = bpf_ktime_get_ns(), .nr = nr};
+    if (entered.update(&tid, &e) != 0)
+        count_lost_sample();
+    return 0;
+}
+#endif
 #endif
 
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     long ret = (long)ctx->args[1];
     long nr = -1;
+#if TASK_STORAGE
     struct task_ident *t = tasks.task_storage_get(
         (struct task_struct *)bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+#endif
 #if LATENCY
     u64 ts = 0;
+#if TASK_STORAGE
     if (t && t->ts) {
         ts = t->ts;
         nr = (s32)t->nr;
         t->ts = 0;
     } else
+#else
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct entry *e = entered.lookup(&tid);
+    if (e) {
+        ts = e->ts;
+        nr = (s32)e->nr;
+        entered.delete(&tid);
+    } else
+#endif
 #endif
     {
         /* No sys_enter seen (in flight at attach, a new task's first return). */
@@ -224,18 +278,23 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 
     struct count_key key = {};
     key.syscall = (u32)nr;
+#if TASK_STORAGE
     u32 gen = current_gen();
     if (t && t->gen == gen) {
         key.cgroup = t->cgroup;
         __builtin_memcpy(key.comm, t->comm, sizeof(key.comm));
-    } else {
+    } else
+#endif
+    {
         key.cgroup = bpf_get_current_cgroup_id();
         bpf_get_current_comm(&key.comm, sizeof(key.comm));
+#if TASK_STORAGE
         if (t) {
             t->cgroup = key.cgroup;
             __builtin_memcpy(t->comm, key.comm, sizeof(key.comm));
             t->gen = gen;
         }
+#endif
     }
 
     u64 one = 1, init = 0, *ovf;

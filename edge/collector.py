@@ -129,6 +129,7 @@ class Collector:
                     self._event_sources[(name, m.name)] = _EventSource(name, m, event_struct(m))
             self.programs.append(prog)
             self.metrics.programs_attached.labels(name).set(1)
+            self.metrics.program_fallback.labels(name).set(1 if prog.fallback_reason else 0)
         if not self.programs:
             raise LoadError(",".join(self.cfg.programs), "no program could be attached")
         release_free_memory()  # LLVM's compile-time heap: ~70 MB of RSS otherwise

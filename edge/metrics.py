@@ -17,6 +17,11 @@ class EdgeMetrics:
             f"{ns}_programs_attached", "1 when the program is loaded and attached.",
             ["program"], registry=registry,
         )
+        self.program_fallback = Gauge(
+            f"{ns}_program_fallback", "1 when the program runs its fallback build (its "
+            "description's fallback: the kernel lacks a feature of the first build).",
+            ["program"], registry=registry,
+        )
         self.attach_failures = Counter(
             f"{ns}_program_attach_failures", "Programs that failed to load or attach.",
             ["program"], registry=registry,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import errno
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from stratoscope.edge.spec import (
     ProfileMap,
     ProgramSpec,
 )
+
+log = logging.getLogger("stratoscope.edge")
 
 FLIP_MAP = "flip_ctl"
 
@@ -198,7 +201,10 @@ class LoadedProgram:
     ) -> None:
         self.spec = spec
         self.name = spec.program
-        self.params = resolve_params(spec, overrides or {})
+        self._overrides = dict(overrides or {})
+        self.params = resolve_params(spec, self._overrides)
+        #: Why the program runs its fallback build (None: its own build loaded).
+        self.fallback_reason: str | None = None
         self.maps = spec.active_maps(self.params)
         self._bpf: Any = None
         self._active = 0
@@ -209,17 +215,27 @@ class LoadedProgram:
     # -- lifecycle -------------------------------------------------------
     def load(self, on_event: Callable[[str, bytes], None] | None = None) -> None:
         """Compile, attach and check; raises LoadError naming what failed."""
-        from bcc import BPF, PerfSWConfig, PerfType
+        from bcc import PerfSWConfig, PerfType
 
         check_requirements(self.spec)
-        cflags = [f"-I{self._bpf_dir}", "-Wno-macro-redefined"]
-        cflags += [f"-D{k}={v}" for k, v in sorted(self.params.items())]
-        src = str(self._bpf_dir / self.spec.source).encode()
         try:
-            with _quiet_stderr():
-                self._bpf = BPF(src_file=src, cflags=cflags)
+            self._bpf = self._compile(self.params)
         except Exception as exc:  # BCC raises bare Exception for compile/attach errors
-            raise LoadError(self.name, f"failed to compile or attach: {exc}") from None
+            fb = self.spec.fallback
+            # Only when no one asked for what the fallback changes: a setting the
+            # user chose is never silently replaced.
+            if fb is None or set(fb.params) & set(self._overrides):
+                raise LoadError(self.name, f"failed to compile or attach: {exc}") from None
+            params = resolve_params(self.spec, {**self._overrides, **fb.params})
+            try:
+                self._bpf = self._compile(params)
+            except Exception as exc2:
+                raise LoadError(self.name, f"failed to compile or attach: {exc}; and with "
+                                f"the fallback {fb.params}: {exc2}") from None
+            self.params, self.maps = params, self.spec.active_maps(params)
+            self.fallback_reason = f"{fb.needs} unavailable ({str(exc).splitlines()[0][:200]})"
+            log.warning("program %s: %s; running its fallback build %s", self.name,
+                        self.fallback_reason, fb.params)
         try:
             self._check_maps()
             for pe in self.spec.perf_events:
@@ -239,6 +255,16 @@ class LoadedProgram:
         except Exception as exc:
             self.close()
             raise LoadError(self.name, f"failed to attach: {exc}") from None
+
+    def _compile(self, params: dict[str, int]) -> Any:
+        """Compile and attach the program's tracepoints with these parameters (BCC)."""
+        from bcc import BPF
+
+        cflags = [f"-I{self._bpf_dir}", "-Wno-macro-redefined"]
+        cflags += [f"-D{k}={v}" for k, v in sorted(params.items())]
+        src = str(self._bpf_dir / self.spec.source).encode()
+        with _quiet_stderr():
+            return BPF(src_file=src, cflags=cflags)
 
     def close(self) -> None:
         """Detach and free; safe to call twice or without load()."""

@@ -261,6 +261,15 @@ class Requirements(_Strict):
         return self
 
 
+class Fallback(_Strict):
+    """Parameters to load the program with when it fails to load with its own: a
+    simpler build for kernels without a feature the first one needs."""
+
+    #: What the first build needs that the fallback does without (for the log line).
+    needs: str
+    params: dict[str, int]
+
+
 class ProgramSpec(_Strict):
     program: str
     help: str
@@ -271,9 +280,14 @@ class ProgramSpec(_Strict):
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     maps: list[MapSpec]
     perf_events: list[PerfEventSpec] = Field(default_factory=list)
+    fallback: Fallback | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ProgramSpec:
+        if self.fallback is not None:
+            unknown = sorted(set(self.fallback.params) - set(self.params))
+            if unknown:
+                raise ValueError(f"fallback: unknown param {unknown[0]!r}")
         names: set[str] = set()
         for m in self.maps:
             metric_names: list[str] = []

@@ -13,11 +13,14 @@ from tests.conftest import run_edge, unique_comm
 pytestmark = pytest.mark.kernel
 
 
+@pytest.mark.parametrize("task_storage", [1, 0], ids=["task-storage", "fallback"])
 @pytest.mark.parametrize("latency", [1, 0], ids=["with-latency", "counts-only"])
-def test_openat_counts_and_enoent_exact(workload_bin: dict[str, Path], latency: int) -> None:
+def test_openat_counts_and_enoent_exact(workload_bin: dict[str, Path], latency: int,
+                                        task_storage: int) -> None:
     comm = unique_comm("sopen")
     # A 0.3 s interval makes the workload straddle several drains.
-    with run_edge(["syscalls"], interval=0.3, params={"syscalls": {"LATENCY": latency}}) as run:
+    params = {"LATENCY": latency, "TASK_STORAGE": task_storage}
+    with run_edge(["syscalls"], interval=0.3, params={"syscalls": params}) as run:
         subprocess.run([str(workload_bin["openat"]), comm, "10000", "5000", "50000"],
                        check=True)
     assert len(run.batches) >= 2

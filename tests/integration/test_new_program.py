@@ -90,3 +90,34 @@ def test_a_program_added_as_two_files_ships_its_metric(tmp_path: Path) -> None:
     described = {m["name"]: m for b in run.batches for m in b["metrics"]}
     assert described["getppid_calls_total"]["kind"] == "counter"
     assert described["getppid_calls_total"]["unit"] == "calls"
+
+
+FALLBACK_C = "#if FANCY\n#error this build needs a feature the kernel lacks\n#endif\n" + PROGRAM_C
+FALLBACK_YAML = (PROGRAM_YAML.replace("program: parentcalls", "program: fancycalls")
+                 .replace("source: parentcalls.c", "source: fancycalls.c")
+                 + "params:\n  FANCY: {default: 1, help: \"1: the build that needs the feature\"}\n"
+                 + "fallback:\n  needs: \"the feature\"\n  params: {FANCY: 0}\n")
+
+
+def test_a_program_that_fails_to_load_runs_its_fallback_build(tmp_path: Path) -> None:
+    """The first build fails (as on a kernel without a feature it needs): the edge loads
+    the description's fallback build, says so on /metrics, and counts exactly; a
+    parameter the user set is never replaced by the fallback's."""
+    from stratoscope.edge.errors import LoadError
+
+    programs = tmp_path / "programs"
+    programs.mkdir()
+    (programs / "fancycalls.c").write_text(FALLBACK_C)
+    (programs / "fancycalls.yaml").write_text(FALLBACK_YAML)
+
+    comm = unique_comm("fbk")
+    with run_edge(["fancycalls"], interval=0.5, bpf_dir=programs) as run:
+        subprocess.run([sys.executable, "-c", CHILD, comm, str(CALLS)], check=True)
+        registry = run.collector.metrics.registry
+        assert registry.get_sample_value("stratoscope_edge_program_fallback",
+                                         {"program": "fancycalls"}) == 1
+    assert run.counter("getppid_calls_total", comm=comm) == CALLS
+
+    with pytest.raises(LoadError, match="failed to compile"), run_edge(
+            ["fancycalls"], interval=0.5, bpf_dir=programs, params={"fancycalls": {"FANCY": 1}}):
+        pass
