@@ -60,6 +60,19 @@ struct life_key {
     u32 slot;
 };
 
+/* Connections that could not be tracked (the table of live connections was
+ * full), per service port and direction: their closes and lifetimes are not
+ * recorded, so opens = closes + untracked + still open, per port. */
+struct track_key {
+    u16 port;
+    u8 direction;
+    u8 pad;
+};
+
+struct track_val {
+    u64 untracked;
+};
+
 struct rtt_key {
     u8 raddr[16];
     u16 family;
@@ -80,7 +93,8 @@ BPF_HASH(srtt_1, struct rtt_key, struct strato_hist_val, MAX_SERIES);
  * port and direction stay exact) and is counted in <map>_overflow_{0,1}[0]
  * ([1]: lost with the other map full too). Separate maps because a hash map
  * cannot reserve entries for some keys; their keys range over the bounded
- * fields only (srtt: 2 families x 66 slots). lifetime has no unbounded field. */
+ * fields only (srtt: 2 families x 66 slots; lifetime, whose port is blanked:
+ * 2 directions x 66 slots). */
 #ifndef OTHER_SERIES
 #define OTHER_SERIES 16384
 #endif
@@ -88,11 +102,27 @@ BPF_HASH(conns_other_0, struct conn_key, struct conn_val, OTHER_SERIES);
 BPF_HASH(conns_other_1, struct conn_key, struct conn_val, OTHER_SERIES);
 BPF_HASH(srtt_other_0, struct rtt_key, struct strato_hist_val, 256);
 BPF_HASH(srtt_other_1, struct rtt_key, struct strato_hist_val, 256);
+BPF_HASH(lifetime_other_0, struct life_key, struct strato_hist_val, 256);
+BPF_HASH(lifetime_other_1, struct life_key, struct strato_hist_val, 256);
 BPF_PERCPU_ARRAY(conns_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(conns_overflow_1, u64, 2);
 BPF_PERCPU_ARRAY(srtt_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(srtt_overflow_1, u64, 2);
-BPF_TABLE("lru_hash", u64, struct conn_info, live, MAX_CONNS);
+BPF_PERCPU_ARRAY(lifetime_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(lifetime_overflow_1, u64, 2);
+BPF_HASH(tracking_0, struct track_key, struct track_val, MAX_SERIES);
+BPF_HASH(tracking_1, struct track_key, struct track_val, MAX_SERIES);
+BPF_HASH(tracking_other_0, struct track_key, struct track_val, 16);
+BPF_HASH(tracking_other_1, struct track_key, struct track_val, 16);
+BPF_PERCPU_ARRAY(tracking_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(tracking_overflow_1, u64, 2);
+/* Live connections by socket: a plain hash, never evicting one (an LRU would
+ * drop a live connection's close and lifetime without a trace). One that finds
+ * it full is counted in tracking. A closed connection moves to `closed`, an LRU
+ * that only names the direction of an RST sent after the close (tcp_close()
+ * with SO_LINGER 0); an evicted one leaves that RST counted, direction unknown. */
+BPF_HASH(live, u64, struct conn_info, MAX_CONNS);
+BPF_TABLE("lru_hash", u64, struct conn_info, closed, 4096);
 
 static __always_inline u32 active_copy(void)
 {
@@ -125,6 +155,34 @@ static __always_inline struct conn_val *conn_counters(struct conn_key *k)
     if (ovf)
         __sync_fetch_and_add(ovf, 1);
     return v;
+}
+
+static __always_inline void count_untracked(struct conn_key *k)
+{
+    struct track_key tk = {.port = k->port, .direction = k->direction};
+    struct track_val init = {}, *t;
+    u32 active = active_copy();
+    if (active)
+        t = tracking_1.lookup_or_try_init(&tk, &init);
+    else
+        t = tracking_0.lookup_or_try_init(&tk, &init);
+    if (!t) {  /* more ports than MAX_SERIES: under port "other" */
+        tk.port = 0;
+        if (active)
+            t = tracking_other_1.lookup_or_try_init(&tk, &init);
+        else
+            t = tracking_other_0.lookup_or_try_init(&tk, &init);
+        u32 oslot = t ? 0 : 1;
+        u64 *ovf;
+        if (active)
+            ovf = tracking_overflow_1.lookup(&oslot);
+        else
+            ovf = tracking_overflow_0.lookup(&oslot);
+        if (ovf)
+            __sync_fetch_and_add(ovf, 1);
+    }
+    if (t)
+        __sync_fetch_and_add(&t->untracked, 1);
 }
 
 static __always_inline void set_addr(u8 *dst, u16 family, const u8 *v4, const u8 *v6)
@@ -172,7 +230,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         info.key.direction = old == ST_SYN_SENT ? DIR_ACTIVE : DIR_PASSIVE;
         info.key.port = old == ST_SYN_SENT ? dport : sport;
         set_addr(info.key.raddr, args->family, args->daddr, args->daddr_v6);
-        live.update(&sk, &info);
+        if (live.update(&sk, &info) != 0)
+            count_untracked(&info.key);
         struct conn_val *v = conn_counters(&info.key);
         if (v)
             __sync_fetch_and_add(&v->opens, 1);
@@ -181,22 +240,39 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (new != ST_CLOSE)
         return 0;
     struct conn_info *info = live.lookup(&sk);
-    if (!info || info->established_ns == 0)
-        return 0;  /* never established while we watched, or already closed */
+    if (!info)
+        return 0;  /* never established while we watched, or not tracked (counted) */
     u64 lifetime = bpf_ktime_get_ns() - info->established_ns;
-    struct conn_key key = info->key;
-    /* Keep the entry (marked closed) for an RST sent after the close, as
-     * tcp_close() with SO_LINGER 0 does; the LRU map reclaims it. */
-    info->established_ns = 0;
+    struct conn_info done = *info;
+    struct conn_key key = done.key;
+    /* Keep it for an RST sent after the close, as tcp_close() with SO_LINGER 0 does. */
+    closed.update(&sk, &done);
+    live.delete(&sk);
     struct conn_val *v = conn_counters(&key);
     if (v)
         __sync_fetch_and_add(&v->closes, 1);
     struct life_key lk = {.port = key.port, .direction = key.direction, .slot = strato_slot(lifetime)};
     struct strato_hist_val hinit = {}, *h;
-    if (active_copy())
+    u32 active = active_copy();
+    if (active)
         h = lifetime_1.lookup_or_try_init(&lk, &hinit);
     else
         h = lifetime_0.lookup_or_try_init(&lk, &hinit);
+    if (!h) {
+        struct life_key okey = {.direction = lk.direction, .slot = lk.slot};
+        if (active)
+            h = lifetime_other_1.lookup_or_try_init(&okey, &hinit);
+        else
+            h = lifetime_other_0.lookup_or_try_init(&okey, &hinit);
+        u32 oslot = h ? 0 : 1;
+        u64 *ovf;
+        if (active)
+            ovf = lifetime_overflow_1.lookup(&oslot);
+        else
+            ovf = lifetime_overflow_0.lookup(&oslot);
+        if (ovf)
+            __sync_fetch_and_add(ovf, 1);
+    }
     if (h) {
         __sync_fetch_and_add(&h->count, 1);
         __sync_fetch_and_add(&h->sum, lifetime);
@@ -209,6 +285,8 @@ static __always_inline void key_for(struct conn_key *k, u64 sk, u16 family, u16 
                                     const u8 *v4, const u8 *v6)
 {
     struct conn_info *info = sk ? live.lookup(&sk) : 0;
+    if (!info && sk)
+        info = closed.lookup(&sk);
     if (info) {
         *k = info->key;
         return;

@@ -165,6 +165,44 @@ def test_full_tcp_map_overflows_to_remote_other_exactly() -> None:
     assert reg.get_sample_value("stratoscope_edge_map_overflow_lost_total", labels) == 0
 
 
+def test_full_connection_table_counts_untracked_connections() -> None:
+    """With room to track 4 live connections, the rest are counted as untracked: per
+    port and direction, closes + untracked = opens, nothing silently dropped."""
+    n = 20
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(n)
+    port = str(listener.getsockname()[1])
+    with run_edge(["tcp"], interval=0.1, params={"tcp": {"MAX_CONNS": 4}},
+                  limits={"series_per_metric": 1_000_000}) as run:
+        held = []
+        for _ in range(n):  # all established at once: the table fills
+            c = socket.create_connection(("127.0.0.1", int(port)))
+            conn, _ = listener.accept()
+            held += [c, conn]
+        for sock in held:
+            sock.close()
+
+        def settled() -> bool:
+            return all(
+                run.counter("tcp_opens_total", port=port, direction=d) == n
+                and run.counter("tcp_closes_total", port=port, direction=d)
+                + run.counter("tcp_untracked_connections_total", port=port, direction=d) == n
+                for d in ("active", "passive"))
+        deadline = time.monotonic() + 30
+        while not settled():
+            assert time.monotonic() < deadline, "opens and closes did not add up within 30 s"
+            time.sleep(0.02)
+    listener.close()
+    untracked = sum(run.counter("tcp_untracked_connections_total", port=port, direction=d)
+                    for d in ("active", "passive"))
+    assert 2 * n - 4 <= untracked < 2 * n
+    for d in ("active", "passive"):
+        closes = run.counter("tcp_closes_total", port=port, direction=d)
+        lifetimes = run.histograms("tcp_connection_lifetime", port=port, direction=d)
+        assert sum(h["count"] for h in lifetimes) == closes
+
+
 def test_full_profile_map_overflows_to_other_kernel_stacks(workload_bin: dict[str, Path]) -> None:
     """With room for one row per window, every further sample lands in "other"."""
     comm = unique_comm("burn")
