@@ -1201,6 +1201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http-seconds", type=float, default=10.0,
                    help="seconds per HTTP load run, started after the collector's first drain")
     p.add_argument("--http-conns", type=int, default=16)
+    p.add_argument("--idle-sets", default="all,default",
+                   help="program sets for the idle phase: all (six), default (the default set)")
     p.add_argument("--http-configs", default=None,
                    help="subset of all,all-nolat,all-nodrain,default for the HTTP phase "
                         "(default: all of them; bare always runs)")
@@ -1313,11 +1315,13 @@ def main(argv: list[str] | None = None) -> int:
             res["profile"] = phase_profile(args, [bare, prof], burn, iters, rng)
             print_profile(res["profile"], res.get("profile_direct_pct", float("nan")))
             sys.stdout.flush()
-        if "idle" in phases:
+        idle_sets = set(args.idle_sets.split(","))
+        if "idle" in phases and "all" in idle_sets:
             idle_cfg = strato("strato-all-idle", exe, ALL_PROGRAMS, ["syscalls.LATENCY=1"],
                               interval=None)
             res["idle"] = phase_idle(args, idle_cfg)
             print_idle(res["idle"], "all six programs")
+        if "idle" in phases and "default" in idle_sets:
             idle_default = strato("strato-default-idle", exe, default_programs(), [], interval=None)
             res["idle_default"] = phase_idle(args, idle_default)
             print_idle(res["idle_default"], f"the default set ({default_programs()})")
