@@ -59,7 +59,22 @@ BPF_PERCPU_ARRAY(io_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(io_overflow_1, u64, 2);
 BPF_PERCPU_ARRAY(latency_overflow_0, u64, 2);
 BPF_PERCPU_ARRAY(latency_overflow_1, u64, 2);
-BPF_TABLE("lru_hash", struct rq_key, struct rq_start, inflight, MAX_INFLIGHT);
+/* Requests between issue and completion: a plain hash, never evicting one (an
+ * LRU would drop an in-flight request's completion without a trace). A request
+ * issued while it is full is counted in tracking_{0,1} per device and op (the
+ * device "other" past MAX_SERIES), and its completion is not recorded. The
+ * first completion of a request deletes its entry (a partial completion's
+ * later calls carry an advanced sector and find none). */
+BPF_HASH(inflight, struct rq_key, struct rq_start, MAX_INFLIGHT);
+struct track_val {
+    u64 untracked;
+};
+BPF_HASH(tracking_0, struct io_key, struct track_val, MAX_SERIES);
+BPF_HASH(tracking_1, struct io_key, struct track_val, MAX_SERIES);
+BPF_HASH(tracking_other_0, struct io_key, struct track_val, 16);
+BPF_HASH(tracking_other_1, struct io_key, struct track_val, 16);
+BPF_PERCPU_ARRAY(tracking_overflow_0, u64, 2);
+BPF_PERCPU_ARRAY(tracking_overflow_1, u64, 2);
 
 /* rwbs is e.g. "W", "WS", "FWS", "R", "RA", "D", "F", "N". */
 static __always_inline u32 op_of(const char *rwbs)
@@ -77,11 +92,45 @@ static __always_inline u32 op_of(const char *rwbs)
     return op;
 }
 
+static __always_inline void count_untracked(u32 dev, u32 op)
+{
+    u32 zero = 0;
+    u32 *flip = flip_ctl.lookup(&zero);
+    u32 active = flip ? (*flip & 1) : 0;
+    struct io_key k = {.dev = dev, .op = op};
+    struct track_val init = {}, *t;
+    if (active)
+        t = tracking_1.lookup_or_try_init(&k, &init);
+    else
+        t = tracking_0.lookup_or_try_init(&k, &init);
+    if (!t) {
+        k.dev = 0;
+        if (active)
+            t = tracking_other_1.lookup_or_try_init(&k, &init);
+        else
+            t = tracking_other_0.lookup_or_try_init(&k, &init);
+        u32 oslot = t ? 0 : 1;
+        u64 *ovf;
+        if (active)
+            ovf = tracking_overflow_1.lookup(&oslot);
+        else
+            ovf = tracking_overflow_0.lookup(&oslot);
+        if (ovf)
+            __sync_fetch_and_add(ovf, 1);
+    }
+    if (t)
+        __sync_fetch_and_add(&t->untracked, 1);
+}
+
 TRACEPOINT_PROBE(block, block_rq_issue)
 {
     struct rq_key k = {.sector = args->sector, .dev = args->dev};
     struct rq_start s = {.ts = bpf_ktime_get_ns(), .bytes = args->bytes};
-    inflight.update(&k, &s);
+    if (inflight.update(&k, &s) != 0) {
+        char rwbs[4] = {};
+        bpf_probe_read_kernel(&rwbs, sizeof(rwbs), args->rwbs);
+        count_untracked(k.dev, op_of(rwbs));
+    }
     return 0;
 }
 

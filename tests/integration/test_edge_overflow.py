@@ -14,10 +14,14 @@ match window by window, also for the unrelated processes' increments.
 
 from __future__ import annotations
 
+import mmap
+import os
 import platform
 import socket
 import subprocess
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +205,54 @@ def test_full_connection_table_counts_untracked_connections() -> None:
         closes = run.counter("tcp_closes_total", port=port, direction=d)
         lifetimes = run.histograms("tcp_connection_lifetime", port=port, direction=d)
         assert sum(h["count"] for h in lifetimes) == closes
+
+
+def test_full_inflight_table_counts_untracked_requests() -> None:
+    """With room to track one request in flight, concurrent direct writes find the table
+    full: those requests are counted as untracked, the tracked ones complete with a
+    latency sample each."""
+    from tests.integration.test_edge_programs import _block_device_of
+
+    target = Path("/var/tmp") / f"stratoscope-inflight-{uuid.uuid4().hex}"
+    device = _block_device_of(target.parent)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        buf = mmap.mmap(-1, 256 * 1024)  # page-aligned, as O_DIRECT needs
+        buf.write(os.urandom(len(buf)))
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+            try:
+                n = 0
+                while not stop.is_set():
+                    os.pwrite(fd, buf, (i * 64 + n % 64) * len(buf))
+                    n += 1
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with run_edge(["block"], interval=0.2, params={"block": {"MAX_INFLIGHT": 1}},
+                  limits={"series_per_metric": 1_000_000}) as run:
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 60
+            while run.counter("block_untracked_requests_total", device=device, op="write") == 0:
+                assert not errors, errors
+                assert time.monotonic() < deadline, "no request found the table full in 60 s"
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+    target.unlink()
+    assert not errors, errors
+    ops = run.counter("block_ops_total", device=device, op="write")
+    assert ops > 0
+    assert sum(h["count"] for h in run.histograms("block_latency", device=device, op="write")) == ops
 
 
 def test_full_profile_map_overflows_to_other_kernel_stacks(workload_bin: dict[str, Path]) -> None:
