@@ -63,8 +63,34 @@ BPF_PERCPU_ARRAY(counts_overflow_1, u64, 2);
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_PERCPU_ARRAY(rate, struct bucket, 1);
+/* Exit codes live from exit_group() to the exit (an LRU: nothing else deletes
+ * one whose process leader exited first; it would take MAX_TASKS processes
+ * inside exit_group() at once to evict a live one). */
 BPF_TABLE("lru_hash", u32, s64, exit_codes, MAX_TASKS);
-BPF_TABLE("lru_hash", u32, u32, parents, MAX_TASKS);
+/* Parents of the tasks forked since the program attached, by pid: a plain hash
+ * (an LRU would evict a live task's parent without a trace), every entry
+ * deleted when its task exits. A fork that finds it full is counted in
+ * tracking_{0,1}; that task's events show ppid 0. */
+BPF_HASH(parents, u32, u32, MAX_TASKS);
+struct track_key {
+    u32 table;
+};
+BPF_HASH(tracking_0, struct track_key, u64, 4);
+BPF_HASH(tracking_1, struct track_key, u64, 4);
+
+static __always_inline void count_untracked_task(void)
+{
+    u32 zero = 0;
+    u32 *flip = flip_ctl.lookup(&zero);
+    struct track_key k = {.table = 1};
+    u64 init = 0, *v;
+    if (flip && (*flip & 1))
+        v = tracking_1.lookup_or_try_init(&k, &init);
+    else
+        v = tracking_0.lookup_or_try_init(&k, &init);
+    if (v)  /* one key in a map of 4: always room */
+        __sync_fetch_and_add(v, 1);
+}
 
 static __always_inline void count(u32 kind, s32 code)
 {
@@ -165,7 +191,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
     u32 child = args->child_pid, parent = args->parent_pid;
-    parents.update(&child, &parent);
+    if (parents.update(&child, &parent) != 0)
+        count_untracked_task();
     count(KIND_FORK, 0);
     struct event *e = reserve(KIND_FORK, child);
     if (!e)
@@ -187,8 +214,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if ((u32)id != tgid)
-        return 0;  /* a thread, not the process */
+    if ((u32)id != tgid) {  /* a thread, not the process */
+        u32 tid = (u32)id;
+        parents.delete(&tid);
+        return 0;
+    }
     s64 code = -1;
     s64 *cp = exit_codes.lookup(&tgid);
     if (cp) {

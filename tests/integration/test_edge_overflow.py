@@ -255,6 +255,32 @@ def test_full_inflight_table_counts_untracked_requests() -> None:
     assert sum(h["count"] for h in run.histograms("block_latency", device=device, op="write")) == ops
 
 
+def test_full_parent_table_counts_untracked_tasks() -> None:
+    """With room for 16 parents, 50 children alive at once: the forks that find the
+    table full are counted, and each child's exec event has its parent's pid or 0
+    (unknown), never another."""
+    n, room = 50, 16
+    with run_edge(["process"], interval=0.2, params={"process": {"MAX_TASKS": room}}) as run:
+        children = [subprocess.Popen(["sleep", "60"]) for _ in range(n)]
+        try:
+            pids = {c.pid for c in children}
+            deadline = time.monotonic() + 60
+            while len({e["pid"] for e in run.events(kind="exec") if e["pid"] in pids}) < n:
+                assert time.monotonic() < deadline, "exec events did not arrive within 60 s"
+                time.sleep(0.05)
+        finally:
+            for c in children:
+                c.kill()
+                c.wait()
+    execs = [e for e in run.events(kind="exec") if e["pid"] in pids]
+    assert len(execs) == n
+    assert {e["ppid"] for e in execs} <= {os.getpid(), 0}
+    unknown = sum(1 for e in execs if e["ppid"] == 0)
+    assert unknown >= n - room
+    # every fork that found no room was counted (others' forks may be among them)
+    assert run.counter("process_untracked_tasks_total", table="parents") >= unknown
+
+
 def test_full_profile_map_overflows_to_other_kernel_stacks(workload_bin: dict[str, Path]) -> None:
     """With room for one row per window, every further sample lands in "other"."""
     comm = unique_comm("burn")
