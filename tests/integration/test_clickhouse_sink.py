@@ -720,3 +720,7 @@ async def test_documented_queries(sink: ClickHouseSink) -> None:
     ]
     hours = [h for h, *_ in got]
     assert hours[0] == hours[1] < hours[2] == hours[3]
+    # a start inside an hour includes that hour (--since 1h at 14:00:30 reads 13:00's row)
+    mid = await sink.query(sql, {"metric": "syscalls_total", "label": "comm", "node": "n1",
+                                 "start": HOUR + 1800, "end": HOUR + 7200})
+    assert mid == got

@@ -6,7 +6,7 @@
 -- param: metric String       a counter metric, e.g. syscalls_total
 -- param: label String        the label to group by, e.g. comm
 -- param: node String = ''    one node; '' = every node (their sum, not the roll-up)
--- param: start Int64         hours starting at or after (Unix seconds)
+-- param: start Int64         from (Unix seconds): the hour holding it is included
 -- param: end Int64           hours starting before (Unix seconds)
 -- column: hour timestamp
 -- column: label_value text
@@ -23,6 +23,6 @@ FROM metrics_1h
 WHERE metric = {metric:String}
   AND kind = 'counter'
   AND if({node:String} = '', node != '', node = {node:String})
-  AND ts >= toDateTime({start:Int64}, 'UTC') AND ts < toDateTime({end:Int64}, 'UTC')
+  AND ts >= toStartOfHour(toDateTime({start:Int64}, 'UTC')) AND ts < toDateTime({end:Int64}, 'UTC')
 GROUP BY hour, label_value
 ORDER BY hour, label_value
