@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ from stratoscope.edge.collector import Collector
 from stratoscope.edge.config import EdgeConfig
 
 WORKLOADS = Path(__file__).parent / "workloads"
+
+
+def wait_for(what: str, check: Callable[[], Any], deadline_s: float, every_s: float = 0.5) -> Any:
+    """check()'s first truthy value; fails naming ``what`` (and the last value) at the deadline."""
+    end = time.monotonic() + deadline_s
+    last: Any = None
+    while time.monotonic() < end:
+        last = check()
+        if last:
+            return last
+        time.sleep(every_s)
+    pytest.fail(f"timed out after {deadline_s:.0f} s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="session")

@@ -23,14 +23,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import unique_comm
+from tests.conftest import unique_comm, wait_for
 
 PROGRAMS = ("syscalls", "sched", "tcp", "block", "process", "profile")
 #: openat calls of the counted child: this many succeed, this many fail with ENOENT.
@@ -41,18 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], deadline_s: float, every_s: float = 0.5) -> Any:
-    """check()'s first truthy value; fails naming ``what`` (and the last value) at the deadline."""
-    end = time.monotonic() + deadline_s
-    last: Any = None
-    while time.monotonic() < end:
-        last = check()
-        if last:
-            return last
-        time.sleep(every_s)
-    pytest.fail(f"timed out after {deadline_s:.0f} s waiting for {what} (last: {last!r})")
 
 
 def http_json(url: str, timeout_s: float = 30.0) -> tuple[int, Any]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for
+
 pytestmark = pytest.mark.kernel
 STRATOSCOPE = [sys.executable, "-m", "stratoscope.cli"]
 
@@ -103,14 +105,10 @@ def test_default_set_survives_a_failing_program(tmp_path: Path) -> None:
         child = subprocess.Popen(["true"])  # one exec, one exit
         assert child.wait(timeout=30) == 0
 
-        def exits_seen() -> bool:
-            return any(e["kind"] == "exit" and e["pid"] == child.pid
-                       for line in out.read_text().splitlines()
-                       for e in json.loads(line).get("events", []))
-        deadline = time.monotonic() + 60
-        while not exits_seen():
-            assert time.monotonic() < deadline, "the process program's exit event never arrived"
-            time.sleep(0.2)
+        wait_for("the process program's exit event", lambda: any(
+            e["kind"] == "exit" and e["pid"] == child.pid
+            for line in out.read_text().splitlines()
+            for e in json.loads(line).get("events", [])), 60, every_s=0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from stratoscope.edge.bound import OTHER
-from tests.conftest import EdgeRun, run_edge, unique_comm
+from tests.conftest import EdgeRun, run_edge, unique_comm, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -187,16 +187,11 @@ def test_full_connection_table_counts_untracked_connections() -> None:
         for sock in held:
             sock.close()
 
-        def settled() -> bool:
-            return all(
-                run.counter("tcp_opens_total", port=port, direction=d) == n
-                and run.counter("tcp_closes_total", port=port, direction=d)
-                + run.counter("tcp_untracked_connections_total", port=port, direction=d) == n
-                for d in ("active", "passive"))
-        deadline = time.monotonic() + 30
-        while not settled():
-            assert time.monotonic() < deadline, "opens and closes did not add up within 30 s"
-            time.sleep(0.02)
+        wait_for("opens = closes + untracked per direction", lambda: all(
+            run.counter("tcp_opens_total", port=port, direction=d) == n
+            and run.counter("tcp_closes_total", port=port, direction=d)
+            + run.counter("tcp_untracked_connections_total", port=port, direction=d) == n
+            for d in ("active", "passive")), 30, every_s=0.02)
     listener.close()
     untracked = sum(run.counter("tcp_untracked_connections_total", port=port, direction=d)
                     for d in ("active", "passive"))
@@ -239,11 +234,8 @@ def test_full_inflight_table_counts_untracked_requests() -> None:
         for t in threads:
             t.start()
         try:
-            deadline = time.monotonic() + 60
-            while run.counter("block_untracked_requests_total", device=device, op="write") == 0:
-                assert not errors, errors
-                assert time.monotonic() < deadline, "no request found the table full in 60 s"
-                time.sleep(0.05)
+            wait_for("a request to find the table full", lambda: errors or run.counter(
+                "block_untracked_requests_total", device=device, op="write"), 60, every_s=0.05)
         finally:
             stop.set()
             for t in threads:
@@ -264,10 +256,8 @@ def test_full_parent_table_counts_untracked_tasks() -> None:
         children = [subprocess.Popen(["sleep", "60"]) for _ in range(n)]
         try:
             pids = {c.pid for c in children}
-            deadline = time.monotonic() + 60
-            while len({e["pid"] for e in run.events(kind="exec") if e["pid"] in pids}) < n:
-                assert time.monotonic() < deadline, "exec events did not arrive within 60 s"
-                time.sleep(0.05)
+            wait_for("every child's exec event", lambda: len(
+                {e["pid"] for e in run.events(kind="exec") if e["pid"] in pids}) == n, 60, every_s=0.05)
         finally:
             for c in children:
                 c.kill()
