@@ -64,12 +64,13 @@ ALL_PROGRAMS = "syscalls,sched,tcp,block,process,profile"
 
 
 def default_programs() -> str:
-    """The edge's default set: the programs whose bpf/<name>.yaml does not say
-    ``default: false`` (what `stratoscope edge` runs when no program is named)."""
-    import yaml  # the edge's own dependency, in the venv that runs this script
+    """The edge's default set, as `stratoscope edge` picks it when no program is named
+    (the project's venv runs this script, so the edge's own reader is at hand)."""
+    from stratoscope.edge.spec import default_programs as edge_default_programs
 
-    return ",".join(sorted(p.stem for p in (ROOT / "bpf").glob("*.yaml")
-                           if yaml.safe_load(p.read_text()).get("default", True)))
+    return ",".join(sorted(edge_default_programs(ROOT / "bpf")))
+
+
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
