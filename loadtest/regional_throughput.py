@@ -809,7 +809,7 @@ class Regional:
         self.logfile = workdir / "regional.log"
         self.cmd = [str(STRATOSCOPE), "regional", "--listen", f"127.0.0.1:{self.port}",
                     "--metrics-port", str(self.mport), "--query-listen", "none",
-                    "--clickhouse", f"chdb://{self.chdir}",
+                    "--clickhouse", f"chdb://{self.chdir}", "--wal-dir", str(workdir / "wal"),
                     "--resolution", f"{RES_S}s", "--lateness", f"{LATENESS_S}s"]
         if kafka:
             self.cmd += ["--kafka", kafka, "--kafka-topic-prefix", topic_prefix]

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,13 +22,14 @@ from prometheus_client import start_http_server
 from stratoscope.regional import looplag
 from stratoscope.regional.config import QUEUE_MAX, QUEUE_RETRY, RegionalConfig
 from stratoscope.regional.delivery import DeliveryQueue
-from stratoscope.regional.ingest import IngestProcess
+from stratoscope.regional.ingest import IngestProcess, WalSettings, WalStats
+from stratoscope.regional.instances import InstanceLog
 from stratoscope.regional.merge import MergeSettings
 from stratoscope.regional.queryapi import QueryApi
 from stratoscope.regional.rollups import declared_rollups
 from stratoscope.regional.runtime import tune_gc
 from stratoscope.regional.server import ServerTls
-from stratoscope.regional.service import Regional, flush_forever
+from stratoscope.regional.service import LogStats, Regional, flush_forever
 from stratoscope.regional.sinks.base import SinkError
 from stratoscope.regional.sinks.process import ProcessSink
 
@@ -78,15 +80,25 @@ class RunningRegional:
     def __init__(self, config: RegionalConfig) -> None:
         self.config = config
         self.sinks = [ProcessSink(s) for s in config.sinks]
+        #: The write-ahead log's window instances (None: no log).
+        self.instances = (InstanceLog(config.wal_dir, len(self.sinks))
+                          if config.wal_dir is not None else None)
+        instances = self.instances
         self.queues = [
             DeliveryQueue(s, batch_max_blocks=max(500, 2 * config.frame_nodes + 2), batch_max_wait_s=0.5,
-                          max_queue_blocks=QUEUE_MAX, health_check=True)
+                          max_queue_blocks=QUEUE_MAX, health_check=True,
+                          on_done=instances.confirmed if instances is not None else None)
             for s in self.sinks
         ]
         self.regional = Regional(merge_settings(config), self.queues, regional_id=config.regional_id,
                                  frames_in_child=config.fork_frames,
                                  max_held_points=config.max_held_points,
-                                 max_held_bytes=config.max_held_bytes)
+                                 max_held_bytes=config.max_held_bytes,
+                                 instances=instances)
+        self.wal_stats: WalStats | None = None
+        if instances is not None:
+            self.regional.registry.register(LogStats(instances, lambda: self.wal_stats,
+                                                     config.wal_max_bytes, self.regional.clock))
         #: Set when a part of the regional failed on its own (the ingest process died):
         #: the regional then stops, flushing what it holds, and exits non-zero.
         self.failed = asyncio.Event()
@@ -94,7 +106,10 @@ class RunningRegional:
                                      QUEUE_RETRY, on_outcome=self.regional.count,
                                      on_accepted=self.regional.accept_admitted,
                                      on_exit=lambda code: self.failed.set(),
-                                     on_lag=self.regional.metrics.observe_lag)
+                                     on_lag=self.regional.metrics.observe_lag,
+                                     wal_settings=(WalSettings(config.wal_dir, config.wal_fsync)
+                                                   if config.wal_dir is not None else None),
+                                     on_wal=self._on_wal)
         self._flusher: asyncio.Task[None] | None = None
         self._lag_monitor: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
@@ -105,10 +120,21 @@ class RunningRegional:
         #: Holders of admission_closed(); while any, every batch is answered RETRY.
         self._closers = 0
         self._pressure_lock = asyncio.Lock()
-        self._pressure_sent: tuple[int, bool, bool] | None = None
+        self._pressure_sent: tuple[int, bool, bool, bool] | None = None
         self._started = False
         self._stop_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
+
+    def _on_wal(self, stats: WalStats) -> None:
+        """The ingest process's log figures, every second (its reader thread)."""
+        self.wal_stats = stats
+        if self.instances is not None and stats.segment:
+            self.instances.active_segment = max(self.instances.active_segment, stats.segment)
+        if stats.failed and self._loop is not None and not self.failed.is_set():
+            log.critical("the write-ahead log failed (%s): stopping; a supervisor restarts the "
+                         "regional, which replays what was logged", stats.failed)
+            self._loop.call_soon_threadsafe(self.failed.set)
 
     def sink(self, name: str) -> ProcessSink:
         return next(s for s in self.sinks if s.name == name)
@@ -118,9 +144,15 @@ class RunningRegional:
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
         try:
             for q in self.queues:
                 await q.start()
+            if self.instances is not None:
+                # windows as they were before a restart, before any new batch is taken
+                await asyncio.to_thread(self.instances.open)
+                await asyncio.to_thread(self.instances.replay, self.regional.aggregator,
+                                        self.regional.limits)
             await self._ingest.start()
             self.port = self._ingest.port
             self._backlog_task = asyncio.create_task(self._push_backlog())
@@ -140,10 +172,13 @@ class RunningRegional:
             await self.stop()
             raise
 
-    def _pressure(self) -> tuple[int, bool, bool]:
+    def _pressure(self) -> tuple[int, bool, bool, bool]:
         """What the gate answers RETRY on: sink backlog, held points at their bound,
-        admission closed."""
-        return (self.regional.backlog, self.regional.held_full, self._closers > 0)
+        admission closed, the log near its bound."""
+        log_full = False
+        if self.instances is not None:
+            log_full = self.instances.depth()[1] >= 0.9 * self.config.wal_max_bytes
+        return (self.regional.backlog, self.regional.held_full, self._closers > 0, log_full)
 
     async def push_pressure(self, confirm: bool = True) -> None:
         """Hand the gate the current pressure. With ``confirm``, every batch the gate
@@ -193,12 +228,16 @@ class RunningRegional:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop ingest (every acked batch is merged after it), store every window, stop
         the queues (each stops its sink). Idempotent (a second or concurrent call waits
-        for the first); safe without start()."""
+        for the first); safe without start().
+
+        With a write-ahead log, storing is bounded by ``config.stop_timeout``: what is
+        not stored by then stays in the log, and the next start stores it."""
         if self._stop_task is None:
             self._stop_task = asyncio.get_running_loop().create_task(self._stop(grace_s))
         await asyncio.shield(self._stop_task)
 
     async def _stop(self, grace_s: float) -> None:
+        deadline = time.monotonic() + self.config.stop_timeout
         if self._query_api is not None:
             await self._query_api.stop()
         await _cancel(self._lag_monitor)
@@ -209,10 +248,22 @@ class RunningRegional:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
         try:
-            await self.regional.drain()
+            if self.instances is None:
+                await self.regional.drain()
+            else:
+                try:
+                    await asyncio.wait_for(self.regional.drain(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    log.warning("stop: not everything was stored within %gs; the rest stays in the "
+                                "write-ahead log and is stored after the next start",
+                                self.config.stop_timeout)
         finally:
             for q in self.queues:
+                if self.instances is not None:
+                    q.stop_timeout_s = max(0.0, min(q.stop_timeout_s, deadline - time.monotonic()))
                 await q.stop()
+            if self.instances is not None:
+                self.instances.close()
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

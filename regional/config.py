@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,7 @@ from stratoscope.settings import Duration, NonNegativeDuration, readable_file
 
 __all__ = [
     "DEFAULT_DSN",
+    "DEFAULT_WAL_DIR",
     "DEFAULT_MAX_HELD_BYTES",
     "DEFAULT_MAX_HELD_POINTS",
     "QUEUE_MAX",
@@ -31,6 +32,8 @@ __all__ = [
 
 #: The embedded store a regional writes to unless told otherwise.
 DEFAULT_DSN = "chdb:///var/lib/stratoscope/clickhouse"
+#: Where a regional logs accepted batches unless told otherwise.
+DEFAULT_WAL_DIR = Path("/var/lib/stratoscope/wal")
 
 #: Sink backlog (blocks) at which edges are told to RETRY, and the queue's hard bound.
 #: Backpressure before memory: edges get RETRY once a sink is QUEUE_RETRY blocks behind
@@ -113,7 +116,8 @@ class RegionalConfig(BaseModel):
     #: ClickHouse sink process, which answers one request at a time: while it runs,
     #: the sink's inserts wait (up to the endpoint's 10 s of server time per query).
     query_max_concurrent: int = Field(default=1, ge=1, le=16)
-    #: Names this regional in the roll-ups it writes and in block identities.
+    #: Names this regional in its logs and in the roll-ups it writes (not in block
+    #: identities: those depend on their sources only).
     regional_id: str = Field(default_factory=socket.gethostname, min_length=1)
     #: Output window (whole seconds).
     resolution: Duration = 60.0
@@ -144,6 +148,28 @@ class RegionalConfig(BaseModel):
         if value is not None and not any(value.glob("*.yaml")):
             raise ValueError(f"no program descriptions (*.yaml) in {str(value)!r}")
         return value
+    #: The write-ahead log (regional/wal.py): a batch is acknowledged once it is in
+    #: this directory, and windows are rebuilt from it after a crash. None (``none`` on
+    #: the command line) keeps acknowledged batches in memory only: a crash loses them.
+    wal_dir: Path | None = DEFAULT_WAL_DIR
+    #: ``ack``: fsync before acknowledging (group commit: one fsync for the batches that
+    #: arrived meanwhile); ``interval``: acknowledge once written, fsync every second (a
+    #: crash of the machine, not of the process, may lose the last second).
+    wal_fsync: Literal["ack", "interval"] = "ack"
+    #: Bytes the log may hold; from 90 % of it, edges are answered RETRY (they keep
+    #: their batches in their spool) until sinks confirm what the log holds.
+    wal_max_bytes: int = Field(default=8 * 1024**3, ge=64 * 1024**2)
+    #: On SIGTERM: how long to go on storing what is held before exiting; what is not
+    #: stored by then stays in the log and is stored after the next start.
+    stop_timeout: NonNegativeDuration = 30.0
+
+    @field_validator("wal_dir", mode="before")
+    @classmethod
+    def _wal_dir(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
+        return value
+
     #: TLS of the ingest server; None: plaintext.
     tls: TlsSettings | None = None
     #: The ClickHouse sink; None (``none`` on the command line) disables it.

@@ -44,3 +44,36 @@ class Deduplicator:
             boot.above.discard(boot.floor)
         if len(boot.above) > 100_000:  # a pathological gap: forget the oldest
             boot.floor = min(boot.above) - 1
+
+    def forget(self, node_id: str, boot_id: str, seq: int) -> None:
+        """Un-see one batch (it was admitted but could not be logged)."""
+        boot = self._boots.get((node_id, boot_id))
+        if boot is None:
+            return
+        if seq > boot.floor:
+            boot.above.discard(seq)
+            return
+        boot.above |= set(range(seq + 1, boot.floor + 1))
+        boot.floor = seq - 1
+
+    def state(self) -> list[tuple[str, str, int, list[int]]]:
+        """Everything remembered, oldest boot first: (node_id, boot_id, floor, seqs above
+        it). Loaded back by ``load`` (the write-ahead log's checkpoints)."""
+        return [(node, boot, b.floor, sorted(b.above)) for (node, boot), b in self._boots.items()]
+
+    def load(self, state: list[tuple[str, str, int, list[int]]]) -> None:
+        """Add a ``state()`` to what is remembered (in its order, as the newest)."""
+        for node, boot, floor, above in state:
+            key = (node, boot)
+            b = self._boots.get(key)
+            if b is None:
+                b = self._boots[key] = _Boot()
+                while len(self._boots) > self.max_boots:
+                    self._boots.popitem(last=False)
+            else:
+                self._boots.move_to_end(key)
+            b.floor = max(b.floor, floor)
+            b.above = {s for s in b.above | set(above) if s > b.floor}
+            while b.floor + 1 in b.above:
+                b.floor += 1
+                b.above.discard(b.floor)

@@ -91,6 +91,7 @@ class DeliveryQueue:
         stop_timeout_s: float | None = None,
         log_interval_s: float = 10.0,
         health_check: bool = False,
+        on_done: Callable[[list[Block]], None] | None = None,
     ) -> None:
         if max_queue_blocks < 1:
             raise ValueError(f"max_queue_blocks must be >= 1, got {max_queue_blocks}")
@@ -116,6 +117,8 @@ class DeliveryQueue:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.on_drop = on_drop
+        #: Called with every batch of blocks the sink has for good (delivered).
+        self.on_done = on_done
         #: Whether start() runs the sink's health check (a failing one raises from start()).
         self.health_check = health_check
         #: How long stop() keeps delivering what is queued before it gives up.
@@ -328,6 +331,11 @@ class DeliveryQueue:
             else:
                 now = time.monotonic()
                 self.delivered += len(blocks)
+                if self.on_done is not None:
+                    try:
+                        self.on_done(blocks)
+                    except Exception:
+                        log.exception("on_done callback of sink %s failed", self.sink.name)
                 self.last_delivery_latency_s = now - t0
                 self.last_end_to_end_latency_s = now - min(t for _, t, _ in items)
                 if attempt:

@@ -194,6 +194,9 @@ class Frame:
     #: Unique stacks of the frame; profile rows index them (-1: no stack).
     stacks: Table = field(default_factory=empty_stacks)
     events: Table = field(default_factory=empty_events)
+    #: The log position that seals the window instance this frame is a part of
+    #: (regional/instances.py; 0 without a write-ahead log).
+    seal_pos: int = 0
 
     # -- slicing ------------------------------------------------------------------
     def bounds(self, table: Table) -> I64:
@@ -250,7 +253,7 @@ class Frame:
         return Frame(self.start_ns, self.end_ns, self.resolution_s, self.late, self.strings,
                      [self.parts[i] for i in parts], self.families,
                      metrics=rows("metrics"), histograms=rows("histograms"), profiles=profiles,
-                     stacks=stacks, events=rows("events"))
+                     stacks=stacks, events=rows("events"), seal_pos=self.seal_pos)
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)

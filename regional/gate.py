@@ -46,6 +46,8 @@ class Gate:
         self.held_full = False
         #: The owner drains windows and takes no new batch until it is done (RETRY).
         self.closed = False
+        #: The write-ahead log is near its size bound (RETRY until sinks catch up).
+        self.log_full = False
 
     def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
@@ -64,6 +66,10 @@ class Gate:
         if self.backlog >= self.max_queued_blocks or self.saturated():
             ack.status = ingest_pb2.Ack.RETRY
             ack.reason = "regional overloaded: sinks are behind"
+            return ack, None, ""
+        if self.log_full:
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "regional overloaded: its write-ahead log is near its size bound"
             return ack, None, ""
         if self.closed:
             ack.status = ingest_pb2.Ack.RETRY

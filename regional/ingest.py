@@ -26,8 +26,10 @@ of band, no pickle copy):
   ``Stop(grace_s)``. Messages are handled in order, so a barrier answered after a
   pressure message means the gate applies it.
 
-An accepted batch is acked when it is in the bounded hand-over queue (in memory,
-not yet durable); a full queue answers RETRY. The ingest process ignores
+With a write-ahead log (``wal``), an accepted batch is acked once it is in the log
+on disk (regional/walwriter.py: group commit), and it crosses to the merge with its
+log position, in log order; without one, once it is in the bounded hand-over queue
+(in memory: lost if the regional dies). A full hand-over queue answers RETRY. The ingest process ignores
 SIGINT/SIGTERM (the regional stops it in order: server first, then the queue is
 drained, then windows are flushed) and exits when the pipe closes.
 """
@@ -43,16 +45,20 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
-from stratoscope.regional import looplag, pipes
+from stratoscope.regional import looplag, pipes, wal
+from stratoscope.regional.dedup import Deduplicator
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
 from stratoscope.regional.runtime import name_process, tune_gc
 from stratoscope.regional.server import ServerTls, serve
 from stratoscope.regional.validate import Limits
+from stratoscope.regional.walwriter import FsyncPolicy, WalWriter
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
@@ -78,6 +84,8 @@ class Accepted:
     #: sent (out of band), a read-only view of the received buffer when received.
     columns: pickle.PickleBuffer | memoryview
     size: int | None
+    #: Its position in the write-ahead log (regional/wal.py; 0 without a log).
+    pos: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +117,8 @@ class Pressure:
     blocks: int
     held_full: bool
     closed: bool
+    #: the write-ahead log is near its size bound
+    log_full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,45 +126,111 @@ class Stop:
     grace_s: float
 
 
-IngestEvent = Listening | Accepted | Outcome | Barrier | Stopped | LoopLag
+@dataclass(frozen=True, slots=True)
+class WalStats:
+    """The ingest side of the write-ahead log, every second: records and bytes written,
+    fsyncs, the segment being written, and the error that stopped it ("" if none)."""
+
+    records: int
+    bytes: int
+    syncs: int
+    segment: int
+    failed: str
+
+
+@dataclass(frozen=True)
+class WalSettings:
+    """Where and how the ingest process logs accepted batches (regional/walwriter.py)."""
+
+    directory: Path
+    fsync: FsyncPolicy = "ack"
+    fsync_interval_s: float = 1.0
+    segment_bytes: int = 64 << 20
+
+
+IngestEvent = Listening | Accepted | Outcome | Barrier | Stopped | LoopLag | WalStats
 IngestCommand = Pressure | Barrier | Stop
 
 
 # -- the ingest process ---------------------------------------------------------------
 
 class Admission:
-    """What the gRPC service calls (server.Admission): the gate, then the hand-over queue.
+    """What the gRPC service calls (server.Admission): the gate, the log, then the
+    hand-over queue.
 
     The queue itself is unbounded (outcome messages must never block the event
     loop); accepted batches are bounded by ``HANDOVER_BYTES``: past it, RETRY.
     ``queued_bytes``/``sent_bytes`` are each written by one thread only (loop / sender).
+    With a ``writer``, an accepted batch is acked (and handed over) once logged; until
+    then a resend of it (another stream of the same edge) is answered RETRY, never
+    DUPLICATE: it is not durable yet.
     """
 
     def __init__(self, limits: Limits, max_queued_blocks: int,
-                 out: queue.SimpleQueue[IngestEvent]) -> None:
-        self.gate = Gate(limits, max_queued_blocks=max_queued_blocks, saturated=self.saturated)
+                 out: queue.SimpleQueue[IngestEvent], writer: WalWriter | None = None,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.gate = Gate(limits, max_queued_blocks=max_queued_blocks, saturated=self.saturated,
+                         clock=clock)
         self.out = out
+        self.writer = writer
+        self.clock = clock
         self.queued_bytes = 0
         self.sent_bytes = 0
+        #: identities being logged (accepted, not yet durable)
+        self.logging: set[tuple[str, str, int]] = set()
 
     def saturated(self) -> bool:
         return self.queued_bytes - self.sent_bytes >= HANDOVER_BYTES
 
-    def accept(self, batch: pb.Batch, peer_node: str | None, size: int | None) -> ingest_pb2.Ack:
-        ack, cols, label = self.gate.admit(batch, peer_node, size)
-        if cols is not None:
-            # The decoded columns, packed (regional/handover.py): the merge maps them
-            # without parsing or decoding the batch again.
-            wire = pack(cols)
-            self.queued_bytes += len(wire)
-            self.out.put(Accepted(pickle.PickleBuffer(wire), size))
-        else:
+    async def accept(self, batch: pb.Batch, peer_node: str | None, wire: bytes) -> ingest_pb2.Ack:
+        ident = (batch.node_id, batch.boot_id, batch.seq)
+        if ident in self.logging:
+            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
+                                  reason="this batch is being logged: resend it later")
+        now = self.clock()
+        ack, cols, label = self.gate.admit(batch, peer_node, len(wire))
+        if cols is None:
             self.out.put(Outcome(ack.status, label))
+            return ack
+        # The decoded columns, packed (regional/handover.py): the merge maps them
+        # without parsing or decoding the batch again.
+        packed = pack(cols)
+        if self.writer is None:
+            self.queued_bytes += len(packed)
+            self.out.put(Accepted(pickle.PickleBuffer(packed), len(wire)))
+            return ack
+        loop = asyncio.get_running_loop()
+        logged: asyncio.Future[int | None] = loop.create_future()
+        size = len(wire)
+        self.logging.add(ident)
+
+        def done(pos: int | None) -> None:  # in the writer thread, in log order
+            if pos is not None:
+                # handed over here, not in the loop: the merge must see log order
+                self.queued_bytes += len(packed)
+                self.out.put(Accepted(pickle.PickleBuffer(packed), size, pos))
+            loop.call_soon_threadsafe(_settle, logged, pos)
+
+        self.writer.append(wal.batch_record(now, wire), ident, done)
+        try:
+            pos = await logged
+        finally:
+            self.logging.discard(ident)
+        if pos is None:
+            self.gate.dedup.forget(*ident)
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = "the regional cannot write its log"
         return ack
 
 
+def _settle(fut: asyncio.Future[int | None], pos: int | None) -> None:
+    if not fut.done():
+        fut.set_result(pos)
+
+
 def _ingest_main(conn: Connection, listen: str, tls: ServerTls | None,
-                 limits: Limits, max_queued_blocks: int, log_level: int) -> None:
+                 limits: Limits, max_queued_blocks: int, log_level: int,
+                 wal_settings: WalSettings | None) -> None:
     chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
     name_process("strato-ingest")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -163,15 +239,27 @@ def _ingest_main(conn: Connection, listen: str, tls: ServerTls | None,
     import uvloop
 
     tune_gc()
-    uvloop.run(_ingest_loop(chan, listen, tls, limits, max_queued_blocks))
+    uvloop.run(_ingest_loop(chan, listen, tls, limits, max_queued_blocks, wal_settings))
 
 
 async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: str,
-                       tls: ServerTls | None, limits: Limits, max_queued_blocks: int) -> None:
+                       tls: ServerTls | None, limits: Limits, max_queued_blocks: int,
+                       wal_settings: WalSettings | None) -> None:
     loop = asyncio.get_running_loop()
     out: queue.SimpleQueue[IngestEvent] = queue.SimpleQueue()
-    admission = Admission(limits, max_queued_blocks, out)
+    writer = None
+    if wal_settings is not None:
+        # what was taken before a restart is answered DUPLICATE: the log's record of it
+        seen = wal.seen_batches(wal_settings.directory)
+        durable = Deduplicator()
+        durable.load(seen.state())
+        writer = WalWriter(wal_settings.directory, durable, segment_bytes=wal_settings.segment_bytes,
+                           fsync=wal_settings.fsync, fsync_interval_s=wal_settings.fsync_interval_s)
+        writer.start()
+    admission = Admission(limits, max_queued_blocks, out, writer)
     gate = admission.gate
+    if wal_settings is not None:
+        gate.dedup = seen
     server, port = await serve(admission, listen, tls)
 
     def sender() -> None:  # pickles and writes: off the event loop
@@ -193,6 +281,9 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
     def report_lag(longest_s: float, stalls: list[float]) -> None:
         if longest_s:
             out.put(LoopLag(longest_s, stalls))
+        if writer is not None:
+            out.put(WalStats(writer.records, writer.bytes, writer.syncs, writer.segment,
+                             str(writer.failed or "")))
 
     lag_monitor = asyncio.create_task(looplag.monitor(report_lag))
     while True:
@@ -201,14 +292,19 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
         except (EOFError, OSError):  # the regional is gone
             lag_monitor.cancel()
             await server.stop(0)
+            if writer is not None:
+                await loop.run_in_executor(None, writer.close)
             return
         if isinstance(cmd, Pressure):
             gate.backlog, gate.held_full, gate.closed = cmd.blocks, cmd.held_full, cmd.closed
+            gate.log_full = cmd.log_full
         elif isinstance(cmd, Barrier):
             out.put(cmd)
         elif isinstance(cmd, Stop):
             lag_monitor.cancel()
             await server.stop(cmd.grace_s)
+            if writer is not None:
+                await loop.run_in_executor(None, writer.close)
             out.put(Stopped())
             await loop.run_in_executor(None, send_thread.join)
             return
@@ -219,14 +315,17 @@ class IngestProcess:
 
     def __init__(self, listen: str, tls: ServerTls | None, limits: Limits, max_queued_blocks: int,
                  on_outcome: Callable[[int, str, None, None], None],
-                 on_accepted: Callable[[memoryview, int | None], None],
+                 on_accepted: Callable[[memoryview, int | None, int], None],
                  on_exit: Callable[[int | None], None] | None = None,
-                 on_lag: Callable[[str, float, list[float]], None] | None = None) -> None:
+                 on_lag: Callable[[str, float, list[float]], None] | None = None,
+                 wal_settings: WalSettings | None = None,
+                 on_wal: Callable[[WalStats], None] | None = None) -> None:
         """``on_outcome(status, label, None, None)`` counts a batch the ingest process did
-        not accept; ``on_accepted(packed columns, size)`` merges an accepted one (both in
-        a reader thread); ``on_exit(code)`` is called in the event loop if the ingest
-        process dies on its own; ``on_lag("ingest", longest_s, stalls)`` reports its
-        event loop's stalls (reader thread)."""
+        not accept; ``on_accepted(packed columns, size, log position)`` merges an accepted
+        one (both in a reader thread); ``on_exit(code)`` is called in the event loop if the
+        ingest process dies on its own; ``on_lag("ingest", longest_s, stalls)`` reports its
+        event loop's stalls and ``on_wal(stats)`` its log writer's figures (reader
+        thread)."""
         self.listen = listen
         self.tls = tls
         self.limits = limits
@@ -235,6 +334,8 @@ class IngestProcess:
         self.on_accepted = on_accepted
         self.on_exit = on_exit
         self.on_lag = on_lag
+        self.wal_settings = wal_settings
+        self.on_wal = on_wal
         self.port = 0
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._chan: pipes.Channel[IngestCommand, IngestEvent] | None = None
@@ -251,7 +352,7 @@ class IngestProcess:
         self._proc = ctx.Process(
             target=_ingest_main, name="stratoscope-ingest", daemon=True,
             args=(child, self.listen, self.tls, self.limits, self.max_queued_blocks,
-                  logging.getLogger().level),
+                  logging.getLogger().level, self.wal_settings),
         )
         self._proc.start()
         child.close()
@@ -281,9 +382,12 @@ class IngestProcess:
                 return
             try:
                 if isinstance(msg, Accepted):
-                    self.on_accepted(memoryview(msg.columns), msg.size)
+                    self.on_accepted(memoryview(msg.columns), msg.size, msg.pos)
                 elif isinstance(msg, Outcome):
                     self.on_outcome(msg.status, msg.label, None, None)
+                elif isinstance(msg, WalStats):
+                    if self.on_wal is not None:
+                        self.on_wal(msg)
                 elif isinstance(msg, LoopLag):
                     if self.on_lag is not None:
                         self.on_lag("ingest", msg.longest_s, msg.stalls)
@@ -315,11 +419,12 @@ class IngestProcess:
         with contextlib.suppress(OSError, ValueError):
             self._chan.send(msg)
 
-    def set_pressure(self, blocks: int, held_full: bool, closed: bool) -> None:
+    def set_pressure(self, blocks: int, held_full: bool, closed: bool, log_full: bool = False) -> None:
         """Tell the gate the sink backlog, whether the merge's windows are at their
-        memory bound and whether admission is closed: it answers RETRY on any of them.
-        (Applied once a ``barrier()`` sent after it returns.)"""
-        self._send(Pressure(blocks, held_full, closed))
+        memory bound, whether admission is closed and whether the log is near its bound:
+        it answers RETRY on any of them. (Applied once a ``barrier()`` sent after it
+        returns.)"""
+        self._send(Pressure(blocks, held_full, closed, log_full))
 
     async def barrier(self) -> None:
         """Returns once every batch acked so far has been handed to ``on_accepted``."""

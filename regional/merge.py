@@ -79,6 +79,7 @@ from stratoscope.regional.frame import (
     used_stacks,
 )
 from stratoscope.regional.rollups import Rollup, declared_rollups
+from stratoscope.regional.wal import SEGMENT_SHIFT
 from stratoscope.v1 import batch_pb2 as pb
 
 NS = 1_000_000_000
@@ -287,6 +288,12 @@ class _Window:
     #: accounted bytes outside the shards: strings, sources, stacks, events
     own_bytes: int = 0
     event_rows: int = 0
+    #: the write-ahead log position of the newest batch recorded (0 without a log), and
+    #: how many of its batches each log segment holds (regional/instances.py)
+    max_pos: int = 0
+    segments: dict[int, int] = field(default_factory=dict)
+    #: set once the instance is sealed: what ``max_pos`` was then (its identity in the log)
+    seal_pos: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -311,6 +318,9 @@ class Aggregator:
         self._open: dict[int, _Window] = {}
         self._late: dict[int, _Window] = {}
         self._closed: OrderedDict[int, None] = OrderedDict()
+        #: window instances rebuilt from the log that were sealed before a restart:
+        #: (start, seal position) -> window, emitted by the next take_due as they are
+        self._restored: dict[tuple[int, int], _Window] = {}
         self.late_batches = 0
         self.points_in = 0
         self._lock = threading.Lock()
@@ -319,21 +329,44 @@ class Aggregator:
     def window_of(self, batch: pb.Batch | BatchCols) -> int:
         return ((batch.end_ns - 1) // self._res_ns) * self._res_ns
 
-    def record(self, batch: pb.Batch | BatchCols) -> bool:
-        """Merge one validated batch; returns True if it landed in a late partial."""
+    def record(self, batch: pb.Batch | BatchCols, pos: int = 0) -> bool:
+        """Merge one validated batch (``pos``: its write-ahead log position, given in
+        increasing order); returns True if it landed in a late partial."""
         cols = decode(batch) if isinstance(batch, pb.Batch) else batch
         with self._lock:
-            return self._record(cols)
+            return self._record(cols, pos)
 
-    def _record(self, b: BatchCols) -> bool:
+    def restore(self, batch: BatchCols, pos: int, seal_pos: int, late: bool) -> None:
+        """Merge a batch read back from the log into the window instance it was sealed
+        in before a restart (``seal_pos``): the instance is emitted again as it was, so
+        its blocks keep their identities."""
+        ws = self.window_of(batch)
+        with self._lock:
+            w = self._restored.get((ws, seal_pos))
+            if w is None:
+                w = self._restored[(ws, seal_pos)] = _Window(ws, ws + self._res_ns, late, seal_pos=seal_pos)
+            self._record(batch, pos, w)
+
+    def mark_closed(self, start_ns: int) -> None:
+        """Window ``start_ns`` was closed before a restart: batches for it are late."""
+        with self._lock:
+            self._closed[start_ns] = None
+
+    def _record(self, b: BatchCols, pos: int, w: _Window | None = None) -> bool:
         ws = self.window_of(b)
-        late = ws in self._closed
-        table = self._late if late else self._open
-        w = table.get(ws)
+        late = False
         if w is None:
-            w = table[ws] = _Window(ws, ws + self._res_ns, late)
-        if late:
-            self.late_batches += 1
+            late = ws in self._closed
+            table = self._late if late else self._open
+            w = table.get(ws)
+            if w is None:
+                w = table[ws] = _Window(ws, ws + self._res_ns, late)
+            if late:
+                self.late_batches += 1
+        if pos:
+            w.max_pos = max(w.max_pos, pos)
+            seg = pos >> SEGMENT_SHIFT
+            w.segments[seg] = w.segments.get(seg, 0) + 1
         n_strings = len(w.strings.items)
         gmap = w.strings.intern_all(b.strings)
         node = w.strings(b.node_id)
@@ -492,6 +525,8 @@ class Aggregator:
         grace = int(self.settings.lateness_s * NS)
         due: list[_Window] = []
         with self._lock:
+            due.extend(self._restored[k] for k in sorted(self._restored))
+            self._restored.clear()
             for ws in sorted(self._open):
                 w = self._open[ws]
                 if force or w.end_ns + grace <= now_ns:
@@ -539,7 +574,7 @@ class Aggregator:
         frames: U32 = np.asarray(full.values("frames", "values"), dtype=np.uint32)
         stacks = [(full.offsets("frames"), frames)] if len(full) else []
         subs = [_Window(w.start_ns, w.end_ns, w.late, strings=w.strings, stack_index=w.stack_index,
-                        stacks=stacks) for _ in range(0, len(w.rank), chunk)]
+                        stacks=stacks, seal_pos=w.seal_pos) for _ in range(0, len(w.rank), chunk)]
         for node, rank in w.rank.items():
             subs[rank // chunk].rank[node] = rank
         for attr in ("sources", "node_labels", "events_lost"):
@@ -552,8 +587,12 @@ class Aggregator:
         yield from subs
 
     def _block_id(self, w: _Window, node: str, sources: list[tuple[str, int]]) -> str:
+        """A block's identity: its content's sources only -- resolution, window, node and
+        the edge batches in it -- never the regional that merged it or how blocks are
+        grouped later, so a replay after a crash (or the same batches merged by another
+        regional) yields the same id."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"{self.regional_id}|{self.settings.resolution_s}|{w.start_ns}|{node}|".encode())
+        h.update(f"{self.settings.resolution_s}|{w.start_ns}|{node}|".encode())
         h.update("".join(f"{boot}:{seq};" for boot, seq in sorted(sources)).encode())
         return h.hexdigest()
 
@@ -596,7 +635,7 @@ class Aggregator:
             w.start_ns, w.end_ns, self.settings.resolution_s, w.late, strings, parts, families,
             metrics=sort_by_part(Table.concat(m_tables)) if m_tables else empty_metrics(),
             histograms=sort_by_part(Table.concat(h_tables)) if h_tables else empty_hists(),
-            profiles=profiles, stacks=stacks, events=events,
+            profiles=profiles, stacks=stacks, events=events, seal_pos=w.seal_pos,
         )
 
     def _rollups(self, w: _Window, counters: list, hists: list) -> tuple[list, list]:  # type: ignore[type-arg]

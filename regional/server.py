@@ -34,8 +34,9 @@ class Admission(Protocol):
     """What answers a batch: the ack to send (ingest.Admission: the Gate, then the
     hand-over to the merge)."""
 
-    def accept(self, batch: pb.Batch, peer_node: str | None, size: int | None) -> ingest_pb2.Ack:
-        """``peer_node``: the client certificate's CN under mTLS; ``size``: wire bytes."""
+    async def accept(self, batch: pb.Batch, peer_node: str | None, wire: bytes) -> ingest_pb2.Ack:
+        """``peer_node``: the client certificate's CN under mTLS; ``wire``: the batch's
+        bytes as received (what the write-ahead log keeps)."""
         ...
 
 
@@ -67,7 +68,7 @@ class IngestService:
         if self.require_identity and peer is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         async for raw, batch in request_iterator:
-            yield self.admission.accept(batch, peer, len(raw))
+            yield await self.admission.accept(batch, peer, raw)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

@@ -25,6 +25,7 @@ from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
 from stratoscope.regional.frame import Block
 from stratoscope.regional.handover import unpack
+from stratoscope.regional.instances import InstanceLog
 from stratoscope.regional.merge import Aggregator, MergeSettings, release_windows
 from stratoscope.regional.validate import Limits
 from stratoscope.v1 import ingest_pb2
@@ -54,6 +55,54 @@ class _SinkStats(Collector):
         yield from fams.values()
         yield queued
         yield latency
+
+
+class LogStats(Collector):
+    """The write-ahead log on /metrics: depth, age of the oldest data not yet stored,
+    what the ingest process wrote, what a start replayed, what was found corrupt."""
+
+    def __init__(self, instances: InstanceLog, writer: Callable[[], Any], max_bytes: int,
+                 clock: Callable[[], int]) -> None:
+        self._instances = instances
+        self._writer = writer
+        self._max_bytes = max_bytes
+        self._clock = clock
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        ns = "stratoscope_regional_wal"
+        inst = self._instances
+        segments, nbytes, batches = inst.depth()
+        yield GaugeMetricFamily(f"{ns}_segments", "Batch segments the write-ahead log holds.", value=segments)
+        yield GaugeMetricFamily(f"{ns}_bytes", "Bytes of the batch segments the write-ahead log holds.", value=nbytes)
+        yield GaugeMetricFamily(f"{ns}_bytes_limit", "Log bytes from 90 % of which edges are answered RETRY (--wal-max-bytes).",
+                                value=self._max_bytes)
+        yield GaugeMetricFamily(f"{ns}_batches", "Batches in the log not yet stored by every sink.", value=batches)
+        oldest = inst.oldest_live_start_ns()
+        yield GaugeMetricFamily(
+            f"{ns}_oldest_unstored_seconds",
+            "Age of the start of the oldest closed window not yet stored by every sink (0: none).",
+            value=max(0.0, (self._clock() - oldest) / 1e9) if oldest is not None else 0.0)
+        w = self._writer()
+        yield CounterMetricFamily(f"{ns}_written_batches", "Batches the ingest process logged.", value=w.records if w else 0)
+        yield CounterMetricFamily(f"{ns}_written_bytes", "Bytes the ingest process logged.", value=w.bytes if w else 0)
+        yield CounterMetricFamily(f"{ns}_fsyncs", "fsync calls of the ingest process's log writer.", value=w.syncs if w else 0)
+        yield GaugeMetricFamily(f"{ns}_failed", "1 if the log could not be written (the regional then stops).",
+                                value=1 if w and w.failed else 0)
+        yield CounterMetricFamily(f"{ns}_deleted_segments", "Batch segments deleted once every sink had their batches.",
+                                  value=inst.deleted_segments)
+        yield CounterMetricFamily(f"{ns}_done_instances", "Window instances every sink confirmed.", value=inst.done_instances)
+        r = inst.replay_stats
+        replayed = CounterMetricFamily(f"{ns}_replayed_batches", "Batches read back from the log at start, by outcome.",
+                                       labels=["outcome"])
+        replayed.add_metric(["merged"], r.batches - r.skipped - r.restored - r.invalid)
+        replayed.add_metric(["restored"], r.restored)
+        replayed.add_metric(["already_stored"], r.skipped)
+        replayed.add_metric(["invalid"], r.invalid)
+        yield replayed
+        yield CounterMetricFamily(f"{ns}_corrupt_records", "Torn or corrupt records found at start (the rest of their file skipped).",
+                                  value=r.corruption.records)
+        yield CounterMetricFamily(f"{ns}_corrupt_bytes", "Bytes skipped after torn or corrupt records at start.",
+                                  value=r.corruption.bytes)
 
 
 class RegionalMetrics:
@@ -110,8 +159,11 @@ class Regional:
         frames_in_child: bool = False,
         max_held_points: int = DEFAULT_MAX_HELD_POINTS,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        instances: InstanceLog | None = None,
     ) -> None:
         self.aggregator = Aggregator(settings, regional_id)
+        #: The write-ahead log's window instances (regional/instances.py), if logging.
+        self.instances = instances
         #: Reduce closed windows in a forked child (regional/forkframe.py), not a thread.
         self.frames_in_child = frames_in_child
         #: Bound on the points held in windows, open or being reduced: past it edges are
@@ -161,20 +213,24 @@ class Regional:
         """Whether the merge holds as many bytes or points as it may (edges get RETRY)."""
         return self.held_bytes >= self.max_held_bytes or self.held_points >= self.max_held_points
 
-    def accept_admitted(self, packed: bytes | bytearray | memoryview, size: int | None) -> None:
+    def accept_admitted(self, packed: bytes | bytearray | memoryview, size: int | None,
+                        pos: int = 0) -> None:
         """Merge a batch the ingest process's Gate accepted, handed over as its decoded
-        columns (regional/handover.py)."""
-        self.count(ingest_pb2.Ack.ACCEPTED, "", unpack(memoryview(packed)), size)
+        columns (regional/handover.py), with its write-ahead log position (0: none)."""
+        self.count(ingest_pb2.Ack.ACCEPTED, "", unpack(memoryview(packed)), size, pos)
 
-    def count(self, status: int, label: str, cols: BatchCols | None, size: int | None) -> None:
+    def count(self, status: int, label: str, cols: BatchCols | None, size: int | None,
+              pos: int = 0) -> None:
         """Record an admitted batch into the merge, and count every outcome."""
         self.metrics.batches.labels(_STATUS[status]).inc()
         if status == ingest_pb2.Ack.REJECTED:
             self.metrics.rejected.labels(label).inc()
         if cols is None:
             return
-        if self.aggregator.record(cols):
+        if self.aggregator.record(cols, pos):
             self.metrics.late.inc()
+        if pos and self.instances is not None:
+            self.instances.recorded(pos)
         self.metrics.points.inc(cols.points)
         if size:
             self.metrics.bytes_in.inc(size)
@@ -192,7 +248,12 @@ class Regional:
             self._emitting_points += emitting  # still in memory until reduced and queued
             self._emitting_bytes += emitting_bytes
             try:
+                if due and self.instances is not None:
+                    # sealed (and synced) before any of their blocks reaches a sink
+                    await asyncio.to_thread(self.instances.seal, due)
                 out = await self._reduce_and_queue(due) if due else []
+                if due and self.instances is not None:
+                    self.instances.emission_complete(due)
             finally:
                 self._emitting_points -= emitting
                 self._emitting_bytes -= emitting_bytes
@@ -224,6 +285,8 @@ class Regional:
             self.metrics.blocks.inc(len(blocks))
             frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
             self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
+            if self.instances is not None:
+                self.instances.emitted(blocks)
             for q in self.sinks:
                 await self._room(q, len(blocks))
                 await q.put(blocks)

@@ -8,4 +8,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 mkdir -p out
-exec .venv/bin/stratoscope demo --clickhouse "chdb://${STRATOSCOPE_DEMO_STORE:-$ROOT/out/clickhouse}" "$@"
+exec .venv/bin/stratoscope demo --clickhouse "chdb://${STRATOSCOPE_DEMO_STORE:-$ROOT/out/clickhouse}" \
+    --wal-dir "${STRATOSCOPE_DEMO_WAL:-$ROOT/out/wal}" "$@"

@@ -158,7 +158,7 @@ def _register_forward_counters(output: Any, registry: Any) -> None:
 #: --config file (dotted here: "kafka.bootstrap" is ``kafka: {bootstrap: ...}``); the
 #: defaults live in the settings models (regional/config.py), not in argparse.
 _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("--regional-id", "regional_id", "names this regional in roll-ups and block ids (default: hostname)"),
+    ("--regional-id", "regional_id", "names this regional in its logs and roll-ups (default: hostname)"),
     ("--resolution", "resolution", "output window, e.g. 60s"),
     ("--lateness", "lateness", "allowed lateness before a window closes, e.g. 15s"),
     ("--frame-nodes", "frame_nodes", "nodes per frame a closed window is reduced and stored in"),
@@ -168,6 +168,13 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--max-held-bytes", "max_held_bytes",
      "bytes the merge may hold in windows not yet stored (its account of their arrays); past it "
      "edges are answered RETRY until windows close, like --max-held-points"),
+    ("--wal-dir", "wal_dir",
+     "write-ahead log directory: batches are acknowledged once in it; 'none' keeps them in "
+     "memory only (a crash loses them)"),
+    ("--wal-fsync", "wal_fsync", "ack (fsync before acknowledging, default) or interval (every second)"),
+    ("--wal-max-bytes", "wal_max_bytes", "bytes the log may hold; from 90 %% of it edges are answered RETRY"),
+    ("--stop-timeout", "stop_timeout",
+     "on SIGTERM, how long to go on storing before exiting (the rest stays in the log), e.g. 30s"),
     ("--programs-dir", "programs_dir",
      "program descriptions (*.yaml) whose declared roll-ups apply (default: the packaged bpf/)"),
     ("--clickhouse", "clickhouse.dsn",

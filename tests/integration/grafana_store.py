@@ -229,7 +229,7 @@ def fill_store(anchor: Any, bins: dict[str, Path], tmp: Path) -> EdgeStore:
     regional_dir = tmp / "regional-store"
     config = RegionalConfig(
         listen="127.0.0.1:0", metrics_port=0, resolution=60, lateness=0,
-        clickhouse=ClickHouseSettings(dsn=f"chdb://{regional_dir}", database=db),
+        clickhouse=ClickHouseSettings(dsn=f"chdb://{regional_dir}", database=db), wal_dir=tmp / "wal",
     )
 
     def edge(port: int) -> EdgeRun:

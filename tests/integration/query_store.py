@@ -198,7 +198,8 @@ def running_store(workload_bin: dict[str, Path], tmp: Path) -> Iterator[Store]:
             [sys.executable, "-m", "stratoscope.cli", "regional", "--listen", f"127.0.0.1:{ingest}",
              "--metrics-port", str(rmetrics), "--metrics-addr", "127.0.0.1",
              "--query-listen", f"127.0.0.1:{qport}", "--clickhouse", f"chdb://{chdb}",
-             "--resolution", "5s", "--lateness", "1s", "--regional-id", "qregional"],
+             "--resolution", "5s", "--lateness", "1s", "--regional-id", "qregional",
+             "--wal-dir", str(tmp / "wal")],
             stdout=rlog, stderr=subprocess.STDOUT, env=env)
     store = Store(chdb, node, f"http://127.0.0.1:{rmetrics}/metrics",
                   f"http://127.0.0.1:{emetrics}/metrics", f"http://127.0.0.1:{qport}",

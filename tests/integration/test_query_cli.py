@@ -250,7 +250,7 @@ def test_a_taken_read_endpoint_port_is_one_line_naming_the_setting(tmp_path: Pat
         port = taken.getsockname()[1]
         r = cli("regional", "--listen", "127.0.0.1:0", "--metrics-port", "0",
                 "--query-listen", f"127.0.0.1:{port}", "--clickhouse", f"chdb://{tmp_path}/ch",
-                check=False)
+                "--wal-dir", f"{tmp_path}/wal", check=False)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
         f"stratoscope: error: cannot start the regional: [Errno 98] read endpoint "

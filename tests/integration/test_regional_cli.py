@@ -34,7 +34,7 @@ def test_regional_serves_metrics_and_stops_cleanly_on_sigterm(tmp_path: Path) ->
     port = 19532
     proc = subprocess.Popen(
         [*CLI, "regional", "--listen", "127.0.0.1:0", "--metrics-port", str(port),
-         "--query-listen", "none", "--clickhouse", f"chdb://{tmp_path}/ch"],
+         "--query-listen", "none", "--clickhouse", f"chdb://{tmp_path}/ch", "--wal-dir", f"{tmp_path}/wal"],
         stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -88,7 +88,7 @@ def test_bad_setting_is_one_line_exit_2(tmp_path: Path, argv: list[str], text: s
 
 def test_a_sink_that_cannot_start_is_one_line_exit_1(tmp_path: Path) -> None:
     r = subprocess.run([*CLI, "regional", "--listen", "127.0.0.1:0", "--metrics-port", "0",
-                        "--clickhouse", "none", "--kafka", "127.0.0.1:1"],
+                        "--clickhouse", "none", "--kafka", "127.0.0.1:1", "--wal-dir", f"{tmp_path}/wal"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
@@ -115,7 +115,7 @@ async def test_regional_fails_fast_when_its_ingest_process_dies(tmp_path: Path) 
     from stratoscope.regional.config import RegionalConfig
 
     running = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
-                                             clickhouse=f"chdb://{tmp_path}/ch"))
+                                             clickhouse=f"chdb://{tmp_path}/ch", wal_dir=tmp_path / "wal"))
     await running.start()
     try:
         assert running.port > 0 and not running.failed.is_set()
@@ -135,12 +135,13 @@ async def test_lifecycle_stop_is_idempotent_and_a_failed_start_stops_what_starte
     from stratoscope.regional.config import RegionalConfig
     from stratoscope.regional.sinks.base import SinkError
 
-    never = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, clickhouse=None))
+    never = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, clickhouse=None,
+                                           wal_dir=tmp_path / "wal0"))
     await never.stop()
     await never.stop()
 
     running = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
-                                             clickhouse=f"chdb://{tmp_path}/ch",
+                                             clickhouse=f"chdb://{tmp_path}/ch", wal_dir=tmp_path / "wal",
                                              kafka={"bootstrap": "127.0.0.1:1"}))  # type: ignore[arg-type]
     with pytest.raises(SinkError, match="cannot connect to Kafka at 127.0.0.1:1"):
         await running.start()

@@ -45,7 +45,7 @@ async def regional(tmp_path: Path) -> AsyncIterator[RunningRegional]:
         listen="127.0.0.1:0", metrics_port=0, query_listen=None,
         clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=f"e2e_{uuid.uuid4().hex[:10]}"),
         kafka=KafkaSettings(bootstrap=kafka_bootstrap(), topic_prefix=f"e2e-{uuid.uuid4().hex[:10]}"),
-        resolution=60, lateness=0,
+        resolution=60, lateness=0, wal_dir=tmp_path / "wal",
         rollups=(Rollup("syscalls_total", ("syscall",)), Rollup("syscall_latency", ("syscall",))),
     )
     running = RunningRegional(config)
@@ -309,7 +309,8 @@ async def test_sinks_yield_the_cpu_to_ingest(regional: RunningRegional) -> None:
 
 
 def test_demo_command_reports_every_section(tmp_path: Path) -> None:
-    env = {**os.environ, "STRATOSCOPE_DEMO_STORE": str(tmp_path / "store")}
+    env = {**os.environ, "STRATOSCOPE_DEMO_STORE": str(tmp_path / "store"),
+           "STRATOSCOPE_DEMO_WAL": str(tmp_path / "wal")}
     r = subprocess.run(["bash", str(ROOT / "scripts/demo.sh"), "--duration", "20s"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -356,7 +357,7 @@ async def test_memory_bound_answers_retry_then_stores_each_batch_once(tmp_path: 
     # between the sends must not clear the bound early); drain() closes them
     config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                             clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=db),
-                            resolution=60, lateness=600, max_held_points=5)
+                            resolution=60, lateness=600, max_held_points=5, wal_dir=tmp_path / "wal")
     running = RunningRegional(config)
     await running.start()
     try:

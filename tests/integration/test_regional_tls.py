@@ -39,7 +39,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def regional(pki: Path) -> AsyncIterator[RunningRegional]:
     config = RegionalConfig(
-        listen="127.0.0.1:0", metrics_port=0, clickhouse=None,
+        listen="127.0.0.1:0", metrics_port=0, clickhouse=None, wal_dir=pki / "wal",
         tls=TlsSettings(cert=pki / "server.crt", key=pki / "server.key", client_ca=pki / "ca.crt"),
     )
     running = RunningRegional(config)
