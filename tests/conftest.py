@@ -96,7 +96,8 @@ class EdgeRun:
 
 @contextmanager
 def run_edge(
-    programs: list[str], interval: float = 1.0, forward_to: list[str] | None = None, **cfg: Any
+    programs: list[str], interval: float = 1.0, forward_to: list[str] | None = None,
+    forward_close_s: float = 30, **cfg: Any
 ) -> Iterator[EdgeRun]:
     """Run a real collector (real BPF programs) around the body; final drain on exit.
 
@@ -113,7 +114,7 @@ def run_edge(
     if forward_to:
         from stratoscope.edge.outputs import ForwardOutput
 
-        forward = ForwardOutput(forward_to, close_timeout_s=30)
+        forward = ForwardOutput(forward_to, close_timeout_s=forward_close_s)
     collector = Collector(config)
     collector.start()
     run.collector = collector

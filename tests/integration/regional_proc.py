@@ -1,0 +1,140 @@
+"""A real regional as a process of its own (``stratoscope regional``), for fault injection:
+killed with SIGKILL (its whole process group, as a crashing host or the OOM killer would),
+stopped with SIGTERM, restarted on the same store, log and port. Its embedded store is
+read afterwards by a process of its own (an embedded store has one owner at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RegionalProcess:
+    """``stratoscope regional`` on a fixed port, store and log (see the module docstring)."""
+
+    def __init__(self, workdir: Path, *extra: str, kafka: str | None = None,
+                 topic_prefix: str | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.store = workdir / "store"
+        self.wal = workdir / "wal"
+        self.argv = [sys.executable, "-m", "stratoscope.cli", "regional",
+                     "--listen", f"127.0.0.1:{self.port}", "--metrics-port", str(self.metrics_port),
+                     "--metrics-addr", "127.0.0.1", "--query-listen", "none",
+                     "--clickhouse", f"chdb://{self.store}", "--wal-dir", str(self.wal), *extra]
+        if kafka:
+            self.argv += ["--kafka", kafka, "--kafka-topic-prefix", topic_prefix or "stratoscope"]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.log = workdir / "regional.log"
+
+    def start(self) -> None:
+        """Start it and wait until it takes batches (its ingest port accepts)."""
+        assert self.proc is None or self.proc.poll() is not None
+        self.starts += 1
+        with open(self.log, "ab") as out:
+            out.write(f"\n=== start {self.starts} ===\n".encode())
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd=ROOT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the regional exited with {self.proc.returncode}: {self.tail()}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for("the regional to listen", listening, 120, every_s=0.1)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (ingest, sinks, frame child) and reap it."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        # the children are in the group too: wait until none is left
+        wait_for("the regional's children to die", lambda: not _group_alive(self.proc.pid), 30, every_s=0.1)
+
+    def stop(self, timeout_s: float = 180) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout_s)
+        wait_for("the regional's children to exit", lambda: not _group_alive(self.proc.pid), 30, every_s=0.1)
+        return code
+
+    def metrics(self) -> dict[str, float]:
+        """Its /metrics, ``name{labels}`` -> value."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def query(self, sql: str) -> list[list[Any]]:
+        """Rows of ``sql`` on the stopped regional's embedded store (database stratoscope)."""
+        assert self.proc is None or self.proc.poll() is not None, "the store is owned by the regional"
+        code = textwrap.dedent(f"""
+            import json, sys, clickhouse_connect
+            c = clickhouse_connect.get_client(dsn={f"chdb://{self.store}"!r})
+            rows = c.query(sys.stdin.read()).result_rows
+            print(json.dumps([list(r) for r in rows], default=str))
+        """)
+        r = subprocess.run([sys.executable, "-c", code], input=sql, capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # zombies of the group count as gone
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def wait_until(deadline: float) -> None:
+    """Sleep until a monotonic time (pacing a workload, not waiting for a condition)."""
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
