@@ -6,6 +6,8 @@
 #   scripts/kafka.sh stop     stop it (TERM, then KILL after 20 s) and remove its data dir
 #   scripts/kafka.sh status   exit 0 if it is running and answers, non-zero otherwise
 #   scripts/kafka.sh env      print KAFKA_BOOTSTRAP=127.0.0.1:<port>
+#   scripts/kafka.sh halt     stop it but keep its data: the next `resume` serves the same topics
+#   scripts/kafka.sh resume   start it again on the data a `halt` kept (a broker outage, for tests)
 #
 # Environment overrides:
 #   KAFKA_VERSION     org.apache.kafka:kafka_2.13 version from Maven Central (default 4.4.0)
@@ -283,16 +285,20 @@ cmd_start() {
     port_open "$p" && die "port $HOST:$p is already in use by another process (set KAFKA_PORT to use another pair of ports)"
   done
 
-  # A fresh, throwaway broker each start: no state survives a stop or a crash.
-  rm -rf "$KAFKA_DATA"
-  write_config
-
   local cluster_id
-  cluster_id="$(java_cp kafka.tools.StorageTool random-uuid 2>>"$STDOUT_LOG" | tail -n1)" \
-    || die "kafka.tools.StorageTool random-uuid failed" logs
-  [ -n "$cluster_id" ] || die "kafka.tools.StorageTool random-uuid printed no cluster id" logs
-  java_cp kafka.tools.StorageTool format -t "$cluster_id" -c "$CONFIG" >>"$STDOUT_LOG" 2>&1 \
-    || die "formatting the KRaft storage in $KAFKA_DATA failed" logs
+  if [ "${1:-}" = resume ] && [ -f "$KAFKA_DATA/kraft-logs/meta.properties" ]; then
+    # the broker a `halt` stopped, on its own data
+    cluster_id="$(sed -n 's/^cluster.id=//p' "$KAFKA_DATA/kraft-logs/meta.properties")"
+  else
+    # A fresh, throwaway broker each start: no state survives a stop or a crash.
+    rm -rf "$KAFKA_DATA"
+    write_config
+    cluster_id="$(java_cp kafka.tools.StorageTool random-uuid 2>>"$STDOUT_LOG" | tail -n1)" \
+      || die "kafka.tools.StorageTool random-uuid failed" logs
+    [ -n "$cluster_id" ] || die "kafka.tools.StorageTool random-uuid printed no cluster id" logs
+    java_cp kafka.tools.StorageTool format -t "$cluster_id" -c "$CONFIG" >>"$STDOUT_LOG" 2>&1 \
+      || die "formatting the KRaft storage in $KAFKA_DATA failed" logs
+  fi
 
   log "starting Kafka $KAFKA_VERSION (cluster $cluster_id) at $BOOTSTRAP, data in $KAFKA_DATA"
   nohup java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
@@ -345,7 +351,7 @@ cmd_stop() {
   else
     log "not running"
   fi
-  rm -rf "$KAFKA_DATA"
+  [ "${1:-}" = halt ] || rm -rf "$KAFKA_DATA"
 }
 
 cmd_status() {
@@ -373,8 +379,10 @@ with_lock() {
 
 case "${1:-}" in
   start) with_lock cmd_start ;;
+  resume) with_lock cmd_start resume ;;
   stop) with_lock cmd_stop ;;
+  halt) with_lock cmd_stop halt ;;
   status) cmd_status ;;
   env) echo "KAFKA_BOOTSTRAP=$BOOTSTRAP" ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|halt|resume|status|env" >&2; exit 2 ;;
 esac

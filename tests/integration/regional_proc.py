@@ -6,6 +6,7 @@ read afterwards by a process of its own (an embedded store has one owner at a ti
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,9 +15,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from stratoscope.edge.batch import batch_to_dict
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,18 +72,20 @@ class RegionalProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group (ingest, sinks, frame child) and reap it."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
+        proc = self.proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
         # the children are in the group too: wait until none is left
-        wait_for("the regional's children to die", lambda: not _group_alive(self.proc.pid), 30, every_s=0.1)
+        wait_for("the regional's children to die", lambda: not _group_alive(proc.pid), 30, every_s=0.1)
 
     def stop(self, timeout_s: float = 180) -> int:
         """SIGTERM and wait; returns the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout_s)
-        wait_for("the regional's children to exit", lambda: not _group_alive(self.proc.pid), 30, every_s=0.1)
+        proc = self.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout_s)
+        wait_for("the regional's children to exit", lambda: not _group_alive(proc.pid), 30, every_s=0.1)
         return code
 
     def metrics(self) -> dict[str, float]:
@@ -138,3 +143,23 @@ def wait_until(deadline: float) -> None:
     delay = deadline - time.monotonic()
     if delay > 0:
         time.sleep(delay)
+
+
+def kafka_reads(bootstrap: str, prefix: str) -> tuple[Counter[str], Counter[str]]:
+    """From the ``prefix``.metrics topic, de-duplicated by block id as a consumer does:
+    per node, the synthetic edges' read counter (comm "app"); per "node/comm", openat calls."""
+    from tests.integration.test_regional_e2e import consume_all
+
+    reads: Counter[str] = Counter()
+    openat: Counter[str] = Counter()
+    for _, batch in asyncio.run(consume_all(bootstrap, f"{prefix}.metrics")):
+        d = batch_to_dict(batch)
+        for m in d["metrics"]:
+            if m["name"] != "syscalls_total":
+                continue
+            for s in m["series"]:
+                if s["labels"].get("syscall") == "read" and s["labels"].get("comm") == "app":
+                    reads[d["node_id"]] += s["value"]
+                elif s["labels"].get("syscall") == "openat":
+                    openat[f'{d["node_id"]}/{s["labels"].get("comm")}'] += s["value"]
+    return reads, openat

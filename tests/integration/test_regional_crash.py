@@ -3,43 +3,21 @@ was acknowledged for is lost, nothing is stored twice (docs/GUARANTEES.md)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import subprocess
 import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from stratoscope.edge.batch import batch_to_dict
 from tests.conftest import kafka_bootstrap, run_edge, unique_comm
-from tests.integration.regional_proc import RegionalProcess, wait_until
+from tests.integration.regional_proc import RegionalProcess, kafka_reads, wait_until
 from tests.integration.synthetic_edges import SyntheticFleet
-from tests.integration.test_regional_e2e import consume_all
 
 pytestmark = [pytest.mark.kernel, pytest.mark.kafka]
-
-
-def _kafka_reads(prefix: str) -> tuple[Counter[str], Counter[str]]:
-    """Per node, the read counter and the openat calls of ``comm``-less sums from the
-    metrics topic, after de-duplicating records by block id."""
-    reads: Counter[str] = Counter()
-    openat: Counter[str] = Counter()
-    for _, batch in asyncio.run(consume_all(kafka_bootstrap(), f"{prefix}.metrics")):
-        d = batch_to_dict(batch)
-        for m in d["metrics"]:
-            if m["name"] != "syscalls_total":
-                continue
-            for s in m["series"]:
-                if s["labels"].get("syscall") == "read" and s["labels"].get("comm") == "app":
-                    reads[d["node_id"]] += s["value"]
-                elif s["labels"].get("syscall") == "openat":
-                    openat[f'{d["node_id"]}/{s["labels"].get("comm")}'] += s["value"]
-    return reads, openat
 
 
 def test_regional_sigkilled_five_times_stores_every_acknowledged_batch_once(
@@ -111,6 +89,6 @@ def test_regional_sigkilled_five_times_stores_every_acknowledged_batch_once(
         AND resolution = 5""")
     assert int(calls[0][0]) == 12_000
 
-    reads, openat = _kafka_reads(prefix)
+    reads, openat = kafka_reads(kafka_bootstrap(), prefix)
     assert {n: v for n, v in reads.items() if n} == truth
     assert openat[f"crash-bpf/{comm}"] == 12_000

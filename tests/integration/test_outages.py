@@ -1,0 +1,148 @@
+"""Outages on real processes: the regional down for two minutes while edges keep producing,
+and the Kafka broker down for a minute. Everything acknowledged arrives once
+(docs/GUARANTEES.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import kafka_bootstrap, run_edge, unique_comm, wait_for
+from tests.integration.regional_proc import (
+    ROOT,
+    RegionalProcess,
+    free_port,
+    kafka_reads,
+    wait_until,
+)
+from tests.integration.synthetic_edges import SyntheticFleet
+
+pytestmark = [pytest.mark.kernel, pytest.mark.kafka]
+
+
+def _stored_reads(regional: RegionalProcess) -> dict[str, int]:
+    rows = regional.query("""SELECT node, sum(value) FROM stratoscope.metrics
+        WHERE metric = 'syscalls_total' AND labels['syscall'] = 'read' AND labels['comm'] = 'app'
+        AND resolution = 5 GROUP BY node""")
+    return {n: int(v) for n, v in rows}
+
+
+def _openat(regional: RegionalProcess, node: str, comm: str) -> int:
+    rows = regional.query(f"""SELECT sum(value) FROM stratoscope.metrics WHERE metric = 'syscalls_total'
+        AND node = '{node}' AND labels['comm'] = '{comm}' AND labels['syscall'] = 'openat'
+        AND resolution = 5""")
+    return int(rows[0][0])
+
+
+def test_regional_down_two_minutes_loses_nothing(tmp_path: Path, workload_bin: dict[str, Path]) -> None:
+    prefix = f"down-{uuid.uuid4().hex[:10]}"
+    regional = RegionalProcess(tmp_path, "--resolution", "5s", "--lateness", "1s",
+                               kafka=kafka_bootstrap(), topic_prefix=prefix)
+    regional.start()
+    target = f"127.0.0.1:{regional.port}"
+    fleet = SyntheticFleet("down", 10, [target])
+    comm = unique_comm("down")
+    result: dict[str, Any] = {}
+    errors: list[BaseException] = []
+    outage = threading.Event()
+
+    def kernel_edge() -> None:  # 2 x 3,000 openat calls, one run while the regional is down
+        try:
+            with run_edge(["syscalls"], interval=1.0, forward_to=[target], node_id="down-bpf",
+                          forward_close_s=180) as run:
+                subprocess.run([str(workload_bin["openat"]), comm, "2000", "1000", "100000"], check=True)
+                outage.wait(60)
+                subprocess.run([str(workload_bin["openat"]), comm, "2000", "1000", "100000"], check=True)
+                result["during"] = time.monotonic()
+            result["run"] = run
+        except BaseException as exc:
+            errors.append(exc)
+
+    fleet.start()
+    edge = threading.Thread(target=kernel_edge, name="kernel-edge")
+    edge.start()
+    t0 = time.monotonic()
+    wait_until(t0 + 8)
+    regional.kill()
+    outage.set()
+    wait_until(t0 + 8 + 120)  # two minutes without a regional; edges keep producing
+    regional.start()
+    wait_until(t0 + 8 + 120 + 10)
+    stats = fleet.stop()
+    edge.join(300)
+    assert not errors, errors
+    assert result["during"] < t0 + 8 + 120, "the second workload ran after the outage"
+    assert regional.stop() == 0, regional.tail()
+
+    assert stats["rejected"] == stats["dropped"] == 0, stats
+    run = result["run"]
+    assert run.forward_stats.dropped == run.forward_stats.rejected == 0
+    assert _stored_reads(regional) == dict(fleet.reads)
+    assert _openat(regional, "down-bpf", comm) == 6_000
+    reads, openat = kafka_reads(kafka_bootstrap(), prefix)
+    assert dict(reads) == dict(fleet.reads)
+    assert openat[f"down-bpf/{comm}"] == 6_000
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A broker of this test's own (it is stopped and started again), on free ports."""
+    port = free_port()
+    while True:  # the controller listens on port + 1
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            port = free_port()
+    env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_DATA": str(tmp_path / "kafka")}
+    script = str(ROOT / "scripts/kafka.sh")
+    subprocess.run(["bash", script, "start"], env=env, check=True, capture_output=True, timeout=300)
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def test_kafka_broker_down_a_minute_then_every_block_arrives(
+    tmp_path: Path, own_broker: tuple[str, dict[str, str]]
+) -> None:
+    bootstrap, env = own_broker
+    prefix = f"kdown-{uuid.uuid4().hex[:10]}"
+    regional = RegionalProcess(tmp_path, "--resolution", "5s", "--lateness", "1s",
+                               kafka=bootstrap, topic_prefix=prefix)
+    regional.start()
+    fleet = SyntheticFleet("kdown", 10, [f"127.0.0.1:{regional.port}"])
+    fleet.start()
+    script = str(ROOT / "scripts/kafka.sh")
+
+    def delivered() -> dict[str, float]:
+        m = regional.metrics()
+        return {s: m.get(f'stratoscope_regional_sink_delivered_blocks_total{{sink="{s}"}}', 0.0)
+                for s in ("clickhouse", "kafka")}
+
+    wait_for("the first blocks in both sinks", lambda: all(delivered().values()), 60)
+    subprocess.run(["bash", script, "halt"], env=env, check=True, capture_output=True, timeout=120)
+    halted = time.monotonic()
+    at_halt = delivered()
+    wait_until(halted + 60)
+    during = delivered()
+    subprocess.run(["bash", script, "resume"], env=env, check=True, capture_output=True, timeout=300)
+    # ClickHouse went on storing while Kafka was down; Kafka stored nothing new
+    assert during["clickhouse"] > at_halt["clickhouse"]
+    wait_until(time.monotonic() + 10)
+    stats = fleet.stop()
+    assert regional.stop() == 0, regional.tail()
+    assert stats["rejected"] == stats["dropped"] == 0, stats
+    assert _stored_reads(regional) == dict(fleet.reads)
+    reads, _ = kafka_reads(bootstrap, prefix)
+    assert dict(reads) == dict(fleet.reads)
