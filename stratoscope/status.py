@@ -202,6 +202,9 @@ def regional_view(s: Scrape) -> list[Table]:
             _count(s.get("stratoscope_regional_sink_failed_blocks_total", sink=name)),
             _count(s.get("stratoscope_regional_sink_dropped_blocks_total", sink=name)),
         )
+    tables = [_kv_table(f"Regional {s.url}", summary), sinks]
+    if s.has("stratoscope_regional_wal_segments"):
+        tables.append(_wal_table(s))
     drops: list[tuple[str, str, float]] = []
     for (reason,), v in sorted(s.by("stratoscope_regional_rejected_batches_total", "reason").items()):
         drops.append(("batch rejected", reason, v))
@@ -209,7 +212,30 @@ def regional_view(s: Scrape) -> list[Table]:
         drops.append(("permanent sink error", sink, v))
     for (sink,), v in sorted(s.by("stratoscope_regional_sink_dropped_blocks_total", "sink").items()):
         drops.append(("sink queue full", sink, v))
-    return [_kv_table(f"Regional {s.url}", summary), sinks, _drops("Dropped (lost data)", drops)]
+    return [*tables, _drops("Dropped (lost data)", drops)]
+
+
+def _wal_table(s: Scrape) -> Table:
+    """The regional's write-ahead log: how much it holds, how old, what a start replayed."""
+    w = "stratoscope_regional_wal"
+    nbytes, limit = s.get(f"{w}_bytes"), s.get(f"{w}_bytes_limit")
+    oldest = s.get(f"{w}_oldest_unstored_seconds")
+    replayed = s.by(f"{w}_replayed_batches_total", "outcome")
+    rows = [
+        ("log", f"{_count(s.get(f'{w}_segments'))} segments, {_count(nbytes)} bytes of {_count(limit)}"
+                " (RETRY from 90 %)"),
+        ("batches not yet stored by every sink", _count(s.get(f"{w}_batches"))),
+        ("oldest window not yet stored", NA if oldest is None else
+         ("none" if not oldest else f"started {format_duration_ns(oldest * 1e9)} ago")),
+        ("logged", f"{_count(s.get(f'{w}_written_batches_total'))} batches, "
+                   f"{_count(s.get(f'{w}_fsyncs_total'))} fsyncs"),
+        ("replayed at start", ", ".join(f"{o} {format_count(int(v))}" for (o,), v in sorted(replayed.items()))
+         or NA),
+        ("corrupt records skipped at start", _count(s.get(f"{w}_corrupt_records_total"))),
+    ]
+    if s.get(f"{w}_failed"):
+        rows.append(("FAILED", "the log cannot be written: batches are not acknowledged"))
+    return _kv_table("Write-ahead log", rows)
 
 
 def add_parser(sub: Any) -> None:

@@ -49,3 +49,42 @@ def test_metrics_urls() -> None:
     assert metrics_url("h:9431") == "http://h:9431/metrics"
     assert metrics_url("https://h:9431") == "https://h:9431/metrics"
     assert metrics_url("http://h:1/custom") == "http://h:1/custom"
+
+
+WAL = """# TYPE stratoscope_regional_batches_total counter
+stratoscope_regional_batches_total{status="accepted"} 40.0
+# TYPE stratoscope_regional_wal_segments gauge
+stratoscope_regional_wal_segments 3.0
+# TYPE stratoscope_regional_wal_bytes gauge
+stratoscope_regional_wal_bytes 1048576.0
+# TYPE stratoscope_regional_wal_bytes_limit gauge
+stratoscope_regional_wal_bytes_limit 8589934592.0
+# TYPE stratoscope_regional_wal_batches gauge
+stratoscope_regional_wal_batches 17.0
+# TYPE stratoscope_regional_wal_oldest_unstored_seconds gauge
+stratoscope_regional_wal_oldest_unstored_seconds 75.0
+# TYPE stratoscope_regional_wal_written_batches counter
+stratoscope_regional_wal_written_batches_total 40.0
+# TYPE stratoscope_regional_wal_fsyncs counter
+stratoscope_regional_wal_fsyncs_total 12.0
+# TYPE stratoscope_regional_wal_replayed_batches counter
+stratoscope_regional_wal_replayed_batches_total{outcome="restored"} 5.0
+stratoscope_regional_wal_replayed_batches_total{outcome="already_stored"} 2.0
+# TYPE stratoscope_regional_wal_corrupt_records counter
+stratoscope_regional_wal_corrupt_records_total 1.0
+# TYPE stratoscope_regional_wal_failed gauge
+stratoscope_regional_wal_failed 0.0
+"""
+
+
+def test_regional_view_shows_the_write_ahead_log() -> None:
+    text = _text(regional_view(parse("u", WAL)))
+    assert "log 3 segments, 1,048,576 bytes of 8,589,934,592 (RETRY from 90 %)" in text
+    assert "batches not yet stored by every sink 17" in text
+    assert "oldest window not yet stored started 75.0 s ago" in text
+    assert "logged 40 batches, 12 fsyncs" in text
+    assert "replayed at start already_stored 2, restored 5" in text
+    assert "corrupt records skipped at start 1" in text
+    assert "FAILED" not in text
+    failed = WAL.replace("stratoscope_regional_wal_failed 0.0", "stratoscope_regional_wal_failed 1.0")
+    assert "FAILED the log cannot be written" in _text(regional_view(parse("u", failed)))
