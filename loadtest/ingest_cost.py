@@ -109,9 +109,9 @@ def _time_reader_steps(regional: Any) -> None:
         STEPS["unpack"] += time.thread_time() - t
         return cols
 
-    def timed_accept(packed: Any, size: int | None) -> None:
+    def timed_accept(packed: Any, size: int | None, pos: int = 0) -> None:
         t = time.thread_time()
-        accept(packed, size)
+        accept(packed, size, pos)
         STEPS["accept"] += time.thread_time() - t
         STEPS["n"] += 1
 
@@ -120,20 +120,24 @@ def _time_reader_steps(regional: Any) -> None:
     regional.accept_admitted = timed_accept
 
 
-async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, float]:
-    """One paced run; CPU per accepted batch of each part, measured after a 3 s warm-up."""
+async def one_run(args: argparse.Namespace, templates_path: str, wal_dir: str | None = None) -> dict[str, float]:
+    """One paced run; CPU per accepted batch of each part, measured after a 3 s warm-up
+    (``wal_dir``: the ingest process logs every batch there before acking it)."""
     ctx = mp.get_context("spawn")
     ingest = regional = server = None
     if args.server == "regional":
-        from stratoscope.regional.ingest import IngestProcess
+        from stratoscope.regional.ingest import IngestProcess, WalSettings
         from stratoscope.regional.merge import MergeSettings
         from stratoscope.regional.service import Regional
         from stratoscope.regional.validate import Limits
 
         regional = Regional(MergeSettings(resolution_s=60, lateness_s=5), [])
         _time_reader_steps(regional)
+        wal = None
+        if wal_dir is not None:
+            wal = WalSettings(Path(wal_dir), fsync=args.wal_fsync)
         ingest = IngestProcess("127.0.0.1:0", None, Limits(), 50_000, on_outcome=regional.count,
-                               on_accepted=regional.accept_admitted)
+                               on_accepted=regional.accept_admitted, wal_settings=wal)
         await ingest.start()
         port = ingest.port
         reader = next(t for t in threading.enumerate() if t.name == "ingest-reader")
@@ -193,8 +197,10 @@ async def one_run(args: argparse.Namespace, templates_path: str) -> dict[str, fl
         await ingest.stop()
     if server is not None:
         server.kill()
+    lat = sorted(array("f", result["ack_lat"]))
     out = {"batches": n, "wall_s": wall, "server_ms": 1e3 * (s1 - s0) / n, "generator_ms": 1e3 * (g1 - g0) / n,
-           "server_pct": 100 * (s1 - s0) / wall}
+           "server_pct": 100 * (s1 - s0) / wall,
+           "ack_p50_ms": 1e3 * lat[len(lat) // 2], "ack_p99_ms": 1e3 * lat[int(len(lat) * 0.99)]}
     if reader_stat:  # the same span and batches as every other figure
         d = {k: steps1[k] - steps0[k] for k in STEPS}
         out["reader_ms"] = 1e3 * (r1 - r0) / n
@@ -213,6 +219,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--streams", type=int, default=125, help="gRPC connections, one stream each")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--wal", action="store_true",
+                    help="regional: alternate runs without and with the write-ahead log (regional/walwriter.py)")
+    ap.add_argument("--wal-fsync", choices=("ack", "interval"), default="ack")
+    ap.add_argument("--wal-dir", default=None, help="where the log goes (default: a temporary directory "
+                    "under /var/tmp, on disk)")
     args = ap.parse_args()
     if args.seconds < 10:
         ap.error("--seconds must be at least 10 (3 s warm-up, 2 s tail)")
@@ -222,24 +233,40 @@ def main() -> int:
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
         pickle.dump(templates, f)
     label = args.server + (f" ({args.flow_control} flow control)" if args.server == "ack-only" else "")
-    runs = []
+    modes: list[str | None] = [None]
+    if args.wal:
+        if args.server != "regional":
+            ap.error("--wal needs --server regional")
+        modes = [None, "wal"]
+    runs: dict[str | None, list[dict[str, float]]] = {m: [] for m in modes}
     try:
         for k in range(args.repeat):
-            r = asyncio.run(one_run(args, f.name))
-            runs.append(r)
-            reader = (f", merge reader {r['reader_ms']:.3f} ms (receive {r['receive_ms']:.3f}, unpack "
-                      f"{r['unpack_ms']:.3f}, record {r['record_ms']:.3f})" if "reader_ms" in r else "")
-            print(f"run {k + 1}: {r['batches']:.0f} batches in {r['wall_s']:.0f} s at {args.rate:g}/s; "
-                  f"{'ingest process' if args.server == 'regional' else 'server'} {r['server_ms']:.3f} ms "
-                  f"per batch ({r['server_pct']:.1f} % of a core){reader}, load generator "
-                  f"{r['generator_ms']:.3f} ms", flush=True)
+            for mode in modes if k % 2 == 0 else modes[::-1]:  # alternated: drift hits both
+                with tempfile.TemporaryDirectory(dir=args.wal_dir or "/var/tmp") as wal_dir:
+                    r = asyncio.run(one_run(args, f.name, wal_dir if mode else None))
+                runs[mode].append(r)
+                reader = (f", merge reader {r['reader_ms']:.3f} ms (receive {r['receive_ms']:.3f}, unpack "
+                          f"{r['unpack_ms']:.3f}, record {r['record_ms']:.3f})" if "reader_ms" in r else "")
+                print(f"run {k + 1}{' with the log' if mode else ''}: {r['batches']:.0f} batches in "
+                      f"{r['wall_s']:.0f} s at {args.rate:g}/s; "
+                      f"{'ingest process' if args.server == 'regional' else 'server'} {r['server_ms']:.3f} ms "
+                      f"per batch ({r['server_pct']:.1f} % of a core){reader}, load generator "
+                      f"{r['generator_ms']:.3f} ms; ack p50 {r['ack_p50_ms']:.2f} ms, p99 "
+                      f"{r['ack_p99_ms']:.2f} ms", flush=True)
     finally:
         os.unlink(f.name)
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    reader = (f", merge reader {med['reader_ms']:.3f} (receive {med['receive_ms']:.3f}, unpack "
-              f"{med['unpack_ms']:.3f}, record {med['record_ms']:.3f})" if "reader_ms" in med else "")
-    print(f"{label}, median of {len(runs)}: CPU ms per batch: server {med['server_ms']:.3f}{reader}, "
-          f"load generator {med['generator_ms']:.3f}")
+    meds = {}
+    for mode, rs in runs.items():
+        med = meds[mode] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        reader = (f", merge reader {med['reader_ms']:.3f} (receive {med['receive_ms']:.3f}, unpack "
+                  f"{med['unpack_ms']:.3f}, record {med['record_ms']:.3f})" if "reader_ms" in med else "")
+        print(f"{label}{' with the write-ahead log (fsync ' + args.wal_fsync + ')' if mode else ''}, median of "
+              f"{len(rs)}: CPU ms per batch: server {med['server_ms']:.3f}{reader}, load generator "
+              f"{med['generator_ms']:.3f}; ack p50 {med['ack_p50_ms']:.2f} ms, p99 {med['ack_p99_ms']:.2f} ms")
+    if args.wal:
+        a, b = meds[None], meds["wal"]
+        print(f"write-ahead log / none: ingest CPU per batch {b['server_ms'] / a['server_ms']:.2f}x, "
+              f"ack p50 {b['ack_p50_ms'] / a['ack_p50_ms']:.2f}x, ack p99 {b['ack_p99_ms'] / a['ack_p99_ms']:.2f}x")
     return 0
 
 
