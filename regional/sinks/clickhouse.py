@@ -7,22 +7,26 @@ is a ClickHouse server. The schema lives in ``deploy/clickhouse/migrations`` and
 is applied by :func:`apply_migrations`, which records each version in
 ``<db>.schema_migrations``.
 
-Delivery: ``deliver(blocks)`` turns all blocks into ONE insert per table, built
-column by column. Idempotency has two layers:
+Delivery: ``deliver(blocks)`` makes ONE insert per frame and table: the blocks of one
+merged frame that the delivery holds (the delivery queue never splits a frame across
+deliveries, so that is the whole frame). Idempotency has two layers:
 
-1. Server: every insert carries ``insert_deduplication_token = <table>:<hash of
-   the sorted ids of the blocks it holds>``; the tables keep
-   ``non_replicated_deduplication_window`` and the hourly materialized views
-   inherit the token. Repeating a deliver with the same blocks (after a timeout,
-   a partial failure, a restart of the process) changes nothing.
-2. Process: the sink remembers the ids it delivered successfully (the last
-   200k) and drops them from later calls, so a block that comes back in another
-   group after a success is not written twice.
+1. Server: every insert carries ``insert_deduplication_token = <table>:<hash of the
+   sorted ids of the frame's blocks it holds>``; the tables keep
+   ``non_replicated_deduplication_window`` inserts' tokens and the hourly materialized
+   views inherit the token. The token depends on the frame only, not on what else the
+   delivery held, so a retry, a regrouped delivery, a restart and a replay of the
+   regional's log that re-create the same frame write its rows once.
+2. Process: the sink remembers the ids it stored (the last 200k) and skips a frame all
+   of whose blocks it stored already.
 
-Not covered: an attempt that failed on the client side (timeout) but landed on
-the server, then retried with a *different* set of blocks (new tokens). The
-caller must retry a failed list as it was (order does not matter) and send
-newer blocks in a separate call.
+Errors: ``classify_error`` maps the server's code to RetriableError, BlockedError (a
+person must fix it: auth, read-only, missing table, too many parts, disk full; retried
+forever), DataRejected (the rows of some block) or PermanentError. A block that cannot
+be shaped into rows is found part by part before anything is inserted; rows the server
+refuses are isolated by halving the frame from the refused table on. Either way the
+block goes to ``dead_letter_dir`` (regional/sinks/deadletter.py) and ``deliver`` returns
+its id; the frame's other blocks are stored (docs/CLICKHOUSE.md, "Delivery").
 
 Rows are additive: a late partial window for the same series is one more row,
 readers SUM (``sum(value)``, ``sumMap(bucket_index, bucket_count)``).
