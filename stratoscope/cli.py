@@ -204,6 +204,11 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--kafka-sasl-password-file", "kafka.sasl_password_file", "file holding the SASL password"),
     ("--kafka-sasl-password-env", "kafka.sasl_password_env",
      "environment variable holding the SASL password"),
+    ("--clickhouse-dead-letter-dir", "clickhouse.dead_letter_dir",
+     "directory for blocks ClickHouse can never store (default: dead-letter/clickhouse "
+     "beside an embedded store)"),
+    ("--kafka-dead-letter-dir", "kafka.dead_letter_dir",
+     "directory for blocks Kafka refuses for good (default /var/lib/stratoscope/dead-letter/kafka)"),
 )
 _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--listen", "listen", "gRPC ingest HOST:PORT"),

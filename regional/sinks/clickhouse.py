@@ -7,22 +7,26 @@ is a ClickHouse server. The schema lives in ``deploy/clickhouse/migrations`` and
 is applied by :func:`apply_migrations`, which records each version in
 ``<db>.schema_migrations``.
 
-Delivery: ``deliver(blocks)`` turns all blocks into ONE insert per table, built
-column by column. Idempotency has two layers:
+Delivery: ``deliver(blocks)`` makes ONE insert per frame and table: the blocks of one
+merged frame that the delivery holds (the delivery queue never splits a frame across
+deliveries, so that is the whole frame). Idempotency has two layers:
 
-1. Server: every insert carries ``insert_deduplication_token = <table>:<hash of
-   the sorted ids of the blocks it holds>``; the tables keep
-   ``non_replicated_deduplication_window`` and the hourly materialized views
-   inherit the token. Repeating a deliver with the same blocks (after a timeout,
-   a partial failure, a restart of the process) changes nothing.
-2. Process: the sink remembers the ids it delivered successfully (the last
-   200k) and drops them from later calls, so a block that comes back in another
-   group after a success is not written twice.
+1. Server: every insert carries ``insert_deduplication_token = <table>:<hash of the
+   sorted ids of the frame's blocks it holds>``; the tables keep
+   ``non_replicated_deduplication_window`` inserts' tokens and the hourly materialized
+   views inherit the token. The token depends on the frame only, not on what else the
+   delivery held, so a retry, a regrouped delivery, a restart and a replay of the
+   regional's log that re-create the same frame write its rows once.
+2. Process: the sink remembers the ids it stored (the last 200k) and skips a frame all
+   of whose blocks it stored already.
 
-Not covered: an attempt that failed on the client side (timeout) but landed on
-the server, then retried with a *different* set of blocks (new tokens). The
-caller must retry a failed list as it was (order does not matter) and send
-newer blocks in a separate call.
+Errors: ``classify_error`` maps the server's code to RetriableError, BlockedError (a
+person must fix it: auth, read-only, missing table, too many parts, disk full; retried
+forever), DataRejected (the rows of some block) or PermanentError. A block that cannot
+be shaped into rows is found part by part before anything is inserted; rows the server
+refuses are isolated by halving the frame from the refused table on. Either way the
+block goes to ``dead_letter_dir`` (regional/sinks/deadletter.py) and ``deliver`` returns
+its id; the frame's other blocks are stored (docs/CLICKHOUSE.md, "Delivery").
 
 Rows are additive: a late partial window for the same series is one more row,
 readers SUM (``sum(value)``, ``sumMap(bucket_index, bucket_count)``).
@@ -31,6 +35,7 @@ readers SUM (``sum(value)``, ``sumMap(bucket_index, bucket_count)``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -49,7 +54,7 @@ import pyarrow as pa
 from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
 from stratoscope.regional.config import DEFAULT_DSN
 from stratoscope.regional.frame import Block, Frame
-from stratoscope.regional.sinks.base import PermanentError, RetriableError, SinkError
+from stratoscope.regional.sinks.base import BlockedError, PermanentError, RetriableError, SinkError
 from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
     BATCHES_METRIC,
     EVENTS_LOST_METRIC,
@@ -71,6 +76,7 @@ from stratoscope.regional.sinks.clickhouse_schema import (
     split_statements,
 )
 from stratoscope.regional.sinks.config import check_database, dsn_database
+from stratoscope.regional.sinks.deadletter import write_dead_letter
 from stratoscope.resources import clickhouse_dir
 
 log = logging.getLogger(__name__)
@@ -250,20 +256,40 @@ def connect(dsn: str, **client_kwargs: Any) -> Any:
     raise ValueError(f"unsupported ClickHouse DSN scheme {scheme!r} (use chdb:// or http(s)://)")
 
 
-#: ClickHouse error codes worth retrying: overload, timeouts, network, replicas, disk.
+#: ClickHouse error codes worth retrying: overload, timeouts, network, replicas
+#: (names checked with the engine's ``errorCodeToName``).
 RETRIABLE_CODES = frozenset({
-    3, 32, 159, 160, 202, 203, 209, 210, 236, 241, 242, 243, 252, 285, 286, 319, 394, 425, 439,
-    999, 1000,
+    3, 32, 159, 160, 202, 203, 209, 210, 236, 241, 285, 286, 319, 394, 425, 439, 999, 1000,
 })
-#: Codes that will fail the same way forever: schema, types, syntax, access.
-PERMANENT_CODES = frozenset({
-    6, 8, 10, 16, 20, 26, 27, 33, 36, 38, 41, 43, 44, 47, 49, 53, 60, 62, 69, 70, 72, 81, 115,
-    117, 164, 192, 194, 291, 321, 386, 395, 497, 516, 691,
-})
+#: Codes a person has to fix; retried forever, with ``stratoscope_regional_sink_blocked``
+#: set to the reason: AUTHENTICATION_FAILED 516, UNKNOWN_USER 192, REQUIRED_PASSWORD 194,
+#: DATABASE_ACCESS_DENIED 291, ACCESS_DENIED 497; READONLY 164, TABLE_IS_READ_ONLY 242;
+#: UNKNOWN_TABLE 60, UNKNOWN_DATABASE 81, NO_SUCH_COLUMN_IN_TABLE 16, THERE_IS_NO_COLUMN 8,
+#: NOT_FOUND_COLUMN_IN_BLOCK 10, NUMBER_OF_COLUMNS_DOESNT_MATCH 20, UNKNOWN_IDENTIFIER 47
+#: (the schema is missing or behind); TOO_MANY_PARTS 252; NOT_ENOUGH_SPACE 243.
+BLOCKED_CODES: dict[int, str] = {
+    516: "auth", 192: "auth", 194: "auth", 291: "auth", 497: "auth",
+    164: "readonly", 242: "readonly",
+    60: "missing", 81: "missing", 16: "missing", 8: "missing", 10: "missing", 20: "missing",
+    47: "missing",
+    252: "too_many_parts",
+    243: "disk_full",
+}
+#: Codes that refuse the *data* of an insert (a value that does not parse or fit):
+#: the sink isolates the blocks at fault and dead-letters them.
+DATA_CODES = frozenset({6, 19, 26, 27, 38, 41, 53, 69, 70, 72, 117, 321, 386, 395, 691})
+#: Codes that will fail the same way forever and are no block's fault (a bug in the SQL
+#: or the settings the sink sends): permanent.
+PERMANENT_CODES = frozenset({33, 36, 43, 44, 49, 62, 115})
+
+
+class DataRejected(PermanentError):
+    """The server refused an insert's data (``DATA_CODES``): some block's rows are bad."""
 
 
 def classify_error(exc: BaseException, what: str) -> SinkError:
-    """Map a clickhouse-connect / chdb / Python exception to Retriable or Permanent."""
+    """Map a clickhouse-connect / chdb / Python exception to a SinkError: Retriable,
+    Blocked (a person must fix it), DataRejected (the rows) or Permanent."""
     if isinstance(exc, SinkError):
         return exc
     from clickhouse_connect.driver import exceptions as cce
@@ -271,20 +297,30 @@ def classify_error(exc: BaseException, what: str) -> SinkError:
     msg = f"{what}: {type(exc).__name__}: {exc}"
     if isinstance(exc, cce.Error):
         code = getattr(exc, "code", None)
+        if code in BLOCKED_CODES:
+            return BlockedError(msg, BLOCKED_CODES[code])
         if code in RETRIABLE_CODES:
             return RetriableError(msg)
+        if code in DATA_CODES:
+            return DataRejected(msg)
         if code in PERMANENT_CODES:
             return PermanentError(msg)
         if isinstance(exc, cce.OperationalError):  # HTTP transport, broken stream
             return RetriableError(msg)
-        if isinstance(exc, (cce.ProgrammingError, cce.DataError, cce.NotSupportedError)):
+        if isinstance(exc, (cce.ProgrammingError, cce.NotSupportedError)):
             return PermanentError(msg)
+        if isinstance(exc, cce.DataError):
+            return DataRejected(msg)
         # an unknown server error: retrying is the safe default (nothing is lost)
         return RetriableError(msg)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return BlockedError(msg, "disk_full")
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return BlockedError(msg, "readonly")
     if isinstance(exc, (TimeoutError, ConnectionError, OSError)):
         return RetriableError(msg)
     # encoding failures: wrong Python type or out-of-range value for a column
-    return PermanentError(msg)
+    return DataRejected(msg)
 
 
 def _frames_of(blocks: Sequence[Block]) -> list[tuple[Frame, list[int]]]:
@@ -296,7 +332,8 @@ def _frames_of(blocks: Sequence[Block]) -> list[tuple[Frame, list[int]]]:
 
 
 def dedup_token(table: str, block_ids: Iterable[str]) -> str:
-    """insert_deduplication_token for ``table`` and a set of blocks (order-independent)."""
+    """insert_deduplication_token for ``table`` and the blocks of ONE insert: the blocks
+    of one frame that the delivery holds (order-independent)."""
     digest = hashlib.sha256("\n".join(sorted(set(block_ids))).encode()).hexdigest()
     return f"stratoscope:{table}:{digest[:40]}"
 
@@ -330,11 +367,14 @@ class ClickHouseSink:
         cluster: str | None = None,
         retention: Retention | None = None,
         retention_allow_shrink: bool = False,
+        dead_letter_dir: Path | str | None = None,
     ) -> None:
         """``database``: default the DSN's path for http(s) DSNs, else "stratoscope".
         ``cluster``: the cluster the tables live on (None: one server). ``retention``:
         applied with the migrations (default: nothing set, every TTL left as it is);
-        a shorter TTL only with ``retention_allow_shrink``."""
+        a shorter TTL only with ``retention_allow_shrink``. ``dead_letter_dir``: where
+        blocks whose data can never be stored go (None: such a delivery raises
+        PermanentError before anything is inserted)."""
         self.dsn = dsn
         self.database = check_database(database or dsn_database(dsn) or DEFAULT_DATABASE)
         self.migrate = migrate
@@ -354,6 +394,10 @@ class ClickHouseSink:
         self._known_stacks: dict[int, float] = {}
         self._known_series: dict[tuple[str, int], float] = {}
         self._delivered: dict[str, None] = {}  # insertion-ordered set of block ids
+        self.dead_letter_dir = None if dead_letter_dir is None else Path(dead_letter_dir)
+        #: Blocks this process wrote to the dead-letter directory (reported again when
+        #: a retried delivery holds them).
+        self._dead: dict[str, None] = {}
         #: Versions applied by the last start() (for logs and tests).
         self.applied: list[str] = []
 
@@ -491,64 +535,160 @@ class ClickHouseSink:
 
     # -- writes ----------------------------------------------------------
 
-    async def deliver(self, blocks: list[Block]) -> None:
+    async def deliver(self, blocks: list[Block]) -> list[str]:
+        """Store ``blocks``; returns the ids of those written to the dead-letter directory."""
         if not blocks:
-            return
+            return []
         async with self._lock:
             client = self._require_client()
-            await asyncio.to_thread(self._deliver_sync, client, blocks)
+            return await asyncio.to_thread(self._deliver_sync, client, blocks)
 
-    def _deliver_sync(self, client: Any, blocks: Sequence[Block]) -> dict[str, int]:
-        unique: dict[str, Block] = {}
-        for blk in blocks:
-            if blk.block_id not in self._delivered:
-                unique.setdefault(blk.block_id, blk)
-        if not unique:
-            return {}
+    def _deliver_sync(self, client: Any, blocks: Sequence[Block]) -> list[str]:
+        """One insert per frame and table, token = the table and the ids of the frame's
+        blocks in this delivery (docs/CLICKHOUSE.md, "Tokens").
+
+        Every frame is shaped first, so a block that cannot be shaped is found (shaping
+        part by part) before anything is inserted; then the frames are inserted in
+        order. A frame whose blocks were all stored by this process before is skipped.
+        """
+        frames: list[tuple[Frame, list[int]]] = []
+        for frame, parts in _frames_of(blocks):
+            parts = sorted(set(parts))
+            if all(frame.parts[i].block_id in self._delivered or frame.parts[i].block_id in self._dead
+                   for i in parts):
+                continue
+            frames.append((frame, parts))
         self._known_stacks = _expire(self._known_stacks, self.STACK_RESEND_S, self.MAX_KNOWN_STACKS)
         self._known_series = _expire(self._known_series, self.STACK_RESEND_S, self.MAX_KNOWN_SERIES)
-        # Every frame of the delivery goes into ONE insert per table: ClickHouse writes a
-        # part per insert and merges parts again in the background, so fewer, larger
-        # parts cost far less (a window's 10 frames as one insert: ~45 % less storage
-        # CPU, merges included; loadtest/chdb_storage.py --frames-per-insert,
-        # docs/BENCHMARKS.md). The delivery queue retries the same blocks, so
-        # a retried insert carries the same token.
-        shaped: list[dict[str, pa.Table]] = []
-        ids: list[str] = []
-        new_stacks: list[int] = []
-        new_series: list[tuple[str, int]] = []
+        shaped: list[tuple[Frame, list[int], dict[str, pa.Table], list[tuple[int, str]]]] = []
+        marked: list[tuple[list[int], list[tuple[str, int]]]] = []  # per shaped frame
         now = time.monotonic()
+        k = 0
         try:
-            for frame, parts in _frames_of(list(unique.values())):
-                frame_ids = [frame.parts[i].block_id for i in parts]
-                try:
-                    tables, stacks, series = arrow_tables(frame, parts, self._known_stacks,
+            for frame, parts in frames:
+                good, bad = self._shape_or_isolate(frame, parts)
+                tables: dict[str, pa.Table] = {}
+                stacks: list[int] = []
+                series: list[tuple[str, int]] = []
+                if good:
+                    tables, stacks, series = arrow_tables(frame, good, self._known_stacks,
                                                           self._known_series)
-                except (IndexError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
-                    raise PermanentError(f"blocks {frame_ids[:3]} cannot be shaped into rows: {exc}") from exc
-                shaped.append(tables)
-                ids.extend(frame_ids)
-                # Known while this delivery is shaped (a later frame does not send them
-                # again); forgotten below if the delivery fails.
-                for sid in stacks:
-                    self._known_stacks[sid] = now
-                for key in series:
-                    self._known_series[key] = now
-                new_stacks.extend(stacks)
-                new_series.extend(series)
-            written = self._insert_tables(client, concat_frames(shaped), ids)
+                    # known while this delivery is shaped (a later frame does not send them
+                    # again); forgotten below for the frames that are not stored
+                    for sid in stacks:
+                        self._known_stacks[sid] = now
+                    for key in series:
+                        self._known_series[key] = now
+                marked.append((stacks, series))
+                shaped.append((frame, good, concat_frames([tables]) if tables else {}, bad))
+            for k, (frame, good, tables, bad) in enumerate(shaped):
+                if good:
+                    bad = bad + self._insert_isolating(client, frame, good, tables, 0)
+                for part, reason in bad:
+                    self._dead_letter(frame, part, reason)
+                for i in good:
+                    self._delivered[frame.parts[i].block_id] = None
+                k += 1
         except BaseException:
-            for sid in new_stacks:
-                self._known_stacks.pop(sid, None)
-            for key in new_series:
-                self._known_series.pop(key, None)
+            # the frames from the one that failed on were not stored: send their series
+            # and stacks again next time
+            for stacks, series in marked[k:]:
+                for sid in stacks:
+                    self._known_stacks.pop(sid, None)
+                for key in series:
+                    self._known_series.pop(key, None)
             raise
-        delivered = self._delivered
-        for bid in ids:
-            delivered[bid] = None
         if len(self._delivered) > self.MAX_DELIVERED_IDS:  # keep the newest half
             self._delivered = dict.fromkeys(list(self._delivered)[-(self.MAX_DELIVERED_IDS // 2):])
-        return written
+        if len(self._dead) > self.MAX_DELIVERED_IDS:
+            self._dead = dict.fromkeys(list(self._dead)[-(self.MAX_DELIVERED_IDS // 2):])
+        return [b.block_id for b in blocks if b.block_id in self._dead]
+
+    def _shape_or_isolate(self, frame: Frame, parts: list[int]) -> tuple[list[int], list[tuple[int, str]]]:
+        """(parts that shape, [(part, reason)] of those that cannot): the frame at once,
+        part by part only when it fails."""
+        try:
+            arrow_tables(frame, parts)
+            return parts, []
+        except _SHAPING_ERRORS as exc:
+            if len(parts) == 1 or self.dead_letter_dir is None:
+                ids = [frame.parts[i].block_id for i in parts]
+                if self.dead_letter_dir is None:
+                    raise PermanentError(
+                        f"blocks {ids[:3]} cannot be shaped into rows: {exc}") from exc
+                return [], [(parts[0], f"cannot be shaped into rows: {type(exc).__name__}: {exc}")]
+        good: list[int] = []
+        bad: list[tuple[int, str]] = []
+        for i in parts:
+            g, b = self._shape_or_isolate(frame, [i])
+            good += g
+            bad += b
+        return good, bad
+
+    def _dead_letter(self, frame: Frame, part: int, reason: str) -> None:
+        blk = Block(frame, part)
+        if self.dead_letter_dir is None:
+            raise PermanentError(f"block {blk.block_id}: {reason}")
+        try:
+            write_dead_letter(self.dead_letter_dir, self.name, blk, reason)
+        except OSError as exc:  # nowhere to keep it: not done, retried until fixed
+            raise classify_error(exc, f"writing dead letter {blk.block_id} to {self.dead_letter_dir}") from exc
+        self._dead[blk.block_id] = None
+
+    def _insert_isolating(self, client: Any, frame: Frame, parts: list[int],
+                          tables: dict[str, pa.Table], start: int) -> list[tuple[int, str]]:
+        """Insert ``tables`` (of ``parts``) from the ``start``-th table of INSERT_ORDER on;
+        returns the parts the server refused the data of, as (part, reason).
+
+        A refusal of the data (DataRejected) splits the parts in halves and inserts each
+        half's rows from the refused table on (the tables before hold every part's rows
+        under this insert's token). Each half is shaped without the known-series and
+        known-stacks filters, so the same refusal always gives the same halves, rows and
+        tokens: a retry or a replay stores nothing twice.
+        """
+        ids = [frame.parts[i].block_id for i in parts]
+        names = [n for n in INSERT_ORDER if n in tables]
+        for idx in range(start, len(INSERT_ORDER)):
+            name = INSERT_ORDER[idx]
+            if name not in names:
+                continue
+            try:
+                self._insert_one(client, name, tables[name], ids)
+            except DataRejected as exc:
+                if self.dead_letter_dir is None:
+                    raise
+                if len(parts) == 1:
+                    return [(parts[0], f"refused by ClickHouse: {exc}")]
+                log.warning("ClickHouse refused the rows of %d blocks (%s); isolating the bad ones",
+                            len(parts), exc)
+                half = len(parts) // 2
+                bad: list[tuple[int, str]] = []
+                for sub in (parts[:half], parts[half:]):
+                    sub_tables = concat_frames([arrow_tables(frame, sub).tables])
+                    bad += self._insert_isolating(client, frame, sub, sub_tables, idx)
+                return bad
+        return []
+
+    def _insert_one(self, client: Any, name: str, table: pa.Table, ids: Sequence[str]) -> None:
+        settings = {
+            "insert_deduplication_token": dedup_token(name, ids),
+            "insert_deduplicate": 1,
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+            "async_insert": 0,
+            # merge-on-insert of the *_1h and series targets is useless:
+            # background merges collapse those rows
+            "optimize_on_insert": 0,
+            **(CLUSTER_INSERT_SETTINGS if self.cluster is not None else {}),
+        }
+        try:
+            client.insert_arrow(TARGET.get(name, name), table, database=self.database,
+                                settings=settings)
+        except Exception as exc:
+            some = ", ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")
+            raise classify_error(
+                exc, f"inserting {table.num_rows} rows of {len(ids)} block(s) ({some})"
+                     f" into {self.database}.{name}"
+            ) from exc
 
     def _insert_tables(self, client: Any, tables: dict[str, pa.Table], ids: Sequence[str]) -> dict[str, int]:
         """One insert per table, in INSERT_ORDER, each carrying the token of ``ids``."""
@@ -557,28 +697,13 @@ class ClickHouseSink:
             table = tables.get(name)
             if table is None:
                 continue
-            settings = {
-                "insert_deduplication_token": dedup_token(name, ids),
-                "insert_deduplicate": 1,
-                "deduplicate_blocks_in_dependent_materialized_views": 1,
-                "async_insert": 0,
-                # merge-on-insert of the *_1h and series targets is useless:
-                # background merges collapse those rows
-                "optimize_on_insert": 0,
-                **(CLUSTER_INSERT_SETTINGS if self.cluster is not None else {}),
-            }
-            try:
-                client.insert_arrow(TARGET.get(name, name), table, database=self.database,
-                                    settings=settings)
-            except Exception as exc:
-                some = ", ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")
-                raise classify_error(
-                    exc, f"inserting {table.num_rows} rows of {len(ids)} block(s) ({some})"
-                         f" into {self.database}.{name}"
-                ) from exc
+            self._insert_one(client, name, table, ids)
             target = TARGET.get(name, name)
             written[target] = written.get(target, 0) + table.num_rows
         return written
+
+
+_SHAPING_ERRORS = (IndexError, ValueError, TypeError, KeyError, pa.ArrowException)
 
 
 def concat_frames(shaped: Sequence[dict[str, pa.Table]]) -> dict[str, pa.Table]:

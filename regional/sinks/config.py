@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from stratoscope.regional.sinks.base import Sink
 
 __all__ = [
-    "SINKS", "ClickHouseSettings", "KafkaSettings", "SinkSettings", "check_database",
+    "DEFAULT_DEAD_LETTER_ROOT", "SINKS", "ClickHouseSettings", "KafkaSettings", "SinkSettings", "check_database",
     "dsn_database", "register",
 ]
 
@@ -51,12 +51,25 @@ def dsn_database(dsn: str) -> str | None:
     return None
 
 
+#: Where dead letters go when nothing says otherwise: ``<root>/<sink kind>``.
+DEFAULT_DEAD_LETTER_ROOT = Path("/var/lib/stratoscope/dead-letter")
+
+
 class SinkSettings(BaseModel):
     """Base of a sink kind's settings: frozen, typos refused, ``build()`` makes the sink."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     #: The registry name (and the sink's name in metrics and logs).
     kind: ClassVar[str] = ""
+    #: Where this sink writes blocks it can never store (regional/sinks/deadletter.py).
+    #: None: ``dead_letter_path`` derives one (the regional passes its own, beside its log).
+    dead_letter_dir: Path | None = None
+
+    @property
+    def dead_letter_path(self) -> Path:
+        """``dead_letter_dir``, else ``DEFAULT_DEAD_LETTER_ROOT/<kind>`` (a per-sink
+        subclass may derive it from its own storage: see ClickHouseSettings)."""
+        return self.dead_letter_dir or DEFAULT_DEAD_LETTER_ROOT / self.kind
 
     def build(self) -> Sink:
         """The sink these settings describe (called in the process that runs it)."""
@@ -138,13 +151,25 @@ class ClickHouseSettings(SinkSettings):
     def embedded(self) -> bool:
         return self.dsn.lower().startswith("chdb:")
 
+    @property
+    def dead_letter_path(self) -> Path:
+        """``dead_letter_dir``; else, for an embedded store ``chdb:///DIR``, the directory
+        ``dead-letter/clickhouse`` beside DIR (on the disk that holds the data); else
+        ``DEFAULT_DEAD_LETTER_ROOT/clickhouse``."""
+        if self.dead_letter_dir is not None:
+            return self.dead_letter_dir
+        if self.embedded:
+            return Path(unquote(urlsplit(self.dsn).path)).parent / "dead-letter" / self.kind
+        return DEFAULT_DEAD_LETTER_ROOT / self.kind
+
     def build(self) -> Sink:
         from stratoscope.regional.sinks.clickhouse import ClickHouseSink
 
         migrate = self.embedded if self.migrate is None else self.migrate
         return ClickHouseSink(self.dsn, self.database, migrate, cluster=self.cluster,
                               retention=self.retention,
-                              retention_allow_shrink=self.retention_allow_shrink)
+                              retention_allow_shrink=self.retention_allow_shrink,
+                              dead_letter_dir=self.dead_letter_path)
 
 
 def _safe(dsn: str) -> str:
@@ -255,4 +280,4 @@ class KafkaSettings(SinkSettings):
 
         sec = self.security()
         return KafkaSink(self.bootstrap, self.topic_prefix, request_timeout_s=self.request_timeout,
-                         compression=self.compression, **sec)
+                         compression=self.compression, dead_letter_dir=self.dead_letter_path, **sec)

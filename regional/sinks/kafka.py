@@ -43,6 +43,7 @@ import logging
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient
 from aiokafka.codec import has_lz4, has_snappy, has_zstd
 from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
@@ -58,11 +61,16 @@ from aiokafka.errors import (
     OutOfOrderSequenceNumber,
     ProducerClosed,
     ProducerFenced,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnknownTopicOrPartitionError,
 )
 
 from stratoscope import __version__
 from stratoscope.regional.frame import Block, Col
-from stratoscope.regional.sinks.base import PermanentError, RetriableError, SinkError
+from stratoscope.regional.sinks.base import BlockedError, PermanentError, RetriableError, SinkError
+from stratoscope.regional.sinks.deadletter import write_dead_letter
 from stratoscope.v1 import batch_pb2 as pb
 
 __all__ = [
@@ -297,10 +305,22 @@ def _describe(exc: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}"
 
 
+#: Errors a person must fix (credentials, ACLs, a topic that is not there): retried
+#: forever with ``stratoscope_regional_sink_blocked{reason}`` set.
+_BLOCKED: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+    ((AuthenticationFailedError, SaslAuthenticationFailed, TopicAuthorizationFailedError,
+      ClusterAuthorizationFailedError, TransactionalIdAuthorizationFailed), "auth"),
+    ((UnknownTopicOrPartitionError,), "missing"),
+)
+
+
 def _classify(exc: BaseException) -> SinkError:
     reason = _describe(exc)
     if isinstance(exc, SinkError):
         return exc
+    for classes, why in _BLOCKED:
+        if isinstance(exc, classes):
+            return BlockedError(reason, why)
     if isinstance(
         exc,
         KafkaTimeoutError | KafkaConnectionError | NotLeaderForPartitionError | TimeoutError,
@@ -335,6 +355,7 @@ class KafkaSink:
         sasl_mechanism: str = "PLAIN",
         sasl_plain_username: str | None = None,
         sasl_plain_password: str | None = None,
+        dead_letter_dir: Path | str | None = None,
     ) -> None:
         if not bootstrap.strip():
             raise ValueError("Kafka bootstrap is empty: expected host:port[,host:port...]")
@@ -360,6 +381,9 @@ class KafkaSink:
         # Producers whose sender task died; closed by the next start() or stop().
         self._retired: list[AIOKafkaProducer] = []
         self._start_lock: asyncio.Lock | None = None
+        #: Where blocks Kafka refuses for good go (None: deliver raises PermanentError).
+        self.dead_letter_dir = None if dead_letter_dir is None else Path(dead_letter_dir)
+        self._dead: dict[str, None] = {}
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -458,7 +482,7 @@ class KafkaSink:
             raise RetriableError(f"{where}: cluster metadata lists no brokers")
         denied = sorted(set(self.topics.values()) & set(md.unauthorized_topics))
         if denied:
-            raise PermanentError(f"{where}: not authorized for {', '.join(denied)}")
+            raise BlockedError(f"{where}: not authorized for {', '.join(denied)}", "auth")
         missing = sorted(set(self.topics.values()) - set(md.topics()))
         if missing:
             log.info(
@@ -503,16 +527,23 @@ class KafkaSink:
                 ))
         return out
 
-    async def deliver(self, blocks: list[Block]) -> None:
-        """Send every record, then await every acknowledgement.
+    async def deliver(self, blocks: list[Block]) -> list[str]:
+        """Send every record, then await every acknowledgement; returns the ids of the
+        blocks written to the dead-letter directory (a record Kafka refuses for good,
+        e.g. too large: the block's other records are kept, consumers de-duplicate).
 
-        Starts the producer if needed. Raises RetriableError or PermanentError; the
-        records that were acknowledged stay written (consumers de-duplicate).
+        Starts the producer if needed. Raises RetriableError (BlockedError) or, without a
+        dead-letter directory, PermanentError; the records that were acknowledged stay
+        written (consumers de-duplicate).
         """
+        todo = [b for b in blocks if b.block_id not in self._dead]
         # Building and serializing per-node messages is CPU work: off the event loop.
-        records = await asyncio.to_thread(self.records, blocks)
-        if not records:
-            return
+        records = await asyncio.to_thread(self.records, todo)
+        if records:
+            await self._send(records, {b.block_id: b for b in todo})
+        return [b.block_id for b in blocks if b.block_id in self._dead]
+
+    async def _send(self, records: list[_Record], by_id: dict[str, Block]) -> None:
         if self._producer is None:
             await self.start()
         producer = self._producer
@@ -548,6 +579,22 @@ class KafkaSink:
                 errors.append((rec, failure))
         if not errors:
             return
+        if self.dead_letter_dir is not None:
+            refused: dict[str, str] = {}
+            for rec, failure in errors:
+                err = _classify(failure)
+                if isinstance(err, PermanentError):
+                    refused.setdefault(rec.block_id, f"{rec.kind} record to {rec.topic}: {err}")
+            for block_id, why in refused.items():
+                try:
+                    await asyncio.to_thread(write_dead_letter, self.dead_letter_dir, self.name,
+                                            by_id[block_id], f"refused by Kafka: {why}")
+                except OSError as oserr:
+                    raise RetriableError(f"writing dead letter {block_id}: {oserr}") from oserr
+                self._dead[block_id] = None
+            errors = [(r, e) for r, e in errors if r.block_id not in refused]
+            if not errors and not unsent:
+                return
         raise self._delivery_error(records, errors, unsent)
 
     def _delivery_error(
@@ -560,7 +607,8 @@ class KafkaSink:
             if broken is not None:
                 self._retired.append(broken)
         permanent = [(r, e) for r, e in classified if isinstance(e, PermanentError)]
-        chosen = permanent or classified
+        blocked = [(r, e) for r, e in classified if isinstance(e, BlockedError)]
+        chosen = permanent or blocked or classified
         first_rec, first_err = chosen[0]
         summary = (
             f"kafka: {len(errors) + unsent} of {len(records)} record(s) not delivered; "
@@ -570,6 +618,8 @@ class KafkaSink:
         if permanent:
             bad = sorted({f"{r.block_id}/{r.kind}" for r, _ in permanent})
             return PermanentError(f"{summary}; rejected: {', '.join(bad)}")
+        if blocked:
+            return BlockedError(summary, blocked[0][1].reason)  # type: ignore[attr-defined]
         return RetriableError(summary)
 
 

@@ -41,7 +41,13 @@ from typing import Any
 from stratoscope.regional import pipes
 from stratoscope.regional.frame import Block, Frame, blocks_of
 from stratoscope.regional.runtime import name_process, tune_gc
-from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink, SinkError
+from stratoscope.regional.sinks.base import (
+    BlockedError,
+    PermanentError,
+    RetriableError,
+    Sink,
+    SinkError,
+)
 from stratoscope.regional.sinks.config import SinkSettings
 
 log = logging.getLogger(__name__)
@@ -102,9 +108,12 @@ class SinkRequest:
 class SinkReply:
     req_id: int
     result: Any = None
-    #: None on success; else "RetriableError", "PermanentError" or "error" (a bug).
+    #: None on success; else "RetriableError", "BlockedError", "PermanentError" or
+    #: "error" (a bug).
     error_class: str | None = None
     error: str = ""
+    #: A BlockedError's reason.
+    reason: str = ""
 
 
 def pack_blocks(blocks: Sequence[Block]) -> list[DeliveryItem]:
@@ -212,14 +221,17 @@ async def _child_loop(chan: pipes.Channel[SinkReply, SinkRequest], settings: Sin
                 await sink.health_check()
                 result = list(getattr(sink, "check_notes", ()))
             elif isinstance(call, Deliver):
-                await sink.deliver(unpack_blocks(call.items))
+                result = list(await sink.deliver(unpack_blocks(call.items)) or ())
             elif isinstance(call, Query):
                 result = await sink.query(call.sql, call.parameters, call.settings)  # type: ignore[attr-defined]
             else:
                 raise ValueError(f"unknown request {call!r}")
             reply = SinkReply(req.req_id, result)
+        except BlockedError as exc:
+            reply = SinkReply(req.req_id, error_class="BlockedError", error=str(exc), reason=exc.reason)
         except SinkError as exc:
-            reply = SinkReply(req.req_id, error_class=type(exc).__name__, error=str(exc))
+            cls = "RetriableError" if isinstance(exc, RetriableError) else "PermanentError"
+            reply = SinkReply(req.req_id, error_class=cls, error=str(exc))
         except Exception as exc:  # a bug in the sink: report it, keep serving
             log.exception("sink %s: %s failed", settings.kind, type(call).__name__)
             reply = SinkReply(req.req_id, error_class="error", error=f"{type(exc).__name__}: {exc}")
@@ -273,9 +285,9 @@ class ProcessSink:
                 reply = chan.recv()
             except (EOFError, OSError):
                 proc.join(1.0)
-                err = RetriableError(f"sink process {self.kind} exited (code {proc.exitcode})")
+                gone = RetriableError(f"sink process {self.kind} exited (code {proc.exitcode})")
                 for waiting in list(self._pending.values()):
-                    self._resolve(waiting, None, err)
+                    self._resolve(waiting, None, gone)
                 self._pending.clear()
                 return
             fut = self._pending.pop(reply.req_id, None)
@@ -284,9 +296,16 @@ class ProcessSink:
             if reply.error_class is None:
                 self._resolve(fut, reply.result, None)
             else:
-                cls = {"RetriableError": RetriableError, "PermanentError": PermanentError}.get(
-                    reply.error_class)
-                self._resolve(fut, None, cls(reply.error) if cls else RuntimeError(reply.error))
+                err: Exception
+                if reply.error_class == "BlockedError":
+                    err = BlockedError(reply.error, reply.reason)
+                elif reply.error_class == "RetriableError":
+                    err = RetriableError(reply.error)
+                elif reply.error_class == "PermanentError":
+                    err = PermanentError(reply.error)
+                else:
+                    err = RuntimeError(reply.error)
+                self._resolve(fut, None, err)
 
     def _resolve(self, fut: asyncio.Future[Any], value: Any, err: BaseException | None) -> None:
         def done() -> None:
@@ -347,13 +366,14 @@ class ProcessSink:
         should act on (e.g. a retention that differs from the settings), one line each."""
         return list(await self._call(HealthCheck()) or ())
 
-    async def deliver(self, blocks: list[Block]) -> None:
+    async def deliver(self, blocks: list[Block]) -> list[str]:
+        """Deliver in the child; returns the ids it wrote to its dead-letter directory."""
         if not blocks:
-            return
+            return []
         if not self.alive:  # crashed: a new child, then the retried delivery goes there
             await self.start()
         items = await asyncio.to_thread(pack_blocks, blocks)
-        await self._call(Deliver(items))
+        return list(await self._call(Deliver(items)) or ())
 
     async def query(self, sql: str, parameters: dict[str, Any] | None = None,
                     settings: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:

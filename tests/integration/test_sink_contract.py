@@ -31,7 +31,7 @@ from stratoscope.edge.batch import BatchBuilder, batch_to_dict
 from stratoscope.edge.decode import ProfileRow
 from stratoscope.regional.frame import Block
 from stratoscope.regional.merge import Rollup
-from stratoscope.regional.sinks.base import PermanentError, RetriableError, Sink
+from stratoscope.regional.sinks.base import BlockedError, PermanentError, RetriableError, Sink
 from stratoscope.regional.sinks.clickhouse import ClickHouseSink
 from stratoscope.regional.sinks.kafka import KafkaSink, decode_message
 from tests.conftest import kafka_bootstrap
@@ -106,9 +106,16 @@ class ClickHouseBackend:
         return ClickHouseSink("http://127.0.0.1:1/contract")
 
     async def refusing(self) -> tuple[Sink, list[Block], str]:
-        # a database without the schema: every insert names a table that does not exist
-        sink = ClickHouseSink(self.dsn, database=f"{self.db}_bare", migrate=False)
-        return sink, window_blocks(), "UNKNOWN_DATABASE"
+        # a block whose rows name a string its frame does not have: it can never be
+        # shaped into rows (a missing database or table is a BlockedError: retried)
+        blocks = window_blocks()
+        labels = blocks[0].frame.metrics.ragged["labels"][1]
+        labels["values"] = labels["values"].copy()
+        labels["values"][0] = 10_000_000
+        return ClickHouseSink(self.dsn, database=self.db), blocks, "cannot be shaped into rows"
+
+    def blocked(self) -> tuple[Sink, str]:
+        return ClickHouseSink(self.dsn, database=f"{self.db}_bare", migrate=False), "missing"
 
     async def read_back(self) -> dict[tuple[str, str, str], int]:
         rows = self.anchor.query(
@@ -227,6 +234,19 @@ async def test_unreachable_backend_is_retriable(backend: Backend) -> None:
             await sink.health_check()
         with pytest.raises(RetriableError):
             await sink.deliver(window_blocks())
+    finally:
+        await sink.stop()
+
+
+async def test_missing_database_is_blocked_not_permanent(anchor: Any, chdb_dir: str) -> None:
+    """A store without the schema is something a person fixes: BlockedError("missing"),
+    retried by the delivery queue, never dropped."""
+    sink, reason = ClickHouseBackend(chdb_dir, anchor).blocked()
+    await sink.start()
+    try:
+        with pytest.raises(BlockedError, match="UNKNOWN_DATABASE") as err:
+            await sink.deliver(window_blocks())
+        assert err.value.reason == reason
     finally:
         await sink.stop()
 
