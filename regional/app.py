@@ -260,7 +260,10 @@ class RunningRegional:
         finally:
             for q in self.queues:
                 if self.instances is not None:
-                    q.stop_timeout_s = max(0.0, min(q.stop_timeout_s, deadline - time.monotonic()))
+                    left = max(0.0, deadline - time.monotonic())
+                    q.stop_timeout_s = min(q.stop_timeout_s, left)
+                    if isinstance(q.sink, ProcessSink):
+                        q.sink.stop_timeout_s = min(q.sink.stop_timeout_s, left + 5.0)
                 await q.stop()
             if self.instances is not None:
                 self.instances.close()

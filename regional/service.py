@@ -42,9 +42,14 @@ class _SinkStats(Collector):
         fams = {
             "delivered": CounterMetricFamily(f"{ns}_delivered_blocks", "Blocks delivered.", labels=["sink"]),
             "retried": CounterMetricFamily(f"{ns}_retried", "Delivery attempts retried.", labels=["sink"]),
-            "failed": CounterMetricFamily(f"{ns}_failed_blocks", "Blocks dropped on a permanent error.", labels=["sink"]),
-            "dropped": CounterMetricFamily(f"{ns}_dropped_blocks", "Blocks dropped because the queue was full.", labels=["sink"]),
+            "failed": CounterMetricFamily(f"{ns}_failed_blocks", "Blocks a permanent error naming no block kept from the sink: left in the write-ahead log.", labels=["sink"]),
+            "dropped": CounterMetricFamily(f"{ns}_dropped_blocks", "Blocks dropped by the queue (always 0: a full queue makes the regional wait and edges RETRY).", labels=["sink"]),
+            "dead_lettered": CounterMetricFamily(f"{ns}_dead_letter_blocks", "Blocks the sink can never store, written to its dead-letter directory.", labels=["sink"]),
+            "left_for_log": CounterMetricFamily(f"{ns}_left_for_log_blocks", "Blocks not delivered by the stop deadline: stored after the next start, from the write-ahead log.", labels=["sink"]),
+            "backpressure_waits": CounterMetricFamily(f"{ns}_backpressure_waits", "Times the regional waited for room in the sink's queue.", labels=["sink"]),
         }
+        blocked = GaugeMetricFamily(f"{ns}_blocked", "1 while deliveries fail for this reason (auth, readonly, missing, too_many_parts and disk_full need a person; unavailable is transient): retried, never dropped.", labels=["sink", "reason"])
+        since = GaugeMetricFamily(f"{ns}_seconds_since_delivery", "Seconds blocks have waited since the sink last stored some (0 when none waits).", labels=["sink"])
         queued = GaugeMetricFamily(f"{ns}_queued_blocks", "Blocks waiting or in delivery.", labels=["sink"])
         latency = GaugeMetricFamily(f"{ns}_last_delivery_seconds", "Duration of the last delivery (insert latency).", labels=["sink"])
         for q in self._queues():
@@ -52,9 +57,14 @@ class _SinkStats(Collector):
                 fam.add_metric([q.sink.name], getattr(q, attr))
             queued.add_metric([q.sink.name], q.queued)
             latency.add_metric([q.sink.name], q.last_delivery_latency_s or 0.0)
+            for reason, v in q.blocked.items():
+                blocked.add_metric([q.sink.name, reason], v)
+            since.add_metric([q.sink.name], q.seconds_since_delivery)
         yield from fams.values()
         yield queued
         yield latency
+        yield blocked
+        yield since
 
 
 class LogStats(Collector):
@@ -288,23 +298,12 @@ class Regional:
             if self.instances is not None:
                 self.instances.emitted(blocks)
             for q in self.sinks:
-                await self._room(q, len(blocks))
+                # waits while the queue is full: the window stays held (its bytes count
+                # against max_held_bytes) and the backlog at its RETRY bound, so edges keep
+                # their batches instead
                 await q.put(blocks)
         await worker  # re-raises a failure of the in-process reduction
         return out
-
-    @staticmethod
-    async def _room(q: DeliveryQueue, blocks: int, poll_s: float = 0.05) -> None:
-        """Wait until ``q`` takes ``blocks`` more without dropping its oldest.
-
-        Why: a queue that is full drops its oldest blocks, which edges were acked for.
-        While this waits, the window being flushed stays held (its bytes count against
-        max_held_bytes) and the backlog stays at its RETRY bound, so edges are answered
-        RETRY and keep their batches instead. A queue that is not delivering (not
-        started, or stopping) is not waited for.
-        """
-        while q.running and q.queued and q.queued + blocks > q.max_queue_blocks:
-            await asyncio.sleep(poll_s)
 
     def _emit(self, due: list[Any], hand_over: Callable[[list[Block]], None]) -> None:
         """Reduce ``due`` chunk by chunk (in a forked child if configured; here for what

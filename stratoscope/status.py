@@ -188,7 +188,8 @@ def regional_view(s: Scrape) -> list[Table]:
         summary.append(("read endpoint requests",
                         ", ".join(f"{o} {format_count(int(v))}" for (o,), v in sorted(queries.items()))))
     sinks = Table(title="Sinks", title_justify="left")
-    for col in ("sink", "delivered", "queued (lag)", "last insert", "retried", "failed", "dropped"):
+    for col in ("sink", "delivered", "queued (lag)", "last insert", "retried", "failed", "dead letters",
+                "blocked"):
         sinks.add_column(col, justify="left" if col == "sink" else "right")
     names = sorted({lab.get("sink", "") for lab, _ in s.samples.get("stratoscope_regional_sink_delivered_blocks_total", [])})
     for name in names:
@@ -200,7 +201,8 @@ def regional_view(s: Scrape) -> list[Table]:
             NA if last is None else format_duration_ns(last * 1e9),
             _count(s.get("stratoscope_regional_sink_retried_total", sink=name)),
             _count(s.get("stratoscope_regional_sink_failed_blocks_total", sink=name)),
-            _count(s.get("stratoscope_regional_sink_dropped_blocks_total", sink=name)),
+            _count(s.get("stratoscope_regional_sink_dead_letter_blocks_total", sink=name)),
+            _blocked(s, name),
         )
     tables = [_kv_table(f"Regional {s.url}", summary), sinks]
     if s.has("stratoscope_regional_wal_segments"):
@@ -208,11 +210,21 @@ def regional_view(s: Scrape) -> list[Table]:
     drops: list[tuple[str, str, float]] = []
     for (reason,), v in sorted(s.by("stratoscope_regional_rejected_batches_total", "reason").items()):
         drops.append(("batch rejected", reason, v))
-    for (sink,), v in sorted(s.by("stratoscope_regional_sink_failed_blocks_total", "sink").items()):
-        drops.append(("permanent sink error", sink, v))
-    for (sink,), v in sorted(s.by("stratoscope_regional_sink_dropped_blocks_total", "sink").items()):
-        drops.append(("sink queue full", sink, v))
+    for (sink,), v in sorted(s.by("stratoscope_regional_sink_dead_letter_blocks_total", "sink").items()):
+        drops.append(("dead letter (on disk, not stored)", sink, v))
     return [*tables, _drops("Dropped (lost data)", drops)]
+
+
+def _blocked(s: Scrape, sink: str) -> str:
+    """Why deliveries to ``sink`` fail right now, and for how long ("no" if they do not)."""
+    reasons = [lab.get("reason", "") for lab, v in s.samples.get("stratoscope_regional_sink_blocked", [])
+               if lab.get("sink") == sink and v]
+    if not s.has("stratoscope_regional_sink_blocked"):
+        return NA
+    if not reasons:
+        return "no"
+    waited = s.get("stratoscope_regional_sink_seconds_since_delivery", sink=sink) or 0.0
+    return f"{', '.join(reasons)} for {format_duration_ns(waited * 1e9)}"
 
 
 def _wal_table(s: Scrape) -> Table:

@@ -252,6 +252,9 @@ class ProcessSink:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._start_lock = asyncio.Lock()
+        #: How long stop() waits for the child before terminating it (the owner may
+        #: lower it to what is left of its own stop deadline).
+        self.stop_timeout_s = STOP_TIMEOUT_S
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
@@ -341,19 +344,30 @@ class ProcessSink:
             await self._call(Start())
 
     async def stop(self) -> None:
+        """Ask the child to stop (its sink flushes and disconnects), for at most
+        ``stop_timeout_s``; a child that has not exited by then is terminated, then killed.
+        (A sink whose server is down can hang in its own stop: a Kafka producer flushing
+        to a broker that is gone. What it held is still in the regional's log.)"""
         async with self._start_lock:
             if not self.alive:
                 return
+            deadline = time.monotonic() + self.stop_timeout_s
             try:
-                await self._call(Stop())
+                await asyncio.wait_for(self._call(Stop()), max(0.1, self.stop_timeout_s))
             except SinkError as exc:
                 log.warning("sink process %s: stop failed: %s", self.kind, exc)
+            except TimeoutError:
+                log.warning("sink process %s: its sink did not stop within %gs", self.kind, self.stop_timeout_s)
             proc = self._proc
             assert proc is not None
-            await asyncio.to_thread(proc.join, STOP_TIMEOUT_S)
+            await asyncio.to_thread(proc.join, max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
                 log.warning("sink process %s did not exit; terminating it", self.kind)
                 proc.terminate()
+                await asyncio.to_thread(proc.join, 5)
+                if proc.is_alive():
+                    proc.kill()
+                    await asyncio.to_thread(proc.join, 5)
             if self._chan is not None:
                 self._chan.close()
             self._proc = self._chan = None

@@ -88,3 +88,23 @@ def test_regional_view_shows_the_write_ahead_log() -> None:
     assert "FAILED" not in text
     failed = WAL.replace("stratoscope_regional_wal_failed 0.0", "stratoscope_regional_wal_failed 1.0")
     assert "FAILED the log cannot be written" in _text(regional_view(parse("u", failed)))
+
+
+def test_regional_view_shows_dead_letters_and_blocked_sinks() -> None:
+    page = WAL + """# TYPE stratoscope_regional_sink_delivered_blocks counter
+stratoscope_regional_sink_delivered_blocks_total{sink="clickhouse"} 90.0
+stratoscope_regional_sink_delivered_blocks_total{sink="kafka"} 80.0
+# TYPE stratoscope_regional_sink_dead_letter_blocks counter
+stratoscope_regional_sink_dead_letter_blocks_total{sink="clickhouse"} 2.0
+stratoscope_regional_sink_dead_letter_blocks_total{sink="kafka"} 0.0
+# TYPE stratoscope_regional_sink_blocked gauge
+stratoscope_regional_sink_blocked{reason="auth",sink="clickhouse"} 1.0
+stratoscope_regional_sink_blocked{reason="auth",sink="kafka"} 0.0
+# TYPE stratoscope_regional_sink_seconds_since_delivery gauge
+stratoscope_regional_sink_seconds_since_delivery{sink="clickhouse"} 30.0
+stratoscope_regional_sink_seconds_since_delivery{sink="kafka"} 0.0
+"""
+    text = _text(regional_view(parse("u", page)))
+    assert "clickhouse 90 n/a n/a n/a n/a 2 auth for 30.0 s" in text
+    assert "kafka 80 n/a n/a n/a n/a 0 no" in text
+    assert "dead letter (on disk, not stored) clickhouse 2" in text
