@@ -31,10 +31,13 @@ def test_a_block_is_a_part_of_its_frame() -> None:
     assert [b.part for b in blocks] == [0, 1]
     assert [b.block_id for b in blocks] == [p.block_id for p in frame.parts]
     assert {b.resolution_s for b in blocks} == {60}
-    # the same content gives the same ids; another regional id, other ids
+    # the same sources give the same ids, whichever regional merged them (a failover, a
+    # replay); other sources, other ids
     assert [b.block_id for b in merged_blocks(batch("n1"), batch("n2", value=2), regional_id="r")] == \
         [b.block_id for b in blocks]
-    assert not {b.block_id for b in merged_blocks(batch("n1"), regional_id="q")} & {b.block_id for b in blocks}
+    assert [b.block_id for b in merged_blocks(batch("n1"), batch("n2", value=2), regional_id="q")] == \
+        [b.block_id for b in blocks]
+    assert not {b.block_id for b in merged_blocks(batch("n1", seq=2))} & {b.block_id for b in blocks}
     with pytest.raises(IndexError, match="part 2 of a frame of 2 parts"):
         Block(frame, 2)
 
