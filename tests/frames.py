@@ -38,9 +38,10 @@ def merged_blocks(
 ) -> list[Block]:
     """The blocks of every window of ``batches``, merged and closed.
 
-    ``regional_id`` goes into every block id (as in production): tests that need two
-    distinct blocks of the same batches give them distinct regional ids, and the same
-    id gives the same block again (a redelivery).
+    A block's id depends only on the batches in it (regional/merge.py), so ``regional_id``
+    is also appended to every batch's boot id here: tests that need two distinct blocks of
+    the same content give them distinct regional ids, and the same id gives the same
+    block again (a redelivery).
     """
     agg = Aggregator(
         MergeSettings(resolution_s=resolution_s, lateness_s=0, rollups=tuple(rollups),
@@ -48,7 +49,9 @@ def merged_blocks(
         regional_id=regional_id,
     )
     for batch in batches:
-        cols = decode(pb.Batch.FromString(batch.SerializeToString()))
+        copy = pb.Batch.FromString(batch.SerializeToString())
+        copy.boot_id = f"{copy.boot_id}@{regional_id}"
+        cols = decode(copy)
         check_columns(cols, Limits())
         agg.record(unpack(pack(cols)))
     return agg.flush(0, force=True)

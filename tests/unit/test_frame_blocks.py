@@ -9,6 +9,7 @@ import pytest
 
 from stratoscope.edge.batch import BatchBuilder
 from stratoscope.regional.frame import Block, Frame
+from stratoscope.regional.merge import Aggregator, MergeSettings
 from stratoscope.regional.sinks.clickhouse_arrow import _ViewCache, arrow_tables, frame_strings
 from stratoscope.v1 import batch_pb2 as pb
 from tests.frames import merged_blocks, merged_frame
@@ -31,13 +32,28 @@ def test_a_block_is_a_part_of_its_frame() -> None:
     assert [b.part for b in blocks] == [0, 1]
     assert [b.block_id for b in blocks] == [p.block_id for p in frame.parts]
     assert {b.resolution_s for b in blocks} == {60}
-    # the same sources give the same ids, whichever regional merged them (a failover, a
-    # replay); other sources, other ids
     assert [b.block_id for b in merged_blocks(batch("n1"), batch("n2", value=2), regional_id="r")] == \
         [b.block_id for b in blocks]
-    assert [b.block_id for b in merged_blocks(batch("n1"), batch("n2", value=2), regional_id="q")] == \
-        [b.block_id for b in blocks]
-    assert not {b.block_id for b in merged_blocks(batch("n1", seq=2))} & {b.block_id for b in blocks}
+
+
+def test_a_block_id_depends_on_its_sources_only() -> None:
+    """The same batches give the same ids whichever regional merged them (a failover, a
+    replay of the log); other batches, other ids."""
+    def ids(regional_id: str, *batches: pb.Batch) -> list[str]:
+        agg = Aggregator(MergeSettings(resolution_s=60, lateness_s=0, rollups=()), regional_id)
+        for b in batches:
+            agg.record(b)
+        return [blk.block_id for blk in agg.flush(0, force=True)]
+
+    first = ids("r1", batch("n1"), batch("n2", value=2))
+    assert ids("r2", batch("n1"), batch("n2", value=2)) == first
+    assert ids("r2", batch("n1", value=5), batch("n2", value=2)) == first  # identity, not content
+    assert not set(ids("r1", batch("n1", seq=2))) & set(first)
+
+
+def test_a_block_outside_its_frame_is_refused() -> None:
+    frame = merged_blocks(batch("n1"), batch("n2", value=2))[0].frame
+    assert frame is not None
     with pytest.raises(IndexError, match="part 2 of a frame of 2 parts"):
         Block(frame, 2)
 
