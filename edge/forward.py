@@ -62,6 +62,8 @@ log = logging.getLogger("stratoscope.edge.forward")
 ERROR_REASONS = ("tls", "spool", "internal")
 #: The ingest method, called with the spool's bytes as they are (no parse, no re-encode).
 _METHOD = "/stratoscope.v1.Ingest/Stream"
+#: How long a connection to a regional may take before the next one is tried.
+CONNECT_TIMEOUT_S = 5.0
 #: How long a stream that retries in-doubt batches at their regional may last.
 DOUBT_STREAM_TIMEOUT_S = 30.0
 
@@ -333,6 +335,23 @@ class GrpcForwarder:
             self.spool.ack(key)
             self._cv.notify_all()
 
+    def _connect(self, channel: grpc.Channel) -> bool:
+        """Wait until the channel is connected (TLS handshake done) before any batch is
+        taken for it: a batch marked as sent to a regional that was never reached would be
+        held for that regional for nothing (in doubt, see the module docstring)."""
+        ready = grpc.channel_ready_future(channel)
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        try:
+            while not self._closing.is_set() and time.monotonic() < deadline:
+                try:
+                    ready.result(timeout=0.2)
+                    return True
+                except grpc.FutureTimeoutError:
+                    continue
+            return False
+        finally:
+            ready.cancel()
+
     def _stream_round(self, target: str, doubt_only: bool) -> bool:
         """One stream to ``target`` until it ends; True if any answer came."""
         with self._cv:
@@ -342,6 +361,10 @@ class GrpcForwarder:
         got_ack = False
         try:
             with self._channel(target) as channel:
+                if not self._connect(channel):
+                    log.warning("cannot connect to %s%s", target,
+                                " (in-doubt batches)" if doubt_only else "")
+                    return False
                 method = channel.stream_stream(_METHOD, request_serializer=_identity,
                                                response_deserializer=ingest_pb2.Ack.FromString)
                 call = method(self._requests(stream, target, doubt_only),
