@@ -173,7 +173,7 @@ class Spool:
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def keys(self) -> list[Key]:
+    def pending(self) -> list[Key]:
         """Unanswered batches, oldest first."""
         return list(self._entries)
 

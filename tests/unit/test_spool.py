@@ -41,16 +41,16 @@ def test_write_ack_and_restart_keeps_only_the_unacked_in_order(tmp_path: Path) -
     s.close()
 
     again = Spool(tmp_path, clock=clock)
-    assert again.keys() == [("b1", 1), ("b1", 3), ("b1", 5)]
+    assert again.pending() == [("b1", 1), ("b1", 3), ("b1", 5)]
     assert again.replayed == 3
-    assert [again.read(k) for k in again.keys()] == [data(1), data(3), data(5)]
+    assert [again.read(k) for k in again.pending()] == [data(1), data(3), data(5)]
     assert again.target(("b1", 3)) == ("a:1", clock.t)
     assert again.target(("b1", 1)) == ("", 0.0)
     assert (again.corrupt_records, again.corrupt_bytes) == (0, 0)
     assert again.depth_bytes == 3 * record()
     # a new boot's batches sit beside the old boot's: keys are (boot_id, seq)
     again.append(("b2", 1), data(7))
-    assert again.keys() == [("b1", 1), ("b1", 3), ("b1", 5), ("b2", 1)]
+    assert again.pending() == [("b1", 1), ("b1", 3), ("b1", 5), ("b2", 1)]
     # the next write went to a fresh segment, not after the old one
     assert again.segments() == [1, 2]
     again.close()
@@ -89,7 +89,7 @@ def test_rotation_and_deletion_of_answered_segments(tmp_path: Path) -> None:
     s.close()
     assert sorted(p.name for p in tmp_path.glob("spool-*")) == [segment_name(n) for n in (4, 5, 6)]
     again = Spool(tmp_path)
-    assert again.keys() == [("b1", 7), ("b1", 8), ("b1", 9)]
+    assert again.pending() == [("b1", 7), ("b1", 8), ("b1", 9)]
     assert again.target(("b1", 7))[0] == "a:1"
     again.close()
 
@@ -110,7 +110,7 @@ def test_deleting_a_segment_carries_over_its_acks_and_targets(tmp_path: Path) ->
     assert s.segments() == [1, 3]
     s.close()
     again = Spool(tmp_path)
-    assert again.keys() == [("b1", 2), ("b1", 5)]  # not batch 1: its ack was carried over
+    assert again.pending() == [("b1", 2), ("b1", 5)]  # not batch 1: its ack was carried over
     assert again.target(("b1", 2))[0] == "a:1"
     again.close()
 
@@ -123,10 +123,10 @@ def test_size_limit_drops_the_oldest_with_exact_counts(tmp_path: Path, caplog: p
     for seq in range(1, 5):
         s.append(("b1", seq), b"x" * big)
     assert (len(s), s.dropped["full"]) == (3, 1)  # the headers pushed the 4th over
-    assert s.keys() == [("b1", 2), ("b1", 3), ("b1", 4)]
+    assert s.pending() == [("b1", 2), ("b1", 3), ("b1", 4)]
     s.append(("b1", 5), b"x" * big)
     s.append(("b1", 6), b"x" * big)
-    assert s.dropped["full"] == 3 and s.keys()[0] == ("b1", 4)
+    assert s.dropped["full"] == 3 and s.pending()[0] == ("b1", 4)
     # logged once (the first drop), the next two folded until 10 s have passed
     assert len([r for r in caplog.records if "dropped" in r.message]) == 1
     clock.t += 10
@@ -136,7 +136,7 @@ def test_size_limit_drops_the_oldest_with_exact_counts(tmp_path: Path, caplog: p
     assert s.depth_bytes <= s.max_bytes
     s.close()
     again = Spool(tmp_path, max_bytes=(1 << 20) + 10, clock=clock)
-    assert again.keys() == [("b1", 4), ("b1", 5), ("b1", 6)]
+    assert again.pending() == [("b1", 4), ("b1", 5), ("b1", 6)]
     again.close()
 
 
@@ -148,12 +148,12 @@ def test_age_limit_drops_the_oldest_on_expire_and_at_start(tmp_path: Path) -> No
         clock.t += 30  # written at 0, 30, 60, 90
     clock.t = 1_000_000.0 + 101  # batch 1 is 101 s old
     s.expire()
-    assert (s.keys()[0], s.dropped["age"]) == (("b1", 2), 1)
+    assert (s.pending()[0], s.dropped["age"]) == (("b1", 2), 1)
     assert s.oldest_age_s() == 71
     s.close()
     clock.t += 60  # batches 2 (161 s) and 3 (131 s) are past the limit at the next start
     again = Spool(tmp_path, max_age_s=100, clock=clock)
-    assert (again.keys(), again.dropped["age"], again.replayed) == ([("b1", 4)], 2, 3)
+    assert (again.pending(), again.dropped["age"], again.replayed) == ([("b1", 4)], 2, 3)
     again.close()
 
 
@@ -173,12 +173,12 @@ def test_a_corrupt_byte_in_the_middle_skips_the_rest_of_its_segment(tmp_path: Pa
     seg.write_bytes(raw)
     s = Spool(tmp_path)
     assert (s.corrupt_records, s.corrupt_bytes) == (1, 2 * record())
-    assert s.keys() == [("b1", 1)] and s.read(("b1", 1)) == data(1)
+    assert s.pending() == [("b1", 1)] and s.read(("b1", 1)) == data(1)
     s.append(("b1", 4), data(4))  # a fresh segment, not after the damage
     assert s.segments() == [1, 2]
     s.close()
     again = Spool(tmp_path)
-    assert again.keys() == [("b1", 1), ("b1", 4)] and again.corrupt_records == 1
+    assert again.pending() == [("b1", 1), ("b1", 4)] and again.corrupt_records == 1
     again.close()
 
 
@@ -189,8 +189,8 @@ def test_a_torn_tail_is_skipped_and_counted(tmp_path: Path, cut: int) -> None:
     seg.write_bytes(raw[: 2 * record() + cut])  # the third record cut short
     s = Spool(tmp_path)
     assert (s.corrupt_records, s.corrupt_bytes) == (1, cut)
-    assert s.keys() == [("b1", 1), ("b1", 2)]
-    assert [s.read(k) for k in s.keys()] == [data(1), data(2)]
+    assert s.pending() == [("b1", 1), ("b1", 2)]
+    assert [s.read(k) for k in s.pending()] == [data(1), data(2)]
     s.close()
 
 
@@ -200,7 +200,7 @@ def test_a_bad_length_is_corrupt(tmp_path: Path) -> None:
     raw[record():record() + 4] = (0xFFFFFFF0).to_bytes(4, "little")
     seg.write_bytes(raw)
     s = Spool(tmp_path)
-    assert (s.corrupt_records, s.corrupt_bytes, s.keys()) == (1, 2 * record(), [("b1", 1)])
+    assert (s.corrupt_records, s.corrupt_bytes, s.pending()) == (1, 2 * record(), [("b1", 1)])
     s.close()
 
 
@@ -211,7 +211,7 @@ def test_a_record_damaged_after_start_is_dropped_when_read(tmp_path: Path) -> No
     raw[50] ^= 0xFF
     seg.write_bytes(raw)
     assert s.read(("b1", 1)) is None
-    assert (s.dropped["corrupt"], s.keys()) == (1, [("b1", 2), ("b1", 3)])
+    assert (s.dropped["corrupt"], s.pending()) == (1, [("b1", 2), ("b1", 3)])
     s.close()
 
 
@@ -221,7 +221,7 @@ def test_memory_mode_keeps_the_same_books_without_files(tmp_path: Path) -> None:
         s.append(("b", seq), data(seq))
         if seq % 3:
             s.ack(("b", seq))
-    assert s.keys() == [("b", k) for k in range(3, 30, 3)]
+    assert s.pending() == [("b", k) for k in range(3, 30, 3)]
     assert s.read(("b", 3)) == data(3)
 
 
@@ -252,11 +252,11 @@ def test_any_sequence_replays_to_the_same_state(tmp_path_factory: pytest.TempPat
         elif op == "restart":
             s.close()
             s = Spool(d, segment_bytes=3 * record())
-        assert s.keys() == list(model)
+        assert s.pending() == list(model)
     s.close()
     s = Spool(d)
-    assert s.keys() == list(model)
-    assert {k: s.target(k)[0] for k in s.keys()} == model
-    assert [s.read(k) for k in s.keys()] == [data(k[1]) for k in model]
+    assert s.pending() == list(model)
+    assert {k: s.target(k)[0] for k in s.pending()} == model
+    assert [s.read(k) for k in s.pending()] == [data(k[1]) for k in model]
     assert s.corrupt_records == 0
     s.close()
