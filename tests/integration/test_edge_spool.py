@@ -4,25 +4,33 @@ restart, a regional that comes up later, and a torn segment tail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from stratoscope.edge.batch import BatchBuilder
+from stratoscope.edge.forward import GrpcForwarder
 from stratoscope.edge.spool import Spool, segment_name
 from stratoscope.regional.app import RunningRegional
 from stratoscope.regional.config import RegionalConfig
 from stratoscope.regional.sinks.config import ClickHouseSettings
+from stratoscope.v1 import batch_pb2 as pb
+from stratoscope.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import unique_comm, wait_for
 
 pytestmark = pytest.mark.kernel
@@ -211,3 +219,120 @@ async def test_a_torn_tail_is_counted_and_the_rest_is_sent(tmp_path: Path) -> No
         await regional.stop()
     assert spooled_keys(spool) == []
     assert not seg.exists()  # every batch in it answered: deleted, torn tail and all
+
+
+class FakeRegional(ingest_pb2_grpc.IngestServicer):
+    """An ingest endpoint that records what it receives and answers ACCEPTED either at
+    once (``answer=True``) or only for the keys the test puts in ``release``."""
+
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.got: list[tuple[str, int]] = []
+        self.release: queue.Queue[tuple[str, int]] = queue.Queue()
+
+    def Stream(self, request_iterator: Any, context: Any) -> Iterator[ingest_pb2.Ack]:  # noqa: N802
+        ack = ingest_pb2.Ack
+        if self.answer:
+            for b in request_iterator:
+                self.got.append((b.boot_id, b.seq))
+                yield ack(boot_id=b.boot_id, seq=b.seq, status=ack.ACCEPTED)
+            return
+        def read() -> None:
+            with contextlib.suppress(grpc.RpcError, ValueError):  # the stream ends with the server
+                for b in request_iterator:
+                    self.got.append((b.boot_id, b.seq))
+
+        threading.Thread(target=read, daemon=True).start()
+        while context.is_active():
+            try:
+                boot, seq = self.release.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            yield ack(boot_id=boot, seq=seq, status=ack.ACCEPTED)
+
+
+@contextmanager
+def fake_regional(port: int, answer: bool) -> Iterator[FakeRegional]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    fake = FakeRegional(answer)
+    ingest_pb2_grpc.add_IngestServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        yield fake
+    finally:
+        server.stop(0).wait(10)
+
+
+def batch(seq: int) -> Any:
+    return pb.Batch(node_id="n", boot_id="boot-1", seq=seq)
+
+
+def test_in_doubt_batches_go_only_to_their_regional_also_after_a_restart(tmp_path: Path) -> None:
+    """Sent to A and not answered when A died: held for A (not sent to B, which takes the
+    new batches at once), also by a restarted edge, until A is back and answers them."""
+    pa, pb_ = free_port(), free_port()
+    targets = [f"127.0.0.1:{pa}", f"127.0.0.1:{pb_}"]
+    with fake_regional(pb_, answer=True) as b:
+        with fake_regional(pa, answer=False) as a:
+            fwd = GrpcForwarder(targets, compression="none", backoff_initial_s=0.1,
+                                spool=Spool(tmp_path / "spool"))
+            for seq in (1, 2, 3):
+                fwd.write(batch(seq))
+            wait_for("A received 1-3", lambda: len(a.got) == 3, 30, every_s=0.05)
+        # A is gone without answering: 1-3 are in doubt there
+        fwd.write(batch(4))
+        fwd.write(batch(5))
+        wait_for("B acknowledged 4 and 5", lambda: fwd.stats.acked == 2, 30, every_s=0.05)
+        assert b.got == [("boot-1", 4), ("boot-1", 5)]
+        assert fwd.counts()["in_doubt"] == 3
+        fwd.close(0)
+
+        # a restarted edge: the SENT records keep 1-3 for A
+        fwd = GrpcForwarder(targets, compression="none", backoff_initial_s=0.1,
+                            spool=Spool(tmp_path / "spool"))
+        assert (fwd.counts()["spool_replayed"], fwd.counts()["in_doubt"]) == (3, 3)
+        fwd.write(batch(6))
+        wait_for("B acknowledged 6", lambda: fwd.stats.acked == 1, 30, every_s=0.05)
+        with fake_regional(pa, answer=True) as a2:
+            wait_for("A answered 1-3", lambda: fwd.unacked == 0, 60, every_s=0.05)
+        assert a2.got == [("boot-1", 1), ("boot-1", 2), ("boot-1", 3)]
+        assert b.got == [("boot-1", 4), ("boot-1", 5), ("boot-1", 6)]
+        assert (fwd.stats.acked, fwd.stats.in_doubt_released, fwd.counts()["in_doubt"]) == (4, 0, 0)
+        assert fwd.close(0)
+
+
+def test_in_doubt_batches_are_released_after_the_timeout_and_counted(tmp_path: Path) -> None:
+    pa, pb_ = free_port(), free_port()
+    targets = [f"127.0.0.1:{pa}", f"127.0.0.1:{pb_}"]
+    spool = Spool(tmp_path / "spool")
+    for seq in (1, 2):
+        spool.append(("boot-1", seq), batch(seq).SerializeToString())
+        spool.mark_sent(("boot-1", seq), targets[0])  # in doubt at A, which never comes back
+    with fake_regional(pb_, answer=True) as b:
+        fwd = GrpcForwarder(targets, compression="none", backoff_initial_s=0.1, spool=spool,
+                            in_doubt_timeout_s=0.0)
+        fwd.write(batch(3))
+        assert fwd.close(30)
+    assert sorted(b.got) == [("boot-1", 1), ("boot-1", 2), ("boot-1", 3)]
+    assert fwd.stats.in_doubt_released == 2
+
+
+def test_no_more_than_max_in_flight_batches_are_unanswered_on_a_stream(tmp_path: Path) -> None:
+    port = free_port()
+    with fake_regional(port, answer=False) as a:
+        fwd = GrpcForwarder([f"127.0.0.1:{port}"], compression="none", max_in_flight=4,
+                            spool=Spool(tmp_path / "spool"))
+        for seq in range(1, 11):
+            fwd.write(batch(seq))
+        wait_for("four in flight", lambda: len(a.got) == 4, 30, every_s=0.05)
+        for seq in (1, 2):
+            a.release.put(("boot-1", seq))
+        wait_for("two more after two answers", lambda: fwd.stats.acked == 2 and len(a.got) == 6,
+                 30, every_s=0.05)
+        for seq in range(3, 11):  # answered one by one, each once it has arrived
+            wait_for(f"batch {seq}", lambda seq=seq: ("boot-1", seq) in a.got, 30, every_s=0.02)
+            assert len(a.got) <= seq + 3  # seq - 1 answered: never more than 4 unanswered
+            a.release.put(("boot-1", seq))
+        assert fwd.close(30)
+    assert a.got == [("boot-1", s) for s in range(1, 11)]
