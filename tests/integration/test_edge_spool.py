@@ -336,3 +336,19 @@ def test_no_more_than_max_in_flight_batches_are_unanswered_on_a_stream(tmp_path:
             a.release.put(("boot-1", seq))
         assert fwd.close(30)
     assert a.got == [("boot-1", s) for s in range(1, 11)]
+
+
+def test_an_unusable_spool_directory_exits_2_naming_it(tmp_path: Path) -> None:
+    held = Spool(tmp_path / "busy")  # another edge holds this one
+    try:
+        for spool, message in ((tmp_path / "file" / "spool", "Not a directory"),
+                               (tmp_path / "busy", "is in use by another edge")):
+            (tmp_path / "file").write_text("")
+            r = subprocess.run([*CLI, "edge", "--programs", "syscalls", "--once", "--metrics-port", "0",
+                                "--regional", "127.0.0.1:1", "--spool-dir", str(spool)],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2, r.stderr
+            assert r.stderr.strip().endswith(f"{message} (set spool_dir or --spool-dir)"), r.stderr
+            assert "Traceback" not in r.stderr
+    finally:
+        held.close()
