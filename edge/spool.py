@@ -161,7 +161,11 @@ class Spool:
         self._drop_logged_at = float("-inf")
         if directory is not None:
             self._open_dir(directory)
-            self._replay()
+            try:
+                self._replay()
+            except OSError as exc:
+                self.close()
+                raise SpoolError(f"spool directory {directory}: cannot read it: {exc}") from None
             self.replayed = len(self._entries)
             self._collect_segments()
         self.expire()
