@@ -64,6 +64,8 @@ ERROR_REASONS = ("tls", "spool", "internal")
 _METHOD = "/stratoscope.v1.Ingest/Stream"
 #: How long a connection to a regional may take before the next one is tried.
 CONNECT_TIMEOUT_S = 5.0
+#: gRPC core's connectivity states (grpc_connectivity_state).
+_READY, _TRANSIENT_FAILURE, _SHUTDOWN = 2, 3, 4
 #: How long a stream that retries in-doubt batches at their regional may last.
 DOUBT_STREAM_TIMEOUT_S = 30.0
 
@@ -338,19 +340,23 @@ class GrpcForwarder:
     def _connect(self, channel: grpc.Channel) -> bool:
         """Wait until the channel is connected (TLS handshake done) before any batch is
         taken for it: a batch marked as sent to a regional that was never reached would be
-        held for that regional for nothing (in doubt, see the module docstring)."""
-        ready = grpc.channel_ready_future(channel)
+        held for that regional for nothing (in doubt, see the module docstring). False on a
+        failed connection attempt (refused, unreachable) or after CONNECT_TIMEOUT_S.
+
+        Polled, not with grpc.channel_ready_future: its watcher thread raises ("Cannot
+        monitor channel state: Channel closed!") when the channel closes under it."""
+        check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+        if check is None:  # not grpc's own channel class: let the stream find out
+            return True
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        try:
-            while not self._closing.is_set() and time.monotonic() < deadline:
-                try:
-                    ready.result(timeout=0.2)
-                    return True
-                except grpc.FutureTimeoutError:
-                    continue
-            return False
-        finally:
-            ready.cancel()
+        while not self._closing.is_set() and time.monotonic() < deadline:
+            state = check(True)
+            if state == _READY:
+                return True
+            if state in (_TRANSIENT_FAILURE, _SHUTDOWN):
+                return False
+            self._closing.wait(0.02)
+        return False
 
     def _stream_round(self, target: str, doubt_only: bool) -> bool:
         """One stream to ``target`` until it ends; True if any answer came."""

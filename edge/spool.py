@@ -266,10 +266,13 @@ class Spool:
         self._enforce(self.clock())
 
     def close(self) -> None:
+        """Close the active segment (deleted too if every batch in it was answered)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         self._active = None
+        with contextlib.suppress(OSError):
+            self._collect_segments(carry=False)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -318,7 +321,7 @@ class Spool:
             if self.directory is not None:
                 self._done[key] = e.seg
 
-    def _collect_segments(self) -> None:
+    def _collect_segments(self, carry: bool = True) -> None:
         """Delete every segment with no unanswered batch that is not being written,
         carrying over its ACK/SENT records about batches of segments that stay."""
         if self._collecting:  # a rotation while copying records: the next call deletes it
@@ -328,11 +331,13 @@ class Spool:
             for number in sorted(self._segs):
                 seg = self._segs[number]
                 if not seg.live and number != self._active:
-                    self._delete_segment(number, seg)
+                    self._delete_segment(number, seg, carry)
         finally:
             self._collecting = False
 
-    def _delete_segment(self, number: int, seg: _Segment) -> None:
+    def _delete_segment(self, number: int, seg: _Segment, carry: bool = True) -> None:
+        """Delete a segment, first copying the records other segments still need; with
+        ``carry=False`` (at close: no segment is open) a segment that needs copies stays."""
         keep: list[tuple[int, Key]] = []
         for key in dict.fromkeys(seg.refs):
             e = self._entries.get(key)
@@ -340,6 +345,8 @@ class Spool:
                 keep.append((SENT, key))
             elif e is None and self._done.get(key, number) != number:
                 keep.append((ACK, key))
+        if keep and not carry:
+            return
         for kind, key in keep:
             if kind == ACK:
                 self._write(ACK, _key_bytes(key), sync=False, ref=key)
