@@ -280,7 +280,9 @@ def test_in_doubt_batches_go_only_to_their_regional_also_after_a_restart(tmp_pat
             for seq in (1, 2, 3):
                 fwd.write(batch(seq))
             wait_for("A received 1-3", lambda: len(a.got) == 3, 30, every_s=0.05)
-        # A is gone without answering: 1-3 are in doubt there
+        # A is gone without answering: 1-3 are in doubt there. (Written before the edge saw
+        # the stream end, 4 and 5 could go to A's dying stream and be in doubt there too.)
+        wait_for("the stream to A retired", lambda: fwd.stats.reconnects >= 1, 30, every_s=0.05)
         fwd.write(batch(4))
         fwd.write(batch(5))
         wait_for("B acknowledged 4 and 5", lambda: fwd.stats.acked == 2, 30, every_s=0.05)
