@@ -21,7 +21,10 @@ counted twice. So the first time a batch is sent to a target, a SENT record nami
 target is written (fsync'd, before the bytes leave) and from then on the batch goes
 only to that target, also after an edge restart, until that target answers it:
 ACCEPTED/DUPLICATE/REJECTED end it, RETRY frees it for any regional (the regional did
-not store it). New batches, never sent, go to the current regional at once. While the
+not store it). A batch is taken for a stream only once its channel is connected, so a
+regional that was never reached holds nothing; one handed to a stream that was already
+dying is in doubt like any other. New batches, never sent, go to the current regional at
+once. While the
 main stream is on B, a second thread retries A on short-lived streams, with backoff,
 for the batches in doubt there. After ``in_doubt_timeout_s`` (default 1 h) an in-doubt
 batch is released to any regional, counted (``in_doubt_released``) and logged: the one
