@@ -6,11 +6,12 @@ file, in one line, so the CLI can print it and exit 2.
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from stratoscope.edge.errors import ConfigError
 from stratoscope.edge.spec import default_programs, discover
@@ -22,7 +23,27 @@ from stratoscope.settings import (
     validate_settings,
 )
 
-__all__ = ["ConfigError", "Duration", "EdgeConfig", "Limits", "load_config", "parse_duration"]
+__all__ = ["ByteSize", "ConfigError", "Duration", "EdgeConfig", "Limits", "load_config", "parse_duration",
+           "parse_size"]
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
+_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def parse_size(value: Any) -> int:
+    """'256MiB', '1GiB', '4096' or a number of bytes -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"invalid size {value!r} (use e.g. 256MiB, 1GiB or a number of bytes)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+#: Where the edge spools batches until a regional acknowledges them (edge/spool.py).
+DEFAULT_SPOOL_DIR = Path("/var/lib/stratoscope/edge/spool")
 
 
 class Limits(BaseModel):
@@ -60,6 +81,15 @@ class EdgeConfig(BaseModel):
     #: Numeric columns to the regional: raw little-endian arrays (the ``_le`` fields), or
     #: packed for regionals that predate them (they would read raw columns as empty).
     wire_columns: Literal["raw", "packed"] = "raw"
+    #: The on-disk spool of batches not yet acknowledged (edge/spool.py): always on when
+    #: batches go to a regional; survives restarts. Its bounds: bytes of unacknowledged
+    #: batches and their age (past either the oldest is dropped and counted).
+    spool_dir: Path = DEFAULT_SPOOL_DIR
+    spool_max_bytes: ByteSize = Field(default=256 << 20, ge=1 << 20)
+    spool_max_age: Duration = 24 * 3600.0
+    #: How long a batch sent to a regional and not answered is held for that regional
+    #: only (edge/forward.py: the failover rule that prevents double counting).
+    in_doubt_timeout: Duration = 3600.0
     metrics_port: int = Field(default=9431, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
     bpf_dir: Path | None = None

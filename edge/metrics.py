@@ -99,29 +99,57 @@ FORWARD_COUNTERS: dict[str, tuple[str, str]] = {
                  "Batches a regional refused as invalid (dropped; the reason is logged)."),
     "retries": ("batches_retried",
                 "RETRY answers: the regional was behind and the batch is sent again later."),
-    "dropped": ("batches_dropped",
-                "Unacknowledged batches dropped because the unacked buffer was full."),
     "reconnects": ("reconnects", "Streams to a regional that ended and were opened again."),
+    "in_doubt_released": ("in_doubt_released",
+                          "Batches in doubt at a regional (sent, never answered) released to any "
+                          "regional after in_doubt_timeout: the only case a count may double."),
+    "spool_replayed": ("spool_replayed_batches",
+                       "Unacknowledged batches found in the spool at start (resent in order)."),
+    "spool_corrupt_records": ("spool_corrupt_records",
+                              "Torn or corrupt spool records found at start (the rest of their "
+                              "segment is skipped)."),
+    "spool_corrupt_bytes": ("spool_corrupt_bytes", "Spool bytes skipped at start as torn or corrupt."),
+}
+#: Gauges of the spool: key -> (metric, help).
+FORWARD_GAUGES: dict[str, tuple[str, str]] = {
+    "spool_batches": ("spool_batches", "Batches in the spool that no regional has acknowledged."),
+    "spool_bytes": ("spool_bytes", "Bytes of the spool's unacknowledged batch records."),
+    "spool_oldest_age_s": ("spool_oldest_age_seconds",
+                           "Age of the oldest unacknowledged batch in the spool (0 when empty)."),
+    "in_doubt": ("batches_in_doubt",
+                 "Batches sent to a regional and not answered, held for that regional only."),
+}
+#: Labelled counters: key prefix -> (metric, help, label, values).
+FORWARD_LABELLED: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "dropped": ("batches_dropped", "Unacknowledged batches dropped from the spool, oldest first: "
+                "full (size limit), age (age limit), corrupt (unreadable record), unwritable "
+                "(the spool write failed).", "reason", ("full", "age", "corrupt", "unwritable")),
+    "errors": ("forwarder_errors", "Errors that ended a forwarder round (it backs off and goes "
+               "on): tls (reading the certificate files), spool (its files), internal.",
+               "reason", ("tls", "spool", "internal")),
 }
 
 
 class ForwardCounters(Collector):
-    """What happened to the batches sent to the regionals, read from the forwarder's own
-    tallies at scrape time (so there is one count, not a copy to keep in step).
+    """What happened to the batches sent to the regionals, and the spool's state, read
+    from the forwarder's own tallies at scrape time (so there is one count, not a copy to
+    keep in step).
 
     ``stratoscope_edge_batches_acked_total`` > 0 is the proof that this node's data
     reaches a regional: the rolling deployment waits for it before it moves on.
     """
 
-    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(self, source: Callable[[], Mapping[str, float]]) -> None:
         self._source = source
 
     def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
         counts = self._source()
         for key, (name, text) in FORWARD_COUNTERS.items():
             yield CounterMetricFamily(f"stratoscope_edge_{name}", text, value=counts.get(key, 0))
-        yield GaugeMetricFamily(
-            "stratoscope_edge_batches_unacked",
-            "Batches sent or waiting to be sent that no regional has acknowledged yet.",
-            value=counts.get("unacked", 0),
-        )
+        for key, (name, text) in FORWARD_GAUGES.items():
+            yield GaugeMetricFamily(f"stratoscope_edge_{name}", text, value=counts.get(key, 0))
+        for key, (name, text, label, values) in FORWARD_LABELLED.items():
+            fam = CounterMetricFamily(f"stratoscope_edge_{name}", text, labels=[label])
+            for v in values:
+                fam.add_metric([v], counts.get(f"{key}.{v}", 0))
+            yield fam

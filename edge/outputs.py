@@ -35,15 +35,20 @@ class JsonlOutput:
 
 
 class ForwardOutput:
-    """Batches to one or more regionals over gRPC (see edge/forward.py)."""
+    """Batches to one or more regionals over gRPC, through the spool (see edge/forward.py
+    and edge/spool.py; without a spool, in memory only)."""
 
     def __init__(self, targets: list[str], tls: object | None = None, close_timeout_s: float = 15.0,
-                 compression: str = "zstd", wire_columns: str = "raw") -> None:
+                 compression: str = "zstd", wire_columns: str = "raw", spool: object | None = None,
+                 in_doubt_timeout_s: float = 3600.0) -> None:
         from stratoscope.edge.forward import ClientTls, GrpcForwarder
+        from stratoscope.edge.spool import Spool
 
         assert tls is None or isinstance(tls, ClientTls)
+        assert spool is None or isinstance(spool, Spool)
         self.forwarder = GrpcForwarder(targets, tls=tls, compression=compression,
-                                       wire_columns=wire_columns)
+                                       wire_columns=wire_columns, spool=spool,
+                                       in_doubt_timeout_s=in_doubt_timeout_s)
         self.close_timeout_s = close_timeout_s
 
     def write(self, batch: pb.Batch) -> None:

@@ -34,6 +34,14 @@ def _edge_parser(sub: Any) -> None:
     p.add_argument("--tls-ca", type=Path, help="CA that signed the regional's certificate (enables TLS)")
     p.add_argument("--tls-cert", type=Path, help="this node's client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, help="this node's client key (mTLS)")
+    p.add_argument("--spool-dir", type=Path,
+                   help="on-disk spool of batches not yet acknowledged by a regional "
+                        "(default /var/lib/stratoscope/edge/spool)")
+    p.add_argument("--spool-max-bytes", help="spool size bound, e.g. 256MiB (default); past it "
+                   "the oldest batch is dropped and counted")
+    p.add_argument("--spool-max-age", help="spool age bound, e.g. 24h (default)")
+    p.add_argument("--in-doubt-timeout", help="how long a batch sent to a regional and not "
+                   "answered goes to that regional only, e.g. 1h (default)")
     p.add_argument("--duration", help="stop after this long, e.g. 30s")
     p.add_argument("--once", action="store_true", help="drain one interval and exit")
     p.add_argument("--metrics-port", type=int, help="port for /metrics (0 disables; default 9431)")
@@ -81,6 +89,10 @@ def _run_edge(args: argparse.Namespace) -> int:
         "tls_key": args.tls_key,
         "compression": args.compression,
         "wire_columns": args.wire_columns,
+        "spool_dir": args.spool_dir,
+        "spool_max_bytes": args.spool_max_bytes,
+        "spool_max_age": args.spool_max_age,
+        "in_doubt_timeout": args.in_doubt_timeout,
     }
     params = _parse_params(args.param)
     cfg = load_config(args.config, overrides)
@@ -137,8 +149,20 @@ def _edge_output(cfg: Any) -> Any:
             from stratoscope.edge.forward import ClientTls
 
             tls = ClientTls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name)
+        from stratoscope.edge.errors import ConfigError
+        from stratoscope.edge.spool import Spool, SpoolError
+
+        try:  # opened (and replayed) before collection starts: a bad directory exits 2
+            spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, max_age_s=cfg.spool_max_age)
+        except SpoolError as exc:
+            raise ConfigError(f"{exc} (set spool_dir or --spool-dir)") from None
+        if spool.replayed or spool.corrupt_records:
+            logging.getLogger("stratoscope.edge").info(
+                "spool %s: %d unacknowledged batches to resend, %d corrupt records skipped",
+                cfg.spool_dir, spool.replayed, spool.corrupt_records)
         outputs.append(ForwardOutput(cfg.regional, tls, compression=cfg.compression,
-                                     wire_columns=cfg.wire_columns))
+                                     wire_columns=cfg.wire_columns, spool=spool,
+                                     in_doubt_timeout_s=cfg.in_doubt_timeout))
     if cfg.output or not cfg.regional:
         outputs.append(open_output(cfg.output or "jsonl:-"))
     return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)

@@ -120,7 +120,7 @@ def test_the_forwarder_can_send_packed_columns_for_older_regionals() -> None:
     try:
         raw = full_batch()
         fwd.write(raw)
-        sent = fwd._pending[raw.seq]
+        sent = pb.Batch.FromString(fwd.spool.read((raw.boot_id, raw.seq)) or b"")
         assert list(sent.metrics[0].counter_values) == [2**64 - 1, 3] and not sent.metrics[0].counter_values_le
         assert raw.metrics[0].counter_values_le  # the caller's batch is left as it was
     finally:
