@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -71,8 +72,11 @@ async def run_demo(config: RegionalConfig, seconds: float) -> int:
                       f"(stratoscope query --list --regional http://127.0.0.1:{running.query_port})")
     console.print(f"[bold]edge[/] on this node for {seconds:.0f} s (all six programs, "
                   "syscall latency and TCP RTT on)…")
+    # the edge's spool beside the regional's log (or the store): this demo's own
+    state = config.wal_dir.parent if config.wal_dir is not None else Path(tempfile.mkdtemp(prefix="strato-demo-"))
     edge = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "stratoscope.cli", "edge", "--regional", f"127.0.0.1:{running.port}",
+        "--spool-dir", str(state / "edge-spool"),
         # every program, the opt-in ones too (syscalls and sched are not in the default set)
         "--programs", ",".join(DEMO_PROGRAMS), "--param", "syscalls.LATENCY=1", "--param", "tcp.RTT=1",
         "--duration", f"{seconds}s", "--interval", "10s", "--metrics-port", "0",
