@@ -142,7 +142,28 @@ def edge_view(s: Scrape, now: float | None = None) -> list[Table]:
         ("batches built", _count(s.get("stratoscope_edge_batches_total"))),
         ("batches acked", _count(s.get("stratoscope_edge_batches_acked_total"))),
     ]
+    if s.has("stratoscope_edge_spool_batches"):
+        oldest = s.get("stratoscope_edge_spool_oldest_age_seconds")
+        summary += [
+            ("spool", f"{_count(s.get('stratoscope_edge_spool_batches'))} batches not yet acknowledged, "
+                      f"{_count(s.get('stratoscope_edge_spool_bytes'))} bytes"
+                      + (f", oldest {format_duration_ns(oldest * 1e9)}" if oldest else "")),
+            ("in doubt (held for their regional)", _count(s.get("stratoscope_edge_batches_in_doubt"))),
+            ("replayed from the spool at start", _count(s.get("stratoscope_edge_spool_replayed_batches_total"))),
+        ]
+        errors = {r: v for (r,), v in s.by("stratoscope_edge_forwarder_errors_total", "reason").items() if v}
+        if errors:
+            summary.append(("forwarder errors", ", ".join(f"{r} {format_count(int(v))}"
+                                                          for r, v in sorted(errors.items()))))
     drops: list[tuple[str, str, float]] = []
+    for (reason,), v in sorted(s.by("stratoscope_edge_batches_dropped_total", "reason").items()):
+        drops.append(("batches dropped from the spool", reason, v))
+    corrupt = s.get("stratoscope_edge_spool_corrupt_records_total")
+    if corrupt:
+        drops.append(("corrupt spool records skipped", "spool", corrupt))
+    released = s.get("stratoscope_edge_in_doubt_released_total")
+    if released:
+        drops.append(("in-doubt batches released (may count twice)", "spool", released))
     for (program, where), v in sorted(s.by("stratoscope_edge_events_lost_total", "program", "where").items()):
         drops.append((f"events lost ({where})", program, v))
     for (program, m), v in sorted(s.by("stratoscope_edge_map_overflow_lost_total", "program", "map").items()):

@@ -60,6 +60,8 @@ class EdgeRun:
         self.batches: list[dict[str, Any]] = []
         self.collector: Collector | None = None
         self.forward_stats: Any = None
+        #: the forwarder's counts at the end (GrpcForwarder.counts: dropped.<reason>, ...)
+        self.forward_counts: dict[str, float] = {}
 
     def counter(self, metric: str, **labels: str) -> int:
         return sum(
@@ -145,6 +147,7 @@ def run_edge(
         if forward is not None:
             forward.close()
             run.forward_stats = forward.forwarder.stats
+            run.forward_counts = forward.forwarder.counts()
     if errors:
         raise errors[0]
 

@@ -62,16 +62,16 @@ class SyntheticFleet:
             next_at += self.interval_s
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
-    def stop(self, ack_timeout_s: float = 180) -> dict[str, int]:
-        """Stop producing; wait until every batch is acknowledged. Returns the summed
-        forwarder stats."""
+    def stop(self, ack_timeout_s: float = 180) -> dict[str, float]:
+        """Stop producing; wait until every batch is acknowledged. Returns the forwarders'
+        counts summed (``GrpcForwarder.counts``: acked, duplicates, rejected, dropped.*...)."""
         self._stop.set()
         self._thread.join(30)
         deadline = time.monotonic() + ack_timeout_s
-        left = {n: f for n, f in self.forwarders.items()}
         stats: Counter[str] = Counter()
-        for node, f in left.items():
+        for node, f in self.forwarders.items():
             ok = f.close(max(1.0, deadline - time.monotonic()))
             assert ok, f"{node}: {f.unacked} batches never acknowledged"
-            stats.update(vars(f.stats))
+            stats.update(f.counts())
+        stats["dropped"] = sum(v for k, v in stats.items() if k.startswith("dropped."))
         return dict(stats)

@@ -108,3 +108,32 @@ stratoscope_regional_sink_seconds_since_delivery{sink="kafka"} 0.0
     assert "clickhouse 90 n/a n/a n/a n/a 2 auth for 30.0 s" in text
     assert "kafka 80 n/a n/a n/a n/a 0 no" in text
     assert "dead letter (on disk, not stored) clickhouse 2" in text
+
+
+def test_edge_view_shows_the_spool() -> None:
+    page = EDGE + """# TYPE stratoscope_edge_spool_batches gauge
+stratoscope_edge_spool_batches 7.0
+# TYPE stratoscope_edge_spool_bytes gauge
+stratoscope_edge_spool_bytes 190000.0
+# TYPE stratoscope_edge_spool_oldest_age_seconds gauge
+stratoscope_edge_spool_oldest_age_seconds 70.0
+# TYPE stratoscope_edge_batches_in_doubt gauge
+stratoscope_edge_batches_in_doubt 2.0
+# TYPE stratoscope_edge_spool_replayed_batches counter
+stratoscope_edge_spool_replayed_batches_total 5.0
+# TYPE stratoscope_edge_batches_dropped counter
+stratoscope_edge_batches_dropped_total{reason="full"} 3.0
+stratoscope_edge_batches_dropped_total{reason="age"} 0.0
+# TYPE stratoscope_edge_forwarder_errors counter
+stratoscope_edge_forwarder_errors_total{reason="tls"} 1.0
+stratoscope_edge_forwarder_errors_total{reason="spool"} 0.0
+# TYPE stratoscope_edge_in_doubt_released counter
+stratoscope_edge_in_doubt_released_total 4.0
+"""
+    text = _text(edge_view(parse("u", page), now=1002.5))
+    assert "spool 7 batches not yet acknowledged, 190,000 bytes, oldest 70.0 s" in text
+    assert "in doubt (held for their regional) 2" in text
+    assert "replayed from the spool at start 5" in text
+    assert "forwarder errors tls 1" in text
+    assert "batches dropped from the spool full 3" in text
+    assert "in-doubt batches released (may count twice) spool 4" in text
