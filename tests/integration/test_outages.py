@@ -153,3 +153,62 @@ def test_kafka_broker_down_a_minute_then_every_block_arrives_once(
     assert _stored_reads(regional) == dict(fleet.reads)
     reads, _ = kafka_reads(bootstrap, prefix)
     assert dict(reads) == dict(fleet.reads)
+
+
+async def test_clickhouse_refusing_inserts_a_minute_twice_loses_nothing(tmp_path: Path) -> None:
+    """ClickHouse refuses every insert for a minute, twice: its target table gone
+    (UNKNOWN_TABLE: blocked "missing") and too many parts (merges stopped, a part limit of
+    1: blocked "too_many_parts"). Nothing is dropped; totals are exact once it is fixed."""
+    import asyncio
+
+    from stratoscope.regional.app import RunningRegional
+    from stratoscope.regional.config import RegionalConfig
+    from stratoscope.regional.sinks.config import ClickHouseSettings
+
+    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+                            clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch"),
+                            resolution=5, lateness=1, wal_dir=tmp_path / "wal")
+    running = RunningRegional(config)
+    await running.start()
+    fleet = SyntheticFleet("chfail", 10, [f"127.0.0.1:{running.port}"])
+    try:
+        ch = running.sink("clickhouse")
+        q = running.queues[0]
+        fleet.start()
+
+        async def until(what: str, check: Any, deadline_s: float = 60) -> None:
+            end = time.monotonic() + deadline_s
+            while not check():
+                if time.monotonic() > end:
+                    pytest.fail(f"timed out waiting for {what}")
+                await asyncio.sleep(0.2)
+
+        await until("the first blocks stored", lambda: q.delivered > 0)
+        for reason, break_it, fix_it in (
+            ("missing", ["RENAME TABLE stratoscope.metric_points TO stratoscope.metric_points_away"],
+             ["RENAME TABLE stratoscope.metric_points_away TO stratoscope.metric_points"]),
+            ("too_many_parts", ["SYSTEM STOP MERGES stratoscope.metric_points",
+                                "ALTER TABLE stratoscope.metric_points MODIFY SETTING parts_to_throw_insert = 1"],
+             ["ALTER TABLE stratoscope.metric_points MODIFY SETTING parts_to_throw_insert = 3000",
+              "SYSTEM START MERGES stratoscope.metric_points"]),
+        ):
+            for sql in break_it:
+                await ch.query(sql)
+            await until(f"deliveries blocked ({reason})", lambda r=reason: q.blocked_reason == r)  # type: ignore[misc]
+            held = time.monotonic()
+            await asyncio.sleep(60)  # the outage's length, not a wait for a condition
+            assert q.blocked_reason == reason and q.failed == q.dead_lettered == 0
+            assert time.monotonic() - held >= 60
+            for sql in fix_it:
+                await ch.query(sql)
+            await until(f"deliveries flowing again after {reason}", lambda: q.blocked_reason is None, 120)
+        stats = await asyncio.to_thread(fleet.stop)
+        await running.drain()
+        rows = await ch.query("""SELECT node, sum(value) FROM stratoscope.metrics
+            WHERE metric = 'syscalls_total' AND labels['syscall'] = 'read' AND labels['comm'] = 'app'
+            AND resolution = 5 GROUP BY node""")
+        assert {n: int(v) for n, v in rows} == dict(fleet.reads)
+        assert stats["rejected"] == stats["dropped"] == 0
+        assert (q.failed, q.dead_lettered, q.dropped, q.left_for_log) == (0, 0, 0, 0)
+    finally:
+        await running.stop()
