@@ -237,10 +237,12 @@ class Regional:
             self.metrics.rejected.labels(label).inc()
         if cols is None:
             return
+        if pos and self.instances is not None:
+            # counted before the batch is in a window: a flush that takes the window (and
+            # confirms it) then always finds its segment's count
+            self.instances.recorded(pos)
         if self.aggregator.record(cols, pos):
             self.metrics.late.inc()
-        if pos and self.instances is not None:
-            self.instances.recorded(pos)
         self.metrics.points.inc(cols.points)
         if size:
             self.metrics.bytes_in.inc(size)
