@@ -27,8 +27,9 @@ class Deduplicator:
         boot = self._boots.get((node_id, boot_id))
         return boot is not None and (seq <= boot.floor or seq in boot.above)
 
-    def add(self, node_id: str, boot_id: str, seq: int) -> None:
-        key = (node_id, boot_id)
+    def _touch(self, key: tuple[str, str]) -> _Boot:
+        """The boot's record, created (evicting the least recently used past
+        ``max_boots``) or moved to the newest end."""
         boot = self._boots.get(key)
         if boot is None:
             boot = self._boots[key] = _Boot()
@@ -36,6 +37,10 @@ class Deduplicator:
                 self._boots.popitem(last=False)
         else:
             self._boots.move_to_end(key)
+        return boot
+
+    def add(self, node_id: str, boot_id: str, seq: int) -> None:
+        boot = self._touch((node_id, boot_id))
         if seq <= boot.floor:
             return
         boot.above.add(seq)
@@ -64,14 +69,7 @@ class Deduplicator:
     def load(self, state: list[tuple[str, str, int, list[int]]]) -> None:
         """Add a ``state()`` to what is remembered (in its order, as the newest)."""
         for node, boot, floor, above in state:
-            key = (node, boot)
-            b = self._boots.get(key)
-            if b is None:
-                b = self._boots[key] = _Boot()
-                while len(self._boots) > self.max_boots:
-                    self._boots.popitem(last=False)
-            else:
-                self._boots.move_to_end(key)
+            b = self._touch((node, boot))
             b.floor = max(b.floor, floor)
             b.above = {s for s in b.above | set(above) if s > b.floor}
             while b.floor + 1 in b.above:

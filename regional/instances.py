@@ -331,8 +331,5 @@ class InstanceLog:
 
     def close(self) -> None:
         if self._fd >= 0:
-            try:
-                os.fsync(self._fd)
-            finally:
-                os.close(self._fd)
-                self._fd = -1
+            fd, self._fd = self._fd, -1
+            wal.close_synced(fd)

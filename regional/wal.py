@@ -209,3 +209,11 @@ def seen_batches(directory: Path) -> Deduplicator:
             if rec.kind == BATCH:
                 dedup.add(*_identity(rec.batch()[1]))
     return dedup
+
+
+def close_synced(fd: int) -> None:
+    """fsync and close a log file (closed even if the fsync fails, which then raises)."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -177,11 +177,8 @@ class WalWriter:
 
     def _close(self) -> None:
         if self._fd >= 0:
-            try:
-                os.fsync(self._fd)
-            finally:
-                os.close(self._fd)
-                self._fd = -1
+            fd, self._fd = self._fd, -1
+            wal.close_synced(fd)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write what is queued, sync, close. Idempotent."""
