@@ -107,7 +107,8 @@ class RunningRegional:
                                      on_accepted=self.regional.accept_admitted,
                                      on_exit=lambda code: self.failed.set(),
                                      on_lag=self.regional.metrics.observe_lag,
-                                     wal_settings=(WalSettings(config.wal_dir, config.wal_fsync)
+                                     wal_settings=(WalSettings(config.wal_dir, config.wal_fsync,
+                                                               segment_bytes=config.wal_segment_bytes)
                                                    if config.wal_dir is not None else None),
                                      on_wal=self._on_wal)
         self._flusher: asyncio.Task[None] | None = None

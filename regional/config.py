@@ -158,7 +158,13 @@ class RegionalConfig(BaseModel):
     wal_fsync: Literal["ack", "interval"] = "ack"
     #: Bytes the log may hold; from 90 % of it, edges are answered RETRY (they keep
     #: their batches in their spool) until sinks confirm what the log holds.
-    wal_max_bytes: int = Field(default=8 * 1024**3, ge=64 * 1024**2)
+    wal_max_bytes: int = Field(default=8 * 1024**3, ge=1024**2)
+    @property
+    def wal_segment_bytes(self) -> int:
+        """Segments of at most 1/16 of the bound (64 KiB..64 MiB): the segment being
+        written is never deleted, so it must stay well under the bound's RETRY point."""
+        return max(64 * 1024, min(64 * 1024**2, self.wal_max_bytes // 16))
+
     #: On SIGTERM: how long to go on storing what is held before exiting; what is not
     #: stored by then stays in the log and is stored after the next start.
     stop_timeout: NonNegativeDuration = 30.0

@@ -212,3 +212,60 @@ async def test_clickhouse_refusing_inserts_a_minute_twice_loses_nothing(tmp_path
         assert (q.failed, q.dead_lettered, q.dropped, q.left_for_log) == (0, 0, 0, 0)
     finally:
         await running.stop()
+
+
+async def test_the_log_at_its_bound_answers_retry_until_sinks_confirm(tmp_path: Path) -> None:
+    """A 1 MiB log with windows that do not close on their own: from 90 % of the bound edges
+    are answered RETRY (nothing acknowledged is dropped to make room); once the windows are
+    stored the segments go and every batch is taken, once."""
+    import asyncio
+    import random
+
+    from stratoscope.edge.batch import BatchBuilder
+    from stratoscope.edge.forward import GrpcForwarder
+    from stratoscope.regional.app import RunningRegional
+    from stratoscope.regional.config import RegionalConfig
+    from stratoscope.regional.sinks.config import ClickHouseSettings
+
+    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+                            clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch"),
+                            resolution=60, lateness=600, wal_dir=tmp_path / "wal",
+                            wal_max_bytes=1024**2)
+    assert config.wal_segment_bytes == 64 * 1024
+    running = RunningRegional(config)
+    await running.start()
+    rng = random.Random(7)
+    minute = (time.time_ns() // 60_000_000_000 - 2) * 60_000_000_000
+    fwd = GrpcForwarder([f"127.0.0.1:{running.port}"], backoff_initial_s=0.1, backoff_max_s=0.5)
+    total = 0
+    def wal_bytes() -> float:
+        return running.regional.registry.get_sample_value("stratoscope_regional_wal_bytes") or 0.0
+
+    sent = 0
+    try:
+        # one batch at a time (~15 KiB after compression), each answered before the next,
+        # until the regional answers RETRY
+        while fwd.stats.retries == 0:
+            assert sent < 400, f"no RETRY after {sent} batches, log at {wal_bytes():.0f} bytes"
+            sent += 1
+            b = BatchBuilder("big", "boot-1", sent, minute, minute + 10_000_000_000, {})
+            values = {(f"s{i}",): rng.randint(1, 1 << 40) for i in range(1500)}
+            b.add_counters("big_total", "1", "", ["k"], values)
+            total += sum(values.values())
+            fwd.write(b.build())
+            await asyncio.to_thread(wait_for, "an answer", lambda: fwd.unacked == 0 or fwd.stats.retries > 0,
+                                    30, 0.05)
+        assert wal_bytes() >= 0.9 * 1024**2
+        assert fwd.unacked == 1  # held by the edge, not dropped by the regional
+        while fwd.unacked:  # store what the log holds; the segments go; the rest comes in
+            await running.drain()
+            await asyncio.sleep(0.5)
+        assert fwd.close(60)
+        await running.drain()
+        rows = await running.sink("clickhouse").query(
+            "SELECT sum(value) FROM stratoscope.metrics WHERE metric = 'big_total'")
+        assert int(rows[0][0]) == total
+        assert fwd.stats.acked == sent and fwd.stats.duplicates == 0
+        assert wal_bytes() < 0.9 * 1024**2
+    finally:
+        await running.stop()
