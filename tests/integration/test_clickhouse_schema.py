@@ -434,10 +434,13 @@ def test_the_sink_on_a_one_shard_cluster_stores_what_one_server_stores(tmp_path:
     for table in ("metric_points", "histogram_points", "metric_points_1h", "histogram_points_1h",
                   "series", "profile_stacks", "profile_samples", "events", "nodes"):
         assert engines[table] == "Distributed" and engines[f"{table}_local"].endswith("MergeTree"), table
-    # the sink writes the Distributed tables in the foreground, with its tokens
-    assert out["inserts"]["clustered"] == [[t, 1, True] for t in (
-        "profile_stacks", "series", "metric_points", "histogram_points", "profile_samples",
-        "events", "nodes")]
+    # the sink writes the Distributed tables in the foreground, with its tokens, one insert
+    # per frame and table (the three blocks are three frames)
+    clustered = out["inserts"]["clustered"]
+    assert {t for t, _, _ in clustered} == {"profile_stacks", "series", "metric_points", "histogram_points",
+                                             "profile_samples", "events", "nodes"}
+    assert all(fg == 1 and token for _, fg, token in clustered)
+    assert [t for t, _, _ in clustered].count("metric_points") == 3
     assert {foreground for _, foreground, _ in out["inserts"]["single"]} == {None}
     # the rows reached the local tables before deliver() returned
     assert out["local_rows"] == 14
