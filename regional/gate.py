@@ -12,7 +12,13 @@ from collections.abc import Callable
 
 from stratoscope.regional.batchcols import BatchCols
 from stratoscope.regional.dedup import Deduplicator
-from stratoscope.regional.validate import BatchRejected, Limits, open_batch, validate
+from stratoscope.regional.validate import (
+    BatchRejected,
+    Limits,
+    check_identity,
+    open_batch,
+    validate,
+)
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
@@ -52,6 +58,11 @@ class Gate:
     def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
         """(ack, columns if ACCEPTED, reason label for metrics)."""
+        try:  # before anything keys on the identity (the dedup state, the log line)
+            check_identity(batch.node_id, batch.boot_id, self.limits)
+        except BatchRejected as exc:
+            ack = ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, reason=str(exc))
+            return ack, None, "identity"
         ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
         if peer_node is not None and peer_node != batch.node_id:
             ack.status = ingest_pb2.Ack.REJECTED

@@ -37,6 +37,9 @@ class Limits:
     max_future_skew_s: int = 300
     max_age_s: int = 7 * 24 * 3600
     max_node_id: int = 253
+    #: bytes (UTF-8) of a boot_id; the edge sends a UUID (36). Checked before
+    #: de-duplication: the identity is a key of the dedup state.
+    max_boot_id: int = 64
 
 
 def open_batch(batch: pb.Batch, limits: Limits) -> tuple[pb.Batch, int]:
@@ -46,6 +49,14 @@ def open_batch(batch: pb.Batch, limits: Limits) -> tuple[pb.Batch, int]:
         return open_sealed(batch, limits.max_bytes)
     except WireError as exc:
         raise BatchRejected(f"compressed body: {exc}") from None
+
+
+def check_identity(node_id: str, boot_id: str, limits: Limits) -> None:
+    """The batch identity is bounded before it is used as a key (de-duplication, logs)."""
+    if not node_id or len(node_id) > limits.max_node_id:
+        raise BatchRejected(f"node_id must be 1-{limits.max_node_id} characters")
+    if not boot_id or len(boot_id.encode()) > limits.max_boot_id:
+        raise BatchRejected(f"boot_id must be 1-{limits.max_boot_id} bytes")
 
 
 def _check_indices(name: str, n_strings: int, *columns: npt.NDArray[np.generic] | list[int]) -> None:
@@ -64,10 +75,7 @@ def validate(b: BatchCols | pb.Batch, limits: Limits, now_ns: int, size: int | N
             raise BatchRejected(f"column: {exc}") from None
     if size is not None and size > limits.max_bytes:
         raise BatchRejected(f"batch of {size} bytes exceeds {limits.max_bytes}")
-    if not b.node_id or len(b.node_id) > limits.max_node_id:
-        raise BatchRejected("node_id must be 1-253 characters")
-    if not b.boot_id:
-        raise BatchRejected("boot_id is empty")
+    check_identity(b.node_id, b.boot_id, limits)
     if b.seq < 1:
         raise BatchRejected("seq must be >= 1")
     if not b.start_ns < b.end_ns:
