@@ -29,6 +29,12 @@ class Limits:
     max_bytes: int = 16 * 1024 * 1024
     max_strings: int = 200_000
     max_string_bytes: int = 4096
+    #: characters over the whole string table: every string of an accepted batch is
+    #: interned into the window it lands in, so the table is bounded as a whole
+    max_strings_chars: int = 4 * 1024 * 1024
+    #: strings no column refers to (the edge sends none): each would be interned and
+    #: kept for nothing, outside the merge's memory bound, which counts rows
+    max_unreferenced_strings: int = 16
     max_series: int = 200_000
     max_buckets_per_series: int = 160
     max_stack_depth: int = 512
@@ -108,6 +114,14 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
         for where, *columns in _named_index_columns(b):
             _check_indices(where, n, *columns)
         raise BatchRejected("a string index is out of range")
+    used = np.zeros(n, np.bool_)
+    used[flat] = True
+    used[scalars] = True
+    used[0] = True  # the empty string is always there
+    unused = n - int(np.count_nonzero(used))
+    if unused > limits.max_unreferenced_strings:
+        raise BatchRejected(f"{unused} strings are not referred to (at most "
+                            f"{limits.max_unreferenced_strings})")
 
 
 def _index_columns(b: BatchCols) -> list[npt.NDArray[np.uint32]]:
@@ -144,8 +158,11 @@ def _check_shapes(b: BatchCols, limits: Limits) -> None:
         raise BatchRejected("string table must start with the empty string")
     if n > limits.max_strings:
         raise BatchRejected(f"{n} strings exceed {limits.max_strings}")
-    if max(map(len, b.strings)) > limits.max_string_bytes:
+    lengths = list(map(len, b.strings))
+    if max(lengths) > limits.max_string_bytes:
         raise BatchRejected(f"a string exceeds {limits.max_string_bytes} characters")
+    if sum(lengths) > limits.max_strings_chars:
+        raise BatchRejected(f"strings exceed {limits.max_strings_chars} characters in all")
     if len(b.node_label_keys) != len(b.node_label_values):
         raise BatchRejected("node label keys and values differ in length")
     series = 0

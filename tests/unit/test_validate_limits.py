@@ -67,3 +67,27 @@ def test_a_sealed_batch_with_a_huge_boot_id_and_no_points_is_rejected() -> None:
 def test_a_boot_id_of_64_bytes_passes() -> None:
     ack, _, _ = gate().admit(batch(boot="b" * 64), None, None)
     assert ack.status == ingest_pb2.Ack.ACCEPTED
+
+
+def test_unreferenced_strings_beyond_a_small_allowance_are_rejected() -> None:
+    """200,000 strings and no points were accepted: each is interned into the window."""
+    b = pb.Batch(node_id="node-1", boot_id="boot", seq=1, start_ns=NOW - 10 * NS, end_ns=NOW,
+                 strings=["", *(f"s{i}" for i in range(199_999))])
+    assert rejected(b) == "199999 strings are not referred to (at most 16)"
+    ack, _, _ = gate().admit(b, None, None)
+    assert ack.status == ingest_pb2.Ack.REJECTED
+
+
+def test_sixteen_unreferenced_strings_pass_and_seventeen_do_not() -> None:
+    b = batch()
+    b.strings.extend(f"spare{i}" for i in range(16))
+    validate(b, Limits(), NOW)
+    b.strings.append("one more")
+    assert rejected(b) == "17 strings are not referred to (at most 16)"
+
+
+def test_the_string_table_is_bounded_as_a_whole() -> None:
+    b = batch()
+    b.strings.extend("x" * 4000 + str(i) for i in range(1100))  # each under 4096, 4.4 M in all
+    assert rejected(b) == "strings exceed 4194304 characters in all"
+    validate(b, Limits(max_strings_chars=5_000_000, max_unreferenced_strings=2000), NOW)
