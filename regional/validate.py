@@ -93,7 +93,39 @@ def validate(b: BatchCols | pb.Batch, limits: Limits, now_ns: int, size: int | N
     if b.end_ns < now_ns - limits.max_age_s * NS:
         raise BatchRejected(f"window older than {limits.max_age_s}s")
     check_columns(b, limits)
+    check_values(b, limits)
     return b
+
+
+U64_MAX = 2**64 - 1
+
+
+def _sum_u64(values: npt.NDArray[np.uint64]) -> int:
+    """The exact sum of a uint64 column (numpy's wraps): high and low halves apart."""
+    return (int((values >> np.uint64(32)).sum()) << 32) + int((values & np.uint64(0xFFFFFFFF)).sum())
+
+
+def check_values(b: BatchCols, limits: Limits) -> None:
+    """The values themselves, once the structure is sound: gauges are finite, no counter
+    column sums past 2^64-1 (roll-ups add a block's series up), and event times lie in the
+    batch's window widened by the clock skew allowed (events are partitioned by day in
+    ClickHouse: times spread over centuries would make a part per day)."""
+    for i, m in enumerate(b.metrics):
+        if m.kind == pb.GAUGE:
+            if m.gauge_values.size and not np.isfinite(m.gauge_values).all():
+                raise BatchRejected(f"metrics[{i}]: a gauge is NaN or infinite")
+        elif m.counter_values.size and _sum_u64(m.counter_values) > U64_MAX:
+            raise BatchRejected(f"metrics[{i}]: counter values add up past 2^64-1")
+    for i, h in enumerate(b.histograms):
+        for name, col in (("counts", h.count), ("sums", h.sum), ("zero counts", h.zero),
+                          ("bucket counts", h.bucket_count)):
+            if col.size and _sum_u64(col) > U64_MAX:
+                raise BatchRejected(f"histograms[{i}]: {name} add up past 2^64-1")
+    e = b.events
+    if e is not None and e.time_ns.size:
+        skew = limits.max_future_skew_s * NS
+        if int(e.time_ns.min()) < b.start_ns - skew or int(e.time_ns.max()) > b.end_ns + skew:
+            raise BatchRejected(f"events: a time outside the window widened by {limits.max_future_skew_s}s")
 
 
 def check_columns(b: BatchCols, limits: Limits) -> None:

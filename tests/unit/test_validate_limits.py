@@ -91,3 +91,45 @@ def test_the_string_table_is_bounded_as_a_whole() -> None:
     b.strings.extend("x" * 4000 + str(i) for i in range(1100))  # each under 4096, 4.4 M in all
     assert rejected(b) == "strings exceed 4194304 characters in all"
     validate(b, Limits(max_strings_chars=5_000_000, max_unreferenced_strings=2000), NOW)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_gauges_must_be_finite(bad: float) -> None:
+    b = batch()
+    g = BatchBuilder("node-1", "boot", 1, NOW - 10 * NS, NOW, {})
+    g.add_counters("load", "1", "", ["cpu"], {("0",): 1.5, ("1",): bad}, kind=pb.GAUGE)
+    b = g.build()
+    assert rejected(b) == "metrics[0]: a gauge is NaN or infinite"
+
+
+def test_counters_may_not_sum_past_uint64_over_a_batch() -> None:
+    g = BatchBuilder("node-1", "boot", 1, NOW - 10 * NS, NOW, {})
+    g.add_counters("bytes_total", "By", "", ["dev"], {("a",): 2**64 - 3, ("b",): 2})
+    validate(g.build(), Limits(), NOW)  # 2^64-1 exactly: fits
+    g = BatchBuilder("node-1", "boot", 1, NOW - 10 * NS, NOW, {})
+    g.add_counters("bytes_total", "By", "", ["dev"], {("a",): 2**64 - 3, ("b",): 3})
+    assert rejected(g.build()) == "metrics[0]: counter values add up past 2^64-1"
+
+
+def test_histogram_sums_may_not_wrap_either() -> None:
+    from stratoscope.edge.decode import Histogram
+
+    g = BatchBuilder("node-1", "boot", 1, NOW - 10 * NS, NOW, {})
+    g.add_histograms("lat", "ns", "", ["a"], {(x,): Histogram({3: 1}, count=1, sum=2**63) for x in "ab"})
+    assert rejected(g.build()) == "histograms[0]: sums add up past 2^64-1"
+
+
+def _with_events(*times: int) -> pb.Batch:
+    from stratoscope.edge.batch import EventRow
+
+    g = BatchBuilder("node-1", "boot", 1, NOW - 10 * NS, NOW, {})
+    g.add_events([EventRow(t, "exit", 1, 0, "ls", "/", "", 0) for t in times], lost=0)
+    return g.build()
+
+
+def test_event_times_lie_in_the_window_widened_by_the_skew() -> None:
+    validate(_with_events(NOW - 10 * NS - 300 * NS, NOW + 300 * NS), Limits(), NOW)
+    reason = "events: a time outside the window widened by 300s"
+    assert rejected(_with_events(NOW - 10 * NS - 301 * NS)) == reason
+    assert rejected(_with_events(NOW, NOW + 301 * NS)) == reason
+    assert rejected(_with_events(NOW, 5)) == reason  # the epoch, a partition of its own
