@@ -22,9 +22,44 @@ from stratoscope.regional.validate import (
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
-__all__ = ["Gate"]
+__all__ = ["Gate", "RejectionLog", "shown"]
 
 log = logging.getLogger("stratoscope.regional")
+
+
+def shown(text: str, width: int = 48) -> str:
+    """Client-sent text as a log may show it: ASCII-escaped (no newlines, terminal escapes
+    or bidirectional marks) and cut to ``width`` characters (a node_id not yet validated
+    may be megabytes)."""
+    return ascii(text[:width]) + ("..." if len(text) > width else "")
+
+
+class RejectionLog:
+    """Logs rejections at most once per reason per ``every_s``; the lines held back are
+    counted into the next one. A client sending invalid batches as fast as it can costs
+    the log one line per reason per interval, not one per batch."""
+
+    def __init__(self, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self.logger = logger
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def rejected(self, reason: str, node_id: str, seq: int, message: str) -> None:
+        """``message`` must say nothing the client chose but numbers (BatchRejected's
+        texts); ``node_id`` is shown escaped and cut."""
+        now = self.clock()
+        last = self._last.get(reason)
+        if last is not None and now - last < self.every_s:
+            self._held[reason] = self._held.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        held = self._held.pop(reason, 0)
+        more = f" ({held} more rejected for {reason} in the last {now - last:.0f}s)" if held and last is not None else ""
+        self.logger.warning("rejected batch (%s) from node %s seq %d: %s%s", reason, shown(node_id),
+                            seq, message, more)
 
 
 class Gate:
@@ -44,6 +79,7 @@ class Gate:
         self.limits = limits or Limits()
         self.clock = clock
         self.dedup = Deduplicator()
+        self.rejections = RejectionLog()
         self.max_queued_blocks = max_queued_blocks
         self.backlog = 0
         self.saturated = saturated
@@ -57,14 +93,18 @@ class Gate:
 
     def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
-        """(ack, columns if ACCEPTED, reason label for metrics)."""
+        """(ack, columns if ACCEPTED, reason label for metrics: one of validate.REASONS
+        for a REJECTED, else "")."""
         try:  # before anything keys on the identity (the dedup state, the log line)
             check_identity(batch.node_id, batch.boot_id, self.limits)
         except BatchRejected as exc:
+            self.rejections.rejected(exc.reason, batch.node_id, batch.seq, str(exc))
             ack = ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, reason=str(exc))
-            return ack, None, "identity"
+            return ack, None, exc.reason
         ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
         if peer_node is not None and peer_node != batch.node_id:
+            self.rejections.rejected("identity", batch.node_id, batch.seq,
+                                     f"node_id does not match the client certificate ({shown(peer_node)})")
             ack.status = ingest_pb2.Ack.REJECTED
             ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
             return ack, None, "identity"
@@ -94,10 +134,10 @@ class Gate:
             whole, inflated = open_batch(batch, self.limits)
             cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
         except BatchRejected as exc:
-            log.warning("rejected batch %s/%s/%d: %s", batch.node_id, batch.boot_id, batch.seq, exc)
+            self.rejections.rejected(exc.reason, batch.node_id, batch.seq, str(exc))
             ack.status = ingest_pb2.Ack.REJECTED
             ack.reason = str(exc)
-            return ack, None, str(exc).split(":")[0][:40]
+            return ack, None, exc.reason
         self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
         ack.status = ingest_pb2.Ack.ACCEPTED
         return ack, cols, ""

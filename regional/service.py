@@ -27,7 +27,7 @@ from stratoscope.regional.frame import Block
 from stratoscope.regional.handover import unpack
 from stratoscope.regional.instances import InstanceLog
 from stratoscope.regional.merge import Aggregator, MergeSettings, release_windows
-from stratoscope.regional.validate import Limits
+from stratoscope.regional.validate import REASONS, Limits
 from stratoscope.v1 import ingest_pb2
 
 log = logging.getLogger("stratoscope.regional")
@@ -123,7 +123,9 @@ class RegionalMetrics:
         self.bytes_in = Counter(f"{ns}_bytes_in", "Serialized bytes of accepted batches.", registry=registry)
         self.bytes_out = Counter(f"{ns}_bytes_out", "Bytes of the merged columns emitted (numpy, uncompressed).", registry=registry)
         self.late = Counter(f"{ns}_late_batches", "Batches for windows already closed.", registry=registry)
-        self.rejected = Counter(f"{ns}_rejected_batches", "Invalid batches, by reason.", ["reason"], registry=registry)
+        self.rejected = Counter(f"{ns}_rejected_batches", "Invalid batches, by reason (a fixed set: validate.REASONS).", ["reason"], registry=registry)
+        for reason in REASONS:  # every series there from the start, at 0
+            self.rejected.labels(reason)
         self.window_lag = Gauge(f"{ns}_window_lag_seconds", "Age of the oldest open window's end.", registry=registry)
         self.blocks = Counter(f"{ns}_blocks", "Merged blocks emitted to sinks.", registry=registry)
         self.flush_seconds = Histogram(f"{ns}_flush_seconds", "Time to close windows into blocks.", registry=registry)

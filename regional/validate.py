@@ -20,8 +20,21 @@ from stratoscope.wire import WireError, open_sealed
 NS = 1_000_000_000
 
 
+#: What a rejection is counted under (the metric's ``reason`` label): a fixed set, so
+#: nothing a client sends makes a new time series. The message, which may carry numbers
+#: from the batch, goes in the ack and a rate-limited log line only.
+REASONS = ("identity", "size", "encoding", "window", "strings", "series", "buckets", "stacks",
+           "events", "values")
+
+
 class BatchRejected(ValueError):
-    """The batch is invalid; the message says why."""
+    """The batch is invalid; the message says why, ``reason`` (one of REASONS) what kind."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -54,22 +67,22 @@ def open_batch(batch: pb.Batch, limits: Limits) -> tuple[pb.Batch, int]:
     try:
         return open_sealed(batch, limits.max_bytes)
     except WireError as exc:
-        raise BatchRejected(f"compressed body: {exc}") from None
+        raise BatchRejected(f"compressed body: {exc}", "encoding") from None
 
 
 def check_identity(node_id: str, boot_id: str, limits: Limits) -> None:
     """The batch identity is bounded before it is used as a key (de-duplication, logs)."""
     if not node_id or len(node_id) > limits.max_node_id:
-        raise BatchRejected(f"node_id must be 1-{limits.max_node_id} characters")
+        raise BatchRejected(f"node_id must be 1-{limits.max_node_id} characters", "identity")
     if not boot_id or len(boot_id.encode()) > limits.max_boot_id:
-        raise BatchRejected(f"boot_id must be 1-{limits.max_boot_id} bytes")
+        raise BatchRejected(f"boot_id must be 1-{limits.max_boot_id} bytes", "identity")
 
 
 def _check_indices(name: str, n_strings: int, *columns: npt.NDArray[np.generic] | list[int]) -> None:
     for values in columns:
         arr = np.asarray(values)
         if arr.size and (int(arr.max()) >= n_strings or int(arr.min()) < 0):
-            raise BatchRejected(f"{name}: string index out of range")
+            raise BatchRejected(f"{name}: string index out of range", "strings")
 
 
 def validate(b: BatchCols | pb.Batch, limits: Limits, now_ns: int, size: int | None = None) -> BatchCols:
@@ -78,20 +91,20 @@ def validate(b: BatchCols | pb.Batch, limits: Limits, now_ns: int, size: int | N
         try:
             b = decode(b)
         except ColumnError as exc:
-            raise BatchRejected(f"column: {exc}") from None
+            raise BatchRejected(f"column: {exc}", "encoding") from None
     if size is not None and size > limits.max_bytes:
-        raise BatchRejected(f"batch of {size} bytes exceeds {limits.max_bytes}")
+        raise BatchRejected(f"batch of {size} bytes exceeds {limits.max_bytes}", "size")
     check_identity(b.node_id, b.boot_id, limits)
     if b.seq < 1:
-        raise BatchRejected("seq must be >= 1")
+        raise BatchRejected("seq must be >= 1", "identity")
     if not b.start_ns < b.end_ns:
-        raise BatchRejected("window start must be before its end")
+        raise BatchRejected("window start must be before its end", "window")
     if b.end_ns - b.start_ns > limits.max_window_s * NS:
-        raise BatchRejected(f"window longer than {limits.max_window_s}s")
+        raise BatchRejected(f"window longer than {limits.max_window_s}s", "window")
     if b.end_ns > now_ns + limits.max_future_skew_s * NS:
-        raise BatchRejected(f"window ends more than {limits.max_future_skew_s}s in the future")
+        raise BatchRejected(f"window ends more than {limits.max_future_skew_s}s in the future", "window")
     if b.end_ns < now_ns - limits.max_age_s * NS:
-        raise BatchRejected(f"window older than {limits.max_age_s}s")
+        raise BatchRejected(f"window older than {limits.max_age_s}s", "window")
     check_columns(b, limits)
     check_values(b, limits)
     return b
@@ -113,19 +126,19 @@ def check_values(b: BatchCols, limits: Limits) -> None:
     for i, m in enumerate(b.metrics):
         if m.kind == pb.GAUGE:
             if m.gauge_values.size and not np.isfinite(m.gauge_values).all():
-                raise BatchRejected(f"metrics[{i}]: a gauge is NaN or infinite")
+                raise BatchRejected(f"metrics[{i}]: a gauge is NaN or infinite", "values")
         elif m.counter_values.size and _sum_u64(m.counter_values) > U64_MAX:
-            raise BatchRejected(f"metrics[{i}]: counter values add up past 2^64-1")
+            raise BatchRejected(f"metrics[{i}]: counter values add up past 2^64-1", "values")
     for i, h in enumerate(b.histograms):
         for name, col in (("counts", h.count), ("sums", h.sum), ("zero counts", h.zero),
                           ("bucket counts", h.bucket_count)):
             if col.size and _sum_u64(col) > U64_MAX:
-                raise BatchRejected(f"histograms[{i}]: {name} add up past 2^64-1")
+                raise BatchRejected(f"histograms[{i}]: {name} add up past 2^64-1", "values")
     e = b.events
     if e is not None and e.time_ns.size:
         skew = limits.max_future_skew_s * NS
         if int(e.time_ns.min()) < b.start_ns - skew or int(e.time_ns.max()) > b.end_ns + skew:
-            raise BatchRejected(f"events: a time outside the window widened by {limits.max_future_skew_s}s")
+            raise BatchRejected(f"events: a time outside the window widened by {limits.max_future_skew_s}s", "events")
 
 
 def check_columns(b: BatchCols, limits: Limits) -> None:
@@ -145,7 +158,7 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
     if top >= n:
         for where, *columns in _named_index_columns(b):
             _check_indices(where, n, *columns)
-        raise BatchRejected("a string index is out of range")
+        raise BatchRejected("a string index is out of range", "strings")
     used = np.zeros(n, np.bool_)
     used[flat] = True
     used[scalars] = True
@@ -153,7 +166,7 @@ def check_columns(b: BatchCols, limits: Limits) -> None:
     unused = n - int(np.count_nonzero(used))
     if unused > limits.max_unreferenced_strings:
         raise BatchRejected(f"{unused} strings are not referred to (at most "
-                            f"{limits.max_unreferenced_strings})")
+                            f"{limits.max_unreferenced_strings})", "strings")
 
 
 def _index_columns(b: BatchCols) -> list[npt.NDArray[np.uint32]]:
@@ -187,76 +200,76 @@ def _named_index_columns(b: BatchCols) -> list[list]:  # type: ignore[type-arg]
 def _check_shapes(b: BatchCols, limits: Limits) -> None:
     n = len(b.strings)
     if n == 0 or b.strings[0] != "":
-        raise BatchRejected("string table must start with the empty string")
+        raise BatchRejected("string table must start with the empty string", "strings")
     if n > limits.max_strings:
-        raise BatchRejected(f"{n} strings exceed {limits.max_strings}")
+        raise BatchRejected(f"{n} strings exceed {limits.max_strings}", "strings")
     lengths = list(map(len, b.strings))
     if max(lengths) > limits.max_string_bytes:
-        raise BatchRejected(f"a string exceeds {limits.max_string_bytes} characters")
+        raise BatchRejected(f"a string exceeds {limits.max_string_bytes} characters", "strings")
     if sum(lengths) > limits.max_strings_chars:
-        raise BatchRejected(f"strings exceed {limits.max_strings_chars} characters in all")
+        raise BatchRejected(f"strings exceed {limits.max_strings_chars} characters in all", "strings")
     if len(b.node_label_keys) != len(b.node_label_values):
-        raise BatchRejected("node label keys and values differ in length")
+        raise BatchRejected("node label keys and values differ in length", "series")
     series = 0
     for i, m in enumerate(b.metrics):
         where = f"metrics[{i}]"
         if m.kind not in (pb.COUNTER, pb.GAUGE):
-            raise BatchRejected(f"{where}: unknown kind {m.kind}")
+            raise BatchRejected(f"{where}: unknown kind {m.kind}", "series")
         values = len(m.counter_values) if m.kind == pb.COUNTER else len(m.gauge_values)
         other = len(m.gauge_values) if m.kind == pb.COUNTER else len(m.counter_values)
         if other:
-            raise BatchRejected(f"{where}: values in the wrong column for its kind")
+            raise BatchRejected(f"{where}: values in the wrong column for its kind", "series")
         if len(m.label_values) != values * len(m.label_keys):
-            raise BatchRejected(f"{where}: label matrix does not match {values} series")
+            raise BatchRejected(f"{where}: label matrix does not match {values} series", "series")
         if len(set(m.label_keys.tolist())) != len(m.label_keys):
-            raise BatchRejected(f"{where}: a label key appears twice")
+            raise BatchRejected(f"{where}: a label key appears twice", "series")
         series += values
     for i, h in enumerate(b.histograms):
         where = f"histograms[{i}]"
         k = len(h.count)
         if h.scale != 0:
-            raise BatchRejected(f"{where}: only scale 0 is supported")
+            raise BatchRejected(f"{where}: only scale 0 is supported", "buckets")
         if len(h.sum) != k or len(h.zero) != k or len(h.offsets) != k + 1:
-            raise BatchRejected(f"{where}: columns differ in length")
+            raise BatchRejected(f"{where}: columns differ in length", "buckets")
         if len(h.label_values) != k * len(h.label_keys):
-            raise BatchRejected(f"{where}: label matrix does not match {k} series")
+            raise BatchRejected(f"{where}: label matrix does not match {k} series", "buckets")
         if len(set(h.label_keys.tolist())) != len(h.label_keys):
-            raise BatchRejected(f"{where}: a label key appears twice")
+            raise BatchRejected(f"{where}: a label key appears twice", "buckets")
         offs = h.offsets
         widths = np.diff(offs)
         if offs[0] != 0 or offs[-1] != len(h.bucket_index) or (k and widths.min() < 0):
-            raise BatchRejected(f"{where}: bucket offsets are not monotonic over the buckets")
+            raise BatchRejected(f"{where}: bucket offsets are not monotonic over the buckets", "buckets")
         if len(h.bucket_count) != len(h.bucket_index):
-            raise BatchRejected(f"{where}: bucket index and count differ in length")
+            raise BatchRejected(f"{where}: bucket index and count differ in length", "buckets")
         if k and widths.max() > limits.max_buckets_per_series:
-            raise BatchRejected(f"{where}: more than {limits.max_buckets_per_series} buckets in a series")
+            raise BatchRejected(f"{where}: more than {limits.max_buckets_per_series} buckets in a series", "buckets")
         idx = h.bucket_index
         if idx.size and (idx.min() < -64 or idx.max() > 127):
-            raise BatchRejected(f"{where}: bucket index outside [-64, 127]")
+            raise BatchRejected(f"{where}: bucket index outside [-64, 127]", "buckets")
         series += k
     for i, p in enumerate(b.profiles):
         where = f"profiles[{i}]"
         rows = len(p.samples)
         if not all(len(c) == rows for c in (p.pid, p.comm, p.cgroup, p.kernel_stack, p.user_stack)):
-            raise BatchRejected(f"{where}: columns differ in length")
+            raise BatchRejected(f"{where}: columns differ in length", "stacks")
         offs = p.stack_offsets
         if offs.size == 0 or offs[0] != 0 or offs[-1] != len(p.stack_frames) or (
             offs.size > 1 and np.diff(offs).min() < 0
         ):
-            raise BatchRejected(f"{where}: stack offsets do not cover the frames")
+            raise BatchRejected(f"{where}: stack offsets do not cover the frames", "stacks")
         if offs.size > 1 and np.diff(offs).max() > limits.max_stack_depth:
-            raise BatchRejected(f"{where}: a stack deeper than {limits.max_stack_depth}")
+            raise BatchRejected(f"{where}: a stack deeper than {limits.max_stack_depth}", "stacks")
         stacks = len(offs) - 1
         for ids in (p.kernel_stack, p.user_stack):
             if ids.size and (ids.min() < -1 or ids.max() >= stacks):
-                raise BatchRejected(f"{where}: stack id out of range")
+                raise BatchRejected(f"{where}: stack id out of range", "stacks")
         series += rows
     e = b.events
     if e is not None:
         rows = len(e.time_ns)
         if not all(len(c) == rows for c in (e.kind, e.pid, e.ppid, e.comm, e.cgroup, e.detail, e.code)):
-            raise BatchRejected("events: columns differ in length")
+            raise BatchRejected("events: columns differ in length", "events")
         if rows > limits.max_events:
-            raise BatchRejected(f"{rows} events exceed {limits.max_events}")
+            raise BatchRejected(f"{rows} events exceed {limits.max_events}", "events")
     if series > limits.max_series:
-        raise BatchRejected(f"{series} series exceed {limits.max_series}")
+        raise BatchRejected(f"{series} series exceed {limits.max_series}", "series")

@@ -3,11 +3,13 @@ validate() that bounds what one batch may cost, with the exact reason it answers
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from stratoscope.edge.batch import BatchBuilder
-from stratoscope.regional.gate import Gate
-from stratoscope.regional.validate import NS, BatchRejected, Limits, validate
+from stratoscope.regional.gate import Gate, RejectionLog
+from stratoscope.regional.validate import NS, REASONS, BatchRejected, Limits, validate
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 from stratoscope.wire import seal
@@ -133,3 +135,66 @@ def test_event_times_lie_in_the_window_widened_by_the_skew() -> None:
     assert rejected(_with_events(NOW - 10 * NS - 301 * NS)) == reason
     assert rejected(_with_events(NOW, NOW + 301 * NS)) == reason
     assert rejected(_with_events(NOW, 5)) == reason  # the epoch, a partition of its own
+
+
+@pytest.mark.parametrize(("spoil", "reason"), [
+    (lambda b: setattr(b, "seq", 0), "identity"),
+    (lambda b: setattr(b, "end_ns", b.start_ns), "window"),
+    (lambda b: setattr(b, "end_ns", NOW + 400 * NS), "window"),
+    (lambda b: b.metrics[0].label_values_le.__len__() and b.metrics[0].label_values.append(1), "encoding"),
+    (lambda b: setattr(b, "codec", pb.CODEC_ZSTD), "encoding"),
+    (lambda b: b.strings.__setitem__(0, "x"), "strings"),
+    (lambda b: setattr(b.metrics[0], "name", 999), "strings"),
+    (lambda b: setattr(b.metrics[0], "kind", 7), "series"),
+])
+def test_every_rejection_is_counted_under_a_fixed_reason(spoil: object, reason: str) -> None:
+    b = batch()
+    spoil(b)  # type: ignore[operator]
+    ack, cols, label = gate().admit(b, None, None)
+    assert (ack.status, label, cols) == (ingest_pb2.Ack.REJECTED, reason, None)
+    assert label in REASONS and ack.reason  # the text stays in the ack
+
+
+def test_a_batch_too_large_is_counted_under_size_its_numbers_in_the_ack_only() -> None:
+    ack, _, label = gate().admit(batch(), None, 17 * 1024 * 1024)
+    assert (label, ack.reason) == ("size", "batch of 17825792 bytes exceeds 16777216")
+
+
+def test_an_unknown_reason_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown rejection reason 'metrics'"):
+        BatchRejected("x", "metrics")
+
+
+def test_rejections_are_logged_once_per_reason_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    t = [100.0]
+    g = gate()
+    g.rejections = RejectionLog(every_s=10, clock=lambda: t[0])
+    evil = "evil\n\x1b[31m" + "n" * 200
+    with caplog.at_level(logging.WARNING, "stratoscope.regional"):
+        for seq in range(1, 6):  # five bad windows, one line
+            b = batch(node=evil, seq=seq)
+            b.end_ns = b.start_ns
+            g.admit(b, None, None)
+        g.admit(batch(boot=""), None, None)  # another reason: a line of its own
+        t[0] = 111.0
+        b = batch(seq=9)
+        b.end_ns = b.start_ns
+        g.admit(b, None, None)
+    lines = [r.getMessage() for r in caplog.records]
+    shown_evil = "'evil\\n\\x1b[31m" + "n" * 38 + "'..."
+    assert lines == [
+        f"rejected batch (window) from node {shown_evil} seq 1: window start must be before its end",
+        "rejected batch (identity) from node 'node-1' seq 1: boot_id must be 1-64 bytes",
+        "rejected batch (window) from node 'node-1' seq 9: window start must be before its end"
+        " (4 more rejected for window in the last 11s)",
+    ]
+
+
+def test_a_node_id_that_does_not_match_the_certificate_is_not_logged_raw(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "stratoscope.regional"):
+        ack, _, label = gate().admit(batch(node="x\n" * 100), "node-1", None)
+    assert (ack.status, label) == (ingest_pb2.Ack.REJECTED, "identity")
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line and len(line) < 200
+    assert line.endswith("node_id does not match the client certificate ('node-1')")
