@@ -76,6 +76,8 @@ HANDOVER_BYTES = 256 << 20
 @dataclass(frozen=True, slots=True)
 class Listening:
     port: int
+    #: why the server could not listen (then ``port`` is 0)
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +262,13 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
     gate = admission.gate
     if wal_settings is not None:
         gate.dedup = seen
-    server, port = await serve(admission, listen, tls)
+    try:
+        server, port = await serve(admission, listen, tls)
+    except OSError as exc:  # the parent says it in one line (IngestProcess.start)
+        if writer is not None:
+            await loop.run_in_executor(None, writer.close)
+        chan.send(Listening(0, str(exc)))
+        return
 
     def sender() -> None:  # pickles and writes: off the event loop
         while True:
@@ -342,6 +350,7 @@ class IngestProcess:
         self._barriers = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._port_ready = threading.Event()
+        self.start_error = ""
         self._stopped = threading.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -361,6 +370,8 @@ class IngestProcess:
         self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(chan,), name="ingest-reader", daemon=True).start()
         ok = await asyncio.to_thread(self._port_ready.wait, timeout_s)
+        if self.start_error:
+            raise OSError(self.start_error)
         if not ok or not self.port:
             code = self._proc.exitcode
             raise OSError(f"ingest process did not start listening on {self.listen} (exit code {code})")
@@ -374,7 +385,8 @@ class IngestProcess:
                 self._stopped.set()
                 for n in list(self._waiting):
                     self._release(n)
-                if not self._stopping and self.on_exit is not None and self._loop is not None:
+                if (not self._stopping and not self.start_error and self.on_exit is not None
+                        and self._loop is not None):
                     proc = self._proc
                     code = proc.exitcode if proc is not None else None
                     log.error("the ingest process exited unexpectedly (code %s)", code)
@@ -392,7 +404,7 @@ class IngestProcess:
                     if self.on_lag is not None:
                         self.on_lag("ingest", msg.longest_s, msg.stalls)
                 elif isinstance(msg, Listening):
-                    self.port = msg.port
+                    self.port, self.start_error = msg.port, msg.error
                     self._port_ready.set()
                 elif isinstance(msg, Barrier):
                     self._release(msg.n)

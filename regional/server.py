@@ -102,21 +102,27 @@ async def serve(admission: Admission, listen: str, tls: ServerTls | None = None
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
+        # gRPC sets SO_REUSEPORT by default: a second regional on the same port would
+        # start silently and take a share of the edges' connections
+        ("grpc.so_reuseport", 0),
         *FLOW_CONTROL,
     ])
     service = IngestService(admission, require_identity=bool(tls and tls.client_ca))
     server.add_generic_rpc_handlers((service.handler(),))
-    if tls is None:
-        port = server.add_insecure_port(listen)
-    else:
-        creds = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.client_ca is not None,
-        )
-        port = server.add_secure_port(listen, creds)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+                require_client_auth=tls.client_ca is not None,
+            )
+            port = server.add_secure_port(listen, creds)
+    except RuntimeError:  # grpcio >= 1.55 raises where older ones returned 0
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise OSError(f"cannot listen on {listen} (in use, or not an address of this host)")
     await server.start()
     log.info("ingest listening on %s (port %d)%s", listen, port, " with TLS" if tls else "")
     return server, port

@@ -148,3 +148,37 @@ async def test_lifecycle_stop_is_idempotent_and_a_failed_start_stops_what_starte
     assert [s.alive for s in running.sinks] == [False, False]  # clickhouse started, then stopped
     assert running.port == 0 and running._ingest._proc is None  # ingest never started
     await running.stop()  # again: nothing left to do
+
+
+def test_a_second_regional_on_a_taken_port_fails_in_one_line(tmp_path: Path) -> None:
+    """gRPC's SO_REUSEPORT is off: a second regional on the same port does not start
+    silently beside the first (sharing its edges); it says so and exits 1."""
+    port, metrics = 19533, 19534
+    ingest = f"127.0.0.1:{port}"
+
+    def argv(name: str, metrics_port: int) -> list[str]:
+        return [*CLI, "regional", "--listen", ingest, "--metrics-port", str(metrics_port),
+                "--query-listen", "none", "--clickhouse", "none", "--wal-dir", f"{tmp_path}/{name}"]
+
+    first = subprocess.Popen(argv("wal1", metrics), stderr=subprocess.PIPE, text=True)
+    try:
+        body = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "stratoscope_regional" not in body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.3)
+        assert "stratoscope_regional" in body
+        second = subprocess.run(argv("wal2", metrics + 1), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        # (gRPC's core logs its own line about the bind as well)
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("stratoscope")]
+        assert errors == [f"stratoscope: error: cannot start the regional: cannot listen on {ingest} "
+                          "(in use, or not an address of this host)"], second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first one is unharmed
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
