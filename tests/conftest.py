@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -19,6 +20,13 @@ from stratoscope.edge.collector import Collector
 from stratoscope.edge.config import EdgeConfig
 
 WORKLOADS = Path(__file__).parent / "workloads"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], Any], deadline_s: float, every_s: float = 0.5) -> Any:

@@ -30,17 +30,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import unique_comm, wait_for
+from tests.conftest import free_port, unique_comm, wait_for
 
 PROGRAMS = ("syscalls", "sched", "tcp", "block", "process", "profile")
 #: openat calls of the counted child: this many succeed, this many fail with ENOENT.
 OPENAT_OK, OPENAT_ENOENT = 1000, 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_json(url: str, timeout_s: float = 30.0) -> tuple[int, Any]:

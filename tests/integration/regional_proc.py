@@ -20,15 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from stratoscope.edge.batch import batch_to_dict
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RegionalProcess:

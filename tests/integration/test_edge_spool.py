@@ -8,7 +8,6 @@ import contextlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,17 +30,11 @@ from stratoscope.regional.config import RegionalConfig
 from stratoscope.regional.sinks.config import ClickHouseSettings
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.conftest import unique_comm, wait_for
+from tests.conftest import free_port, unique_comm, wait_for
 
 pytestmark = pytest.mark.kernel
 CLI = [sys.executable, "-m", "stratoscope.cli"]
 NS = 1_000_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Edge:

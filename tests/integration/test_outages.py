@@ -16,14 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import kafka_bootstrap, run_edge, unique_comm, wait_for
-from tests.integration.regional_proc import (
-    ROOT,
-    RegionalProcess,
-    free_port,
-    kafka_reads,
-    wait_until,
-)
+from tests.conftest import free_port, kafka_bootstrap, run_edge, unique_comm, wait_for
+from tests.integration.regional_proc import ROOT, RegionalProcess, kafka_reads, wait_until
 from tests.integration.synthetic_edges import SyntheticFleet
 
 pytestmark = [pytest.mark.kernel, pytest.mark.kafka]
