@@ -20,6 +20,7 @@ from stratoscope.settings import (
     Duration,
     parse_duration,
     read_yaml,
+    readable_file,
     validate_settings,
 )
 
@@ -75,6 +76,11 @@ class EdgeConfig(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_server_name: str | None = None
+    #: A file holding this node's bearer token (regional/auth.py), read for every stream.
+    auth_token_file: Path | None = None
+    #: Forward without TLS: for loopback and trusted networks only (the regional must be
+    #: started with ``insecure`` too).
+    insecure: bool = False
     #: Batch compression to the regional: zstd (sealed body, stratoscope/wire.py), gzip
     #: (gRPC's, for regionals older than the sealed form) or none.
     compression: Literal["zstd", "gzip", "none"] = "zstd"
@@ -97,6 +103,27 @@ class EdgeConfig(BaseModel):
     bpf_stats: bool = False
     duration: Duration | None = None
     once: bool = False
+
+    @model_validator(mode="after")
+    def _credentials(self) -> EdgeConfig:
+        """Half-configured TLS is an error naming the fix, never a silent plaintext."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (--tls-cert, --tls-key)")
+        if self.tls_ca is None:
+            if self.tls_cert is not None:
+                raise ValueError("tls_cert and tls_key need tls_ca (--tls-ca: the CA that signed the "
+                                 "regional's certificate)")
+            if self.tls_server_name is not None:
+                raise ValueError("tls_server_name needs tls_ca (--tls-ca)")
+            if self.regional and not self.insecure:
+                raise ValueError("forwarding to a regional needs TLS: set tls_ca (--tls-ca) and "
+                                 "tls_cert/tls_key or auth_token_file, or insecure: true "
+                                 "(--insecure) on a trusted network")
+        for name in ("tls_ca", "tls_cert", "tls_key", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None:
+                readable_file(path, name)
+        return self
 
     @model_validator(mode="after")
     def _default_programs(self) -> EdgeConfig:

@@ -61,8 +61,10 @@ from stratoscope.wire import seal
 log = logging.getLogger("stratoscope.edge.forward")
 
 #: The label values of ``stratoscope_edge_forwarder_errors_total``: "tls" (reading the
-#: certificate files), "spool" (reading or writing the spool), "internal" (anything else).
-ERROR_REASONS = ("tls", "spool", "internal")
+#: certificate files), "auth" (reading the token file, or the regional refused this
+#: node's credentials: UNAUTHENTICATED or PERMISSION_DENIED), "spool" (reading or
+#: writing the spool), "internal" (anything else).
+ERROR_REASONS = ("tls", "auth", "spool", "internal")
 #: The ingest method, called with the spool's bytes as they are (no parse, no re-encode).
 _METHOD = "/stratoscope.v1.Ingest/Stream"
 #: How long a connection to a regional may take before the next one is tried.
@@ -113,7 +115,11 @@ class GrpcForwarder:
         spool: Spool | None = None,
         max_in_flight: int = 32,
         in_doubt_timeout_s: float = 3600.0,
+        token_file: Path | None = None,
     ) -> None:
+        """``token_file``: this node's bearer token for a regional that authenticates
+        edges by token (regional/auth.py), read again for every stream (a rotated
+        token applies without a restart)."""
         if not targets:
             raise ConfigError("at least one --regional HOST:PORT is required")
         for t in targets:
@@ -130,6 +136,7 @@ class GrpcForwarder:
         #: numeric columns as empty (proto3 skips fields it does not know)
         self.wire_columns = wire_columns
         self.tls = tls
+        self.token_file = token_file
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.max_in_flight = max_in_flight
@@ -262,6 +269,16 @@ class GrpcForwarder:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name))
         return grpc.secure_channel(target, creds, options=options, compression=gzip)
 
+    def _metadata(self, target: str) -> tuple[tuple[str, str], ...] | None:
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as exc:  # e.g. mid-rotation: this round fails, the next reads again
+            self._error("auth", f"reading the token file for {target}", exc)
+            raise _Round from None
+        return (("authorization", f"Bearer {token}"),)
+
     def _next_key(self, stream: int, target: str, doubt_only: bool) -> Key | None:
         """The oldest batch this stream may send now (under the lock)."""
         if sum(1 for s in self._inflight.values() if s == stream) >= self.max_in_flight:
@@ -377,7 +394,8 @@ class GrpcForwarder:
                 method = channel.stream_stream(_METHOD, request_serializer=_identity,
                                                response_deserializer=ingest_pb2.Ack.FromString)
                 call = method(self._requests(stream, target, doubt_only),
-                              timeout=DOUBT_STREAM_TIMEOUT_S if doubt_only else None)
+                              timeout=DOUBT_STREAM_TIMEOUT_S if doubt_only else None,
+                              metadata=self._metadata(target))
                 with self._cv:
                     self._calls[stream] = call
                     if not doubt_only:
@@ -388,8 +406,12 @@ class GrpcForwarder:
         except grpc.RpcError as exc:
             if not self._closing.is_set():
                 code = exc.code() if hasattr(exc, "code") else None
-                log.warning("stream to %s%s ended: %s", target, " (in-doubt batches)" if doubt_only
-                            else "", code)
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    # the batches stay in the spool until the credentials are fixed
+                    self._error("auth", f"stream to {target} refused", exc)
+                else:
+                    log.warning("stream to %s%s ended: %s", target, " (in-doubt batches)" if doubt_only
+                                else "", code)
         finally:
             with self._cv:  # retire this stream: its unanswered batches may go again
                 self._live.discard(stream)

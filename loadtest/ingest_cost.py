@@ -128,6 +128,7 @@ async def one_run(args: argparse.Namespace, templates_path: str, wal_dir: str | 
     if args.server == "regional":
         from stratoscope.regional.ingest import IngestProcess, WalSettings
         from stratoscope.regional.merge import MergeSettings
+        from stratoscope.regional.server import ServerAuth
         from stratoscope.regional.service import Regional
         from stratoscope.regional.validate import Limits
 
@@ -136,7 +137,7 @@ async def one_run(args: argparse.Namespace, templates_path: str, wal_dir: str | 
         wal = None
         if wal_dir is not None:
             wal = WalSettings(Path(wal_dir), fsync=args.wal_fsync)
-        ingest = IngestProcess("127.0.0.1:0", None, Limits(), 50_000, on_outcome=regional.count,
+        ingest = IngestProcess("127.0.0.1:0", ServerAuth(), Limits(), 50_000, on_outcome=regional.count,
                                on_accepted=regional.accept_admitted, wal_settings=wal)
         await ingest.start()
         port = ingest.port

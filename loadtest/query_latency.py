@@ -128,7 +128,7 @@ def free_port() -> int:
 def time_endpoint(store: str, runs: int, names: list[str]) -> dict[str, tuple[int, float]]:
     qport, ingest = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stratoscope.cli", "regional", "--clickhouse", f"chdb://{store}",
+        [sys.executable, "-m", "stratoscope.cli", "regional", "--insecure", "--clickhouse", f"chdb://{store}",
          "--listen", f"127.0.0.1:{ingest}", "--metrics-port", "0", "--query-listen", f"127.0.0.1:{qport}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{qport}"

@@ -807,7 +807,7 @@ class Regional:
         self.mport = free_port()
         self.chdir = workdir / "clickhouse"
         self.logfile = workdir / "regional.log"
-        self.cmd = [str(STRATOSCOPE), "regional", "--listen", f"127.0.0.1:{self.port}",
+        self.cmd = [str(STRATOSCOPE), "regional", "--insecure", "--listen", f"127.0.0.1:{self.port}",
                     "--metrics-port", str(self.mport), "--query-listen", "none",
                     "--clickhouse", f"chdb://{self.chdir}", "--wal-dir", str(workdir / "wal"),
                     "--resolution", f"{RES_S}s", "--lateness", f"{LATENESS_S}s"]

@@ -28,7 +28,7 @@ from stratoscope.regional.merge import MergeSettings
 from stratoscope.regional.queryapi import QueryApi
 from stratoscope.regional.rollups import declared_rollups
 from stratoscope.regional.runtime import tune_gc
-from stratoscope.regional.server import ServerTls
+from stratoscope.regional.server import ServerAuth, ServerTls
 from stratoscope.regional.service import LogStats, Regional, flush_forever
 from stratoscope.regional.sinks.base import SinkError
 from stratoscope.regional.sinks.process import ProcessSink
@@ -36,13 +36,26 @@ from stratoscope.regional.sinks.process import ProcessSink
 log = logging.getLogger("stratoscope.regional")
 
 
-def server_tls(config: RegionalConfig) -> ServerTls | None:
-    """What the ingest server needs of the TLS settings (validated: cert and key given)."""
+def server_auth(config: RegionalConfig) -> ServerAuth:
+    """What the ingest server needs of the TLS and token settings (validated)."""
     tls = config.tls
+    server_tls = None
+    if tls is not None:
+        assert tls.cert is not None and tls.key is not None
+        server_tls = ServerTls(tls.cert, tls.key, tls.client_ca)
+    return ServerAuth(server_tls, config.auth_tokens)
+
+
+def insecurity(config: RegionalConfig) -> str:
+    """What ``insecure`` leaves open, in words, for the start-up warning."""
+    tls, tokens = config.tls, config.auth_tokens is not None
+    if tls is None and not tokens:
+        return "the ingest port takes batches in plaintext from anyone, as any node"
     if tls is None:
-        return None
-    assert tls.cert is not None and tls.key is not None
-    return ServerTls(tls.cert, tls.key, tls.client_ca)
+        return "edge tokens travel in plaintext"
+    if tls.client_ca is None and not tokens:
+        return "edges are not authenticated: any client may send as any node"
+    return "edges are authenticated"
 
 
 def merge_settings(config: RegionalConfig) -> MergeSettings:
@@ -78,6 +91,9 @@ class RunningRegional:
     shuts down (see the module docstring)."""
 
     def __init__(self, config: RegionalConfig) -> None:
+        problem = config.ingest_auth_error()
+        if problem is not None:
+            raise ValueError(problem)
         self.config = config
         self.sinks = [ProcessSink(s) for s in config.sinks]
         #: The write-ahead log's window instances (None: no log).
@@ -102,7 +118,8 @@ class RunningRegional:
         #: Set when a part of the regional failed on its own (the ingest process died):
         #: the regional then stops, flushing what it holds, and exits non-zero.
         self.failed = asyncio.Event()
-        self._ingest = IngestProcess(config.listen, server_tls(config), self.regional.limits,
+        self.regional.metrics.insecure.set(1 if config.insecure else 0)
+        self._ingest = IngestProcess(config.listen, server_auth(config), self.regional.limits,
                                      QUEUE_RETRY, on_outcome=self.regional.count,
                                      on_accepted=self.regional.accept_admitted,
                                      on_exit=lambda code: self.failed.set(),
@@ -110,7 +127,8 @@ class RunningRegional:
                                      wal_settings=(WalSettings(config.wal_dir, config.wal_fsync,
                                                                segment_bytes=config.wal_segment_bytes)
                                                    if config.wal_dir is not None else None),
-                                     on_wal=self._on_wal)
+                                     on_wal=self._on_wal, rates=config.rate_settings,
+                                     on_refused=lambda r: self.regional.metrics.refused.labels(r).inc())
         self._flusher: asyncio.Task[None] | None = None
         self._lag_monitor: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
@@ -301,6 +319,8 @@ async def run(config: RegionalConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("regional up: ingest on %s, resolution %ss, sinks: %s", config.listen, config.resolution_s,
              ", ".join(s.name for s in running.sinks) or "none")
+    if config.insecure:
+        log.warning("insecure: %s; use it on a trusted network only (docs/SECURITY.md)", insecurity(config))
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(running.failed.wait())
     await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.rollups import Rollup
 from stratoscope.regional.sinks.config import ClickHouseSettings, KafkaSettings, SinkSettings
 from stratoscope.settings import Duration, NonNegativeDuration, readable_file
@@ -58,12 +59,13 @@ DEFAULT_MAX_HELD_BYTES = 2 * 1024**3
 
 class TlsSettings(BaseModel):
     """TLS of the ingest server; with ``client_ca``, mTLS and node identity from the
-    client certificate's CN."""
+    client certificate (regional/auth.py). The files are re-read when they change."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     cert: Path | None = None
     key: Path | None = None
-    #: CA of edge certificates: requires mTLS, node_id must equal the certificate CN.
+    #: CA of edge certificates: requires mTLS; a batch's node_id must be one of the
+    #: certificate's subjectAltName DNS or URI entries (its CN when it has none).
     client_ca: Path | None = None
 
     @model_validator(mode="after")
@@ -176,8 +178,20 @@ class RegionalConfig(BaseModel):
             return None
         return value
 
-    #: TLS of the ingest server; None: plaintext.
+    #: TLS of the ingest server; None: plaintext (only with ``insecure``).
     tls: TlsSettings | None = None
+    #: Bearer tokens, one per node (``<node_id> <token>`` lines; regional/auth.py): the
+    #: way to authenticate edges without a PKI. Needs ``tls`` unless ``insecure``.
+    auth_tokens: Path | None = None
+    #: Take batches without authenticating edges (no ``tls.client_ca``, no
+    #: ``auth_tokens``): any client may send as any node. For loopback demos and tests;
+    #: warned about at start and on /metrics (stratoscope_regional_insecure).
+    insecure: bool = False
+    #: Per node: batches and bytes (as received) per second, and the seconds of burst
+    #: above them (regional/ratelimit.py); a node over them is answered RETRY. 0: no limit.
+    node_max_batches_per_s: float = Field(default=50.0, ge=0)
+    node_max_bytes_per_s: float = Field(default=32 * 1024**2, ge=0)
+    node_burst: Duration = 10.0
     #: The ClickHouse sink; None (``none`` on the command line) disables it.
     clickhouse: ClickHouseSettings | None = ClickHouseSettings(dsn=DEFAULT_DSN)
     #: The Kafka sink; None (the default) disables it.
@@ -220,6 +234,41 @@ class RegionalConfig(BaseModel):
         if not 1 <= value <= QUEUE_RETRY // 3:
             raise ValueError(f"frame_nodes must be 1..{QUEUE_RETRY // 3}, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _tokens(self) -> RegionalConfig:
+        if self.auth_tokens is not None:
+            readable_file(self.auth_tokens, "auth_tokens")
+            if self.tls is not None and self.tls.client_ca is not None:
+                raise ValueError("tls.client_ca and auth_tokens are two ways to authenticate edges: "
+                                 "set one (mTLS or tokens)")
+        return self
+
+    def ingest_auth_error(self) -> str | None:
+        """Why this regional may not serve ingest as configured, or None: edges are
+        authenticated unless ``insecure`` says otherwise, and every half-configured
+        combination is one line naming the fix. Checked by whatever serves ingest
+        (the ``regional`` command, RunningRegional), not by the model: the other
+        commands read these settings without serving."""
+        if self.insecure:
+            return None
+        if self.tls is None:
+            if self.auth_tokens is not None:
+                return ("auth_tokens need TLS (a token in plaintext can be read off the network): "
+                        "set tls.cert and tls.key (--tls-cert, --tls-key), or insecure: true "
+                        "(--insecure) on a trusted network")
+            return ("the ingest port needs TLS and authenticated edges: set tls.cert, tls.key and "
+                    "tls.client_ca or auth_tokens (--tls-cert, --tls-key, --tls-client-ca or "
+                    "--auth-tokens), or insecure: true (--insecure) on a trusted network")
+        if self.tls.client_ca is None and self.auth_tokens is None:
+            return ("edges are not authenticated: set tls.client_ca (--tls-client-ca, mTLS) or "
+                    "auth_tokens (--auth-tokens), or insecure: true (--insecure) on a trusted network")
+        return None
+
+    @property
+    def rate_settings(self) -> RateSettings:
+        return RateSettings(batches_per_s=self.node_max_batches_per_s,
+                            bytes_per_s=self.node_max_bytes_per_s, burst_s=self.node_burst)
 
     @property
     def resolution_s(self) -> int:

@@ -10,8 +10,12 @@ import logging
 import time
 from collections.abc import Callable
 
+import grpc
+
+from stratoscope.regional.auth import Refused
 from stratoscope.regional.batchcols import BatchCols
 from stratoscope.regional.dedup import Deduplicator
+from stratoscope.regional.ratelimit import NodeRates, RateSettings
 from stratoscope.regional.validate import (
     BatchRejected,
     Limits,
@@ -63,7 +67,8 @@ class RejectionLog:
 
 
 class Gate:
-    """Admission of one batch: identity, de-duplication, backpressure, validation.
+    """Admission of one batch: identity, de-duplication, backpressure, the node's rate
+    limits (regional/ratelimit.py), validation.
 
     Pure (no metrics, no merge) so that it runs where the gRPC server runs: in the
     ingest process (regional/ingest.py), which imports only this, the server, the
@@ -73,10 +78,12 @@ class Gate:
 
     def __init__(self, limits: Limits | None = None, clock: Callable[[], int] = time.time_ns,
                  max_queued_blocks: int = 50_000,
-                 saturated: Callable[[], bool] = lambda: False) -> None:
+                 saturated: Callable[[], bool] = lambda: False,
+                 rates: RateSettings | None = None) -> None:
         """``saturated``: an extra reason to answer RETRY, asked per batch (e.g. the
         hand-over queue to the merge is full)."""
         self.limits = limits or Limits()
+        self.rates = NodeRates(rates)
         self.clock = clock
         self.dedup = Deduplicator()
         self.rejections = RejectionLog()
@@ -91,23 +98,28 @@ class Gate:
         #: The write-ahead log is near its size bound (RETRY until sinks catch up).
         self.log_full = False
 
-    def admit(self, batch: pb.Batch, peer_node: str | None, size: int | None
+    def admit(self, batch: pb.Batch, peer: frozenset[str] | None, size: int | None
               ) -> tuple[ingest_pb2.Ack, BatchCols | None, str]:
-        """(ack, columns if ACCEPTED, reason label for metrics: one of validate.REASONS
-        for a REJECTED, else "")."""
+        """(ack, columns if ACCEPTED, label for metrics: one of validate.REASONS for a
+        REJECTED, one of ratelimit.LIMITS for a RETRY of a node over its rate, else "").
+
+        ``peer``: the node names the stream authenticated as (regional/auth.py; None:
+        no authentication). A node_id outside them raises auth.Refused
+        (PERMISSION_DENIED): the stream ends, the batch stays with its edge."""
         try:  # before anything keys on the identity (the dedup state, the log line)
             check_identity(batch.node_id, batch.boot_id, self.limits)
         except BatchRejected as exc:
             self.rejections.rejected(exc.reason, batch.node_id, batch.seq, str(exc))
             ack = ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, reason=str(exc))
             return ack, None, exc.reason
+        if peer is not None and batch.node_id not in peer:
+            shown_peer = shown(",".join(sorted(peer)))
+            self.rejections.rejected("node_mismatch", batch.node_id, batch.seq,
+                                     f"node_id is not one this client authenticated as ({shown_peer})")
+            raise Refused("node_mismatch", grpc.StatusCode.PERMISSION_DENIED,
+                          f"node_id {shown(batch.node_id)} is not one this client authenticated as "
+                          f"({shown_peer})")
         ack = ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq)
-        if peer_node is not None and peer_node != batch.node_id:
-            self.rejections.rejected("identity", batch.node_id, batch.seq,
-                                     f"node_id does not match the client certificate ({shown(peer_node)})")
-            ack.status = ingest_pb2.Ack.REJECTED
-            ack.reason = f"node_id {batch.node_id!r} does not match the client certificate ({peer_node!r})"
-            return ack, None, "identity"
         # Cheap answers first: a duplicate or a RETRY needs no inflating or validation
         # (an edge told to retry resends the same batch; validating it every time would
         # make an overloaded regional spend its CPU on batches it refuses).
@@ -130,6 +142,13 @@ class Gate:
             ack.status = ingest_pb2.Ack.RETRY
             ack.reason = "regional overloaded: windows in memory are at their limit (max held points or bytes)"
             return ack, None, ""
+        over = self.rates.take(batch.node_id, size or batch.ByteSize())
+        if over:
+            self.rejections.rejected("throttled", batch.node_id, batch.seq,
+                                     f"over its rate limit ({over} per second): answered RETRY")
+            ack.status = ingest_pb2.Ack.RETRY
+            ack.reason = f"this node is over its rate limit ({over} per second)"
+            return ack, None, over
         try:
             whole, inflated = open_batch(batch, self.limits)
             cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)

@@ -16,6 +16,7 @@ of band, no pickle copy):
 - ingest -> regional (``IngestEvent``): ``Listening(port)`` once the server listens;
   ``Accepted(columns, size)`` per accepted batch (validated: the regional only maps
   them); ``Outcome(status, label)`` per other outcome (for the regional's /metrics);
+  ``Refusal(reason)`` per stream or batch refused for who sent it (regional/auth.py);
   ``Barrier(n)`` echoed once every batch acked before it has been sent; ``Stopped()``
   last.
   ``LoopLag(longest_s, stalls)`` every second: how long the ingest event loop was
@@ -55,8 +56,9 @@ from stratoscope.regional import looplag, pipes, wal
 from stratoscope.regional.dedup import Deduplicator
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
+from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.runtime import name_process, tune_gc
-from stratoscope.regional.server import ServerTls, serve
+from stratoscope.regional.server import ServerAuth, serve
 from stratoscope.regional.validate import Limits
 from stratoscope.regional.walwriter import FsyncPolicy, WalWriter
 from stratoscope.v1 import batch_pb2 as pb
@@ -94,6 +96,13 @@ class Accepted:
 class Outcome:
     status: int
     label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A stream or batch refused for who sent it (one of auth.REFUSALS)."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +159,7 @@ class WalSettings:
     segment_bytes: int = 64 << 20
 
 
-IngestEvent = Listening | Accepted | Outcome | Barrier | Stopped | LoopLag | WalStats
+IngestEvent = Listening | Accepted | Outcome | Refusal | Barrier | Stopped | LoopLag | WalStats
 IngestCommand = Pressure | Barrier | Stop
 
 
@@ -170,9 +179,9 @@ class Admission:
 
     def __init__(self, limits: Limits, max_queued_blocks: int,
                  out: queue.SimpleQueue[IngestEvent], writer: WalWriter | None = None,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, rates: RateSettings | None = None) -> None:
         self.gate = Gate(limits, max_queued_blocks=max_queued_blocks, saturated=self.saturated,
-                         clock=clock)
+                         clock=clock, rates=rates)
         self.out = out
         self.writer = writer
         self.clock = clock
@@ -184,13 +193,16 @@ class Admission:
     def saturated(self) -> bool:
         return self.queued_bytes - self.sent_bytes >= HANDOVER_BYTES
 
-    async def accept(self, batch: pb.Batch, peer_node: str | None, wire: bytes) -> ingest_pb2.Ack:
+    def refused(self, reason: str) -> None:
+        self.out.put(Refusal(reason))
+
+    async def accept(self, batch: pb.Batch, peer: frozenset[str] | None, wire: bytes) -> ingest_pb2.Ack:
         ident = (batch.node_id, batch.boot_id, batch.seq)
         if ident in self.logging:
             return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
                                   reason="this batch is being logged: resend it later")
         now = self.clock()
-        ack, cols, label = self.gate.admit(batch, peer_node, len(wire))
+        ack, cols, label = self.gate.admit(batch, peer, len(wire))
         if cols is None:
             self.out.put(Outcome(ack.status, label))
             return ack
@@ -230,9 +242,9 @@ def _settle(fut: asyncio.Future[int | None], pos: int | None) -> None:
         fut.set_result(pos)
 
 
-def _ingest_main(conn: Connection, listen: str, tls: ServerTls | None,
+def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
                  limits: Limits, max_queued_blocks: int, log_level: int,
-                 wal_settings: WalSettings | None) -> None:
+                 wal_settings: WalSettings | None, rates: RateSettings) -> None:
     chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
     name_process("strato-ingest")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -241,12 +253,12 @@ def _ingest_main(conn: Connection, listen: str, tls: ServerTls | None,
     import uvloop
 
     tune_gc()
-    uvloop.run(_ingest_loop(chan, listen, tls, limits, max_queued_blocks, wal_settings))
+    uvloop.run(_ingest_loop(chan, listen, auth, limits, max_queued_blocks, wal_settings, rates))
 
 
 async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: str,
-                       tls: ServerTls | None, limits: Limits, max_queued_blocks: int,
-                       wal_settings: WalSettings | None) -> None:
+                       auth: ServerAuth, limits: Limits, max_queued_blocks: int,
+                       wal_settings: WalSettings | None, rates: RateSettings) -> None:
     loop = asyncio.get_running_loop()
     out: queue.SimpleQueue[IngestEvent] = queue.SimpleQueue()
     writer = None
@@ -258,13 +270,13 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
         writer = WalWriter(wal_settings.directory, durable, segment_bytes=wal_settings.segment_bytes,
                            fsync=wal_settings.fsync, fsync_interval_s=wal_settings.fsync_interval_s)
         writer.start()
-    admission = Admission(limits, max_queued_blocks, out, writer)
+    admission = Admission(limits, max_queued_blocks, out, writer, rates=rates)
     gate = admission.gate
     if wal_settings is not None:
         gate.dedup = seen
     try:
-        server, port = await serve(admission, listen, tls)
-    except OSError as exc:  # the parent says it in one line (IngestProcess.start)
+        server, port = await serve(admission, listen, auth)
+    except (OSError, ValueError) as exc:  # the parent says it in one line (IngestProcess.start)
         if writer is not None:
             await loop.run_in_executor(None, writer.close)
         chan.send(Listening(0, str(exc)))
@@ -321,21 +333,26 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
 class IngestProcess:
     """The regional's handle on its ingest process."""
 
-    def __init__(self, listen: str, tls: ServerTls | None, limits: Limits, max_queued_blocks: int,
+    def __init__(self, listen: str, auth: ServerAuth, limits: Limits, max_queued_blocks: int,
                  on_outcome: Callable[[int, str, None, None], None],
                  on_accepted: Callable[[memoryview, int | None, int], None],
                  on_exit: Callable[[int | None], None] | None = None,
                  on_lag: Callable[[str, float, list[float]], None] | None = None,
                  wal_settings: WalSettings | None = None,
-                 on_wal: Callable[[WalStats], None] | None = None) -> None:
+                 on_wal: Callable[[WalStats], None] | None = None,
+                 rates: RateSettings | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         """``on_outcome(status, label, None, None)`` counts a batch the ingest process did
         not accept; ``on_accepted(packed columns, size, log position)`` merges an accepted
         one (both in a reader thread); ``on_exit(code)`` is called in the event loop if the
         ingest process dies on its own; ``on_lag("ingest", longest_s, stalls)`` reports its
         event loop's stalls and ``on_wal(stats)`` its log writer's figures (reader
-        thread)."""
+        thread); ``on_refused(reason)`` counts a stream or batch refused for who sent it
+        (reader thread)."""
         self.listen = listen
-        self.tls = tls
+        self.auth = auth
+        self.rates = rates or RateSettings()
+        self.on_refused = on_refused
         self.limits = limits
         self.max_queued_blocks = max_queued_blocks
         self.on_outcome = on_outcome
@@ -360,8 +377,8 @@ class IngestProcess:
         parent, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(
             target=_ingest_main, name="stratoscope-ingest", daemon=True,
-            args=(child, self.listen, self.tls, self.limits, self.max_queued_blocks,
-                  logging.getLogger().level, self.wal_settings),
+            args=(child, self.listen, self.auth, self.limits, self.max_queued_blocks,
+                  logging.getLogger().level, self.wal_settings, self.rates),
         )
         self._proc.start()
         child.close()
@@ -397,6 +414,9 @@ class IngestProcess:
                     self.on_accepted(memoryview(msg.columns), msg.size, msg.pos)
                 elif isinstance(msg, Outcome):
                     self.on_outcome(msg.status, msg.label, None, None)
+                elif isinstance(msg, Refusal):
+                    if self.on_refused is not None:
+                        self.on_refused(msg.reason)
                 elif isinstance(msg, WalStats):
                     if self.on_wal is not None:
                         self.on_wal(msg)

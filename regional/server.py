@@ -14,6 +14,13 @@ from typing import Protocol
 
 import grpc
 
+from stratoscope.regional.auth import (
+    Authenticator,
+    CertificateFiles,
+    CertificateReloader,
+    Refused,
+    TokenTable,
+)
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
@@ -26,24 +33,35 @@ MAX_MESSAGE = 32 * 1024 * 1024
 class ServerTls:
     cert: Path
     key: Path
-    #: CA for client certificates: set -> mTLS required, node identity = certificate CN.
+    #: CA for client certificates: set -> mTLS required, node identity from the
+    #: certificate (regional/auth.py).
     client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerAuth:
+    """How the ingest server authenticates (paths only: it crosses to the ingest
+    process). Neither ``tls`` nor ``tokens``: plaintext, anyone may send as anyone
+    (``insecure``)."""
+
+    tls: ServerTls | None = None
+    #: Token file (regional/auth.py): a bearer token per node.
+    tokens: Path | None = None
 
 
 class Admission(Protocol):
     """What answers a batch: the ack to send (ingest.Admission: the Gate, then the
     hand-over to the merge)."""
 
-    async def accept(self, batch: pb.Batch, peer_node: str | None, wire: bytes) -> ingest_pb2.Ack:
-        """``peer_node``: the client certificate's CN under mTLS; ``wire``: the batch's
-        bytes as received (what the write-ahead log keeps)."""
+    async def accept(self, batch: pb.Batch, peer: frozenset[str] | None, wire: bytes) -> ingest_pb2.Ack:
+        """``peer``: the node names the stream authenticated as (None: no
+        authentication configured); ``wire``: the batch's bytes as received (what the
+        write-ahead log keeps). Raises auth.Refused for a node_id not in ``peer``."""
         ...
 
-
-def _peer_node(context: grpc.aio.ServicerContext) -> str | None:
-    auth = context.auth_context()
-    names = auth.get("x509_common_name") if auth else None
-    return names[0].decode() if names else None
+    def refused(self, reason: str) -> None:
+        """Count a stream or batch refused for who sent it (one of auth.REFUSALS)."""
+        ...
 
 
 def _deserialize(data: bytes) -> tuple[bytes, pb.Batch]:
@@ -55,20 +73,28 @@ def _deserialize(data: bytes) -> tuple[bytes, pb.Batch]:
 class IngestService:
     """stratoscope.v1.Ingest; registered by hand so requests keep their wire size."""
 
-    def __init__(self, admission: Admission, require_identity: bool) -> None:
+    def __init__(self, admission: Admission, auth: Authenticator) -> None:
         self.admission = admission
-        self.require_identity = require_identity
+        self.auth = auth
 
     async def Stream(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[tuple[bytes, pb.Batch]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ingest_pb2.Ack]:
-        peer = _peer_node(context) if self.require_identity else None
-        if self.require_identity and peer is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        try:
+            peer = self.auth.names(context)
+        except Refused as exc:
+            self.admission.refused(exc.reason)
+            await context.abort(exc.code, str(exc))
         async for raw, batch in request_iterator:
-            yield await self.admission.accept(batch, peer, raw)
+            try:
+                ack = await self.admission.accept(batch, peer, raw)
+            except Refused as exc:
+                # the whole stream: every later batch on it would claim the same node
+                self.admission.refused(exc.reason)
+                await context.abort(exc.code, str(exc))
+            yield ack
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -93,10 +119,13 @@ class IngestService:
 FLOW_CONTROL = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1 << 20)]
 
 
-async def serve(admission: Admission, listen: str, tls: ServerTls | None = None
+async def serve(admission: Admission, listen: str, auth: ServerAuth | None = None
                 ) -> tuple[grpc.aio.Server, int]:
     """Start the server; returns it running and the port it listens on. The caller
-    stops it."""
+    stops it. Certificates and tokens are re-read when their files change
+    (regional/auth.py)."""
+    auth = auth or ServerAuth()
+    tls = auth.tls
     # Acks go out uncompressed (a few bytes; gzip would set up a deflate stream per
     # ack). Requests in any encoding gRPC knows are inflated by gRPC itself.
     server = grpc.aio.server(options=[
@@ -107,22 +136,25 @@ async def serve(admission: Admission, listen: str, tls: ServerTls | None = None
         ("grpc.so_reuseport", 0),
         *FLOW_CONTROL,
     ])
-    service = IngestService(admission, require_identity=bool(tls and tls.client_ca))
+    tokens = TokenTable(auth.tokens) if auth.tokens is not None else None
+    authenticator = Authenticator(client_ca=bool(tls and tls.client_ca), tokens=tokens)
+    service = IngestService(admission, authenticator)
     server.add_generic_rpc_handlers((service.handler(),))
     try:
         if tls is None:
             port = server.add_insecure_port(listen)
         else:
-            creds = grpc.ssl_server_credentials(
-                [(tls.key.read_bytes(), tls.cert.read_bytes())],
-                root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-                require_client_auth=tls.client_ca is not None,
-            )
+            reloader = CertificateReloader(CertificateFiles(tls.cert, tls.key, tls.client_ca))
+            creds = grpc.dynamic_ssl_server_credentials(
+                reloader.initial, reloader, require_client_authentication=tls.client_ca is not None)
             port = server.add_secure_port(listen, creds)
     except RuntimeError:  # grpcio >= 1.55 raises where older ones returned 0
         port = 0
     if port == 0:
         raise OSError(f"cannot listen on {listen} (in use, or not an address of this host)")
     await server.start()
-    log.info("ingest listening on %s (port %d)%s", listen, port, " with TLS" if tls else "")
+    how = ("mTLS" if tls and tls.client_ca else "TLS and tokens" if tls and tokens
+           else "TLS, no authentication" if tls else "plaintext and tokens" if tokens
+           else "plaintext, no authentication")
+    log.info("ingest listening on %s (port %d), %s", listen, port, how)
     return server, port

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from stratoscope.regional.auth import REFUSALS
 from stratoscope.regional.batchcols import BatchCols
 from stratoscope.regional.config import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_HELD_POINTS
 from stratoscope.regional.delivery import DeliveryQueue
@@ -27,6 +28,7 @@ from stratoscope.regional.frame import Block
 from stratoscope.regional.handover import unpack
 from stratoscope.regional.instances import InstanceLog
 from stratoscope.regional.merge import Aggregator, MergeSettings, release_windows
+from stratoscope.regional.ratelimit import LIMITS
 from stratoscope.regional.validate import REASONS, Limits
 from stratoscope.v1 import ingest_pb2
 
@@ -126,6 +128,13 @@ class RegionalMetrics:
         self.rejected = Counter(f"{ns}_rejected_batches", "Invalid batches, by reason (a fixed set: validate.REASONS).", ["reason"], registry=registry)
         for reason in REASONS:  # every series there from the start, at 0
             self.rejected.labels(reason)
+        self.refused = Counter(f"{ns}_refused", "Streams and batches refused for who sent them, by reason (a fixed set: auth.REFUSALS): no credentials, an unknown token, a node_id the client did not authenticate as.", ["reason"], registry=registry)
+        for reason in REFUSALS:
+            self.refused.labels(reason)
+        self.insecure = Gauge(f"{ns}_insecure", "1 when the ingest port takes batches without authenticating edges (insecure: true).", registry=registry)
+        self.throttled = Counter(f"{ns}_throttled_batches", "Batches answered RETRY because their node was over its rate limit, by limit (batches or bytes per second).", ["limit"], registry=registry)
+        for limit in LIMITS:
+            self.throttled.labels(limit)
         self.window_lag = Gauge(f"{ns}_window_lag_seconds", "Age of the oldest open window's end.", registry=registry)
         self.blocks = Counter(f"{ns}_blocks", "Merged blocks emitted to sinks.", registry=registry)
         self.flush_seconds = Histogram(f"{ns}_flush_seconds", "Time to close windows into blocks.", registry=registry)
@@ -237,6 +246,8 @@ class Regional:
         self.metrics.batches.labels(_STATUS[status]).inc()
         if status == ingest_pb2.Ack.REJECTED:
             self.metrics.rejected.labels(label).inc()
+        elif status == ingest_pb2.Ack.RETRY and label:
+            self.metrics.throttled.labels(label).inc()
         if cols is None:
             return
         if pos and self.instances is not None:

@@ -34,6 +34,11 @@ def _edge_parser(sub: Any) -> None:
     p.add_argument("--tls-ca", type=Path, help="CA that signed the regional's certificate (enables TLS)")
     p.add_argument("--tls-cert", type=Path, help="this node's client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, help="this node's client key (mTLS)")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file holding this node's bearer token, for a regional that authenticates "
+                        "edges by token (needs --tls-ca)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="forward without TLS (or without credentials): trusted networks only")
     p.add_argument("--spool-dir", type=Path,
                    help="on-disk spool of batches not yet acknowledged by a regional "
                         "(default /var/lib/stratoscope/edge/spool)")
@@ -87,6 +92,8 @@ def _run_edge(args: argparse.Namespace) -> int:
         "tls_ca": args.tls_ca,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
+        "auth_token_file": args.auth_token_file,
+        "insecure": args.insecure,
         "compression": args.compression,
         "wire_columns": args.wire_columns,
         "spool_dir": args.spool_dir,
@@ -162,7 +169,8 @@ def _edge_output(cfg: Any) -> Any:
                 cfg.spool_dir, spool.replayed, spool.corrupt_records)
         outputs.append(ForwardOutput(cfg.regional, tls, compression=cfg.compression,
                                      wire_columns=cfg.wire_columns, spool=spool,
-                                     in_doubt_timeout_s=cfg.in_doubt_timeout))
+                                     in_doubt_timeout_s=cfg.in_doubt_timeout,
+                                     token_file=cfg.auth_token_file))
     if cfg.output or not cfg.regional:
         outputs.append(open_output(cfg.output or "jsonl:-"))
     return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)
@@ -245,7 +253,14 @@ _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--tls-cert", "tls.cert", "server certificate (enables TLS)"),
     ("--tls-key", "tls.key", "server key"),
     ("--tls-client-ca", "tls.client_ca",
-     "CA of edge certificates: requires mTLS, node_id must equal the certificate CN"),
+     "CA of edge certificates: requires mTLS; node_id must be the certificate's SAN DNS/URI "
+     "(its CN without SANs)"),
+    ("--auth-tokens", "auth_tokens",
+     "file of '<node_id> <token>' lines: edges authenticate with a bearer token (needs TLS)"),
+    ("--node-max-batches-per-s", "node_max_batches_per_s",
+     "batches per second one node may send before it is answered RETRY (default 50; 0: no limit)"),
+    ("--node-max-bytes-per-s", "node_max_bytes_per_s",
+     "bytes per second one node may send before it is answered RETRY (default 32 MiB; 0: no limit)"),
 )
 _BOOL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--migrate", "clickhouse.migrate",
@@ -253,6 +268,8 @@ _BOOL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--clickhouse-retention-allow-shrink", "clickhouse.retention_allow_shrink",
      "let a retention setting shorten a table's TTL, deleting the rows past it (default: refused)"),
     ("--fork-frames", "fork_frames", "reduce closed windows in a forked child (default) or in a thread"),
+    ("--insecure", "insecure",
+     "take batches without authenticating edges (plaintext unless --tls-cert): trusted networks only"),
 )
 
 
@@ -291,6 +308,11 @@ def _run_regional(args: argparse.Namespace) -> int:
     from stratoscope.regional import app
 
     config = _regional_config(args)
+    problem = None if args.check else config.ingest_auth_error()
+    if problem is not None:
+        from stratoscope.settings import ConfigError
+
+        raise ConfigError(problem)
     runner = app.check(config) if args.check else app.run(config)
     return int(uvloop.run(runner) or 0)
 
@@ -307,7 +329,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         from stratoscope.settings import ConfigError
 
         raise ConfigError(f"--duration: {exc}") from None
-    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0, query_listen="127.0.0.1:0")
+    # loopback only, edge and regional on this machine: no certificates to make
+    config = _regional_config(args, listen="127.0.0.1:0", metrics_port=0, query_listen="127.0.0.1:0",
+                              insecure=True)
     return int(uvloop.run(run_demo(config, seconds)) or 0)
 
 
@@ -331,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _regional_args(d, server=False)
     d.add_argument("--duration", default="30s", help="how long the edge runs, e.g. 30s")
     d.set_defaults(func=_run_demo)
+    from stratoscope.pki import add_parser as add_pki_parser
     from stratoscope.query.command import add_parser as add_query_parser
     from stratoscope.regional.sinks.clickhouse_cli import add_parser as add_schema_parser
     from stratoscope.status import add_parser as add_status_parser
@@ -338,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_parser(sub)
     add_status_parser(sub)
     add_schema_parser(sub)  # stratoscope schema render|grants
+    add_pki_parser(sub)  # stratoscope certs|tokens
     return parser
 
 

@@ -189,7 +189,7 @@ def running_store(workload_bin: dict[str, Path], tmp: Path) -> Iterator[Store]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(logs["regional"], "wb") as rlog:
         regional = subprocess.Popen(
-            [sys.executable, "-m", "stratoscope.cli", "regional", "--listen", f"127.0.0.1:{ingest}",
+            [sys.executable, "-m", "stratoscope.cli", "regional", "--insecure", "--listen", f"127.0.0.1:{ingest}",
              "--metrics-port", str(rmetrics), "--metrics-addr", "127.0.0.1",
              "--query-listen", f"127.0.0.1:{qport}", "--clickhouse", f"chdb://{chdb}",
              "--resolution", "5s", "--lateness", "1s", "--regional-id", "qregional",
@@ -208,7 +208,7 @@ def running_store(workload_bin: dict[str, Path], tmp: Path) -> Iterator[Store]:
         wait_for("the regional's read endpoint", regional_up, 120)
         with open(logs["edge"], "wb") as elog:
             store.edge = subprocess.Popen(
-                [sys.executable, "-m", "stratoscope.cli", "edge", "--regional", f"127.0.0.1:{ingest}",
+                [sys.executable, "-m", "stratoscope.cli", "edge", "--insecure", "--regional", f"127.0.0.1:{ingest}",
                  "--programs", ",".join(PROGRAMS), "--param", "syscalls.LATENCY=1", "--param", "tcp.RTT=1", "--interval", "1s", "--metrics-port", str(emetrics),
                  "--node-id", node],
                 stdout=elog, stderr=subprocess.STDOUT, env=env)

@@ -35,7 +35,7 @@ class RegionalProcess:
         self.metrics_port = free_port()
         self.store = workdir / "store"
         self.wal = workdir / "wal"
-        self.argv = [sys.executable, "-m", "stratoscope.cli", "regional",
+        self.argv = [sys.executable, "-m", "stratoscope.cli", "regional", "--insecure",
                      "--listen", f"127.0.0.1:{self.port}", "--metrics-port", str(self.metrics_port),
                      "--metrics-addr", "127.0.0.1", "--query-listen", "none",
                      "--clickhouse", f"chdb://{self.store}", "--wal-dir", str(self.wal), *extra]

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
+from stratoscope.pki import issue_certificates
 from tests.conftest import kafka_bootstrap, unique_comm
 
 pytestmark = pytest.mark.kernel
@@ -101,6 +102,9 @@ class Fleet:
     regional_metrics: int
     edge_metrics: dict[str, int]
     grafana_src: Path
+    #: The fleet's CA, the regional's certificate (localhost) and one per edge
+    #: (stratoscope/pki.py): the regional serves mTLS, as it does by default.
+    pki: Path
     host_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def prefix(self, host: str) -> Path:
@@ -163,16 +167,23 @@ class Fleet:
             return {f"{kind}_prefix": str(p), f"{kind}_config_dir": str(p / "etc"),
                     f"{kind}_state_dir": str(p / "state")}
 
+        def pem(name: str) -> str:
+            return (self.pki / name).read_text()
+
         edges = {h: {**paths(h, "edge"), "edge_metrics_port": self.edge_metrics[h],
+                     "edge_tls_cert_pem": pem(f"{h}.crt"), "edge_tls_key_pem": pem(f"{h}.key"),
                      **self.host_overrides.get(h, {})} for h in EDGES}
         grafana = self.root / "grafana"
         inv = {"all": {"vars": common, "children": {
             "regionals": {"children": {"regionals_here": {"hosts": {"regional1": {
                 **paths("regional1", "regional"), "regional_port": self.regional_port,
                 "regional_metrics_port": self.regional_metrics, "regional_query_listen": "none",
-                "regional_resolution": "10s", "regional_lateness": "2s"}}}}},
+                "regional_resolution": "10s", "regional_lateness": "2s",
+                "regional_tls_cert_pem": pem("localhost.crt"), "regional_tls_key_pem": pem("localhost.key"),
+                "regional_tls_client_ca_pem": pem("ca.crt")}}}}},
             "edges": {"children": {"edges_here": {
                 "vars": {"edge_regional_group": "regionals_here", "edge_programs": ["syscalls"],
+                         "edge_tls_ca_pem": pem("ca.crt"),
                          "edge_params": {"syscalls": {"LATENCY": 0}}, "edge_interval": "1s"},
                 "hosts": edges}}},
             "grafana": {"hosts": {"grafana1": {
@@ -229,7 +240,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                       ("dashboards/overview.json", '{"title": "overview"}\n')):
         (grafana_src / rel).parent.mkdir(parents=True, exist_ok=True)
         (grafana_src / rel).write_text(text)
-    fleet = Fleet(root, ports[0], ports[1], dict(zip(EDGES, ports[2:], strict=True)), grafana_src)
+    issue_certificates(root / "pki", servers=["localhost"], nodes=EDGES, days=2)
+    fleet = Fleet(root, ports[0], ports[1], dict(zip(EDGES, ports[2:], strict=True)), grafana_src,
+                  root / "pki")
     try:
         yield fleet
     finally:
@@ -285,7 +298,11 @@ def test_deploy_is_idempotent_and_every_edge_reaches_clickhouse_exactly(
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert str(fleet.prefix(host) / "venv/bin/stratoscope").encode() in cmdline, cmdline
         assert fleet.version(host) == wheels.old_version
+    settings = yaml.safe_load((fleet.prefix("regional1") / "etc/regional.yaml").read_text())
+    assert set(settings["tls"]) == {"cert", "key", "client_ca"} and "insecure" not in settings
     for host, port in fleet.edge_metrics.items():
+        edge_settings = yaml.safe_load((fleet.prefix(host) / "etc/edge.yaml").read_text())
+        assert {"tls_ca", "tls_cert", "tls_key"} <= set(edge_settings) and "insecure" not in edge_settings
         assert f"- 127.0.0.1:{fleet.regional_port}" in (fleet.prefix(host) / "etc/edge.yaml").read_text()
         assert f"metrics_port: {port}" in (fleet.prefix(host) / "etc/edge.yaml").read_text()
     grafana = fleet.root / "grafana"

@@ -69,7 +69,7 @@ def edge(tmp_path: Path, regional_port: int, spool: Path, name: str) -> Iterator
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [*CLI, "edge", "--programs", "syscalls", "--interval", "0.5s",
-             "--regional", f"127.0.0.1:{regional_port}", "--spool-dir", str(spool),
+             "--regional", f"127.0.0.1:{regional_port}", "--insecure", "--spool-dir", str(spool),
              "--metrics-port", str(port), "--node-id", "spool-node"],
             stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -86,7 +86,7 @@ def edge(tmp_path: Path, regional_port: int, spool: Path, name: str) -> Iterator
 
 def regional_config(tmp_path: Path, port: int) -> RegionalConfig:
     return RegionalConfig(
-        listen=f"127.0.0.1:{port}", metrics_port=0, query_listen=None,
+        insecure=True, listen=f"127.0.0.1:{port}", metrics_port=0, query_listen=None,
         clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch",
                                       database=f"spool_{uuid.uuid4().hex[:10]}"),
         resolution=60, lateness=0,
@@ -340,7 +340,7 @@ def test_an_unusable_spool_directory_exits_2_naming_it(tmp_path: Path) -> None:
                                (tmp_path / "busy", "is in use by another edge")):
             (tmp_path / "file").write_text("")
             r = subprocess.run([*CLI, "edge", "--programs", "syscalls", "--once", "--metrics-port", "0",
-                                "--regional", "127.0.0.1:1", "--spool-dir", str(spool)],
+                                "--regional", "127.0.0.1:1", "--insecure", "--spool-dir", str(spool)],
                                capture_output=True, text=True, timeout=120)
             assert r.returncode == 2, r.stderr
             assert r.stderr.strip().endswith(f"{message} (set spool_dir or --spool-dir)"), r.stderr

@@ -159,7 +159,7 @@ async def test_clickhouse_refusing_inserts_a_minute_twice_loses_nothing(tmp_path
     from stratoscope.regional.config import RegionalConfig
     from stratoscope.regional.sinks.config import ClickHouseSettings
 
-    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+    config = RegionalConfig(insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                             clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch"),
                             resolution=5, lateness=1, wal_dir=tmp_path / "wal")
     running = RunningRegional(config)
@@ -221,7 +221,7 @@ async def test_the_log_at_its_bound_answers_retry_until_sinks_confirm(tmp_path: 
     from stratoscope.regional.config import RegionalConfig
     from stratoscope.regional.sinks.config import ClickHouseSettings
 
-    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+    config = RegionalConfig(insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                             clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch"),
                             resolution=60, lateness=600, wal_dir=tmp_path / "wal",
                             wal_max_bytes=1024**2)

@@ -248,7 +248,7 @@ def test_a_taken_read_endpoint_port_is_one_line_naming_the_setting(tmp_path: Pat
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        r = cli("regional", "--listen", "127.0.0.1:0", "--metrics-port", "0",
+        r = cli("regional", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "0",
                 "--query-listen", f"127.0.0.1:{port}", "--clickhouse", f"chdb://{tmp_path}/ch",
                 "--wal-dir", f"{tmp_path}/wal", check=False)
     assert r.returncode == 1

@@ -33,7 +33,7 @@ def test_check_reports_each_sink(tmp_path: Path) -> None:
 def test_regional_serves_metrics_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = 19532
     proc = subprocess.Popen(
-        [*CLI, "regional", "--listen", "127.0.0.1:0", "--metrics-port", str(port),
+        [*CLI, "regional", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", str(port),
          "--query-listen", "none", "--clickhouse", f"chdb://{tmp_path}/ch", "--wal-dir", f"{tmp_path}/wal"],
         stderr=subprocess.PIPE, text=True,
     )
@@ -87,7 +87,7 @@ def test_bad_setting_is_one_line_exit_2(tmp_path: Path, argv: list[str], text: s
 
 
 def test_a_sink_that_cannot_start_is_one_line_exit_1(tmp_path: Path) -> None:
-    r = subprocess.run([*CLI, "regional", "--listen", "127.0.0.1:0", "--metrics-port", "0",
+    r = subprocess.run([*CLI, "regional", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "0",
                         "--clickhouse", "none", "--kafka", "127.0.0.1:1", "--wal-dir", f"{tmp_path}/wal"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
@@ -114,7 +114,7 @@ async def test_regional_fails_fast_when_its_ingest_process_dies(tmp_path: Path) 
     from stratoscope.regional.app import RunningRegional
     from stratoscope.regional.config import RegionalConfig
 
-    running = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+    running = RunningRegional(RegionalConfig(insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                                              clickhouse=f"chdb://{tmp_path}/ch", wal_dir=tmp_path / "wal"))
     await running.start()
     try:
@@ -135,12 +135,12 @@ async def test_lifecycle_stop_is_idempotent_and_a_failed_start_stops_what_starte
     from stratoscope.regional.config import RegionalConfig
     from stratoscope.regional.sinks.base import SinkError
 
-    never = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, clickhouse=None,
+    never = RunningRegional(RegionalConfig(insecure=True, listen="127.0.0.1:0", metrics_port=0, clickhouse=None,
                                            wal_dir=tmp_path / "wal0"))
     await never.stop()
     await never.stop()
 
-    running = RunningRegional(RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+    running = RunningRegional(RegionalConfig(insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                                              clickhouse=f"chdb://{tmp_path}/ch", wal_dir=tmp_path / "wal",
                                              kafka={"bootstrap": "127.0.0.1:1"}))  # type: ignore[arg-type]
     with pytest.raises(SinkError, match="cannot connect to Kafka at 127.0.0.1:1"):
@@ -157,7 +157,7 @@ def test_a_second_regional_on_a_taken_port_fails_in_one_line(tmp_path: Path) -> 
     ingest = f"127.0.0.1:{port}"
 
     def argv(name: str, metrics_port: int) -> list[str]:
-        return [*CLI, "regional", "--listen", ingest, "--metrics-port", str(metrics_port),
+        return [*CLI, "regional", "--insecure", "--listen", ingest, "--metrics-port", str(metrics_port),
                 "--query-listen", "none", "--clickhouse", "none", "--wal-dir", f"{tmp_path}/{name}"]
 
     first = subprocess.Popen(argv("wal1", metrics), stderr=subprocess.PIPE, text=True)

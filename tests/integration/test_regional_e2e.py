@@ -43,7 +43,7 @@ async def regional(tmp_path: Path) -> AsyncIterator[RunningRegional]:
     # The sinks run in child processes (the production setup); the embedded store
     # belongs to the ClickHouse one, so tests read it through the regional (sql()).
     config = RegionalConfig(
-        listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+        insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None,
         clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=f"e2e_{uuid.uuid4().hex[:10]}"),
         kafka=KafkaSettings(bootstrap=kafka_bootstrap(), topic_prefix=f"e2e-{uuid.uuid4().hex[:10]}"),
         resolution=60, lateness=0, wal_dir=tmp_path / "wal",
@@ -357,7 +357,7 @@ async def test_memory_bound_answers_retry_then_stores_each_batch_once(tmp_path: 
     # each synthetic batch holds 3 points (2 counters, 1 histogram): two reach the bound
     # a long lateness: no window closes on its own during the test (a minute boundary
     # between the sends must not clear the bound early); drain() closes them
-    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+    config = RegionalConfig(insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                             clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=db),
                             resolution=60, lateness=600, max_held_points=5, wal_dir=tmp_path / "wal")
     running = RunningRegional(config)

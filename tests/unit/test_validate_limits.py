@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 import pytest
 
 from stratoscope.edge.batch import BatchBuilder
+from stratoscope.regional.auth import Refused
 from stratoscope.regional.gate import Gate, RejectionLog
 from stratoscope.regional.validate import NS, REASONS, BatchRejected, Limits, validate
 from stratoscope.v1 import batch_pb2 as pb
@@ -190,11 +192,13 @@ def test_rejections_are_logged_once_per_reason_per_interval(caplog: pytest.LogCa
     ]
 
 
-def test_a_node_id_that_does_not_match_the_certificate_is_not_logged_raw(
+def test_a_node_id_that_does_not_match_the_credentials_is_refused_and_not_logged_raw(
         caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, "stratoscope.regional"):
-        ack, _, label = gate().admit(batch(node="x\n" * 100), "node-1", None)
-    assert (ack.status, label) == (ingest_pb2.Ack.REJECTED, "identity")
+    with caplog.at_level(logging.WARNING, "stratoscope.regional"), \
+            pytest.raises(Refused) as refused:
+        gate().admit(batch(node="x\n" * 100), frozenset({"node-1"}), None)
+    assert (refused.value.reason, refused.value.code) == ("node_mismatch", grpc.StatusCode.PERMISSION_DENIED)
     [line] = [r.getMessage() for r in caplog.records]
     assert "\n" not in line and len(line) < 200
-    assert line.endswith("node_id does not match the client certificate ('node-1')")
+    assert line.endswith("node_id is not one this client authenticated as ('node-1')")
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 200

@@ -1,0 +1,245 @@
+"""Who may send: mTLS (node identity from the client certificate) and bearer tokens,
+against a real regional storing into embedded ClickHouse. Refused clients store nothing
+and are counted where the regional can see them; a good client on the same regional
+keeps flowing with exact totals; credentials are re-read without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from stratoscope.edge.batch import BatchBuilder
+from stratoscope.edge.forward import ClientTls, GrpcForwarder
+from stratoscope.pki import issue_certificates, issue_tokens
+from stratoscope.regional.app import RunningRegional
+from stratoscope.regional.config import RegionalConfig, TlsSettings
+from stratoscope.regional.sinks.config import ClickHouseSettings
+from stratoscope.v1 import batch_pb2 as pb
+from stratoscope.v1 import ingest_pb2
+
+READS_PER_BATCH = 7
+GOOD_BATCHES = 40
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fleet CA with a regional certificate (localhost, 127.0.0.1) and node-a, node-b;
+    a second CA that also issued a node-a; tokens for node-t and node-u."""
+    d = tmp_path_factory.mktemp("pki")
+    issue_certificates(d, servers=["localhost"], nodes=["node-a", "node-b"], days=2)
+    issue_certificates(d / "other", nodes=["node-a"], days=2)
+    issue_tokens(d / "tokens", ["node-t", "node-u"])
+    return d
+
+
+def _batch(node: str, seq: int, boot: str = "boot") -> pb.Batch:
+    now = time.time_ns()
+    b = BatchBuilder(node, boot, seq, now - 10**9, now, {})
+    b.add_counters("syscalls_total", "calls", "", ["syscall"], {("read",): READS_PER_BATCH})
+    return b.build()
+
+
+def _regional(tmp: Path, **auth: Any) -> RunningRegional:
+    db = f"auth_{uuid.uuid4().hex[:10]}"
+    return RunningRegional(RegionalConfig(
+        listen="127.0.0.1:0", metrics_port=0, query_listen=None, wal_dir=tmp / "wal",
+        clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp}/ch", database=db), **auth))
+
+
+def _raw(port: int, creds: grpc.ChannelCredentials | None, batch: pb.Batch,
+         token: str | None = None) -> tuple[grpc.StatusCode, list[ingest_pb2.Ack]]:
+    """One stream, one batch, as a client that does not retry: (how the stream ended, acks)."""
+    target = f"127.0.0.1:{port}"
+    channel = (grpc.secure_channel(target, creds) if creds is not None
+               else grpc.insecure_channel(target))
+    with channel:
+        call = channel.stream_stream("/stratoscope.v1.Ingest/Stream",
+                                     request_serializer=lambda b: b,
+                                     response_deserializer=ingest_pb2.Ack.FromString)
+        metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+        try:
+            acks = list(call(iter([batch.SerializeToString()]), metadata=metadata, timeout=30))
+        except grpc.RpcError as exc:
+            return exc.code(), []
+    return grpc.StatusCode.OK, acks
+
+
+def _creds(pki: Path, node: str | None = None, ca: Path | None = None, where: Path | None = None
+           ) -> grpc.ChannelCredentials:
+    where = where or pki
+    return grpc.ssl_channel_credentials(
+        (ca or pki / "ca.crt").read_bytes(),
+        private_key=(where / f"{node}.key").read_bytes() if node else None,
+        certificate_chain=(where / f"{node}.crt").read_bytes() if node else None)
+
+
+class GoodEdge:
+    """A real edge forwarder sending GOOD_BATCHES batches, one every 50 ms, the whole
+    time the hostile clients try their luck."""
+
+    def __init__(self, port: int, node: str, tls: ClientTls, token_file: Path | None = None) -> None:
+        self.fwd = GrpcForwarder([f"127.0.0.1:{port}"], tls=tls, backoff_initial_s=0.2,
+                                 token_file=token_file)
+        self.node = node
+        self._thread = threading.Thread(target=self._run, name="good-edge")
+
+    def _run(self) -> None:
+        for seq in range(1, GOOD_BATCHES + 1):
+            self.fwd.write(_batch(self.node, seq))
+            time.sleep(0.05)  # pacing the workload, not waiting for a condition
+
+    def __enter__(self) -> GoodEdge:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+        self.fwd.close(60)
+
+
+async def _stored(regional: RunningRegional) -> dict[str, int]:
+    await regional.drain()
+    db = regional.config.clickhouse.database  # type: ignore[union-attr]
+    rows = await regional.sink("clickhouse").query(
+        f"SELECT node, sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total' "
+        "AND labels['syscall'] = 'read' AND node != '' GROUP BY node ORDER BY node")
+    return {n: int(v) for n, v in rows}
+
+
+def _sample(regional: RunningRegional, name: str, **labels: str) -> float:
+    return regional.regional.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def mtls(tmp_path: Path, pki: Path) -> AsyncIterator[RunningRegional]:
+    regional = _regional(tmp_path, tls=TlsSettings(cert=pki / "localhost.crt", key=pki / "localhost.key",
+                                                   client_ca=pki / "ca.crt"))
+    await regional.start()
+    try:
+        yield regional
+    finally:
+        await regional.stop()
+
+
+async def test_mtls_refuses_strangers_and_impostors_while_a_good_node_flows(
+        mtls: RunningRegional, pki: Path) -> None:
+    port = mtls.port
+    with GoodEdge(port, "node-a", ClientTls(pki / "ca.crt", pki / "node-a.crt", pki / "node-a.key")) as good:
+        # no client certificate, and a certificate from another CA: the handshake fails
+        no_cert = await asyncio.to_thread(_raw, port, _creds(pki), _batch("node-a", 10_001, "x"))
+        other_ca = await asyncio.to_thread(_raw, port, _creds(pki, "node-a", where=pki / "other"),
+                                           _batch("node-a", 10_002, "x"))
+        # plaintext to a TLS port
+        plain = await asyncio.to_thread(_raw, port, None, _batch("node-a", 10_003, "x"))
+        # a valid certificate (node-b) claiming node-a: PERMISSION_DENIED, counted
+        impostor = await asyncio.to_thread(_raw, port, _creds(pki, "node-b"), _batch("node-a", 10_004, "x"))
+    assert no_cert[0] == other_ca[0] == plain[0] == grpc.StatusCode.UNAVAILABLE
+    assert impostor == (grpc.StatusCode.PERMISSION_DENIED, [])
+    assert (good.fwd.stats.acked, good.fwd.stats.rejected) == (GOOD_BATCHES, 0)
+    # node-b with its own node_id is welcome
+    assert (await asyncio.to_thread(_raw, port, _creds(pki, "node-b"), _batch("node-b", 1)))[1][0].status \
+        == ingest_pb2.Ack.ACCEPTED
+    assert await _stored(mtls) == {"node-a": GOOD_BATCHES * READS_PER_BATCH, "node-b": READS_PER_BATCH}
+    assert _sample(mtls, "stratoscope_regional_refused_total", reason="node_mismatch") == 1
+    assert _sample(mtls, "stratoscope_regional_batches_total", status="accepted") == GOOD_BATCHES + 1
+    assert _sample(mtls, "stratoscope_regional_insecure") == 0
+
+
+@pytest.fixture
+def token_dir(tmp_path: Path, pki: Path) -> Path:
+    d = tmp_path / "tokens"
+    shutil.copytree(pki / "tokens", d)
+    return d
+
+
+async def test_tokens_refuse_missing_wrong_and_borrowed_tokens_and_reload(
+        tmp_path: Path, pki: Path, token_dir: Path) -> None:
+    regional = _regional(tmp_path, tls=TlsSettings(cert=pki / "localhost.crt", key=pki / "localhost.key"),
+                         auth_tokens=token_dir / "tokens")
+    await regional.start()
+    try:
+        port = regional.port
+        tls = ClientTls(pki / "ca.crt")  # trusts the regional; no client certificate
+        server_only = _creds(pki)
+        with GoodEdge(port, "node-t", tls, token_file=token_dir / "node-t.token") as good:
+            missing = await asyncio.to_thread(_raw, port, server_only, _batch("node-t", 10_001, "x"))
+            wrong = await asyncio.to_thread(_raw, port, server_only, _batch("node-t", 10_002, "x"),
+                                            token="f" * 64)
+            borrowed = await asyncio.to_thread(_raw, port, server_only, _batch("node-t", 10_003, "x"),
+                                               token=(token_dir / "node-u.token").read_text().strip())
+        assert missing == wrong == (grpc.StatusCode.UNAUTHENTICATED, [])
+        assert borrowed == (grpc.StatusCode.PERMISSION_DENIED, [])
+        assert (good.fwd.stats.acked, good.fwd.stats.rejected) == (GOOD_BATCHES, 0)
+        for reason in ("no_credentials", "bad_token", "node_mismatch"):
+            assert _sample(regional, "stratoscope_regional_refused_total", reason=reason) == 1, reason
+
+        # a node added to the token file gets in without a restart
+        issue_tokens(token_dir, ["node-v"])
+        token_v = (token_dir / "node-v.token").read_text().strip()
+        deadline = time.monotonic() + 30
+        while True:
+            code, acks = await asyncio.to_thread(_raw, port, server_only, _batch("node-v", 1), token=token_v)
+            if code == grpc.StatusCode.OK:
+                break
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            assert time.monotonic() < deadline, "the new token was not taken within 30 s"
+            await asyncio.sleep(0.2)
+        assert [a.status for a in acks] == [ingest_pb2.Ack.ACCEPTED]
+        assert await _stored(regional) == {"node-t": GOOD_BATCHES * READS_PER_BATCH,
+                                           "node-v": READS_PER_BATCH}
+    finally:
+        await regional.stop()
+
+
+async def test_a_rotated_certificate_and_ca_apply_without_a_restart(tmp_path: Path, pki: Path) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("localhost.crt", "localhost.key", "ca.crt"):
+        shutil.copy(pki / name, live / name)
+    regional = _regional(tmp_path, tls=TlsSettings(cert=live / "localhost.crt", key=live / "localhost.key",
+                                                   client_ca=live / "ca.crt"))
+    await regional.start()
+    try:
+        port = regional.port
+        assert (await asyncio.to_thread(_raw, port, _creds(pki, "node-a"), _batch("node-a", 1)))[0] \
+            == grpc.StatusCode.OK
+        # a new CA for the whole fleet: regional certificate, key and client CA replaced
+        new = tmp_path / "new-ca"
+        issue_certificates(new, servers=["localhost"], nodes=["node-a"], days=2)
+        for name in ("localhost.crt", "localhost.key", "ca.crt"):
+            shutil.copy(new / name, live / (name + ".tmp"))
+            (live / (name + ".tmp")).replace(live / name)
+        deadline = time.monotonic() + 30
+        while (code := (await asyncio.to_thread(
+                _raw, port, _creds(new, "node-a"), _batch("node-a", 2)))[0]) != grpc.StatusCode.OK:
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() < deadline, "the rotated certificate was not served within 30 s"
+            await asyncio.sleep(0.2)
+        # the old CA's nodes are out
+        old = await asyncio.to_thread(_raw, port, _creds(pki, "node-a"), _batch("node-a", 3))
+        assert old[0] == grpc.StatusCode.UNAVAILABLE
+        assert await _stored(regional) == {"node-a": 2 * READS_PER_BATCH}
+    finally:
+        await regional.stop()
+
+
+def test_an_insecure_regional_says_so(tmp_path: Path) -> None:
+    regional = _regional(tmp_path, insecure=True)
+    assert _sample(regional, "stratoscope_regional_insecure") == 1
+
+
+def test_an_unauthenticated_configuration_is_refused_before_anything_starts(tmp_path: Path,
+                                                                            pki: Path) -> None:
+    with pytest.raises(ValueError, match="the ingest port needs TLS and authenticated edges"):
+        _regional(tmp_path)
+    with pytest.raises(ValueError, match="edges are not authenticated"):
+        _regional(tmp_path, tls=TlsSettings(cert=pki / "localhost.crt", key=pki / "localhost.key"))
