@@ -1,0 +1,71 @@
+"""One noisy node against a real regional: it is answered RETRY past its rate and counted,
+keeps its batches and gets them all in later; a quiet node on the same regional is never
+held back. Totals of both are exact."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from stratoscope.edge.batch import BatchBuilder
+from stratoscope.edge.forward import GrpcForwarder
+from stratoscope.regional.app import RunningRegional
+from stratoscope.regional.config import RegionalConfig
+from stratoscope.regional.sinks.config import ClickHouseSettings
+from stratoscope.v1 import batch_pb2 as pb
+
+NOISY_BATCHES = 120
+QUIET_BATCHES = 20
+
+
+def _batch(node: str, seq: int) -> pb.Batch:
+    now = time.time_ns()
+    b = BatchBuilder(node, "boot", seq, now - 10**9, now, {})
+    b.add_counters("syscalls_total", "calls", "", ["syscall"], {("read",): 3})
+    return b.build()
+
+
+async def test_a_noisy_node_is_throttled_and_the_others_are_not(tmp_path: Path) -> None:
+    db = f"limits_{uuid.uuid4().hex[:10]}"
+    regional = RunningRegional(RegionalConfig(
+        insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None, wal_dir=tmp_path / "wal",
+        clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch", database=db),
+        node_max_batches_per_s=20, node_burst=1))
+    await regional.start()
+    try:
+        target = [f"127.0.0.1:{regional.port}"]
+        noisy = GrpcForwarder(target, backoff_initial_s=0.1, backoff_max_s=1.0)
+        quiet = GrpcForwarder(target, backoff_initial_s=0.1, backoff_max_s=1.0)
+
+        def flood() -> None:  # as fast as the forwarder takes them
+            for seq in range(1, NOISY_BATCHES + 1):
+                noisy.write(_batch("noisy", seq))
+
+        def trickle() -> None:  # 10 batches a second, well under the limit
+            for seq in range(1, QUIET_BATCHES + 1):
+                quiet.write(_batch("quiet", seq))
+                time.sleep(0.1)  # pacing the workload, not waiting for a condition
+
+        threads = [threading.Thread(target=flood), threading.Thread(target=trickle)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            await asyncio.to_thread(t.join)
+        await asyncio.to_thread(noisy.close, 120)
+        await asyncio.to_thread(quiet.close, 60)
+        assert (noisy.stats.acked, noisy.stats.rejected) == (NOISY_BATCHES, 0)
+        assert noisy.stats.retries > 0
+        assert (quiet.stats.acked, quiet.stats.rejected, quiet.stats.retries) == (QUIET_BATCHES, 0, 0)
+        await regional.drain()
+        throttled = regional.regional.registry.get_sample_value(
+            "stratoscope_regional_throttled_batches_total", {"limit": "batches"})
+        assert throttled == noisy.stats.retries
+        rows = await regional.sink("clickhouse").query(
+            f"SELECT node, sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total' "
+            "AND node != '' GROUP BY node ORDER BY node")
+        assert {n: int(v) for n, v in rows} == {"noisy": 3 * NOISY_BATCHES, "quiet": 3 * QUIET_BATCHES}
+    finally:
+        await regional.stop()
