@@ -139,10 +139,16 @@ def test_kafka_broker_down_a_minute_then_every_block_arrives_once(
     assert regional.stop() == 0, regional.tail()
     assert time.monotonic() - t < 5 + 5 + 10, regional.tail()
     subprocess.run(["bash", script, "resume"], env=env, check=True, capture_output=True, timeout=300)
+    # This life's stop must store everything before the store is read: with 5 s, a busy
+    # machine's last drain (behind the replayed windows) can leave the last window in the
+    # log, which the next start would store -- correct, but not what is read below.
+    regional.argv[regional.argv.index("--stop-timeout") + 1] = "300s"
     regional.start()  # replays the log: Kafka gets its blocks, ClickHouse de-duplicates them
     wait_until(time.monotonic() + 10)
     stats = fleet.stop()
     assert regional.stop() == 0, regional.tail()
+    last_life = regional.log.read_text().rsplit("=== start", 1)[1]
+    assert "not everything was stored" not in last_life, last_life[-3000:]
     assert stats["rejected"] == stats["dropped"] == 0, stats
     assert _stored_reads(regional) == dict(fleet.reads)
     reads, _ = kafka_reads(bootstrap, prefix)
