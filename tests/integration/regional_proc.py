@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stratoscope.edge.batch import batch_to_dict
-from tests.conftest import free_port, wait_for
+from tests.conftest import stable_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,8 +31,11 @@ class RegionalProcess:
     def __init__(self, workdir: Path, *extra: str, kafka: str | None = None,
                  topic_prefix: str | None = None) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.metrics_port = free_port()
+        # kept across restarts: below the ephemeral range, so nothing takes them meanwhile
+        self.port = stable_port()
+        self.metrics_port = self.port
+        while self.metrics_port == self.port:
+            self.metrics_port = stable_port()
         self.store = workdir / "store"
         self.wal = workdir / "wal"
         self.argv = [sys.executable, "-m", "stratoscope.cli", "regional", "--insecure",

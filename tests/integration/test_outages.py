@@ -5,7 +5,6 @@ and the Kafka broker down for a minute. Everything acknowledged arrives once
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, kafka_bootstrap, run_edge, unique_comm, wait_for
+from tests.conftest import kafka_bootstrap, run_edge, stable_port, unique_comm, wait_for
 from tests.integration.regional_proc import ROOT, RegionalProcess, kafka_reads, wait_until
 from tests.integration.synthetic_edges import SyntheticFleet
 
@@ -91,14 +90,7 @@ def test_regional_down_two_minutes_loses_nothing(tmp_path: Path, workload_bin: d
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """A broker of this test's own (it is stopped and started again), on free ports."""
-    port = free_port()
-    while True:  # the controller listens on port + 1
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            break
-        except OSError:
-            port = free_port()
+    port = stable_port(span=2)  # the controller listens on port + 1
     env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_DATA": str(tmp_path / "kafka")}
     script = str(ROOT / "scripts/kafka.sh")
     subprocess.run(["bash", script, "start"], env=env, check=True, capture_output=True, timeout=300)
