@@ -75,7 +75,9 @@ async def run_demo(config: RegionalConfig, seconds: float) -> int:
     # the edge's spool beside the regional's log (or the store): this demo's own
     state = config.wal_dir.parent if config.wal_dir is not None else Path(tempfile.mkdtemp(prefix="strato-demo-"))
     edge = await asyncio.create_subprocess_exec(
+        # loopback, both ends on this machine: no credentials (the regional is insecure too)
         sys.executable, "-m", "stratoscope.cli", "edge", "--regional", f"127.0.0.1:{running.port}",
+        "--insecure",
         "--spool-dir", str(state / "edge-spool"),
         # every program, the opt-in ones too (syscalls and sched are not in the default set)
         "--programs", ",".join(DEMO_PROGRAMS), "--param", "syscalls.LATENCY=1", "--param", "tcp.RTT=1",
