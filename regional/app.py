@@ -22,14 +22,14 @@ from prometheus_client import start_http_server
 from stratoscope.regional import looplag
 from stratoscope.regional.config import QUEUE_MAX, QUEUE_RETRY, RegionalConfig
 from stratoscope.regional.delivery import DeliveryQueue
-from stratoscope.regional.ingest import IngestProcess, WalSettings, WalStats
+from stratoscope.regional.ingest import GateStats, IngestProcess, WalSettings, WalStats
 from stratoscope.regional.instances import InstanceLog
 from stratoscope.regional.merge import MergeSettings
 from stratoscope.regional.queryapi import QueryApi
 from stratoscope.regional.rollups import declared_rollups
 from stratoscope.regional.runtime import tune_gc
 from stratoscope.regional.server import ServerAuth, ServerTls
-from stratoscope.regional.service import LogStats, Regional, flush_forever
+from stratoscope.regional.service import GateCollector, LogStats, Regional, flush_forever
 from stratoscope.regional.sinks.base import SinkError
 from stratoscope.regional.sinks.process import ProcessSink
 
@@ -112,6 +112,8 @@ class RunningRegional:
                                  max_held_bytes=config.max_held_bytes,
                                  instances=instances)
         self.wal_stats: WalStats | None = None
+        self.gate_stats: GateStats | None = None
+        self.regional.registry.register(GateCollector(lambda: self.gate_stats))
         if instances is not None:
             self.regional.registry.register(LogStats(instances, lambda: self.wal_stats,
                                                      config.wal_max_bytes, self.regional.clock))
@@ -128,7 +130,8 @@ class RunningRegional:
                                                                segment_bytes=config.wal_segment_bytes)
                                                    if config.wal_dir is not None else None),
                                      on_wal=self._on_wal, rates=config.rate_settings,
-                                     on_refused=lambda r: self.regional.metrics.refused.labels(r).inc())
+                                     on_refused=lambda r: self.regional.metrics.refused.labels(r).inc(),
+                                     on_gate=lambda g: setattr(self, "gate_stats", g))
         self._flusher: asyncio.Task[None] | None = None
         self._lag_monitor: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None

@@ -37,6 +37,13 @@ class Deduplicator:
         self.evicted_by_own_node = 0
         #: times a boot's seen-set passed ``max_above`` and its floor jumped
         self.floor_jumps = 0
+        #: boots forgotten because the whole table passed ``max_boots``
+        self.evicted_oldest = 0
+
+    @property
+    def boots(self) -> int:
+        """Boots (node, boot_id) whose sequence numbers are remembered."""
+        return len(self._boots)
 
     def seen(self, node_id: str, boot_id: str, seq: int) -> bool:
         boot = self._boots.get((node_id, boot_id))
@@ -64,6 +71,7 @@ class Deduplicator:
                 self.evicted_by_own_node += 1
             while len(self._boots) > self.max_boots:
                 self._drop(*next(iter(self._boots)))
+                self.evicted_oldest += 1
         else:
             self._boots.move_to_end(key)
             self._nodes[node_id].move_to_end(boot_id)

@@ -20,7 +20,8 @@ of band, no pickle copy):
   ``Barrier(n)`` echoed once every batch acked before it has been sent; ``Stopped()``
   last.
   ``LoopLag(longest_s, stalls)`` every second: how long the ingest event loop was
-  kept from running (every ack waits that long).
+  kept from running (every ack waits that long); ``GateStats`` every second: the
+  de-duplication state and the rate limits' node table.
 - regional -> ingest (``IngestCommand``): ``Pressure(blocks, held_full, closed)`` (the
   largest sink backlog: RETRY past the limit; whether the merge's windows hold their
   maximum of points: RETRY; whether the regional is draining: RETRY), ``Barrier(n)``,
@@ -149,6 +150,19 @@ class WalStats:
     failed: str
 
 
+@dataclass(frozen=True, slots=True)
+class GateStats:
+    """The gate's state, every second: de-duplication (boots remembered, boots evicted
+    by their own node's newer ones or by the table's bound, floor jumps) and the
+    per-node rate limits (nodes tracked)."""
+
+    boots: int
+    evicted_by_own_node: int
+    evicted_oldest: int
+    floor_jumps: int
+    rate_nodes: int
+
+
 @dataclass(frozen=True)
 class WalSettings:
     """Where and how the ingest process logs accepted batches (regional/walwriter.py)."""
@@ -159,7 +173,8 @@ class WalSettings:
     segment_bytes: int = 64 << 20
 
 
-IngestEvent = Listening | Accepted | Outcome | Refusal | Barrier | Stopped | LoopLag | WalStats
+IngestEvent = (Listening | Accepted | Outcome | Refusal | Barrier | Stopped | LoopLag | WalStats
+               | GateStats)
 IngestCommand = Pressure | Barrier | Stop
 
 
@@ -304,6 +319,9 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
         if writer is not None:
             out.put(WalStats(writer.records, writer.bytes, writer.syncs, writer.segment,
                              str(writer.failed or "")))
+        d = gate.dedup
+        out.put(GateStats(d.boots, d.evicted_by_own_node, d.evicted_oldest, d.floor_jumps,
+                          len(gate.rates)))
 
     lag_monitor = asyncio.create_task(looplag.monitor(report_lag))
     while True:
@@ -341,7 +359,8 @@ class IngestProcess:
                  wal_settings: WalSettings | None = None,
                  on_wal: Callable[[WalStats], None] | None = None,
                  rates: RateSettings | None = None,
-                 on_refused: Callable[[str], None] | None = None) -> None:
+                 on_refused: Callable[[str], None] | None = None,
+                 on_gate: Callable[[GateStats], None] | None = None) -> None:
         """``on_outcome(status, label, None, None)`` counts a batch the ingest process did
         not accept; ``on_accepted(packed columns, size, log position)`` merges an accepted
         one (both in a reader thread); ``on_exit(code)`` is called in the event loop if the
@@ -353,6 +372,7 @@ class IngestProcess:
         self.auth = auth
         self.rates = rates or RateSettings()
         self.on_refused = on_refused
+        self.on_gate = on_gate
         self.limits = limits
         self.max_queued_blocks = max_queued_blocks
         self.on_outcome = on_outcome
@@ -414,6 +434,9 @@ class IngestProcess:
                     self.on_accepted(memoryview(msg.columns), msg.size, msg.pos)
                 elif isinstance(msg, Outcome):
                     self.on_outcome(msg.status, msg.label, None, None)
+                elif isinstance(msg, GateStats):
+                    if self.on_gate is not None:
+                        self.on_gate(msg)
                 elif isinstance(msg, Refusal):
                     if self.on_refused is not None:
                         self.on_refused(msg.reason)

@@ -117,6 +117,29 @@ class LogStats(Collector):
                                   value=r.corruption.bytes)
 
 
+class GateCollector(Collector):
+    """The ingest gate's state on /metrics (ingest.GateStats, sent every second)."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        ns = "stratoscope_regional_dedup"
+        g = self._stats()
+        yield GaugeMetricFamily(f"{ns}_boots", "Boots (node, boot_id) whose batch sequence numbers the "
+                                "de-duplication remembers.", value=g.boots if g else 0)
+        evicted = CounterMetricFamily(f"{ns}_evicted_boots", "Boots forgotten, by why: own_node (past 64 "
+                                      "boots of one node), table (past the table's bound).", labels=["by"])
+        evicted.add_metric(["own_node"], g.evicted_by_own_node if g else 0)
+        evicted.add_metric(["table"], g.evicted_oldest if g else 0)
+        yield evicted
+        yield CounterMetricFamily(f"{ns}_floor_jumps", "Times a boot had more than 4,096 sequence numbers "
+                                  "seen above its floor and its floor moved up (a gap that old is given up).",
+                                  value=g.floor_jumps if g else 0)
+        yield GaugeMetricFamily("stratoscope_regional_rate_limited_nodes", "Nodes whose rate-limit buckets "
+                                "are kept.", value=g.rate_nodes if g else 0)
+
+
 class RegionalMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         ns = "stratoscope_regional"

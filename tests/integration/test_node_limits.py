@@ -67,5 +67,15 @@ async def test_a_noisy_node_is_throttled_and_the_others_are_not(tmp_path: Path) 
             f"SELECT node, sum(value) FROM {db}.metrics WHERE metric = 'syscalls_total' "
             "AND node != '' GROUP BY node ORDER BY node")
         assert {n: int(v) for n, v in rows} == {"noisy": 3 * NOISY_BATCHES, "quiet": 3 * QUIET_BATCHES}
+        # the gate's state on /metrics (sent every second by the ingest process)
+        def gate(name: str) -> float | None:
+            return regional.regional.registry.get_sample_value(name)
+
+        deadline = time.monotonic() + 30
+        while gate("stratoscope_regional_dedup_boots") != 2:
+            assert time.monotonic() < deadline, gate("stratoscope_regional_dedup_boots")
+            await asyncio.sleep(0.2)
+        assert gate("stratoscope_regional_rate_limited_nodes") == 2
+        assert gate("stratoscope_regional_dedup_floor_jumps_total") == 0
     finally:
         await regional.stop()
