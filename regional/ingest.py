@@ -211,6 +211,12 @@ class Admission:
     def refused(self, reason: str) -> None:
         self.out.put(Refusal(reason))
 
+    def undecodable(self, size: int) -> ingest_pb2.Ack:
+        message = f"not a stratoscope.v1.Batch message ({size} bytes)"
+        self.gate.rejections.rejected("encoding", "", 0, message)
+        self.out.put(Outcome(ingest_pb2.Ack.REJECTED, "encoding"))
+        return ingest_pb2.Ack(status=ingest_pb2.Ack.REJECTED, reason=message)
+
     async def accept(self, batch: pb.Batch, peer: frozenset[str] | None, wire: bytes) -> ingest_pb2.Ack:
         ident = (batch.node_id, batch.boot_id, batch.seq)
         if ident in self.logging:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from stratoscope.regional.auth import (
     Authenticator,
@@ -63,11 +64,19 @@ class Admission(Protocol):
         """Count a stream or batch refused for who sent it (one of auth.REFUSALS)."""
         ...
 
+    def undecodable(self, size: int) -> ingest_pb2.Ack:
+        """The answer to a message that is not a Batch (counted as rejected, "encoding")."""
+        ...
 
-def _deserialize(data: bytes) -> tuple[bytes, pb.Batch]:
+
+def _deserialize(data: bytes) -> tuple[bytes, pb.Batch | None]:
     """Keep the wire bytes beside the message: their size is checked (recomputing it with
-    ByteSize costs ~250 us a batch)."""
-    return data, pb.Batch.FromString(data)
+    ByteSize costs ~250 us a batch). None: not a Batch message (answered REJECTED and
+    counted; raised here, gRPC would end the stream and log a traceback per message)."""
+    try:
+        return data, pb.Batch.FromString(data)
+    except DecodeError:
+        return data, None
 
 
 class IngestService:
@@ -79,7 +88,7 @@ class IngestService:
 
     async def Stream(  # noqa: N802 (gRPC method name)
         self,
-        request_iterator: AsyncIterator[tuple[bytes, pb.Batch]],
+        request_iterator: AsyncIterator[tuple[bytes, pb.Batch | None]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ingest_pb2.Ack]:
         try:
@@ -88,6 +97,9 @@ class IngestService:
             self.admission.refused(exc.reason)
             await context.abort(exc.code, str(exc))
         async for raw, batch in request_iterator:
+            if batch is None:
+                yield self.admission.undecodable(len(raw))
+                continue
             try:
                 ack = await self.admission.accept(batch, peer, raw)
             except Refused as exc:

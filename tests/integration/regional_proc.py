@@ -29,7 +29,9 @@ class RegionalProcess:
     """``stratoscope regional`` on a fixed port, store and log (see the module docstring)."""
 
     def __init__(self, workdir: Path, *extra: str, kafka: str | None = None,
-                 topic_prefix: str | None = None) -> None:
+                 topic_prefix: str | None = None, secure: bool = False) -> None:
+        """``secure``: ``extra`` configures TLS and authentication; otherwise the
+        regional runs ``--insecure`` (loopback, synthetic edges without credentials)."""
         self.workdir = workdir
         # kept across restarts: below the ephemeral range, so nothing takes them meanwhile
         self.port = stable_port()
@@ -38,7 +40,7 @@ class RegionalProcess:
             self.metrics_port = stable_port()
         self.store = workdir / "store"
         self.wal = workdir / "wal"
-        self.argv = [sys.executable, "-m", "stratoscope.cli", "regional", "--insecure",
+        self.argv = [sys.executable, "-m", "stratoscope.cli", "regional", *([] if secure else ["--insecure"]),
                      "--listen", f"127.0.0.1:{self.port}", "--metrics-port", str(self.metrics_port),
                      "--metrics-addr", "127.0.0.1", "--query-listen", "none",
                      "--clickhouse", f"chdb://{self.store}", "--wal-dir", str(self.wal), *extra]
