@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from stratoscope.redact import install_log_filter, redact, remember
 from stratoscope.regional import looplag
 from stratoscope.regional.config import QUEUE_MAX, QUEUE_RETRY, RegionalConfig
 from stratoscope.regional.delivery import DeliveryQueue
@@ -66,20 +67,28 @@ def merge_settings(config: RegionalConfig) -> MergeSettings:
                          frame_nodes=config.frame_nodes, rollups=rollups)
 
 
+def guard_secrets(config: RegionalConfig) -> None:
+    """Mask the passwords the settings hold in this process's log lines (the sinks'
+    processes mask what they read themselves: docs/SECURITY.md, "Secrets")."""
+    remember(*config.held_secrets())
+    install_log_filter()
+
+
 async def check(config: RegionalConfig) -> int:
     """Start each sink and run its health check; print one line per sink, preceded by
     one line per thing it noted (``clickhouse: retention differs: ...``: Ansible's
     clickhouse_schema role looks for these)."""
+    guard_secrets(config)
     rc = 0
     for settings in config.sinks:
         sink = ProcessSink(settings)
         try:
             await sink.start()
             for note in await sink.check():
-                print(f"{sink.name}: {note}")
+                print(redact(f"{sink.name}: {note}"))
             print(f"{sink.name}: ok")
         except SinkError as exc:
-            print(f"{sink.name}: FAILED: {exc}")
+            print(redact(f"{sink.name}: FAILED: {exc}"))
             rc = 1
         finally:
             await sink.stop()
@@ -310,11 +319,12 @@ async def run(config: RegionalConfig) -> int:
     cannot start (a sink unreachable, the port taken) is one line on stderr and 1."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     tune_gc()
+    guard_secrets(config)
     running = RunningRegional(config)
     try:
         await running.start()
     except (SinkError, OSError) as exc:
-        print(f"stratoscope: error: cannot start the regional: {exc}", file=sys.stderr)
+        print(redact(f"stratoscope: error: cannot start the regional: {exc}"), file=sys.stderr)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

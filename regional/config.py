@@ -61,7 +61,7 @@ class TlsSettings(BaseModel):
     """TLS of the ingest server; with ``client_ca``, mTLS and node identity from the
     client certificate (regional/auth.py). The files are re-read when they change."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
     cert: Path | None = None
     key: Path | None = None
     #: CA of edge certificates: requires mTLS; a batch's node_id must be one of the
@@ -103,7 +103,7 @@ def _host_port(value: str) -> str:
 class RegionalConfig(BaseModel):
     """Every setting of a regional (see deploy/regional.example.yaml)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     #: gRPC ingest address, HOST:PORT (port 0: any free port).
     listen: str = "0.0.0.0:7400"
@@ -273,6 +273,10 @@ class RegionalConfig(BaseModel):
     @property
     def resolution_s(self) -> int:
         return int(self.resolution)
+
+    def held_secrets(self) -> list[str]:
+        """The sinks' passwords these settings hold in memory (stratoscope.redact)."""
+        return [secret for s in self.sinks for secret in s.held_secrets()]
 
     @property
     def sinks(self) -> list[SinkSettings]:

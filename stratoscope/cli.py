@@ -210,7 +210,13 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--programs-dir", "programs_dir",
      "program descriptions (*.yaml) whose declared roll-ups apply (default: the packaged bpf/)"),
     ("--clickhouse", "clickhouse.dsn",
-     "chdb:///DIR (embedded) or http(s)://user:pass@host:8123/db; 'none' disables"),
+     "chdb:///DIR (embedded) or http(s)://host:8123/db; 'none' disables"),
+    ("--clickhouse-user", "clickhouse.user", "ClickHouse server user (default: the server's default)"),
+    # The password itself is not a flag (a command line is visible to every user of the
+    # machine): it comes from the file, a file of its own, or the environment.
+    ("--clickhouse-password-file", "clickhouse.password_file", "file holding the ClickHouse password"),
+    ("--clickhouse-password-env", "clickhouse.password_env",
+     "environment variable holding the ClickHouse password"),
     ("--clickhouse-database", "clickhouse.database",
      "database of the tables (default: the http(s) DSN's path, else stratoscope)"),
     ("--clickhouse-cluster", "clickhouse.cluster",

@@ -41,7 +41,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from stratoscope.histogram import QuantileMethod, histogram_quantile  # noqa: F401 (re-exported)
+from stratoscope.redact import redact, remember
 from stratoscope.regional.config import DEFAULT_DSN
 from stratoscope.regional.frame import Block, Frame
 from stratoscope.regional.sinks.base import BlockedError, PermanentError, RetriableError, SinkError
@@ -75,7 +76,7 @@ from stratoscope.regional.sinks.clickhouse_schema import (
     render_cluster,
     split_statements,
 )
-from stratoscope.regional.sinks.config import check_database, dsn_database
+from stratoscope.regional.sinks.config import check_database, dsn_database, split_dsn
 from stratoscope.regional.sinks.deadletter import write_dead_letter
 from stratoscope.resources import clickhouse_dir
 
@@ -232,13 +233,18 @@ def pending_migrations(
 # --------------------------------------------------------------------------
 
 
-def connect(dsn: str, **client_kwargs: Any) -> Any:
+def connect(dsn: str, user: str | None = None, password: str | None = None,
+            **client_kwargs: Any) -> Any:
     """Open a clickhouse-connect client for ``dsn``.
 
     ``chdb:///abs/dir`` opens (and creates) the embedded store in ``dir``;
-    ``http(s)://user:pass@host:port/db`` a server. The client is opened without
-    a default database (the path of an http DSN is dropped) so migrations can
-    create the database; the sink qualifies every table name.
+    ``http(s)://host:port/db`` a server, as ``user`` with ``password`` (else the DSN's own
+    user info, if any: it is split off here and handed over on its own, so the client's
+    URL, which its errors quote, holds none). The scheme is passed as the interface:
+    clickhouse-connect otherwise takes TLS from the port alone (443 and 8443), and an
+    ``https://`` DSN on another port would send the password in plaintext. The client is
+    opened without a default database (the path of an http DSN is dropped) so migrations
+    can create the database; the sink qualifies every table name.
     """
     import clickhouse_connect  # heavy import, only when a sink starts
 
@@ -251,8 +257,14 @@ def connect(dsn: str, **client_kwargs: Any) -> Any:
         os.makedirs(path, exist_ok=True)
         return clickhouse_connect.get_client(dsn=dsn, **client_kwargs)
     if scheme in ("http", "https"):
-        bare = urlunsplit((scheme, parts.netloc, "", parts.query, ""))
-        return clickhouse_connect.get_client(dsn=bare, **client_kwargs)
+        bare, dsn_user, dsn_password = split_dsn(dsn)
+        remember(password, dsn_password)
+        netloc = urlsplit(bare).netloc
+        return clickhouse_connect.get_client(
+            dsn=urlunsplit((scheme, netloc, "", parts.query, "")), interface=scheme,
+            username=user if user is not None else dsn_user,
+            password=(password if password is not None else dsn_password) or "",
+            **client_kwargs)
     raise ValueError(f"unsupported ClickHouse DSN scheme {scheme!r} (use chdb:// or http(s)://)")
 
 
@@ -294,7 +306,8 @@ def classify_error(exc: BaseException, what: str) -> SinkError:
         return exc
     from clickhouse_connect.driver import exceptions as cce
 
-    msg = f"{what}: {type(exc).__name__}: {exc}"
+    # the driver's text may quote a URL or a request: masked (stratoscope.redact)
+    msg = redact(f"{what}: {type(exc).__name__}: {exc}")
     if isinstance(exc, cce.Error):
         code = getattr(exc, "code", None)
         if code in BLOCKED_CODES:
@@ -343,6 +356,21 @@ def dedup_token(table: str, block_ids: Iterable[str]) -> str:
 # --------------------------------------------------------------------------
 
 
+class _Secret:
+    """A password given as text, kept out of reprs and ``vars()`` dumps."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None) -> None:
+        self._value = value
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "_Secret('***')"
+
+
 class ClickHouseSink:
     """Sink protocol implementation for ClickHouse (embedded chdb or a server)."""
 
@@ -368,15 +396,26 @@ class ClickHouseSink:
         retention: Retention | None = None,
         retention_allow_shrink: bool = False,
         dead_letter_dir: Path | str | None = None,
+        user: str | None = None,
+        password: str | Callable[[], str | None] | None = None,
     ) -> None:
         """``database``: default the DSN's path for http(s) DSNs, else "stratoscope".
         ``cluster``: the cluster the tables live on (None: one server). ``retention``:
         applied with the migrations (default: nothing set, every TTL left as it is);
         a shorter TTL only with ``retention_allow_shrink``. ``dead_letter_dir``: where
         blocks whose data can never be stored go (None: such a delivery raises
-        PermanentError before anything is inserted)."""
-        self.dsn = dsn
-        self.database = check_database(database or dsn_database(dsn) or DEFAULT_DATABASE)
+        PermanentError before anything is inserted). ``user`` and ``password`` (or a
+        function that reads it, called at each connection) log in to a server; a DSN's
+        own user info does too, and is split off here (``dsn`` never holds a password)."""
+        bare, dsn_user, dsn_password = split_dsn(dsn)
+        if (user is not None and dsn_user is not None) or (password is not None and dsn_password is not None):
+            raise ValueError("the ClickHouse user or password is given both in the DSN and on its own")
+        self.dsn = bare
+        self._user = user if user is not None else dsn_user
+        secret = password if password is not None else dsn_password
+        self._password: Callable[[], str | None] = (
+            secret if callable(secret) else _Secret(secret).get)
+        self.database = check_database(database or dsn_database(bare) or DEFAULT_DATABASE)
         self.migrate = migrate
         self.migrations_dir = migrations_dir
         self.cluster = None if cluster is None else check_cluster(cluster)
@@ -402,10 +441,7 @@ class ClickHouseSink:
         self.applied: list[str] = []
 
     def __repr__(self) -> str:
-        safe = urlsplit(self.dsn)
-        host = safe.hostname or ""
-        where = f"{safe.scheme}://{host}{':' + str(safe.port) if safe.port else ''}{safe.path}"
-        return f"ClickHouseSink({where!r}, database={self.database!r})"
+        return f"ClickHouseSink({self.dsn!r}, database={self.database!r})"
 
     # -- lifecycle -------------------------------------------------------
 
@@ -414,9 +450,9 @@ class ClickHouseSink:
             if self._client is not None:
                 return
             try:
-                client = await asyncio.to_thread(connect, self.dsn, **self._client_kwargs)
+                client = await asyncio.to_thread(self._connect)
             except ValueError as exc:
-                raise PermanentError(f"ClickHouse DSN: {exc}") from exc
+                raise PermanentError(redact(f"ClickHouse DSN: {exc}")) from exc
             except Exception as exc:
                 raise classify_error(exc, f"connecting to {self!r}") from exc
             self._client = client
@@ -435,6 +471,16 @@ class ClickHouseSink:
             except Exception as exc:
                 await asyncio.to_thread(self._close_client)
                 raise classify_error(exc, f"migrating {self.database}") from exc
+
+    def _connect(self) -> Any:
+        """A client for the DSN, logged in with the password as it is now (a file is read
+        again at each connection, so a rotated password applies at the next one)."""
+        try:
+            password = self._password()
+        except OSError as exc:  # the file went away since the settings were checked
+            raise BlockedError(f"cannot read the ClickHouse password file: {exc.strerror}",
+                               "auth") from None
+        return connect(self.dsn, self._user, password, **self._client_kwargs)
 
     def _check_cluster(self, client: Any) -> None:
         """The cluster is one the server knows, and so is the setting inserts rely on

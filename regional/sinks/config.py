@@ -8,6 +8,12 @@ the validated model (it pickles) and calls ``build()``, which imports only that 
 
 A kind is registered with ``@register``; ``SINKS`` maps its name to its class, in the
 order the regional starts them.
+
+Secrets (docs/SECURITY.md, "Secrets"): a password is given in the settings (a SecretStr:
+its repr is masked), in a file or in an environment variable, at most one way each. A file
+is read, and a variable looked up, by the sink when it connects, in its own process; the
+models keep no password in a plain field (a ClickHouse DSN's user info is split off when
+it is validated), and no error of theirs quotes one (``hide_input_in_errors``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from stratoscope.redact import install_log_filter, remember
 from stratoscope.regional.sinks.clickhouse_retention import Retention
 from stratoscope.regional.sinks.clickhouse_schema import check_cluster
 from stratoscope.settings import Duration, readable_file
@@ -29,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_DEAD_LETTER_ROOT", "SINKS", "ClickHouseSettings", "KafkaSettings", "SinkSettings", "check_database",
-    "dsn_database", "register",
+    "dsn_database", "register", "split_dsn",
 ]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -41,6 +48,32 @@ def check_database(database: str, where: str = "") -> str:
         raise ValueError(f"invalid ClickHouse database name {database!r}{where} "
                          "(letters, digits and _, not starting with a digit)")
     return database
+
+
+def split_dsn(dsn: str) -> tuple[str, str | None, str | None]:
+    """(the DSN without its user info, user, password) of an http(s) DSN, user and password
+    percent-decoded (None when absent); any other DSN unchanged, with (None, None).
+
+    The password of ``https://user:pass@host/db`` goes into a SecretStr (ClickHouseSettings)
+    or is handed to the client on its own (clickhouse.connect): from here on the DSN is
+    safe to show.
+    """
+    parts = urlsplit(dsn)
+    if parts.scheme.lower() not in ("http", "https") or "@" not in parts.netloc:
+        return dsn, None, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    return (urlunsplit(parts._replace(netloc=hostport)), unquote(user) or None,
+            unquote(password) if colon else None)
+
+
+def env_name(name: str, what: str) -> str:
+    """``name`` if it can be an environment variable's name (the variable holding a
+    password, not the password: a value that is no name is refused without quoting it)."""
+    if not _IDENT.match(name):
+        raise ValueError(f"{what} must be the name of an environment variable (letters, digits "
+                         "and _), not the password itself")
+    return name
 
 
 def dsn_database(dsn: str) -> str | None:
@@ -58,7 +91,9 @@ DEFAULT_DEAD_LETTER_ROOT = Path("/var/lib/stratoscope/dead-letter")
 class SinkSettings(BaseModel):
     """Base of a sink kind's settings: frozen, typos refused, ``build()`` makes the sink."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a ValidationError's text would otherwise quote the input,
+    # passwords included (a traceback of a helper that builds settings, for one).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
     #: The registry name (and the sink's name in metrics and logs).
     kind: ClassVar[str] = ""
     #: Where this sink writes blocks it can never store (regional/sinks/deadletter.py).
@@ -72,8 +107,14 @@ class SinkSettings(BaseModel):
         return self.dead_letter_dir or DEFAULT_DEAD_LETTER_ROOT / self.kind
 
     def build(self) -> Sink:
-        """The sink these settings describe (called in the process that runs it)."""
+        """The sink these settings describe (called in the process that runs it, which
+        from then on masks the sink's secrets in its log lines: stratoscope.redact)."""
         raise NotImplementedError
+
+    def held_secrets(self) -> list[str]:
+        """The secrets these settings hold in memory (a password given in them, or in an
+        environment variable), for stratoscope.redact; files are not read here."""
+        return []
 
 
 SINKS: dict[str, type[SinkSettings]] = {}
@@ -92,8 +133,18 @@ class ClickHouseSettings(SinkSettings):
     """ClickHouse over clickhouse-connect: ``chdb:///DIR`` (embedded) or ``http(s)://``."""
 
     kind: ClassVar[str] = "clickhouse"
-    #: ``chdb:///absolute/dir`` or ``http(s)://user:pass@host:8123/db``.
+    #: ``chdb:///absolute/dir`` or ``http(s)://host:8123/db``. User info in it
+    #: (``https://user:pass@host/db``) still works: it is moved to ``user`` and
+    #: ``password`` when the settings are validated, so ``dsn`` never holds a password.
     dsn: str
+    #: The server's user (default: ClickHouse's ``default``).
+    user: str | None = None
+    #: The server's password: given here (never shown), or read from a file or from an
+    #: environment variable when the sink connects. At most one of the three, and not
+    #: with a password in the DSN.
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
     #: Database of the tables; default: the http(s) DSN's path, else "stratoscope".
     database: str | None = None
     #: Apply schema migrations at start; default (None): yes for an embedded store,
@@ -111,34 +162,91 @@ class ClickHouseSettings(SinkSettings):
     #: a start fails with one line naming the table.
     retention_allow_shrink: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dsn_user_info(cls, data: Any) -> Any:
+        """Move an http(s) DSN's user and password to ``user`` and ``password``."""
+        if not isinstance(data, dict) or not isinstance(data.get("dsn"), str):
+            return data
+        bare, user, password = split_dsn(data["dsn"])
+        if bare == data["dsn"]:
+            return data
+        out = {**data, "dsn": bare}
+        if user is not None:
+            if data.get("user") is not None:
+                raise ValueError("the ClickHouse user is given twice: in clickhouse.dsn and in "
+                                 "clickhouse.user; give it once")
+            out["user"] = user
+        if password is not None:
+            given = [f"clickhouse.{n}" for n in ("password", "password_file", "password_env")
+                     if data.get(n) is not None]
+            if given:
+                raise ValueError(f"the ClickHouse password is given twice: in clickhouse.dsn and "
+                                 f"in {given[0]}; give it once (a file or an environment "
+                                 "variable keeps it off the command line)")
+            out["password"] = password
+        return out
+
     @field_validator("cluster")
     @classmethod
     def _cluster(cls, cluster: str | None) -> str | None:
         return None if cluster is None else check_cluster(cluster)
 
+    @field_validator("password_env")
+    @classmethod
+    def _password_env(cls, name: str | None) -> str | None:
+        return None if name is None else env_name(name, "clickhouse.password_env")
+
     @model_validator(mode="after")
-    def _cluster_needs_server(self) -> ClickHouseSettings:
+    def _needs_server(self) -> ClickHouseSettings:
         if self.cluster is not None and self.embedded:
             raise ValueError("clickhouse.cluster needs a ClickHouse server (an http(s):// DSN); "
                              "the embedded store is one server")
+        given = [f"clickhouse.{n}" for n in ("password", "password_file", "password_env")
+                 if getattr(self, n) is not None]
+        if self.embedded and (given or self.user is not None):
+            raise ValueError(f"{(given or ['clickhouse.user'])[0]} needs a ClickHouse server (an "
+                             "http(s):// DSN); the embedded store has no users")
+        if len(given) > 1:
+            raise ValueError(f"give one of {' and '.join(given)}, not both")
+        if self.password_file is not None:
+            readable_file(self.password_file, "clickhouse.password_file")
+        if self.password_env is not None and self.password_env not in os.environ:
+            raise ValueError(f"environment variable {self.password_env!r} "
+                             "(clickhouse.password_env) is not set")
         return self
 
     @field_validator("dsn")
     @classmethod
     def _dsn(cls, dsn: str) -> str:
+        # A DSN with an "@" left in it is one whose user info did not parse (a password
+        # with an unencoded / ? # in it): no part of it is quoted, any could be the password.
+        shown = repr(dsn) if "@" not in dsn else "(not shown: it holds an '@')"
+        hint = "" if "@" not in dsn else (
+            "; percent-encode / ? # @ in a password in the DSN, or give it as "
+            "clickhouse.password_file")
         parts = urlsplit(dsn)
         scheme = parts.scheme.lower()
         if scheme == "chdb":
             if parts.netloc or not unquote(parts.path).startswith("/"):
-                raise ValueError(f"a chdb DSN is chdb:///absolute/dir, got {dsn!r}")
+                raise ValueError(f"a chdb DSN is chdb:///absolute/dir, got {shown}")
         elif scheme in ("http", "https"):
+            try:
+                parts.port  # noqa: B018 (raises for a port that is not a number)
+            except ValueError:
+                raise ValueError(f"the port of ClickHouse DSN {shown} is not a number{hint}") from None
             if not parts.hostname:
-                raise ValueError(f"no host in ClickHouse DSN {_safe(dsn)!r}")
+                raise ValueError(f"no host in ClickHouse DSN {shown}{hint}")
+            if {"password", "access_token"} & set(parse_qs(parts.query)):
+                raise ValueError("a ClickHouse DSN takes no password in its query string: give it "
+                                 "as clickhouse.password_file, password_env or password")
             db = dsn_database(dsn)
             if db:
+                if "@" in dsn and not _IDENT.match(db):
+                    raise ValueError(f"invalid ClickHouse database name in the DSN{hint}")
                 check_database(db, " in the DSN")
         else:
-            raise ValueError(f"unsupported ClickHouse DSN scheme {scheme!r} in {_safe(dsn)!r} "
+            raise ValueError(f"unsupported ClickHouse DSN scheme {scheme!r} in {shown} "
                              "(use chdb:///DIR or http(s)://host:8123/db)")
         return dsn
 
@@ -150,6 +258,27 @@ class ClickHouseSettings(SinkSettings):
     @property
     def embedded(self) -> bool:
         return self.dsn.lower().startswith("chdb:")
+
+    def read_password(self) -> str | None:
+        """The password, from wherever it is kept, read now (in the sink's process, when
+        it connects: a rotated file applies at the next connection); None: none given.
+        Remembered by stratoscope.redact."""
+        if self.password is not None:
+            secret = self.password.get_secret_value()
+        elif self.password_file is not None:
+            secret = self.password_file.read_text(encoding="utf-8").strip()
+        elif self.password_env is not None:
+            secret = os.environ[self.password_env]
+        else:
+            return None
+        remember(secret)
+        return secret
+
+    def held_secrets(self) -> list[str]:
+        held = [self.password.get_secret_value()] if self.password is not None else []
+        if self.password_env is not None and self.password_env in os.environ:
+            held.append(os.environ[self.password_env])
+        return held
 
     @property
     def dead_letter_path(self) -> Path:
@@ -165,19 +294,14 @@ class ClickHouseSettings(SinkSettings):
     def build(self) -> Sink:
         from stratoscope.regional.sinks.clickhouse import ClickHouseSink
 
+        install_log_filter()
+        remember(*self.held_secrets())
         migrate = self.embedded if self.migrate is None else self.migrate
         return ClickHouseSink(self.dsn, self.database, migrate, cluster=self.cluster,
                               retention=self.retention,
                               retention_allow_shrink=self.retention_allow_shrink,
-                              dead_letter_dir=self.dead_letter_path)
-
-
-def _safe(dsn: str) -> str:
-    """A DSN without its password, for messages."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    return dsn.replace(f":{parts.password}@", ":***@", 1)
+                              dead_letter_dir=self.dead_letter_path,
+                              user=self.user, password=self.read_password)
 
 
 @register
@@ -213,6 +337,11 @@ class KafkaSettings(SinkSettings):
             if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
                 raise ValueError(f"expected host:port[,host:port...], got {bootstrap!r}")
         return bootstrap
+
+    @field_validator("sasl_password_env")
+    @classmethod
+    def _password_env(cls, name: str | None) -> str | None:
+        return None if name is None else env_name(name, "sasl_password_env")
 
     @model_validator(mode="after")
     def _security(self) -> KafkaSettings:
@@ -250,14 +379,24 @@ class KafkaSettings(SinkSettings):
         return self
 
     def password(self) -> str | None:
-        """The SASL password, from wherever it is kept (read now, not stored)."""
+        """The SASL password, from wherever it is kept (read now, not stored);
+        remembered by stratoscope.redact."""
         if self.sasl_password is not None:
-            return self.sasl_password.get_secret_value()
-        if self.sasl_password_file is not None:
-            return self.sasl_password_file.read_text().strip()
-        if self.sasl_password_env is not None:
-            return os.environ[self.sasl_password_env]
-        return None
+            secret = self.sasl_password.get_secret_value()
+        elif self.sasl_password_file is not None:
+            secret = self.sasl_password_file.read_text().strip()
+        elif self.sasl_password_env is not None:
+            secret = os.environ[self.sasl_password_env]
+        else:
+            return None
+        remember(secret)
+        return secret
+
+    def held_secrets(self) -> list[str]:
+        held = [self.sasl_password.get_secret_value()] if self.sasl_password is not None else []
+        if self.sasl_password_env is not None and self.sasl_password_env in os.environ:
+            held.append(os.environ[self.sasl_password_env])
+        return held
 
     def security(self) -> dict[str, Any]:
         """aiokafka's security arguments (the SSL context is built here, in the process
@@ -278,6 +417,7 @@ class KafkaSettings(SinkSettings):
     def build(self) -> Sink:
         from stratoscope.regional.sinks.kafka import KafkaSink
 
+        install_log_filter()
         sec = self.security()
         return KafkaSink(self.bootstrap, self.topic_prefix, request_timeout_s=self.request_timeout,
                          compression=self.compression, dead_letter_dir=self.dead_letter_path, **sec)

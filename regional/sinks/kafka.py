@@ -68,6 +68,7 @@ from aiokafka.errors import (
 )
 
 from stratoscope import __version__
+from stratoscope.redact import redact
 from stratoscope.regional.frame import Block, Col
 from stratoscope.regional.sinks.base import BlockedError, PermanentError, RetriableError, SinkError
 from stratoscope.regional.sinks.deadletter import write_dead_letter
@@ -298,11 +299,13 @@ class _Record:
 
 
 def _describe(exc: BaseException) -> str:
-    """``Type: message``; aiokafka's errors already start with their type's name."""
+    """``Type: message``; aiokafka's errors already start with their type's name. Every
+    error text of this sink is built from this, and masked here: a library's message is
+    not ours to write (stratoscope.redact)."""
     name, text = type(exc).__name__, str(exc)
     if not text:
         return name
-    return text if text.startswith(name) else f"{name}: {text}"
+    return redact(text if text.startswith(name) else f"{name}: {text}")
 
 
 #: Errors a person must fix (credentials, ACLs, a topic that is not there): retried
@@ -477,7 +480,7 @@ class KafkaSink:
         except KafkaError as exc:
             raise type(_classify(exc))(f"{where}: {_describe(exc)}") from exc
         except OSError as exc:
-            raise RetriableError(f"{where}: {exc}") from exc
+            raise RetriableError(redact(f"{where}: {exc}")) from exc
         if not md.brokers():
             raise RetriableError(f"{where}: cluster metadata lists no brokers")
         denied = sorted(set(self.topics.values()) & set(md.unauthorized_topics))
