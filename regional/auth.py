@@ -76,8 +76,10 @@ def _digest(token: str) -> bytes:
 
 def parse_tokens(text: str, source: str) -> dict[bytes, str]:
     """A token file's ``<node_id> <token>`` lines (``#`` comments and blank lines
-    skipped) as digest -> node_id; ValueError naming the line (never the token)."""
+    skipped) as digest -> node_id; ValueError naming the line and no field of it (with
+    the columns swapped, the "node_id" would be the token)."""
     table: dict[bytes, str] = {}
+    lines: dict[bytes, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -87,12 +89,13 @@ def parse_tokens(text: str, source: str) -> dict[bytes, str]:
             raise ValueError(f"{source} line {n}: expected '<node_id> <token>'")
         node, token = fields
         if len(token) < MIN_TOKEN_CHARS:
-            raise ValueError(f"{source} line {n}: the token of {node!r} is shorter than "
+            raise ValueError(f"{source} line {n}: the token (second field) is shorter than "
                              f"{MIN_TOKEN_CHARS} characters")
         digest = _digest(token)
         if digest in table:
-            raise ValueError(f"{source} line {n}: the token of {node!r} is also {table[digest]!r}'s")
+            raise ValueError(f"{source} line {n}: the same token as line {lines[digest]}")
         table[digest] = node
+        lines[digest] = n
     if not table:
         raise ValueError(f"{source}: no tokens")
     return table

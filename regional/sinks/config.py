@@ -67,6 +67,11 @@ def split_dsn(dsn: str) -> tuple[str, str | None, str | None]:
             unquote(password) if colon else None)
 
 
+#: An unset password variable. Its name is not quoted: a password put where the name
+#: goes may well look like a name.
+_UNSET = "the environment variable that {} names is not set (in the regional's environment)"
+
+
 def env_name(name: str, what: str) -> str:
     """``name`` if it can be an environment variable's name (the variable holding a
     password, not the password: a value that is no name is refused without quoting it)."""
@@ -212,8 +217,7 @@ class ClickHouseSettings(SinkSettings):
         if self.password_file is not None:
             readable_file(self.password_file, "clickhouse.password_file")
         if self.password_env is not None and self.password_env not in os.environ:
-            raise ValueError(f"environment variable {self.password_env!r} "
-                             "(clickhouse.password_env) is not set")
+            raise ValueError(_UNSET.format("clickhouse.password_env"))
         return self
 
     @field_validator("dsn")
@@ -368,8 +372,7 @@ class KafkaSettings(SinkSettings):
             if path is not None:
                 readable_file(path, name)
         if self.sasl_password_env is not None and self.sasl_password_env not in os.environ:
-            raise ValueError(f"environment variable {self.sasl_password_env!r} "
-                             "(sasl_password_env) is not set")
+            raise ValueError(_UNSET.format("sasl_password_env"))
         if self.compression in ("zstd", "lz4", "snappy"):
             from aiokafka.codec import has_lz4, has_snappy, has_zstd
 

@@ -53,6 +53,9 @@ def test_the_example_file_lists_every_setting_with_its_default() -> None:
     assert set(kafka) == set(KafkaSettings.model_fields)
     kafka["bootstrap"] = "k1:9092"
     assert KafkaSettings(**kafka) == KafkaSettings(bootstrap="k1:9092")
+    # the ClickHouse section lists every ClickHouseSettings key
+    clickhouse = yaml.safe_load(text)["clickhouse"]
+    assert set(clickhouse) == set(ClickHouseSettings.model_fields)
     assert set(SINKS) == {"clickhouse", "kafka"}
     assert RegionalConfig().clickhouse == ClickHouseSettings(dsn=DEFAULT_DSN)
 
@@ -140,8 +143,8 @@ def test_a_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
      "sasl_username and a password (sasl_password, sasl_password_file or sasl_password_env)"),
     (["--kafka", "h:9092", "--kafka-security-protocol", "SASL_SSL", "--kafka-sasl-username", "u",
       "--kafka-sasl-password-env", "STRATOSCOPE_TEST_UNSET"], None,
-     "setting 'kafka' on the command line (--kafka): environment variable "
-     "'STRATOSCOPE_TEST_UNSET' (sasl_password_env) is not set"),
+     "setting 'kafka' on the command line (--kafka): the environment variable that "
+     "sasl_password_env names is not set (in the regional's environment)"),
     (["--kafka", "h:9092", "--kafka-ssl-cafile", "/etc/hostname"], None,
      "setting 'kafka' on the command line (--kafka): ssl_cafile/ssl_certfile/ssl_keyfile need "
      "security_protocol SSL or SASL_SSL"),
