@@ -16,6 +16,8 @@
 #                     (default ${XDG_CACHE_HOME:-$HOME/.cache}/stratoscope/kafka-$KAFKA_VERSION)
 #   KAFKA_DATA        config, logs, pid and partitions (default /tmp/stratoscope-kafka-$KAFKA_PORT)
 #   KAFKA_START_TIMEOUT  seconds to wait for the broker to serve (default 90)
+#   KAFKA_SASL_PORT   also serve SASL_PLAINTEXT (mechanism PLAIN) on this port (default: none)
+#   KAFKA_SASL_USERS  the SASL users, space-separated user=password pairs (with KAFKA_SASL_PORT)
 #
 # The broker is obtained with Maven (the jar and its runtime dependencies), so only
 # Maven Central has to be reachable. Everything here is idempotent.
@@ -26,6 +28,8 @@ KAFKA_PORT="${KAFKA_PORT:-19092}"
 KAFKA_HOME_CACHE="${KAFKA_HOME_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stratoscope/kafka-$KAFKA_VERSION}"
 KAFKA_DATA="${KAFKA_DATA:-/tmp/stratoscope-kafka-$KAFKA_PORT}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
+KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-}"
+KAFKA_SASL_USERS="${KAFKA_SASL_USERS:-}"
 # Used only when Kafka's own dependencies do not already bring a log4j2 binding.
 LOG4J_FALLBACK_VERSION="${LOG4J_FALLBACK_VERSION:-2.24.3}"
 DEP_PLUGIN_VERSION="3.8.1"
@@ -60,6 +64,14 @@ die() { printf '[kafka] ERROR: %s\n' "$1" >&2; [ "${2:-}" = logs ] && show_logs;
 
 case "$KAFKA_PORT" in '' | *[!0-9]*) die "KAFKA_PORT must be a number, got '$KAFKA_PORT'" ;; esac
 [ "$KAFKA_PORT" -ge 1 ] && [ "$KAFKA_PORT" -le 65534 ] || die "KAFKA_PORT must be 1..65534 (the controller takes KAFKA_PORT+1), got $KAFKA_PORT"
+if [ -n "$KAFKA_SASL_PORT" ]; then
+  case "$KAFKA_SASL_PORT" in *[!0-9]*) die "KAFKA_SASL_PORT must be a number, got '$KAFKA_SASL_PORT'" ;; esac
+  [ -n "$KAFKA_SASL_USERS" ] || die "KAFKA_SASL_PORT needs KAFKA_SASL_USERS (user=password ...)"
+  for pair in $KAFKA_SASL_USERS; do
+    case "$pair" in [A-Za-z0-9_]*=?*) ;; *) die "KAFKA_SASL_USERS: expected user=password pairs" ;; esac
+    case "$pair" in *[\"\\]*) die "KAFKA_SASL_USERS: no quotes or backslashes in a pair" ;; esac
+  done
+fi
 
 pick_python() {
   if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"
@@ -223,16 +235,33 @@ PY
 }
 
 # --- config ----------------------------------------------------------------------
+# The SASL_PLAINTEXT listener's lines (KAFKA_SASL_PORT): PLAIN with KAFKA_SASL_USERS.
+sasl_config() {
+  local users="" pair
+  for pair in $KAFKA_SASL_USERS; do
+    users+=" user_${pair%%=*}=\"${pair#*=}\""
+  done
+  echo "sasl.enabled.mechanisms=PLAIN"
+  echo "listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$users;"
+}
+
 write_config() {
   mkdir -p "$KAFKA_DATA/logs" "$KAFKA_DATA/kraft-logs"
+  local listeners="PLAINTEXT://$HOST:$KAFKA_PORT" protocols="PLAINTEXT:PLAINTEXT" sasl=""
+  if [ -n "$KAFKA_SASL_PORT" ]; then
+    listeners+=",SASL_PLAINTEXT://$HOST:$KAFKA_SASL_PORT"
+    protocols+=",SASL_PLAINTEXT:SASL_PLAINTEXT"
+    sasl="$(sasl_config)"
+  fi
   cat >"$CONFIG" <<EOF
 # Written by scripts/kafka.sh: single-node KRaft broker+controller on loopback.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=$listeners,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=$listeners
+listener.security.protocol.map=$protocols,CONTROLLER:PLAINTEXT
+$sasl
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$KAFKA_DATA/kraft-logs
@@ -248,6 +277,7 @@ group.initial.rebalance.delay.ms=0
 num.network.threads=2
 num.io.threads=4
 EOF
+  chmod 600 "$CONFIG"  # it may hold the SASL users' passwords
   # WARN and above to a file in the data dir; the one INFO line kept marks "started".
   cat >"$LOG4J_CONFIG" <<EOF
 <?xml version="1.0" encoding="UTF-8"?>
@@ -281,7 +311,7 @@ cmd_start() {
   ensure_tools
   ensure_kafka
 
-  for p in "$KAFKA_PORT" "$CONTROLLER_PORT"; do
+  for p in "$KAFKA_PORT" "$CONTROLLER_PORT" $KAFKA_SASL_PORT; do
     port_open "$p" && die "port $HOST:$p is already in use by another process (set KAFKA_PORT to use another pair of ports)"
   done
 
