@@ -52,7 +52,7 @@ def check_database(database: str, where: str = "") -> str:
 
 def split_dsn(dsn: str) -> tuple[str, str | None, str | None]:
     """(the DSN without its user info, user, password) of an http(s) DSN, user and password
-    percent-decoded (None when absent); any other DSN unchanged, with (None, None).
+    percent-decoded (None when absent or empty); any other DSN unchanged, with (None, None).
 
     The password of ``https://user:pass@host/db`` goes into a SecretStr (ClickHouseSettings)
     or is handed to the client on its own (clickhouse.connect): from here on the DSN is
@@ -62,9 +62,8 @@ def split_dsn(dsn: str) -> tuple[str, str | None, str | None]:
     if parts.scheme.lower() not in ("http", "https") or "@" not in parts.netloc:
         return dsn, None, None
     userinfo, _, hostport = parts.netloc.rpartition("@")
-    user, colon, password = userinfo.partition(":")
-    return (urlunsplit(parts._replace(netloc=hostport)), unquote(user) or None,
-            unquote(password) if colon else None)
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=hostport)), unquote(user) or None, unquote(password) or None
 
 
 #: An unset password variable. Its name is not quoted: a password put where the name

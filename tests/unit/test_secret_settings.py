@@ -64,6 +64,7 @@ def test_the_sink_takes_the_password_apart_from_its_dsn() -> None:
     with pytest.raises(ValueError, match="both in the DSN and on its own"):
         ClickHouseSink(f"https://w:{SECRET}@ch:8443/db", password="other")
     assert split_dsn("chdb:///x") == ("chdb:///x", None, None)
+    assert split_dsn("https://u:@ch/db") == ("https://ch/db", "u", None)
     assert split_dsn("http://[::1]:8123/db") == ("http://[::1]:8123/db", None, None)
     assert split_dsn(f"http://u:{SECRET}%40x@[::1]:8123/db?a=1") == (
         "http://[::1]:8123/db?a=1", "u", f"{SECRET}@x")
