@@ -34,7 +34,7 @@ from stratoscope.edge.batch import BatchBuilder
 from stratoscope.edge.forward import ClientTls
 from stratoscope.pki import issue_certificates, issue_tokens
 from stratoscope.v1 import ingest_pb2
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, stable_port, wait_for
 from tests.integration.regional_proc import ROOT, _group_alive
 from tests.integration.synthetic_edges import SyntheticFleet
 
@@ -172,15 +172,8 @@ def sasl_broker(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], str]]:
     """A broker of this test's own that demands SASL (PLAIN) on one port: (its SASL
     address, the environment scripts/kafka.sh needs to halt it, the user's password)."""
     password = f"kbroker{uuid.uuid4().hex[:10]}"
-    while True:  # the controller listens on port + 1
-        port = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            break
-        except OSError:
-            continue
-    sasl_port = free_port()
+    port = stable_port(span=3)  # PLAINTEXT, the controller (port + 1), SASL_PLAINTEXT
+    sasl_port = port + 2
     env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_DATA": str(tmp_path / "kafka"),
            "KAFKA_SASL_PORT": str(sasl_port), "KAFKA_SASL_USERS": f"{KAFKA_USER}={password}"}
     script = str(ROOT / "scripts/kafka.sh")
