@@ -441,7 +441,10 @@ class ClickHouseSink:
         self.applied: list[str] = []
 
     def __repr__(self) -> str:
-        return f"ClickHouseSink({self.dsn!r}, database={self.database!r})"
+        # without the query string (client options; a password is refused there by the
+        # settings, not by a sink built directly)
+        where = urlunsplit(urlsplit(self.dsn)._replace(query="", fragment=""))
+        return f"ClickHouseSink({where!r}, database={self.database!r})"
 
     # -- lifecycle -------------------------------------------------------
 
