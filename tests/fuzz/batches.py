@@ -200,29 +200,17 @@ def _seq(b: pb.Batch, rnd: random.Random, lim: Limits) -> None:
 
 @_field
 def _window(b: pb.Batch, rnd: random.Random, lim: Limits) -> None:
+    """Each bound of the window exactly (valid) or one nanosecond past it, and extremes."""
     skew, age, width = lim.max_future_skew_s * NS, lim.max_age_s * NS, lim.max_window_s * NS
-    now = NOW
-    choice = rnd.randrange(9)
-    if choice == 0:
-        b.end_ns = b.start_ns
-    elif choice == 1:
-        b.start_ns, b.end_ns = b.end_ns, b.start_ns
-    elif choice == 2:
-        b.start_ns = max(0, b.end_ns - width - rnd.choice([0, 1]))
-    elif choice == 3:
-        b.end_ns = now + skew + rnd.choice([0, 1])
-        b.start_ns = b.end_ns - NS
-    elif choice == 4:
-        b.end_ns = now - age - rnd.choice([0, 1])
-        b.start_ns = b.end_ns - NS
-    elif choice == 5:
-        b.end_ns = U64_MAX
-    elif choice == 6:
-        b.start_ns = 0
-    elif choice == 7:
-        b.start_ns, b.end_ns = 0, 0
-    else:
-        b.start_ns, b.end_ns = U64_MAX - NS, U64_MAX
+    end = b.end_ns
+    start, end = rnd.choice([
+        (end, end), (end, max(0, end - NS)),  # empty, reversed
+        (end - width, end), (end - width - 1, end),  # longest, one past
+        (NOW + skew - NS, NOW + skew), (NOW + skew + 1 - NS, NOW + skew + 1),  # furthest ahead
+        (NOW - age - NS, NOW - age), (NOW - age - 1 - NS, NOW - age - 1),  # oldest
+        (b.start_ns, U64_MAX), (0, end), (0, 0), (U64_MAX - NS, U64_MAX),
+    ])
+    b.start_ns, b.end_ns = max(0, start), end
 
 
 @_field

@@ -200,7 +200,7 @@ def test_each_field_mutation_reaches_its_rule(name: str) -> None:
     rejection it is there for (or is accepted, for those that may leave a batch valid)."""
     want = INTENDED[name]
     labels = {check_wire(case(random.Random(seed), TIGHT, [name], "raw", None, None, None)).label
-              for seed in range(40)}
+              for seed in range(100)}
     assert (want or "") in labels, labels
 
 
