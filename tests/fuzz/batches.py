@@ -772,6 +772,13 @@ def _inflate(body: bytes, max_bytes: int) -> bytes | None:
     ``max_bytes``; None if it is not one whole frame or inflates beyond."""
     if body[:4] != b"\x28\xb5\x2f\xfd":
         return None
+    try:
+        if zstandard.frame_content_size(body) == 0:
+            # python-zstandard returns b"" for a frame that declares no content without
+            # reading its blocks, corrupt or not: an empty body (only the header is left)
+            return b""
+    except zstandard.ZstdError:
+        return None
     d = zstandard.ZstdDecompressor().decompressobj()
     out: list[bytes] = []
     total = 0
