@@ -66,8 +66,8 @@ def _body(node: str, boot: str, seq: int) -> pb.Batch:
 
 
 def spoofed_node() -> bytes:
-    """Found by these fuzzers: the clear header says node-1 (what a client certificate for
-    node-1 allows); the sealed body says "victim" and ends in an unknown length-delimited
+    """Found by these fuzzers: the clear header says node-1 (what a client authenticated as
+    node-1 may send); the sealed body says "victim" and ends in an unknown length-delimited
     field whose length covers the header's bytes, which the regional appends to the body
     before parsing. The header vanished into that field and the batch was merged as
     "victim"'s, de-duplicated as node-1's."""
@@ -93,7 +93,7 @@ def seq_from_body() -> bytes:
 @pytest.mark.parametrize("wire", [spoofed_node(), seq_from_body()], ids=["spoofed-node", "seq-from-body"])
 def test_a_sealed_body_cannot_carry_another_identity(wire: bytes) -> None:
     gate = Gate(clock=lambda: NOW)
-    ack, cols, label = gate.admit(parse_batch(wire), "node-1", len(wire))
+    ack, cols, label = gate.admit(parse_batch(wire), None, len(wire))
     assert (ack.status, label, cols) == (REJECTED, "identity", None)
     assert ack.reason == "the sealed body carries an identity or window other than its header's"
     assert gate.dedup.state() == []
@@ -101,7 +101,7 @@ def test_a_sealed_body_cannot_carry_another_identity(wire: bytes) -> None:
 
 def test_an_honest_sealed_batch_still_passes() -> None:
     wire = seal(_body("node-1", "boot-1", 3)).SerializeToString()
-    ack, cols, label = Gate(clock=lambda: NOW).admit(parse_batch(wire), "node-1", len(wire))
+    ack, cols, label = Gate(clock=lambda: NOW).admit(parse_batch(wire), None, len(wire))
     assert (ack.status, label) == (ACCEPTED, "")
     assert cols is not None and (cols.node_id, cols.boot_id, cols.seq, cols.points) == ("node-1", "boot-1", 3, 1)
 
