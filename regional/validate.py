@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import DecodeError
 
 from stratoscope.columns import ColumnError
 from stratoscope.regional.batchcols import BatchCols, decode
@@ -49,6 +50,19 @@ class Limits:
     #: kept for nothing, outside the merge's memory bound, which counts rows
     max_unreferenced_strings: int = 16
     max_series: int = 200_000
+    #: metric, histogram and profile blocks (an edge sends ~20): protobuf keeps an empty
+    #: block in 2 bytes and decoding makes numpy arrays of each, so 1 M empty blocks in a
+    #: sealed body of 1 KiB cost decode 24 s and 776 MiB. Checked before decoding.
+    max_blocks: int = 256
+    #: label keys of one metric or histogram family (an edge's programs use up to ~5):
+    #: the merge keys a family by its label keys, kept per window outside its memory
+    #: bound even for a family of no series (19 families of 200 k keys held 145 MiB)
+    max_label_keys: int = 32
+    #: node label pairs (the edge sends its config's static labels): the merge keeps each
+    #: node's pairs per window as Python tuples, outside its memory bound, which counts
+    #: rows; unbounded, one 544 KiB sealed batch of 1.9 M pairs held 224 MiB in the merge
+    #: (11 MiB of it counted) and took it 26 s to record
+    max_node_labels: int = 64
     max_buckets_per_series: int = 160
     max_stack_depth: int = 512
     max_events: int = 100_000
@@ -61,13 +75,38 @@ class Limits:
     max_boot_id: int = 64
 
 
+def parse_batch(wire: bytes) -> pb.Batch:
+    """The Batch in ``wire``. Bytes that are not one (protobuf's DecodeError, the only
+    error its parser raises: truncated fields, bad tags or wire types, invalid UTF-8 in a
+    string, nesting too deep) reject the batch for "encoding"."""
+    try:
+        return pb.Batch.FromString(wire)
+    except DecodeError:
+        raise BatchRejected("bytes are not a Batch", "encoding") from None
+
+
+#: The fields a sealed batch keeps in the clear, outside its compressed body.
+CLEAR_FIELDS = ("node_id", "boot_id", "seq", "start_ns", "end_ns")
+
+
 def open_batch(batch: pb.Batch, limits: Limits) -> tuple[pb.Batch, int]:
     """The whole batch behind a sealed one (stratoscope/wire.py) and its inflated size
-    (-1 when it was not sealed); a body that cannot be opened rejects the batch."""
+    (-1 when it was not sealed); a body that cannot be opened rejects the batch.
+
+    The whole batch must carry the clear header's identity and window exactly: the gate
+    checks and de-duplicates the header's identity (and the client certificate names the
+    header's node_id), while the merge keeps the whole batch's. The body is joined to the
+    header's bytes, so a body that sets a field the header leaves at its default (seq 0),
+    or that ends in a length-delimited field swallowing the header's bytes, would be
+    merged as another seq or another node."""
     try:
-        return open_sealed(batch, limits.max_bytes)
+        whole, size = open_sealed(batch, limits.max_bytes)
     except WireError as exc:
         raise BatchRejected(f"compressed body: {exc}", "encoding") from None
+    if size >= 0 and any(getattr(whole, f) != getattr(batch, f) for f in CLEAR_FIELDS):
+        raise BatchRejected("the sealed body carries an identity or window other than its header's",
+                            "identity")
+    return whole, size
 
 
 def check_identity(node_id: str, boot_id: str, limits: Limits) -> None:
@@ -76,6 +115,16 @@ def check_identity(node_id: str, boot_id: str, limits: Limits) -> None:
         raise BatchRejected(f"node_id must be 1-{limits.max_node_id} characters", "identity")
     if not boot_id or len(boot_id.encode()) > limits.max_boot_id:
         raise BatchRejected(f"boot_id must be 1-{limits.max_boot_id} bytes", "identity")
+
+
+def check_counts(strings: int, blocks: int, limits: Limits) -> None:
+    """The counts that decoding pays for per item, checked before decoding: each string
+    becomes a Python str (4 M strings of 2 characters, 16 MiB inflated from a sealed
+    body of 1 KiB, cost decode 1.4 s and 309 MiB), each block a set of numpy arrays."""
+    if strings > limits.max_strings:
+        raise BatchRejected(f"{strings} strings exceed {limits.max_strings}", "strings")
+    if blocks > limits.max_blocks:
+        raise BatchRejected(f"{blocks} blocks exceed {limits.max_blocks}", "series")
 
 
 def _check_indices(name: str, n_strings: int, *columns: npt.NDArray[np.generic] | list[int]) -> None:
@@ -88,6 +137,7 @@ def _check_indices(name: str, n_strings: int, *columns: npt.NDArray[np.generic] 
 def validate(b: BatchCols | pb.Batch, limits: Limits, now_ns: int, size: int | None = None) -> BatchCols:
     """Raise BatchRejected naming the first broken rule; returns the decoded columns."""
     if isinstance(b, pb.Batch):
+        check_counts(len(b.strings), len(b.metrics) + len(b.histograms) + len(b.profiles), limits)
         try:
             b = decode(b)
         except ColumnError as exc:
@@ -201,8 +251,7 @@ def _check_shapes(b: BatchCols, limits: Limits) -> None:
     n = len(b.strings)
     if n == 0 or b.strings[0] != "":
         raise BatchRejected("string table must start with the empty string", "strings")
-    if n > limits.max_strings:
-        raise BatchRejected(f"{n} strings exceed {limits.max_strings}", "strings")
+    check_counts(n, len(b.metrics) + len(b.histograms) + len(b.profiles), limits)
     lengths = list(map(len, b.strings))
     if max(lengths) > limits.max_string_bytes:
         raise BatchRejected(f"a string exceeds {limits.max_string_bytes} characters", "strings")
@@ -210,6 +259,8 @@ def _check_shapes(b: BatchCols, limits: Limits) -> None:
         raise BatchRejected(f"strings exceed {limits.max_strings_chars} characters in all", "strings")
     if len(b.node_label_keys) != len(b.node_label_values):
         raise BatchRejected("node label keys and values differ in length", "series")
+    if len(b.node_label_keys) > limits.max_node_labels:
+        raise BatchRejected(f"{len(b.node_label_keys)} node labels exceed {limits.max_node_labels}", "series")
     series = 0
     for i, m in enumerate(b.metrics):
         where = f"metrics[{i}]"
@@ -219,6 +270,8 @@ def _check_shapes(b: BatchCols, limits: Limits) -> None:
         other = len(m.gauge_values) if m.kind == pb.COUNTER else len(m.counter_values)
         if other:
             raise BatchRejected(f"{where}: values in the wrong column for its kind", "series")
+        if len(m.label_keys) > limits.max_label_keys:
+            raise BatchRejected(f"{where}: more than {limits.max_label_keys} label keys", "series")
         if len(m.label_values) != values * len(m.label_keys):
             raise BatchRejected(f"{where}: label matrix does not match {values} series", "series")
         if len(set(m.label_keys.tolist())) != len(m.label_keys):
@@ -231,6 +284,8 @@ def _check_shapes(b: BatchCols, limits: Limits) -> None:
             raise BatchRejected(f"{where}: only scale 0 is supported", "buckets")
         if len(h.sum) != k or len(h.zero) != k or len(h.offsets) != k + 1:
             raise BatchRejected(f"{where}: columns differ in length", "buckets")
+        if len(h.label_keys) > limits.max_label_keys:
+            raise BatchRejected(f"{where}: more than {limits.max_label_keys} label keys", "buckets")
         if len(h.label_values) != k * len(h.label_keys):
             raise BatchRejected(f"{where}: label matrix does not match {k} series", "buckets")
         if len(set(h.label_keys.tolist())) != len(h.label_keys):
@@ -260,6 +315,8 @@ def _check_shapes(b: BatchCols, limits: Limits) -> None:
         if offs.size > 1 and np.diff(offs).max() > limits.max_stack_depth:
             raise BatchRejected(f"{where}: a stack deeper than {limits.max_stack_depth}", "stacks")
         stacks = len(offs) - 1
+        if stacks > 2 * rows:  # the merge interns every stack of a block, referred to or not
+            raise BatchRejected(f"{where}: more stacks than its rows refer to (2 a row)", "stacks")
         for ids in (p.kernel_stack, p.user_stack):
             if ids.size and (ids.min() < -1 or ids.max() >= stacks):
                 raise BatchRejected(f"{where}: stack id out of range", "stacks")
