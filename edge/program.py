@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stratoscope.edge.bpfsys import supports_raw_tracepoints
 from stratoscope.edge.errors import ConfigError, LoadError
 from stratoscope.edge.spec import (
     OVERFLOW_SLOTS,
@@ -81,7 +82,9 @@ def check_requirements(spec: ProgramSpec) -> None:
     """Probe the kernel for the hooks the program needs (features, not versions)."""
     from bcc import BPF
 
-    if spec.requires.raw_tracepoints and not BPF.support_raw_tracepoint():
+    # Not BPF.support_raw_tracepoint(): it reads kallsyms through BCC, which refuses any
+    # euid but 0, so an edge running as its own user with capabilities would fail it.
+    if spec.requires.raw_tracepoints and not supports_raw_tracepoints():
         raise LoadError(spec.program, "this kernel does not support raw tracepoints")
     for tp in [*spec.requires.tracepoints, *spec.requires.raw_tracepoints]:
         category, _, event = tp.partition(":")
