@@ -61,6 +61,7 @@ __all__ = [
     "enable_bpf_stats",
     "map_access_needs_cap_bpf",
     "names",
+    "plan",
     "thread_capabilities",
 ]
 
@@ -294,26 +295,25 @@ def drop(keep: int) -> DropReport:
     for tid in os.listdir("/proc/self/task"):
         try:
             got = thread_capabilities(Path(f"/proc/self/task/{tid}/status"))
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # it ended while we looked
             continue
         if (got.effective, got.permitted, got.inheritable, got.ambient) != (keep, keep, 0, 0):
             raise PrivilegeError(f"thread {tid} still holds {names(got.permitted)} after the drop")
     return report
 
 
-def drop_after_load(*, user_stacks: bool) -> DropReport:
-    """Drop to what the loaded programs need for the rest of the edge's life, and say so.
+def plan(permitted: int, *, user_stacks: bool, map_access_needs_cap_bpf: bool
+         ) -> tuple[int, list[str]]:
+    """The capabilities to keep for the rest of the edge's life (a mask within
+    ``permitted``), and one line for each feature that is off for want of one.
 
-    ``user_stacks``: a loaded program symbolizes user stacks (keeps CAP_SYS_PTRACE when
-    held). Each feature that is off for want of a capability is one warning line; the
-    capabilities kept are one info line.
+    ``user_stacks``: a loaded program symbolizes user stacks (CAP_SYS_PTRACE, when held).
+    ``map_access_needs_cap_bpf``: :func:`map_access_needs_cap_bpf`'s answer; then CAP_BPF,
+    or CAP_SYS_ADMIN on a kernel older than CAP_BPF (5.8), whichever loaded the programs.
     """
-    _only_thread()  # before the probe's fork, too
-    _, permitted, _ = _capget()
     keep = 0
     lines: list[str] = []
-    if map_access_needs_cap_bpf():
-        # Before Linux 5.19, with unprivileged BPF disabled, reading a map needs it.
+    if map_access_needs_cap_bpf:
         keep |= 1 << (CAP_BPF if permitted >> CAP_BPF & 1 else CAP_SYS_ADMIN)
     if user_stacks:
         if permitted >> CAP_SYS_PTRACE & 1:
@@ -323,6 +323,17 @@ def drop_after_load(*, user_stacks: bool) -> DropReport:
                 "profile: other processes' user stacks show as [unknown]: reading their "
                 "/proc/PID/maps needs CAP_SYS_PTRACE, which this edge was not given (grant it "
                 "to name them; the edge then keeps it)")
+    return keep & permitted, lines
+
+
+def drop_after_load(*, user_stacks: bool) -> DropReport:
+    """Drop to what the loaded programs need for the rest of the edge's life (:func:`plan`),
+    and say so: a warning line for each feature that is off, one info line for what is kept.
+    """
+    _only_thread()  # before the probe's fork, too
+    _, permitted, _ = _capget()
+    keep, lines = plan(permitted, user_stacks=user_stacks,
+                       map_access_needs_cap_bpf=map_access_needs_cap_bpf())
     report = drop(keep)
     for line in [*lines, *report.warnings]:
         log.warning("%s", line)
