@@ -64,6 +64,7 @@ FLIP_GRACE_S = 0.02
 
 
 def _sysctl(name: str) -> str:
+    """kernel.<name>'s value, for a message ("?" when it cannot be read)."""
     try:
         return Path(f"/proc/sys/kernel/{name}").read_text().strip()
     except OSError:
@@ -181,7 +182,8 @@ class Collector:
             log.warning(
                 "profile: kernel stacks show as [unknown]: /proc/kallsyms hid its addresses "
                 "(kernel.kptr_restrict=%s, kernel.perf_event_paranoid=%s); grant CAP_SYSLOG "
-                "for start-up to name them", _sysctl("kptr_restrict"), _sysctl("perf_event_paranoid"))
+                "for start-up to name them",
+                _sysctl("kptr_restrict"), _sysctl("perf_event_paranoid"))
 
     # -- events ----------------------------------------------------------------
     def _event_callback(self, program: str) -> Callable[[str, bytes], None]:

@@ -231,14 +231,17 @@ def _assert_kernel_stacks_named(samples: list[dict[str, Any]]) -> None:
     assert all(re.fullmatch(r"[A-Za-z_.$][\w.$]*", f) for f in kernel), kernel[:20]
 
 
-def _assert_threads(edge: Edge, keep: int) -> None:
+def _assert_threads(edge: Edge, keep: int, bounding: int | None = None) -> None:
+    """Every thread holds ``keep`` (effective, permitted) and ``bounding`` (default: keep),
+    nothing inheritable or ambient, and no_new_privs."""
     threads = edge.threads()
     # main, forwarder, forwarder-doubt, /metrics and gRPC's own: all started after the drop
     assert len(threads) >= 4, threads
+    bounding = keep if bounding is None else bounding
     for tid, t in threads.items():
         got = (names(t.effective), names(t.permitted), names(t.inheritable), names(t.bounding),
                names(t.ambient), t.no_new_privs)
-        assert got == (names(keep), names(keep), [], names(keep), [], True), tid
+        assert got == (names(keep), names(keep), [], names(bounding), [], True), tid
 
 
 @pytest.mark.timeout(600)
@@ -312,6 +315,30 @@ def test_edge_started_as_root_keeps_only_cap_sys_ptrace(
     assert "Traceback" not in err, err
     assert err.count("capabilities after start-up: CAP_SYS_PTRACE; no_new_privs set") == 1, err
     assert "show as [unknown]" not in err and "run time is off" not in err, err
+
+
+@pytest.mark.timeout(600)
+def test_edge_without_cap_syslog_and_cap_setpcap_says_what_is_off(tmp_path: Path) -> None:
+    """Only CAP_BPF and CAP_PERFMON (root's uid, so tracefs stays readable): the edge runs,
+    drops both, and says in one line each that kernel stacks are unnamed (kallsyms hid its
+    addresses) and that the bounding set stays (no CAP_SETPCAP to empty it)."""
+    kallsyms_open = Path("/proc/sys/kernel/kptr_restrict").read_text().strip() == "0" and int(
+        Path("/proc/sys/kernel/perf_event_paranoid").read_text()) <= 1
+    assert not kallsyms_open, "this machine shows kallsyms to anyone: the test cannot tell"
+    start_up = (1 << CAPABILITIES["CAP_BPF"]) | (1 << CAPABILITIES["CAP_PERFMON"])
+    with _edge([_tool("setpriv"), "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon"],
+               tmp_path) as edge:
+        _assert_threads(edge, 0, bounding=start_up)
+        wait_for("a kernel stack", lambda: any(s["kernel_stack"] for s in edge.samples()), 60)
+        assert {f for s in edge.samples() for f in s["kernel_stack"] or []} == {"[unknown]"}
+    assert edge.proc.returncode == 0, edge.stderr
+    err = edge.stderr
+    assert "Traceback" not in err, err
+    assert err.count("profile: kernel stacks show as [unknown]: /proc/kallsyms hid its "
+                     "addresses") == 1, err
+    assert err.count("capability bounding set left as it was: emptying it needs CAP_SETPCAP "
+                     "at start-up") == 1, err
+    assert err.count("capabilities after start-up: none; no_new_privs set") == 1, err
 
 
 def test_a_drop_with_a_second_thread_running_is_refused_and_changes_nothing() -> None:
