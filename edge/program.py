@@ -371,11 +371,21 @@ class LoadedProgram:
         return drainer.drain()
 
     def _read_stacks(self, name: str) -> dict[int, list[int]]:
+        """Read one stack table copy and empty it.
+
+        Each entry is deleted here: BCC's ``StackTrace.clear()`` does nothing, and a table
+        never emptied fills up until ``bpf_get_stackid`` refuses every new stack whose
+        bucket holds an old one (EEXIST), so samples lose their stacks over the edge's life.
+        """
         table = self._bpf[name.encode()]
         stacks: dict[int, list[int]] = {}
+        keys = []
         for k, v in table.items():
             stacks[k.value] = [a for a in v.ip if a]
-        table.clear()
+            keys.append(k)
+        for k in keys:  # after the walk: deleting during it would skip keys
+            with contextlib.suppress(KeyError):
+                del table[k]
         return stacks
 
     def lost_events(self) -> int:
