@@ -108,7 +108,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edge-memory-") as tmp:
         work = Path(tmp)
         cmd = [sys.executable, "-m", "stratoscope.cli", "edge", "--interval", "10s",
-               "--regional", f"127.0.0.1:{free_port()}", "--spool-dir", str(work / "spool"),
+               "--regional", f"127.0.0.1:{free_port()}", "--insecure", "--spool-dir", str(work / "spool"),
                "--metrics-port", "0"]
         if args.programs:
             cmd += ["--programs", args.programs]

@@ -160,6 +160,7 @@ def _edge(prefix: list[str], workdir: Path) -> Iterator[Edge]:
     edge = Edge(subprocess.Popen(
         [*prefix, *STRATOSCOPE, "edge", "--config", str(workdir / "edge.yaml"), "--interval", "1s",
          "--output", f"jsonl:{workdir / 'out.jsonl'}", "--regional", f"127.0.0.1:{free_port()}",
+         "--insecure",
          "--spool-dir", str(workdir / "spool"), "--metrics-port", str(port)],
         stderr=subprocess.PIPE, text=True, cwd=workdir,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
