@@ -9,6 +9,7 @@ logic lives in other modules; this one only sequences it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from stratoscope.edge.decoders.cgroups import CgroupResolver
 from stratoscope.edge.errors import LoadError
 from stratoscope.edge.memory import release_compiler_pages
 from stratoscope.edge.metrics import BpfRunStats, EdgeMetrics
+from stratoscope.edge.privileges import enable_bpf_stats
 from stratoscope.edge.program import LoadedProgram
 from stratoscope.edge.spec import (
     CountersMap,
@@ -59,7 +61,14 @@ Labels = tuple[str, ...]
 #: After a flip, programs that read the old slot may still be running; they run
 #: for microseconds, so this wait makes the idle copy quiescent before reading.
 FLIP_GRACE_S = 0.02
-_BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def _sysctl(name: str) -> str:
+    """kernel.<name>'s value, for a message ("?" when it cannot be read)."""
+    try:
+        return Path(f"/proc/sys/kernel/{name}").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _monotonic_to_wall_ns() -> int:
@@ -99,14 +108,14 @@ class Collector:
         self._ksyms: Any = None
         self._usyms: Any = None
         self._lock = threading.Lock()
-        self._bpf_stats_before: str | None = None
+        #: BPF_ENABLE_STATS's descriptor: run-time statistics stay on while it is open.
+        self._bpf_stats_fd: int | None = None
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         """Load every configured program. Explicitly requested programs must attach."""
-        if self.cfg.bpf_stats:
-            self._bpf_stats_before = _BPF_STATS.read_text().strip()
-            _BPF_STATS.write_text("1\n")
+        if self.cfg.bpf_stats and self._bpf_stats_fd is None:
+            self._bpf_stats_fd = enable_bpf_stats()
         specs = discover(self.bpf_dir)
         for name in self.cfg.programs:
             if name not in specs:
@@ -132,6 +141,8 @@ class Collector:
             self.metrics.program_fallback.labels(name).set(1 if prog.fallback_reason else 0)
         if not self.programs:
             raise LoadError(",".join(self.cfg.programs), "no program could be attached")
+        if self._decodes("ksym_stack"):
+            self._load_kernel_symbols()
         release_free_memory()  # LLVM's compile-time heap: ~70 MB of RSS otherwise
         release_compiler_pages()  # LLVM's and clang's code: ~80 MB of RSS otherwise
         self._window_start = self.clock()
@@ -141,9 +152,38 @@ class Collector:
         programs, self.programs = self.programs, []
         for p in programs:
             p.close()
-        if self._bpf_stats_before is not None:  # put back what we found
-            _BPF_STATS.write_text(self._bpf_stats_before + "\n")
-            self._bpf_stats_before = None
+        fd, self._bpf_stats_fd = self._bpf_stats_fd, None
+        if fd is not None:  # the kernel counts while any such descriptor is open
+            os.close(fd)
+
+    @property
+    def symbolizes_user_stacks(self) -> bool:
+        """Whether a loaded program's samples carry user stacks to name (which reads other
+        processes' /proc/PID/maps: edge/privileges.py keeps CAP_SYS_PTRACE for it)."""
+        return self._decodes("usym_stack")
+
+    def _decodes(self, decoder: str) -> bool:
+        return any(f.decoder == decoder for p in self.programs for m in p.maps
+                   if isinstance(m, ProfileMap) for f in m.key)
+
+    def _load_kernel_symbols(self) -> None:
+        """Read /proc/kallsyms now, while the process has its start-up capabilities.
+
+        The kernel decides when the file is opened whether to show addresses: to an opener
+        with CAP_SYSLOG (or to anyone with kernel.kptr_restrict=0 and
+        kernel.perf_event_paranoid<=1). The edge drops CAP_SYSLOG after start-up
+        (edge/privileges.py), so a later first read would see only zeros. Loaded after the
+        programs, so their own ``bpf_prog_*`` symbols are in it too.
+        """
+        from stratoscope.edge.decoders.ksyms import KernelSymbols
+
+        self._ksyms = KernelSymbols()
+        if not len(self._ksyms):
+            log.warning(
+                "profile: kernel stacks show as [unknown]: /proc/kallsyms hid its addresses "
+                "(kernel.kptr_restrict=%s, kernel.perf_event_paranoid=%s); grant CAP_SYSLOG "
+                "for start-up to name them",
+                _sysctl("kptr_restrict"), _sysctl("perf_event_paranoid"))
 
     # -- events ----------------------------------------------------------------
     def _event_callback(self, program: str) -> Callable[[str, bytes], None]:

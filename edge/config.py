@@ -99,7 +99,8 @@ class EdgeConfig(BaseModel):
     metrics_port: int = Field(default=9431, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
     bpf_dir: Path | None = None
-    #: Turns on kernel.bpf_stats_enabled for per-program run time (costs ~80 ns/event).
+    #: Turns on the kernel's BPF run-time statistics while the edge runs, for per-program
+    #: run time (costs ~80 ns/event; needs CAP_SYS_ADMIN at start-up, edge/privileges.py).
     bpf_stats: bool = False
     duration: Duration | None = None
     once: bool = False

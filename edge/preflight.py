@@ -26,8 +26,8 @@ def check(tracefs: Path = Path("/sys/kernel/tracing"), modules: Path = Path("/li
     has_perfmon = bool(caps & (1 << CAP_PERFMON)) or bool(caps & (1 << CAP_SYS_ADMIN))
     if not (has_bpf and has_perfmon):
         raise PreflightError(
-            "missing CAP_BPF/CAP_PERFMON: run as root or grant "
-            "CAP_BPF,CAP_PERFMON,CAP_SYS_RESOURCE (see deploy/systemd/stratoscope-edge.service)"
+            "missing CAP_BPF/CAP_PERFMON: run as root or grant them (with CAP_SYSLOG and "
+            "CAP_SETPCAP, used at start-up only: deploy/systemd/stratoscope-edge.service)"
         )
     debug_tracing = Path("/sys/kernel/debug/tracing/events")
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stratoscope.edge.bpfsys import supports_raw_tracepoints
 from stratoscope.edge.errors import ConfigError, LoadError
 from stratoscope.edge.spec import (
     OVERFLOW_SLOTS,
@@ -81,7 +82,9 @@ def check_requirements(spec: ProgramSpec) -> None:
     """Probe the kernel for the hooks the program needs (features, not versions)."""
     from bcc import BPF
 
-    if spec.requires.raw_tracepoints and not BPF.support_raw_tracepoint():
+    # Not BPF.support_raw_tracepoint(): it reads kallsyms through BCC, which refuses any
+    # euid but 0, so an edge running as its own user with capabilities would fail it.
+    if spec.requires.raw_tracepoints and not supports_raw_tracepoints():
         raise LoadError(spec.program, "this kernel does not support raw tracepoints")
     for tp in [*spec.requires.tracepoints, *spec.requires.raw_tracepoints]:
         category, _, event = tp.partition(":")
@@ -368,11 +371,21 @@ class LoadedProgram:
         return drainer.drain()
 
     def _read_stacks(self, name: str) -> dict[int, list[int]]:
+        """Read one stack table copy and empty it.
+
+        Each entry is deleted here: BCC's ``StackTrace.clear()`` does nothing, and a table
+        never emptied fills up until ``bpf_get_stackid`` refuses every new stack whose
+        bucket holds an old one (EEXIST), so samples lose their stacks over the edge's life.
+        """
         table = self._bpf[name.encode()]
         stacks: dict[int, list[int]] = {}
+        keys = []
         for k, v in table.items():
             stacks[k.value] = [a for a in v.ip if a]
-        table.clear()
+            keys.append(k)
+        for k in keys:  # after the walk: deleting during it would skip keys
+            with contextlib.suppress(KeyError):
+                del table[k]
         return stacks
 
     def lost_events(self) -> int:

@@ -76,7 +76,9 @@ def _parse_params(items: list[str]) -> dict[str, dict[str, int]]:
 
 
 def _run_edge(args: argparse.Namespace) -> int:
-    from stratoscope.edge import preflight
+    # One thread until the capabilities are dropped (edge/privileges.py); the edge does no BLAS.
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    from stratoscope.edge import preflight, privileges
     from stratoscope.edge.collector import Collector
     from stratoscope.edge.config import load_config
 
@@ -106,9 +108,8 @@ def _run_edge(args: argparse.Namespace) -> int:
     for prog, values in params.items():
         cfg.params.setdefault(prog, {}).update(values)
     preflight.check()
-    output = _edge_output(cfg)
     collector = Collector(cfg)
-    _register_forward_counters(output, collector.registry)
+    output = None
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -123,6 +124,9 @@ def _run_edge(args: argparse.Namespace) -> int:
         summary = Summary()
     try:
         collector.start()
+        privileges.drop_after_load(user_stacks=collector.symbolizes_user_stacks)
+        output = _edge_output(cfg)  # its threads start with the reduced capabilities
+        _register_forward_counters(output, collector.registry)
         if cfg.metrics_port:
             from prometheus_client import start_http_server
 
@@ -140,7 +144,8 @@ def _run_edge(args: argparse.Namespace) -> int:
         rc = collector.run(emit, stop)
     finally:
         collector.stop()
-        output.close()
+        if output is not None:
+            output.close()
     if summary is not None:
         summary.render(failed=collector.failed)
     return rc

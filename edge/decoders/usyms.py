@@ -346,9 +346,11 @@ class UserSymbols:
         """Where the mapped file can be opened, best first, with "verify inode" flags.
 
         1. ``/proc/<pid>/root/<path>``: the path as the process sees it (container mount
-           namespaces), trusted as-is.
+           namespaces), trusted as-is (a ptrace read check, like ``maps``: CAP_SYS_PTRACE
+           for other users' processes, edge/privileges.py).
         2. ``/proc/<pid>/map_files/<start>-<end>``: the exact mapped file, even if deleted or
-           replaced since (needs CAP_SYS_ADMIN, which the collector has).
+           replaced since (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, which the edge
+           holds only until it drops its capabilities after start-up).
         3. ``<path>`` in our own namespace: only if its inode matches the mapping's, because in
            a container the same path may name an entirely different file on the host.
         """
