@@ -125,8 +125,9 @@ FORWARD_LABELLED: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                 "full (size limit), age (age limit), corrupt (unreadable record), unwritable "
                 "(the spool write failed).", "reason", ("full", "age", "corrupt", "unwritable")),
     "errors": ("forwarder_errors", "Errors that ended a forwarder round (it backs off and goes "
-               "on): tls (reading the certificate files), spool (its files), internal.",
-               "reason", ("tls", "spool", "internal")),
+               "on): tls (reading the certificate files), spool (its files), ack_timeout (a "
+               "regional left batches unanswered past ack_timeout: failed over), internal.",
+               "reason", ("tls", "spool", "ack_timeout", "internal")),
 }
 
 

@@ -42,6 +42,8 @@ def _edge_parser(sub: Any) -> None:
     p.add_argument("--spool-max-age", help="spool age bound, e.g. 24h (default)")
     p.add_argument("--in-doubt-timeout", help="how long a batch sent to a regional and not "
                    "answered goes to that regional only, e.g. 1h (default)")
+    p.add_argument("--ack-timeout", help="how long a regional may leave batches unanswered "
+                   "before the edge fails over to the next one, e.g. 30s (default)")
     p.add_argument("--duration", help="stop after this long, e.g. 30s")
     p.add_argument("--once", action="store_true", help="drain one interval and exit")
     p.add_argument("--metrics-port", type=int, help="port for /metrics (0 disables; default 9431)")
@@ -93,6 +95,7 @@ def _run_edge(args: argparse.Namespace) -> int:
         "spool_max_bytes": args.spool_max_bytes,
         "spool_max_age": args.spool_max_age,
         "in_doubt_timeout": args.in_doubt_timeout,
+        "ack_timeout": args.ack_timeout,
     }
     params = _parse_params(args.param)
     cfg = load_config(args.config, overrides)
@@ -162,7 +165,8 @@ def _edge_output(cfg: Any) -> Any:
                 cfg.spool_dir, spool.replayed, spool.corrupt_records)
         outputs.append(ForwardOutput(cfg.regional, tls, compression=cfg.compression,
                                      wire_columns=cfg.wire_columns, spool=spool,
-                                     in_doubt_timeout_s=cfg.in_doubt_timeout))
+                                     in_doubt_timeout_s=cfg.in_doubt_timeout,
+                                     ack_timeout_s=cfg.ack_timeout))
     if cfg.output or not cfg.regional:
         outputs.append(open_output(cfg.output or "jsonl:-"))
     return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)
