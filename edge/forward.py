@@ -43,9 +43,10 @@ it and leaves out time in which the edge itself did not run (a suspended machine
 stopped process). The cancelled stream's unanswered batches are in doubt at the hung
 regional exactly like those of a stream that died: held for it, offered to it by the
 second thread, released only by ``in_doubt_timeout_s``; new batches go to the next
-regional. A stopped regional never completes a new connection (its HTTP/2 settings
-never arrive; a batch is taken for a stream only once connected), so no further batch
-goes to it; one that connects and stays silent is failed over again after the deadline.
+regional. Every stream has a connection of its own, and a stopped regional never
+completes a new one (its HTTP/2 settings never arrive; a batch is taken for a stream
+only once connected), so no further batch goes to it; one that connects and stays
+silent is failed over again after the deadline.
 
 The forwarder thread never ends on an error: whatever a round raises (a certificate file
 missing during rotation, a spool write failing, anything unexpected) is logged with its
@@ -287,6 +288,10 @@ class GrpcForwarder:
             ("grpc.max_send_message_length", 32 * 1024 * 1024),
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
+            # A connection of this channel's own, closed with it: gRPC otherwise shares one
+            # per target across channels, and a stream after an ack timeout would reuse
+            # the connection to the hung regional, which is "ready" while it never answers.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         gzip = grpc.Compression.Gzip if self.compression == "gzip" else grpc.Compression.NoCompression
         if self.tls is None:

@@ -203,6 +203,9 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--wal-max-bytes", "wal_max_bytes", "bytes the log may hold; from 90 %% of it edges are answered RETRY"),
     ("--stop-timeout", "stop_timeout",
      "on SIGTERM, how long to go on storing before exiting (the rest stays in the log), e.g. 30s"),
+    ("--child-timeout", "child_timeout",
+     "how long the ingest or a sink process may leave a ping unanswered before it is taken for "
+     "hung, e.g. 60s (default): a sink process is replaced, a hung ingest process stops the regional"),
     ("--programs-dir", "programs_dir",
      "program descriptions (*.yaml) whose declared roll-ups apply (default: the packaged bpf/)"),
     ("--clickhouse", "clickhouse.dsn",
