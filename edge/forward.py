@@ -43,10 +43,10 @@ it and leaves out time in which the edge itself did not run (a suspended machine
 stopped process). The cancelled stream's unanswered batches are in doubt at the hung
 regional exactly like those of a stream that died: held for it, offered to it by the
 second thread, released only by ``in_doubt_timeout_s``; new batches go to the next
-regional. Every stream has a connection of its own, and a stopped regional never
-completes a new one (its HTTP/2 settings never arrive; a batch is taken for a stream
-only once connected), so no further batch goes to it; one that connects and stays
-silent is failed over again after the deadline.
+regional. Streams opened after the deadline do not reuse the hung connection, and a
+stopped regional never completes a new one (its HTTP/2 settings never arrive; a batch
+is taken for a stream only once connected), so no further batch goes to it; one that
+connects and stays silent is failed over again after the deadline.
 
 The forwarder thread never ends on an error: whatever a round raises (a certificate file
 missing during rotation, a spool write failing, anything unexpected) is logged with its
@@ -184,6 +184,8 @@ class GrpcForwarder:
         self._waiting: dict[int, float] = {}
         #: Streams cancelled by the watchdog because answers stopped (ack_timeout_s).
         self._timed_out: set[int] = set()
+        #: Ack timeouts per target: streams opened after one use a new connection.
+        self._hung_at: Counter[str] = Counter()
         self._streams = 0
         self._calls: dict[int, Any] = {}
         self._main_target: str | None = None
@@ -288,11 +290,15 @@ class GrpcForwarder:
             ("grpc.max_send_message_length", 32 * 1024 * 1024),
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
-            # A connection of this channel's own, closed with it: gRPC otherwise shares one
-            # per target across channels, and a stream after an ack timeout would reuse
-            # the connection to the hung regional, which is "ready" while it never answers.
-            ("grpc.use_local_subchannel_pool", 1),
         ]
+        if self._hung_at[target]:
+            # gRPC shares one connection per target and channel arguments across channels:
+            # after an ack timeout, a new stream would reuse the connection to the hung
+            # regional, "ready" while it never answers. A new value here is a new
+            # connection. (Not a connection per channel always: with one per forwarder, a
+            # process that also forks -- the tests run a regional, whose frame child is
+            # forked, beside their edges -- saw one forked child in ten crash at the fork.)
+            options.append(("stratoscope.after_ack_timeouts", self._hung_at[target]))
         gzip = grpc.Compression.Gzip if self.compression == "gzip" else grpc.Compression.NoCompression
         if self.tls is None:
             return grpc.insecure_channel(target, options=options, compression=gzip)
@@ -453,6 +459,8 @@ class GrpcForwarder:
                     del self._inflight[key]
                 timed_out = stream in self._timed_out
                 self._timed_out.discard(stream)
+                if timed_out:
+                    self._hung_at[target] += 1
                 self._cv.notify_all()
         if timed_out and not self._closing.is_set():
             log.warning("regional %s%s did not answer for %g s (ack_timeout): treated as down; "
