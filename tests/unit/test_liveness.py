@@ -66,7 +66,7 @@ def test_the_thread_calls_on_hung_once_for_a_silent_child() -> None:
 
 def test_a_ping_stuck_in_a_full_pipe_is_not_sent_again() -> None:
     """The ping itself may block (the child does not read its pipe): the silence is still
-    counted, and no second ping thread piles up behind the first."""
+    counted, and no second ping piles up behind the first."""
     release = threading.Event()
     sends: list[int] = []
 
