@@ -96,6 +96,11 @@ class EdgeConfig(BaseModel):
     #: How long a batch sent to a regional and not answered is held for that regional
     #: only (edge/forward.py: the failover rule that prevents double counting).
     in_doubt_timeout: Duration = 3600.0
+    #: How long a regional may leave batches unanswered, with no answer at all, before
+    #: the edge treats it as down and fails over (edge/forward.py: a hung regional keeps
+    #: its TCP connection up, so only a deadline notices it). Its unanswered batches stay
+    #: held for it (in_doubt_timeout).
+    ack_timeout: Duration = 30.0
     metrics_port: int = Field(default=9431, ge=0, le=65535)
     metrics_addr: str = "0.0.0.0"
     bpf_dir: Path | None = None

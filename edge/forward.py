@@ -31,6 +31,23 @@ batch is released to any regional, counted (``in_doubt_released``) and logged: t
 case in which a count can be doubled (A comes back with the batch in its log later
 than that).
 
+Acknowledgement deadline. A regional can hang with its process alive and its TCP
+connection up (stopped, its event loop stuck, its disk not returning from an fsync):
+its stream then neither answers nor ends, and the edge would wait on it forever. So a
+stream with unanswered batches that has had no answer for ``ack_timeout_s`` (default
+30 s) is cancelled, counted (``errors.ack_timeout``) and treated as a regional that
+cannot be reached: the main stream moves to the next regional. The clock runs from the
+later of the stream's last answer and the sending of its oldest unanswered batch, so a
+regional that answers slowly but steadily is not failed over; a watchdog thread checks
+it and leaves out time in which the edge itself did not run (a suspended machine, a
+stopped process). The cancelled stream's unanswered batches are in doubt at the hung
+regional exactly like those of a stream that died: held for it, offered to it by the
+second thread, released only by ``in_doubt_timeout_s``; new batches go to the next
+regional. Streams opened after the deadline do not reuse the hung connection, and a
+stopped regional never completes a new one (its HTTP/2 settings never arrive; a batch
+is taken for a stream only once connected), so no further batch goes to it; one that
+connects and stays silent is failed over again after the deadline.
+
 The forwarder thread never ends on an error: whatever a round raises (a certificate file
 missing during rotation, a spool write failing, anything unexpected) is logged with its
 reason, counted under a fixed reason label (``ERROR_REASONS``) and followed by backoff
@@ -63,8 +80,9 @@ log = logging.getLogger("stratoscope.edge.forward")
 #: The label values of ``stratoscope_edge_forwarder_errors_total``: "tls" (reading the
 #: certificate files), "auth" (reading the token file, or the regional refused this
 #: node's credentials: UNAUTHENTICATED or PERMISSION_DENIED), "spool" (reading or
-#: writing the spool), "internal" (anything else).
-ERROR_REASONS = ("tls", "auth", "spool", "internal")
+#: writing the spool), "ack_timeout" (a regional left batches unanswered past the
+#: acknowledgement deadline), "internal" (anything else).
+ERROR_REASONS = ("tls", "auth", "spool", "ack_timeout", "internal")
 #: The ingest method, called with the spool's bytes as they are (no parse, no re-encode).
 _METHOD = "/stratoscope.v1.Ingest/Stream"
 #: How long a connection to a regional may take before the next one is tried.
@@ -73,6 +91,11 @@ CONNECT_TIMEOUT_S = 5.0
 _READY, _TRANSIENT_FAILURE, _SHUTDOWN = 2, 3, 4
 #: How long a stream that retries in-doubt batches at their regional may last.
 DOUBT_STREAM_TIMEOUT_S = 30.0
+#: How long a stream may leave batches unanswered without any answer before the regional
+#: is treated as down. Generous: a healthy regional answers in milliseconds, and one that
+#: is behind answers RETRY at once; this only has to tell a hung one from a slow one on
+#: a busy machine.
+DEFAULT_ACK_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +116,15 @@ class ForwardStats:
     retries: int = 0
     reconnects: int = 0
     in_doubt_released: int = 0
+
+
+@dataclass(frozen=True)
+class _RoundResult:
+    """How one stream ended: whether any answer came, and whether it was cancelled
+    because answers stopped for longer than the acknowledgement deadline."""
+
+    answered: bool = False
+    timed_out: bool = False
 
 
 def _identity(b: bytes) -> bytes:
@@ -116,6 +148,7 @@ class GrpcForwarder:
         max_in_flight: int = 32,
         in_doubt_timeout_s: float = 3600.0,
         token_file: Path | None = None,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
     ) -> None:
         """``token_file``: this node's bearer token for a regional that authenticates
         edges by token (regional/auth.py), read again for every stream (a rotated
@@ -130,6 +163,8 @@ class GrpcForwarder:
             raise ConfigError(f"compression {compression!r}: use zstd, gzip or none")
         if wire_columns not in ("raw", "packed"):
             raise ConfigError(f"wire columns {wire_columns!r}: use raw or packed")
+        if not ack_timeout_s > 0:
+            raise ConfigError(f"ack timeout {ack_timeout_s!r}: must be positive")
         self.targets = targets
         self.compression = compression
         #: "packed" for regionals older than raw columns: they would read a raw batch's
@@ -141,6 +176,7 @@ class GrpcForwarder:
         self.backoff_max_s = backoff_max_s
         self.max_in_flight = max_in_flight
         self.in_doubt_timeout_s = in_doubt_timeout_s
+        self.ack_timeout_s = ack_timeout_s
         #: In memory only when none is given (library use, tests): the edge command gives one.
         self.spool = spool if spool is not None else Spool(None)
         self.stats = ForwardStats()
@@ -150,6 +186,13 @@ class GrpcForwarder:
         self._inflight: dict[Key, int] = {}
         #: Streams whose request iterators may still send; an older one's stop.
         self._live: set[int] = set()
+        #: Streams with unanswered batches: since when each has waited for an answer
+        #: (time.monotonic(); the later of its last answer and its oldest unanswered send).
+        self._waiting: dict[int, float] = {}
+        #: Streams cancelled by the watchdog because answers stopped (ack_timeout_s).
+        self._timed_out: set[int] = set()
+        #: Ack timeouts per target: streams opened after one use a new connection.
+        self._hung_at: Counter[str] = Counter()
         self._streams = 0
         self._calls: dict[int, Any] = {}
         self._main_target: str | None = None
@@ -160,7 +203,9 @@ class GrpcForwarder:
         self._threads = [threading.Thread(target=self._guarded, args=(self._run,), name="forwarder",
                                           daemon=True),
                          threading.Thread(target=self._guarded, args=(self._run_doubt,),
-                                          name="forwarder-doubt", daemon=True)]
+                                          name="forwarder-doubt", daemon=True),
+                         threading.Thread(target=self._guarded, args=(self._watch_acks,),
+                                          name="forwarder-ack-watchdog", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -253,6 +298,14 @@ class GrpcForwarder:
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
         ]
+        if self._hung_at[target]:
+            # gRPC shares one connection per target and channel arguments across channels:
+            # after an ack timeout, a new stream would reuse the connection to the hung
+            # regional, "ready" while it never answers. A new value here is a new
+            # connection. (Not a connection per channel always: with one per forwarder, a
+            # process that also forks -- the tests run a regional, whose frame child is
+            # forked, beside their edges -- saw one forked child in ten crash at the fork.)
+            options.append(("stratoscope.after_ack_timeouts", self._hung_at[target]))
         gzip = grpc.Compression.Gzip if self.compression == "gzip" else grpc.Compression.NoCompression
         if self.tls is None:
             return grpc.insecure_channel(target, options=options, compression=gzip)
@@ -329,13 +382,19 @@ class GrpcForwarder:
                         raise
                     if data is not None:
                         self._inflight[key] = stream
+                        self._waiting.setdefault(stream, time.monotonic())
                         self.stats.sent += 1
             yield data
 
-    def _on_ack(self, ack: ingest_pb2.Ack) -> None:
+    def _on_ack(self, ack: ingest_pb2.Ack, stream: int | None = None) -> None:
         key = (ack.boot_id, ack.seq)
         with self._cv:
             self._inflight.pop(key, None)
+            if stream is not None:  # any answer shows the regional is alive: its clock restarts
+                if stream in self._inflight.values():
+                    self._waiting[stream] = time.monotonic()
+                else:
+                    self._waiting.pop(stream, None)
             if ack.status == ingest_pb2.Ack.RETRY:
                 self.stats.retries += 1
                 if key in self.spool:
@@ -378,19 +437,20 @@ class GrpcForwarder:
             self._closing.wait(0.02)
         return False
 
-    def _stream_round(self, target: str, doubt_only: bool) -> bool:
-        """One stream to ``target`` until it ends; True if any answer came."""
+    def _stream_round(self, target: str, doubt_only: bool) -> _RoundResult:
+        """One stream to ``target`` until it ends: whether any answer came, and whether
+        the watchdog cancelled it because answers stopped (``_watch_acks``)."""
         with self._cv:
             self._streams += 1
             stream = self._streams
             self._live.add(stream)
         got_ack = False
+        what = " (in-doubt batches)" if doubt_only else ""
         try:
             with self._channel(target) as channel:
                 if not self._connect(channel):
-                    log.warning("cannot connect to %s%s", target,
-                                " (in-doubt batches)" if doubt_only else "")
-                    return False
+                    log.warning("cannot connect to %s%s", target, what)
+                    return _RoundResult()
                 method = channel.stream_stream(_METHOD, request_serializer=_identity,
                                                response_deserializer=ingest_pb2.Ack.FromString)
                 call = method(self._requests(stream, target, doubt_only),
@@ -402,33 +462,70 @@ class GrpcForwarder:
                         self._main_target = target
                 for ack in call:
                     got_ack = True
-                    self._on_ack(ack)
+                    self._on_ack(ack, stream)
         except grpc.RpcError as exc:
-            if not self._closing.is_set():
+            if not self._closing.is_set() and stream not in self._timed_out:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     # the batches stay in the spool until the credentials are fixed
                     self._error("auth", f"stream to {target} refused", exc)
                 else:
-                    log.warning("stream to %s%s ended: %s", target, " (in-doubt batches)" if doubt_only
-                                else "", code)
+                    log.warning("stream to %s%s ended: %s", target, what, code)
         finally:
             with self._cv:  # retire this stream: its unanswered batches may go again
                 self._live.discard(stream)
                 self._calls.pop(stream, None)
-                for key in [k for k, s in self._inflight.items() if s == stream]:
+                self._waiting.pop(stream, None)
+                unanswered = [k for k, s in self._inflight.items() if s == stream]
+                for key in unanswered:
                     del self._inflight[key]
+                timed_out = stream in self._timed_out
+                self._timed_out.discard(stream)
+                if timed_out:
+                    self._hung_at[target] += 1
                 self._cv.notify_all()
-        return got_ack
+        if timed_out and not self._closing.is_set():
+            log.warning("regional %s%s did not answer for %g s (ack_timeout): treated as down; "
+                        "its %d unanswered batches stay in doubt there%s", target, what,
+                        self.ack_timeout_s, len(unanswered),
+                        "" if doubt_only or len(self.targets) == 1 else ", new ones go to the next regional")
+        return _RoundResult(answered=got_ack, timed_out=timed_out)
+
+    def _watch_acks(self) -> None:
+        """Cancel every stream whose answers stopped for longer than ``ack_timeout_s``
+        while it had batches unanswered (see the module docstring). Checked a few times
+        per deadline; a check that comes late (the edge was suspended or stopped, or
+        starved of CPU) moves the clocks forward by the delay, so only time in which the
+        edge ran and waited counts."""
+        every = min(1.0, self.ack_timeout_s / 4)
+        last = time.monotonic()
+        while not self._closing.wait(every):
+            now = time.monotonic()
+            late = now - last - every
+            last = now
+            hung = []
+            with self._cv:
+                if late > every:
+                    for stream in self._waiting:
+                        self._waiting[stream] += late
+                for stream, since in self._waiting.items():
+                    call = self._calls.get(stream)
+                    if (now - since > self.ack_timeout_s and call is not None
+                            and stream not in self._timed_out):
+                        self._timed_out.add(stream)
+                        self.errors["ack_timeout"] += 1
+                        hung.append(call)
+            for call in hung:
+                call.cancel()  # the stream's round ends and says why (_stream_round)
 
     def _run(self) -> None:
         failures = 0
         index = 0
         while not self._closing.is_set():
             target = self.targets[index]
-            got_ack = False
+            result = _RoundResult()
             try:
-                got_ack = self._stream_round(target, doubt_only=False)
+                result = self._stream_round(target, doubt_only=False)
             except _Round:
                 pass  # counted and logged where it happened
             except OSError as exc:  # the TLS files are read in _channel: this is the spool
@@ -439,9 +536,9 @@ class GrpcForwarder:
                 return
             with self._cv:
                 self.stats.reconnects += 1
-            if got_ack:
+            if result.answered and not result.timed_out:
                 failures = 0
-            else:
+            else:  # never answered, or answers stopped: the next regional
                 failures += 1
                 index = (index + 1) % len(self.targets)
             if failures and failures % len(self.targets) == 0:
@@ -464,7 +561,7 @@ class GrpcForwarder:
             answered = False
             for target in where:
                 try:
-                    answered |= self._stream_round(target, doubt_only=True)
+                    answered |= self._stream_round(target, doubt_only=True).answered
                 except _Round:
                     pass
                 except OSError as exc:

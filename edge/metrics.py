@@ -126,8 +126,9 @@ FORWARD_LABELLED: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                 "(the spool write failed).", "reason", ("full", "age", "corrupt", "unwritable")),
     "errors": ("forwarder_errors", "Errors that ended a forwarder round (it backs off and goes "
                "on): tls (reading the certificate files), auth (reading the token file, or the "
-               "regional refused the credentials), spool (its files), internal.",
-               "reason", ("tls", "auth", "spool", "internal")),
+               "regional refused the credentials), spool (its files), ack_timeout (a regional "
+               "left batches unanswered past ack_timeout: failed over), internal.",
+               "reason", ("tls", "auth", "spool", "ack_timeout", "internal")),
 }
 
 

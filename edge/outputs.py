@@ -40,7 +40,8 @@ class ForwardOutput:
 
     def __init__(self, targets: list[str], tls: object | None = None, close_timeout_s: float = 15.0,
                  compression: str = "zstd", wire_columns: str = "raw", spool: object | None = None,
-                 in_doubt_timeout_s: float = 3600.0, token_file: Path | None = None) -> None:
+                 in_doubt_timeout_s: float = 3600.0, token_file: Path | None = None,
+                 ack_timeout_s: float = 30.0) -> None:
         from stratoscope.edge.forward import ClientTls, GrpcForwarder
         from stratoscope.edge.spool import Spool
 
@@ -48,7 +49,8 @@ class ForwardOutput:
         assert spool is None or isinstance(spool, Spool)
         self.forwarder = GrpcForwarder(targets, tls=tls, compression=compression,
                                        wire_columns=wire_columns, spool=spool,
-                                       in_doubt_timeout_s=in_doubt_timeout_s, token_file=token_file)
+                                       in_doubt_timeout_s=in_doubt_timeout_s, token_file=token_file,
+                                       ack_timeout_s=ack_timeout_s)
         self.close_timeout_s = close_timeout_s
 
     def write(self, batch: pb.Batch) -> None:

@@ -14,10 +14,12 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from stratoscope.redact import install_log_filter, redact, remember
 from stratoscope.regional import looplag
@@ -74,6 +76,25 @@ def guard_secrets(config: RegionalConfig) -> None:
     install_log_filter()
 
 
+class ChildHangs(Collector):
+    """``stratoscope_regional_child_hangs_total{process}``: child processes found hung
+    (silent past ``child_timeout``, regional/liveness.py) and killed, read from their
+    owners at scrape time. ``process`` is "ingest" or "sink-<sink>": a fixed set."""
+
+    def __init__(self, counts: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        fam = CounterMetricFamily(
+            "stratoscope_regional_child_hangs",
+            "Child processes that stopped answering for child_timeout and were killed: a sink "
+            "process is replaced (its deliveries retried); a hung ingest process stops the regional.",
+            labels=["process"])
+        for process, n in self._counts():
+            fam.add_metric([process], n)
+        yield fam
+
+
 async def check(config: RegionalConfig) -> int:
     """Start each sink and run its health check; print one line per sink, preceded by
     one line per thing it noted (``clickhouse: retention differs: ...``: Ansible's
@@ -104,7 +125,7 @@ class RunningRegional:
         if problem is not None:
             raise ValueError(problem)
         self.config = config
-        self.sinks = [ProcessSink(s) for s in config.sinks]
+        self.sinks = [ProcessSink(s, child_timeout_s=config.child_timeout) for s in config.sinks]
         #: The write-ahead log's window instances (None: no log).
         self.instances = (InstanceLog(config.wal_dir, len(self.sinks))
                           if config.wal_dir is not None else None)
@@ -126,8 +147,9 @@ class RunningRegional:
         if instances is not None:
             self.regional.registry.register(LogStats(instances, lambda: self.wal_stats,
                                                      config.wal_max_bytes, self.regional.clock))
-        #: Set when a part of the regional failed on its own (the ingest process died):
-        #: the regional then stops, flushing what it holds, and exits non-zero.
+        #: Set when a part of the regional failed on its own (the ingest process died or
+        #: hung, the log could not be written): the regional then stops, flushing what it
+        #: holds, and exits non-zero.
         self.failed = asyncio.Event()
         self.regional.metrics.insecure.set(1 if config.insecure else 0)
         self._ingest = IngestProcess(config.listen, server_auth(config), self.regional.limits,
@@ -140,7 +162,10 @@ class RunningRegional:
                                                    if config.wal_dir is not None else None),
                                      on_wal=self._on_wal, rates=config.rate_settings,
                                      on_refused=lambda r: self.regional.metrics.refused.labels(r).inc(),
-                                     on_gate=lambda g: setattr(self, "gate_stats", g))
+                                     on_gate=lambda g: setattr(self, "gate_stats", g),
+                                     child_timeout_s=config.child_timeout)
+        self.regional.registry.register(ChildHangs(
+            lambda: [("ingest", self._ingest.hangs)] + [(f"sink-{s.name}", s.hangs) for s in self.sinks]))
         self._flusher: asyncio.Task[None] | None = None
         self._lag_monitor: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None
@@ -342,6 +367,6 @@ async def run(config: RegionalConfig) -> int:
     log.info("stopping: flushing every window")
     await running.stop()
     if running.failed.is_set():
-        log.error("regional stopped because its ingest process died; a supervisor restarts it")
+        log.error("regional stopped because a part of it failed (see above); a supervisor restarts it")
         return 1
     return 0

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S
 from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.rollups import Rollup
 from stratoscope.regional.sinks.config import ClickHouseSettings, KafkaSettings, SinkSettings
@@ -170,6 +171,10 @@ class RegionalConfig(BaseModel):
     #: On SIGTERM: how long to go on storing what is held before exiting; what is not
     #: stored by then stays in the log and is stored after the next start.
     stop_timeout: NonNegativeDuration = 30.0
+    #: How long a child process (ingest, a sink) may leave the regional's ping unanswered
+    #: before it is taken for hung (regional/liveness.py): a sink process is killed and
+    #: replaced, its deliveries retried; a hung ingest process stops the regional (exit 1).
+    child_timeout: Duration = DEFAULT_TIMEOUT_S
 
     @field_validator("wal_dir", mode="before")
     @classmethod

@@ -27,6 +27,12 @@ of band, no pickle copy):
   maximum of points: RETRY; whether the regional is draining: RETRY), ``Barrier(n)``,
   ``Stop(grace_s)``. Messages are handled in order, so a barrier answered after a
   pressure message means the gate applies it.
+- ``Ping()``, both ways: the regional pings about every second and the ingest event
+  loop echoes it (regional/liveness.py). An ingest process silent for ``child_timeout_s``
+  (stopped, its loop stuck) is hung: it acknowledges nothing, and edges fail over after
+  their own deadline. The regional then logs and counts it, kills it and treats it as
+  dead (``on_exit``): it stops and exits non-zero, a supervisor restarts it, and the
+  restart replays the write-ahead log (what was acknowledged is there).
 
 With a write-ahead log (``wal``), an accepted batch is acked once it is in the log
 on disk (regional/walwriter.py: group commit), and it crosses to the merge with its
@@ -57,6 +63,7 @@ from stratoscope.regional import looplag, pipes, wal
 from stratoscope.regional.dedup import Deduplicator
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
+from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S, Watchdog
 from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.runtime import name_process, tune_gc
 from stratoscope.regional.server import ServerAuth, serve
@@ -117,6 +124,11 @@ class Stopped:
 
 
 @dataclass(frozen=True, slots=True)
+class Ping:
+    """Sent by the regional, echoed by the ingest event loop (liveness)."""
+
+
+@dataclass(frozen=True, slots=True)
 class LoopLag:
     """The ingest event loop's stalls over the last second (regional/looplag.py)."""
 
@@ -174,8 +186,8 @@ class WalSettings:
 
 
 IngestEvent = (Listening | Accepted | Outcome | Refusal | Barrier | Stopped | LoopLag | WalStats
-               | GateStats)
-IngestCommand = Pressure | Barrier | Stop
+               | GateStats | Ping)
+IngestCommand = Pressure | Barrier | Stop | Ping
 
 
 # -- the ingest process ---------------------------------------------------------------
@@ -342,7 +354,7 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
         if isinstance(cmd, Pressure):
             gate.backlog, gate.held_full, gate.closed = cmd.blocks, cmd.held_full, cmd.closed
             gate.log_full = cmd.log_full
-        elif isinstance(cmd, Barrier):
+        elif isinstance(cmd, Barrier | Ping):
             out.put(cmd)
         elif isinstance(cmd, Stop):
             lag_monitor.cancel()
@@ -366,14 +378,16 @@ class IngestProcess:
                  on_wal: Callable[[WalStats], None] | None = None,
                  rates: RateSettings | None = None,
                  on_refused: Callable[[str], None] | None = None,
-                 on_gate: Callable[[GateStats], None] | None = None) -> None:
+                 on_gate: Callable[[GateStats], None] | None = None,
+                 child_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``on_outcome(status, label, None, None)`` counts a batch the ingest process did
         not accept; ``on_accepted(packed columns, size, log position)`` merges an accepted
         one (both in a reader thread); ``on_exit(code)`` is called in the event loop if the
-        ingest process dies on its own; ``on_lag("ingest", longest_s, stalls)`` reports its
-        event loop's stalls and ``on_wal(stats)`` its log writer's figures (reader
-        thread); ``on_refused(reason)`` counts a stream or batch refused for who sent it
-        (reader thread)."""
+        ingest process dies on its own, or hangs (silent for ``child_timeout_s``: it is
+        then killed); ``on_lag("ingest", longest_s, stalls)`` reports its event loop's
+        stalls and ``on_wal(stats)`` its log writer's figures (reader thread);
+        ``on_refused(reason)`` counts a stream or batch refused for who sent it (reader
+        thread)."""
         self.listen = listen
         self.auth = auth
         self.rates = rates or RateSettings()
@@ -397,6 +411,13 @@ class IngestProcess:
         self._stopped = threading.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.child_timeout_s = child_timeout_s
+        #: Times the ingest process was found hung and killed (0 or 1: the regional stops).
+        self.hangs = 0
+        self._watchdog: Watchdog | None = None
+        #: Whether the reader thread is waiting on the ingest process (not busy with a
+        #: message: a slow merge is the regional's delay, not the child's silence).
+        self._reading = False
 
     async def start(self, timeout_s: float = 60.0) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -418,12 +439,30 @@ class IngestProcess:
         if not ok or not self.port:
             code = self._proc.exitcode
             raise OSError(f"ingest process did not start listening on {self.listen} (exit code {code})")
+        # watched once it listens: before, it reads its log (no loop to answer yet)
+        proc = self._proc
+        self._watchdog = Watchdog("ingest", self.child_timeout_s, ping=lambda: chan.send(Ping()),
+                                  on_hung=lambda silent_s: self._hung(proc, silent_s),
+                                  listening=lambda: self._reading)
+        self._watchdog.start()
+
+    def _hung(self, proc: multiprocessing.process.BaseProcess, silent_s: float) -> None:
+        """The watchdog's verdict (its thread): kill the ingest process; the reader then
+        sees it gone and calls ``on_exit`` (unless the regional is stopping anyway)."""
+        self.hangs += 1
+        log.critical("the ingest process (pid %s) has not answered for %.0f s (child_timeout %g s): "
+                     "killing it; the regional stops, and a restart replays its write-ahead log",
+                     proc.pid, silent_s, self.child_timeout_s)
+        proc.kill()  # SIGKILL: a stopped process ends too
 
     def _read(self, chan: pipes.Channel[IngestCommand, IngestEvent]) -> None:
         while True:
             try:
+                self._reading = True
                 msg = chan.recv()
             except (EOFError, OSError):
+                if self._watchdog is not None:
+                    self._watchdog.stop()
                 self._port_ready.set()
                 self._stopped.set()
                 for n in list(self._waiting):
@@ -431,10 +470,17 @@ class IngestProcess:
                 if (not self._stopping and not self.start_error and self.on_exit is not None
                         and self._loop is not None):
                     proc = self._proc
+                    if proc is not None:
+                        proc.join(1.0)  # its exit code, for the line below
                     code = proc.exitcode if proc is not None else None
-                    log.error("the ingest process exited unexpectedly (code %s)", code)
+                    if not self.hangs:
+                        log.error("the ingest process exited unexpectedly (code %s)", code)
                     self._loop.call_soon_threadsafe(self.on_exit, code)
                 return
+            finally:
+                self._reading = False
+            if self._watchdog is not None:
+                self._watchdog.heard()
             try:
                 if isinstance(msg, Accepted):
                     self.on_accepted(memoryview(msg.columns), msg.size, msg.pos)
@@ -459,6 +505,8 @@ class IngestProcess:
                     self._release(msg.n)
                 elif isinstance(msg, Stopped):
                     self._stopped.set()
+                    if self._watchdog is not None:
+                        self._watchdog.stop()
                     return
             except Exception:  # a bug in the merge must not stop ingest
                 log.exception("handling %s from the ingest process failed", type(msg).__name__)
@@ -503,12 +551,15 @@ class IngestProcess:
         if self._proc is None:
             return
         self._stopping = True
+        if self._watchdog is not None:  # stopping takes the server's grace, unanswered: the
+            self._watchdog.stop()       # deadlines below bound it instead
         if self._proc.is_alive():
             self._send(Stop(grace_s))
             await asyncio.to_thread(self._stopped.wait, grace_s + 60)
         await asyncio.to_thread(self._proc.join, 10)
         if self._proc.is_alive():
-            self._proc.terminate()
+            self._proc.kill()  # it ignores SIGTERM (and a stopped process gets none)
+            await asyncio.to_thread(self._proc.join, 10)
         if self._chan is not None:
             self._chan.close()
         self._proc = self._chan = None

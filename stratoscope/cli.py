@@ -47,6 +47,8 @@ def _edge_parser(sub: Any) -> None:
     p.add_argument("--spool-max-age", help="spool age bound, e.g. 24h (default)")
     p.add_argument("--in-doubt-timeout", help="how long a batch sent to a regional and not "
                    "answered goes to that regional only, e.g. 1h (default)")
+    p.add_argument("--ack-timeout", help="how long a regional may leave batches unanswered "
+                   "before the edge fails over to the next one, e.g. 30s (default)")
     p.add_argument("--duration", help="stop after this long, e.g. 30s")
     p.add_argument("--once", action="store_true", help="drain one interval and exit")
     p.add_argument("--metrics-port", type=int, help="port for /metrics (0 disables; default 9431)")
@@ -102,6 +104,7 @@ def _run_edge(args: argparse.Namespace) -> int:
         "spool_max_bytes": args.spool_max_bytes,
         "spool_max_age": args.spool_max_age,
         "in_doubt_timeout": args.in_doubt_timeout,
+        "ack_timeout": args.ack_timeout,
     }
     params = _parse_params(args.param)
     cfg = load_config(args.config, overrides)
@@ -175,7 +178,8 @@ def _edge_output(cfg: Any) -> Any:
         outputs.append(ForwardOutput(cfg.regional, tls, compression=cfg.compression,
                                      wire_columns=cfg.wire_columns, spool=spool,
                                      in_doubt_timeout_s=cfg.in_doubt_timeout,
-                                     token_file=cfg.auth_token_file))
+                                     token_file=cfg.auth_token_file,
+                                     ack_timeout_s=cfg.ack_timeout))
     if cfg.output or not cfg.regional:
         outputs.append(open_output(cfg.output or "jsonl:-"))
     return outputs[0] if len(outputs) == 1 else MultiOutput(outputs)
@@ -212,6 +216,9 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--wal-max-bytes", "wal_max_bytes", "bytes the log may hold; from 90 %% of it edges are answered RETRY"),
     ("--stop-timeout", "stop_timeout",
      "on SIGTERM, how long to go on storing before exiting (the rest stays in the log), e.g. 30s"),
+    ("--child-timeout", "child_timeout",
+     "how long the ingest or a sink process may leave a ping unanswered before it is taken for "
+     "hung, e.g. 60s (default): a sink process is replaced, a hung ingest process stops the regional"),
     ("--programs-dir", "programs_dir",
      "program descriptions (*.yaml) whose declared roll-ups apply (default: the packaged bpf/)"),
     ("--clickhouse", "clickhouse.dsn",

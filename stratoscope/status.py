@@ -204,6 +204,10 @@ def regional_view(s: Scrape) -> list[Table]:
     stalls = s.by("stratoscope_regional_event_loop_longest_stall_seconds", "process")
     for (proc,), v in sorted(stalls.items()):
         summary.append((f"longest event-loop stall ({proc})", format_duration_ns(v * 1e9)))
+    hangs = {p: v for (p,), v in s.by("stratoscope_regional_child_hangs_total", "process").items() if v}
+    if hangs:
+        summary.append(("child processes hung and killed",
+                        ", ".join(f"{p} {format_count(int(v))}" for p, v in sorted(hangs.items()))))
     queries = s.by("stratoscope_regional_query_requests_total", "outcome")
     if queries:
         summary.append(("read endpoint requests",

@@ -21,15 +21,25 @@ itself when all of them are). Frames cross with their arrays out of band
 The child ignores SIGINT and SIGTERM: the regional drains its windows into the
 sinks on shutdown and then stops the child; a child whose parent is gone sees
 the pipe close and exits.
+
+Liveness (regional/liveness.py): the parent pings the child every second or so, and
+the child answers from its event loop at once, also while a request runs. A child
+silent for ``child_timeout_s`` (stopped, its loop stuck) once it has first answered
+is hung: logged, counted (``hangs``) and killed. The calls waiting on it fail as retriable, so the delivery
+queue retries them, and the retried delivery starts a new child (as after a crash).
+That is safe because a delivery is idempotent: a frame re-sent to a new child carries
+the same insert token / block ids (docs/GUARANTEES.md, section 5).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 import time
@@ -40,6 +50,7 @@ from typing import Any
 
 from stratoscope.regional import pipes
 from stratoscope.regional.frame import Block, Frame, blocks_of
+from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S, Watchdog
 from stratoscope.regional.runtime import name_process, tune_gc
 from stratoscope.regional.sinks.base import (
     BlockedError,
@@ -95,7 +106,15 @@ class Query:
     settings: dict[str, Any] | None
 
 
-SinkCall = Start | Stop | HealthCheck | Deliver | Query
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Answered at once by the child's event loop, also while a request runs: the
+    parent's proof that the child is not hung (regional/liveness.py)."""
+
+
+SinkCall = Start | Stop | HealthCheck | Deliver | Query | Ping
+#: The request id of pings: no caller waits for their answer (real ids start at 1).
+PING_ID = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +214,48 @@ def _child_main(conn: Connection, settings: SinkSettings, log_level: int) -> Non
     uvloop.run(_child_loop(chan, settings))
 
 
-async def _child_loop(chan: pipes.Channel[SinkReply, SinkRequest], settings: SinkSettings) -> None:
-    loop = asyncio.get_running_loop()
-    sink: Sink | None = None
+def _read_requests(chan: pipes.Channel[SinkReply, SinkRequest], loop: asyncio.AbstractEventLoop,
+                   requests: asyncio.Queue[SinkRequest | None], pongs: queue.SimpleQueue[int]) -> None:
+    """The child's reader thread: requests go to the loop in order; a ping is answered
+    once the loop has run a callback for it (so a stuck loop answers none), by a thread
+    of its own (so a busy executor or a long reply cannot hold it up). None: the pipe
+    closed."""
     while True:
         try:
-            req = await loop.run_in_executor(None, chan.recv)
+            req = chan.recv()
         except (EOFError, OSError):  # the regional is gone
+            loop.call_soon_threadsafe(requests.put_nowait, None)
+            return
+        if isinstance(req.call, Ping):
+            loop.call_soon_threadsafe(pongs.put, req.req_id)
+            continue
+        loop.call_soon_threadsafe(requests.put_nowait, req)
+        if isinstance(req.call, Stop):
+            return  # nothing follows a Stop: the child exits after answering it
+
+
+def _send_pongs(chan: pipes.Channel[SinkReply, SinkRequest], pongs: queue.SimpleQueue[int]) -> None:
+    while True:
+        req_id = pongs.get()
+        try:
+            chan.send(SinkReply(req_id))
+        except (OSError, ValueError):
+            return
+
+
+async def _child_loop(chan: pipes.Channel[SinkReply, SinkRequest], settings: SinkSettings) -> None:
+    """Serve the parent's requests one at a time, in order (pings at once, see
+    ``_read_requests``)."""
+    loop = asyncio.get_running_loop()
+    requests: asyncio.Queue[SinkRequest | None] = asyncio.Queue()
+    pongs: queue.SimpleQueue[int] = queue.SimpleQueue()
+    threading.Thread(target=_read_requests, args=(chan, loop, requests, pongs), name="sink-requests",
+                     daemon=True).start()
+    threading.Thread(target=_send_pongs, args=(chan, pongs), name="sink-pongs", daemon=True).start()
+    sink: Sink | None = None
+    while True:
+        req = await requests.get()
+        if req is None:  # the regional is gone
             if sink is not None:
                 await sink.stop()
             return
@@ -243,7 +297,9 @@ async def _child_loop(chan: pipes.Channel[SinkReply, SinkRequest], settings: Sin
 class ProcessSink:
     """A Sink run in a child process (see the module docstring)."""
 
-    def __init__(self, settings: SinkSettings) -> None:
+    def __init__(self, settings: SinkSettings, child_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """``child_timeout_s``: how long the child may leave a ping unanswered before it
+        is taken for hung and killed (see the module docstring)."""
         self.settings = settings
         self.kind = settings.kind
         self.name = settings.kind
@@ -256,6 +312,10 @@ class ProcessSink:
         #: lower it to what is left of its own stop deadline).
         self.stop_timeout_s = STOP_TIMEOUT_S
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.child_timeout_s = child_timeout_s
+        #: Child processes found hung and killed (``stratoscope_regional_child_hangs_total``).
+        self.hangs = 0
+        self._watchdog: Watchdog | None = None
 
     def __repr__(self) -> str:
         pid = self._proc.pid if self._proc is not None else None
@@ -275,27 +335,54 @@ class ProcessSink:
         proc.start()
         child.close()
         chan: pipes.Channel[SinkRequest, SinkReply] = pipes.Channel.over(parent)
-        self._proc, self._chan = proc, chan
+        # each child's calls apart: a dead child's reader fails only the calls sent to it
+        pending: dict[int, asyncio.Future[Any]] = {}
+        self._proc, self._chan, self._pending = proc, chan, pending
         self._loop = asyncio.get_running_loop()
-        threading.Thread(target=self._read, args=(chan, proc), name=f"sink-{self.kind}-reader",
-                         daemon=True).start()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        watchdog = Watchdog(f"sink-{self.kind}", self.child_timeout_s,
+                            ping=lambda: chan.send(SinkRequest(PING_ID, Ping())),
+                            on_hung=lambda silent_s: self._hung(proc, silent_s))
+        self._watchdog = watchdog
+        threading.Thread(target=self._read, args=(chan, proc, watchdog, pending),
+                         name=f"sink-{self.kind}-reader", daemon=True).start()
+        # Watched from its first answer (the reader starts the watchdog): a child still
+        # importing its libraries has no loop to answer from. This ping is answered as
+        # soon as it has one.
+        with contextlib.suppress(OSError, ValueError):
+            chan.send(SinkRequest(PING_ID, Ping()))
+
+    def _hung(self, proc: multiprocessing.process.BaseProcess, silent_s: float) -> None:
+        """The watchdog's verdict (its thread): kill the child. Its reader then fails
+        the waiting calls as retriable, and the next call starts a new child."""
+        self.hangs += 1
+        log.error("sink process %s (pid %s) has not answered for %.0f s (child_timeout %g s): "
+                  "killing it; its deliveries are retried in a new one", self.kind, proc.pid,
+                  silent_s, self.child_timeout_s)
+        proc.kill()  # SIGKILL: a stopped process ends too
 
     def _read(self, chan: pipes.Channel[SinkRequest, SinkReply],
-              proc: multiprocessing.process.BaseProcess) -> None:
-        """Reader thread: hands every reply to the future waiting for it."""
+              proc: multiprocessing.process.BaseProcess, watchdog: Watchdog,
+              pending: dict[int, asyncio.Future[Any]]) -> None:
+        """Reader thread: hands every reply to the future waiting for it (in ``pending``,
+        the calls sent to this child)."""
         while True:
             try:
                 reply = chan.recv()
             except (EOFError, OSError):
+                watchdog.stop()
                 proc.join(1.0)
                 gone = RetriableError(f"sink process {self.kind} exited (code {proc.exitcode})")
-                for waiting in list(self._pending.values()):
+                for waiting in list(pending.values()):
                     self._resolve(waiting, None, gone)
-                self._pending.clear()
+                pending.clear()
                 return
-            fut = self._pending.pop(reply.req_id, None)
+            watchdog.start()  # from the first answer on (idempotent)
+            watchdog.heard()
+            fut = pending.pop(reply.req_id, None)
             if fut is None:
-                continue  # its caller timed out and left
+                continue  # a ping's answer, or its caller timed out and left
             if reply.error_class is None:
                 self._resolve(fut, reply.result, None)
             else:
@@ -323,16 +410,16 @@ class ProcessSink:
         self._loop.call_soon_threadsafe(done)
 
     async def _call(self, call: SinkCall) -> Any:
-        chan = self._chan
+        chan, pending = self._chan, self._pending
         if not self.alive or chan is None:
             raise RetriableError(f"sink process {self.kind} is not running")
         req_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = fut
+        pending[req_id] = fut
         try:
             await asyncio.to_thread(chan.send, SinkRequest(req_id, call))
         except (OSError, ValueError) as exc:
-            self._pending.pop(req_id, None)
+            pending.pop(req_id, None)
             raise RetriableError(f"sink process {self.kind}: {exc}") from exc
         return await fut
 
@@ -349,6 +436,8 @@ class ProcessSink:
         (A sink whose server is down can hang in its own stop: a Kafka producer flushing
         to a broker that is gone. What it held is still in the regional's log.)"""
         async with self._start_lock:
+            if self._watchdog is not None:  # from here stop() has its own deadline
+                self._watchdog.stop()
             if not self.alive:
                 return
             deadline = time.monotonic() + self.stop_timeout_s

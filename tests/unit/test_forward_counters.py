@@ -69,6 +69,7 @@ def test_exposition_names_and_values() -> None:
         'stratoscope_edge_forwarder_errors_total{reason="tls"}': 3.0,
         'stratoscope_edge_forwarder_errors_total{reason="auth"}': 0.0,
         'stratoscope_edge_forwarder_errors_total{reason="spool"}': 0.0,
+        'stratoscope_edge_forwarder_errors_total{reason="ack_timeout"}': 0.0,
         'stratoscope_edge_forwarder_errors_total{reason="internal"}': 0.0,
     }
 

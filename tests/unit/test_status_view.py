@@ -137,3 +137,12 @@ stratoscope_edge_in_doubt_released_total 4.0
     assert "forwarder errors tls 1" in text
     assert "batches dropped from the spool full 3" in text
     assert "in-doubt batches released (may count twice) spool 4" in text
+
+
+def test_regional_view_shows_hung_child_processes() -> None:
+    page = WAL + """# TYPE stratoscope_regional_child_hangs counter
+stratoscope_regional_child_hangs_total{process="ingest"} 0.0
+stratoscope_regional_child_hangs_total{process="sink-clickhouse"} 2.0
+"""
+    assert "child processes hung and killed sink-clickhouse 2" in _text(regional_view(parse("u", page)))
+    assert "hung" not in _text(regional_view(parse("u", WAL)))
