@@ -256,7 +256,7 @@ def test_the_edge_command_fails_over_from_a_stopped_regional_with_exact_counts(
              "--interval", "1s", "--regional", f"127.0.0.1:{a.port}", "--regional",
              f"127.0.0.1:{b.port}", "--ack-timeout", f"{ACK_TIMEOUT_S:g}s",
              "--spool-dir", str(tmp_path / "spool"), "--metrics-port", str(port),
-             "--node-id", "ackto-node"],
+             "--node-id", "ackto-node", "--insecure"],
             stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     edge = Edge(proc, port, log)
     timeouts = 'stratoscope_edge_forwarder_errors_total{reason="ack_timeout"}'
@@ -367,7 +367,7 @@ async def test_a_stopped_ingest_process_is_counted_and_fails_the_regional(tmp_pa
     from stratoscope.regional.app import RunningRegional
     from stratoscope.regional.config import RegionalConfig
 
-    config = RegionalConfig(listen="127.0.0.1:0", metrics_port=0, query_listen=None,
+    config = RegionalConfig(insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None,
                             clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp_path}/ch"),
                             resolution=5, lateness=1, wal_dir=tmp_path / "wal",
                             child_timeout=CHILD_TIMEOUT_S, stop_timeout=5)
