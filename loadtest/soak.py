@@ -354,12 +354,15 @@ class Soak:
 
     def kill(self, fleet: SoakFleet) -> None:
         down = self.rng.uniform(0, 20)
-        # Half the kills land while batches are on the wire and not answered (being
-        # logged, acknowledged, merged): the answer is lost and the edge resends. At a
-        # uniform moment most kills find nothing in flight: a round of sends takes a
-        # few ms of every second.
+        # A third of the kills land at a uniform moment; a third while batches are on the
+        # wire and not answered (being logged, acknowledged, merged: the answer is lost
+        # and the edge resends); a third 0-2 s after a window closed, while its frames
+        # are reduced and stored. At a uniform moment most kills find neither: a round
+        # of sends takes a few ms of every second, and storing a window a fraction of
+        # its length.
         when = ""
-        if self.rng.random() < 0.5:
+        how = self.rng.choice(("uniform", "in flight", "storing"))
+        if how == "in flight":
             fleet.burst.clear()
             fleet.burst.wait(5)
             end = time.monotonic() + 0.5
@@ -369,6 +372,16 @@ class Soak:
                     when = f", {flying} batches sent and not answered"
                     break
                 time.sleep(0.0005)
+        elif how == "storing":
+            res, late = parse_duration(self.args.resolution), parse_duration(self.args.lateness)
+            now = time.time()
+            closes = (now // res + 1) * res + late  # the next window's close
+            if closes - res > now:
+                closes -= res
+            delay = self.rng.uniform(0, 2)
+            time.sleep(max(0.0, closes + delay - time.time()))
+            start = time.strftime("%H:%M:%S", time.gmtime(closes - late - res))
+            when = f", {delay:.2f} s after window {start}Z closed"
         assert self.regional.proc is not None
         self.log(f"fault kill: SIGKILL the regional's process group (life {self.regional.starts}, "
                  f"pid {self.regional.proc.pid}{when}); restart after {down:.1f} s")
@@ -481,7 +494,8 @@ class Soak:
             self.errors.append(f"the final life exited {code}{', not everything stored' if left else ''}")
 
     def cleanup(self) -> None:
-        """Whatever is still running of ours: the regional's group, the broker."""
+        """Whatever is still running of ours: the regional's group, the broker (halted:
+        its topics stay in the work directory, removed with it)."""
         with contextlib.suppress(Exception):
             self._reap()
             proc = self.regional.proc
@@ -491,7 +505,7 @@ class Soak:
         if self.broker is not None:
             self.end_outage()
             with contextlib.suppress(Exception):
-                self.broker.run("stop")
+                self.broker.run("halt")  # its data stays in the work directory
 
 
 def _last_line(text: str) -> str:
@@ -721,11 +735,17 @@ def print_ledger(L: dict[str, Any], log: Log) -> None:
     bad = [(name, cell) for name, c in L["measures"].items() for cell in c["bad"]]
     if bad:
         p("")
-        p(f"cells that are wrong ({len(bad)}, first 30), with the last fault before the window:")
+        p(f"cells that are wrong ({len(bad)}, first 30):")
+        windows = set()
         for name, (node, window, s, got, d) in bad[:30]:
-            before = [ln for t, wall, ln in log.lines if wall < window + L["res"] + 1 and ln.startswith("fault")]
-            p(f"  {name:<30} node {node or '(roll-up)':<10} window {time.strftime('%H:%M:%S', time.gmtime(window))}Z "
-              f"sent {s:,} stored {got:,} dropped {d:,}  | {before[-1] if before else 'no fault before'}")
+            windows.add(window)
+            p(f"  {name:<38} node {node or '(roll-up)':<10} window {time.strftime('%H:%M:%S', time.gmtime(window))}Z "
+              f"sent {s:,} stored {got:,} dropped {d:,}")
+        for window in sorted(windows):
+            p(f"faults from window {time.strftime('%H:%M:%S', time.gmtime(window))}Z's start to 60 s after it closed:")
+            for _, wall, ln in log.lines:
+                if window <= wall <= window + L["res"] + L["lateness"] + 60 and ln.startswith("fault"):
+                    p(f"  {time.strftime('%H:%M:%S', time.gmtime(wall))}Z {ln}")
     if L["library_errors"]:
         p("")
         p("ERROR lines of the regional's libraries (by logger): "
@@ -902,6 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     ledger: dict[str, Any] = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "res": res,
+        "lateness": parse_duration(args.lateness),
         "wall_s": {"total": t_read - t_start, "faults": t_faults - t0, "acks": t_acks - t_faults,
                    "final": t_final - t_acks, "read": t_read - t_final},
         "faults": {"injected": dict(soak.faults.injected), "ended_by": soak.faults.ended_by,
