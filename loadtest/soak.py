@@ -25,9 +25,12 @@ What runs:
   batch's read counter and histogram count are recorded per node and output window
   before the forwarder gets it: that is the truth the stores are checked against.
 
-Faults, at exponential gaps (mean ``--fault-every``), each logged with its time:
+Faults, at exponential gaps (mean ``--fault-every``), each logged with its time; the kinds
+come round in a random order, each about equally often:
 
-- ``kill``: SIGKILL the regional's whole process group; restart it after 0-20 s;
+- ``kill``: SIGKILL the regional's whole process group; restart it after 0-20 s. A third
+  of the kills land at a uniform moment, a third while batches are sent and not answered,
+  a third 0-2 s after a window closed (while it is stored);
 - ``term``: SIGTERM, which stores what it can within the short stop timeout and leaves
   the rest in the log; restart it at once;
 - ``kafka`` (with ``--kafka``): halt the broker (its data kept) for 10-60 s, then resume
@@ -447,6 +450,7 @@ class Soak:
         ends before the soak does: a restart is never left undone)."""
         mean = parse_duration(self.args.fault_every)
         kinds = list(self.args.faults)
+        bag: list[str] = []
         next_at = time.monotonic() + self.rng.expovariate(1 / mean)
         while True:
             now = time.monotonic()
@@ -458,9 +462,18 @@ class Soak:
                 if self.errors:
                     raise RuntimeError("; ".join(self.errors))
                 continue
-            kind = self.rng.choice(kinds)
+            # Kinds come from a bag refilled with every kind in a random order, so each
+            # kind is injected about equally often (a draw with replacement left a
+            # 10-minute soak without a single broker outage).
+            if not bag:
+                bag = self.rng.sample(kinds, len(kinds))
+            kind = bag.pop()
             if kind == "kafka" and self.outage_running():
-                kind = self.rng.choice([k for k in kinds if k != "kafka"] or ["none"])
+                others = [k for k in bag if k != "kafka"]
+                bag.insert(0, kind)  # its turn comes again later
+                kind = others[-1] if others else "none"
+                if others:
+                    bag.remove(kind)
             self.check_alive()
             if kind == "kill":
                 self.kill(fleet)
