@@ -56,7 +56,7 @@ from stratoscope.regional.gate import Gate, RejectionLog  # noqa: E402
 from stratoscope.regional.validate import NS, BatchRejected, parse_batch  # noqa: E402
 from stratoscope.v1 import batch_pb2 as pb  # noqa: E402
 from stratoscope.v1 import ingest_pb2  # noqa: E402
-from stratoscope.wire import header_bytes, seal  # noqa: E402
+from stratoscope.wire import header_bytes, seal, varint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REAL = HERE / "data" / "edge_batch.jsonl.gz"
@@ -175,21 +175,12 @@ def _corrupt_body(real: pb.Batch) -> bytes:
     return sealed.SerializeToString()
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _spoofed(real: pb.Batch) -> bytes:
     """The clear header of node-1, a body of another node swallowing it (validate.open_batch)."""
     sealed = seal(real)
     body = _copy(real)
     body.node_id = "victim"
-    tail = _varint(99 << 3 | 2) + _varint(len(header_bytes(real)))  # an unknown field, bytes
+    tail = varint(99 << 3 | 2) + varint(len(header_bytes(real)))  # an unknown field, bytes
     sealed.body = zstandard.ZstdCompressor(level=6).compress(body.SerializeToString() + tail)
     return sealed.SerializeToString()
 

@@ -77,3 +77,14 @@ def open_sealed(batch: pb.Batch, max_bytes: int) -> tuple[pb.Batch, int]:
     if whole.codec != pb.CODEC_NONE or whole.body:
         raise WireError("a sealed body must not be sealed again")
     return whole, len(raw)
+
+
+def varint(n: int) -> bytes:
+    """``n`` as a protobuf base-128 varint (for building wire bytes by hand: a field's tag,
+    a length)."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)

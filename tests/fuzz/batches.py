@@ -46,7 +46,7 @@ from stratoscope.regional.sinks.kafka import block_batch
 from stratoscope.regional.validate import NS, REASONS, BatchRejected, Limits, parse_batch
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
-from stratoscope.wire import header_bytes, seal
+from stratoscope.wire import header_bytes, seal, varint
 
 __all__ = ["BYTES", "ENCODING", "FIELD", "NOW", "SEAL", "TIGHT", "Outcome", "case",
            "check_wire", "expected_reasons", "mutate_wire", "random_batch", "seed_batches"]
@@ -580,15 +580,6 @@ ENCODING: dict[str, Callable[[pb.Batch, random.Random], None]] = {
 
 # -- the sealed form ---------------------------------------------------------------------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _zstd(data: bytes, sized: bool = True) -> bytes:
     return zstandard.ZstdCompressor(level=1, write_content_size=sized).compress(data)
 
@@ -628,7 +619,7 @@ def _swallowed_header(b: pb.Batch, rnd: random.Random, lim: Limits) -> pb.Batch:
     body.CopyFrom(b)
     body.node_id = rnd.choice(["victim", b.node_id])
     body.boot_id = rnd.choice(["other-boot", b.boot_id])
-    tail = _varint(99 << 3 | 2) + _varint(len(header_bytes(b)))
+    tail = varint(99 << 3 | 2) + varint(len(header_bytes(b)))
     return _reseal_body(b, body, tail)
 
 
@@ -689,7 +680,7 @@ BYTES: dict[str, Callable[[bytes, random.Random], bytes]] = {
     "insert": lambda w, rnd: (lambda i: w[:i] + rnd.randbytes(rnd.randint(1, 8)) + w[i:])(
         rnd.randint(0, len(w))),
     "twice": lambda w, rnd: w + w,  # protobuf merges: repeated fields doubled
-    "unknown_field": lambda w, rnd: w + _varint(rnd.choice([99, 536870911]) << 3 | 2) + _varint(3) + b"abc",
+    "unknown_field": lambda w, rnd: w + varint(rnd.choice([99, 536870911]) << 3 | 2) + varint(3) + b"abc",
 }
 
 

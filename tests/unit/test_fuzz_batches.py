@@ -27,7 +27,7 @@ from stratoscope.regional.gate import Gate
 from stratoscope.regional.validate import NS, REASONS, BatchRejected, Limits, parse_batch
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
-from stratoscope.wire import header_bytes, seal
+from stratoscope.wire import header_bytes, seal, varint
 from tests.fuzz.batches import (
     BYTES,
     ENCODING,
@@ -50,15 +50,6 @@ def fuzz_settings(examples: int) -> settings:
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _body(node: str, boot: str, seq: int) -> pb.Batch:
     b = BatchBuilder(node, boot, seq, NOW - 10 * NS, NOW, {})
     b.add_counters("syscalls_total", "calls", "", ["syscall"], {("read",): 5})
@@ -73,7 +64,7 @@ def spoofed_node() -> bytes:
     "victim"'s, de-duplicated as node-1's."""
     outer = pb.Batch(node_id="node-1", boot_id="boot-1", seq=1, start_ns=NOW - 10 * NS, end_ns=NOW,
                      codec=pb.CODEC_ZSTD)
-    tail = _varint(99 << 3 | 2) + _varint(len(header_bytes(outer)))
+    tail = varint(99 << 3 | 2) + varint(len(header_bytes(outer)))
     outer.body = zstandard.ZstdCompressor().compress(_body("victim", "boot-v", 7).SerializeToString() + tail)
     return outer.SerializeToString()
 
