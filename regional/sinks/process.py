@@ -24,11 +24,12 @@ the pipe close and exits.
 
 Liveness (regional/liveness.py): the parent pings the child every second or so, and
 the child answers from its event loop at once, also while a request runs. A child
-silent for ``child_timeout_s`` (stopped, its loop stuck) once it has first answered
-is hung: logged, counted (``hangs``) and killed. The calls waiting on it fail as retriable, so the delivery
-queue retries them, and the retried delivery starts a new child (as after a crash).
-That is safe because a delivery is idempotent: a frame re-sent to a new child carries
-the same insert token / block ids (docs/GUARANTEES.md, section 5).
+silent for ``child_timeout_s`` (stopped, its loop stuck) once it has first answered is
+hung: logged, counted (``hangs``) and killed. The calls waiting on it fail as
+retriable, so the delivery queue retries them, and the retried delivery starts a new
+child (as after a crash). That is safe because a delivery is idempotent: a frame sent
+again to a new child carries the same insert token and block ids (docs/GUARANTEES.md,
+section 5).
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ def _child_main(conn: Connection, settings: SinkSettings, log_level: int) -> Non
 
 
 def _read_requests(chan: pipes.Channel[SinkReply, SinkRequest], loop: asyncio.AbstractEventLoop,
-                   requests: asyncio.Queue[SinkRequest | None], pongs: queue.SimpleQueue[int]) -> None:
+                   requests: asyncio.Queue[SinkRequest | None],
+                   pongs: queue.SimpleQueue[int]) -> None:
     """The child's reader thread: requests go to the loop in order; a ping is answered
     once the loop has run a callback for it (so a stuck loop answers none), by a thread
     of its own (so a busy executor or a long reply cannot hold it up). None: the pipe
@@ -249,8 +251,8 @@ async def _child_loop(chan: pipes.Channel[SinkReply, SinkRequest], settings: Sin
     loop = asyncio.get_running_loop()
     requests: asyncio.Queue[SinkRequest | None] = asyncio.Queue()
     pongs: queue.SimpleQueue[int] = queue.SimpleQueue()
-    threading.Thread(target=_read_requests, args=(chan, loop, requests, pongs), name="sink-requests",
-                     daemon=True).start()
+    threading.Thread(target=_read_requests, args=(chan, loop, requests, pongs),
+                     name="sink-requests", daemon=True).start()
     threading.Thread(target=_send_pongs, args=(chan, pongs), name="sink-pongs", daemon=True).start()
     sink: Sink | None = None
     while True:
