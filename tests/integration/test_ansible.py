@@ -33,6 +33,7 @@ import yaml
 
 from stratoscope.pki import issue_certificates
 from tests.conftest import kafka_bootstrap, unique_comm
+from tests.integration.test_systemd_units import verify_unit
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
@@ -459,15 +460,6 @@ def _exec_start_pre(unit: Path) -> list[str]:
     return [arg.replace("$$", "$") for arg in shlex.split(line.removeprefix("ExecStartPre=+"))]
 
 
-def _verify(unit: Path) -> None:
-    """systemd-analyze verify, where a warning (an unknown key, a bad value) is a failure too."""
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.fail("systemd-analyze is needed to check the units (apt install systemd)")
-    r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=120)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), (unit.name, r.stdout, r.stderr)
-
-
 @pytest.mark.timeout(600)
 def test_systemd_units_render_and_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     """The edge, regional and grafana units as the roles render them (the roles' own templates
@@ -521,9 +513,9 @@ def test_systemd_units_render_and_pass_systemd_analyze_verify(tmp_path: Path) ->
         "embedded-off": None}
 
     for name in variants:
-        _verify(out / name / "stratoscope-edge.service")
-        _verify(out / name / "stratoscope-regional.service")
-    _verify(out / "grafana/grafana-server.service")
+        verify_unit(out / name / "stratoscope-edge.service")
+        verify_unit(out / name / "stratoscope-regional.service")
+    verify_unit(out / "grafana/grafana-server.service")
     assert (out / "grafana/grafana-server.service.d/stratoscope.conf").read_text().splitlines()[-2:] == [
         "[Service]", "EnvironmentFile=/etc/grafana/stratoscope-clickhouse.env"]
     # deploy/systemd: the same units with the example install's paths.
@@ -533,7 +525,7 @@ def test_systemd_units_render_and_pass_systemd_analyze_verify(tmp_path: Path) ->
         (static / unit.name).write_text(re.sub(r"^ExecStart=/opt/\S+/bin/stratoscope ",
                                                f"ExecStart={BIN / 'stratoscope'} ", unit.read_text(),
                                                flags=re.MULTILINE))
-        _verify(static / unit.name)
+        verify_unit(static / unit.name)
     assert _exec_start_pre(static / "stratoscope-edge.service") == _exec_start_pre(
         out / "service/stratoscope-edge.service")
     assert "remount" not in " ".join(_exec_start_pre(out / "root/stratoscope-edge.service"))

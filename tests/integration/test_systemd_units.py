@@ -48,7 +48,7 @@ def _service(text: str) -> dict[str, str]:
     return out
 
 
-def _verify(unit: Path) -> None:
+def verify_unit(unit: Path) -> None:
     """systemd-analyze verify, where a warning (an unknown key, a bad value) fails too."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -89,7 +89,7 @@ def _under(path: Path, dirs: str) -> bool:
 def test_shipped_unit_passes_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     unit = tmp_path / name
     unit.write_text(_runnable((UNITS / name).read_text()))
-    _verify(unit)
+    verify_unit(unit)
 
 
 @pytest.mark.parametrize("user", ["stratoscope", "root"])
@@ -102,7 +102,7 @@ def test_rendered_unit_passes_verify_and_says_what_the_shipped_one_says(
                    stratoscope_user=user, stratoscope_group=user)
     unit = tmp_path / name
     unit.write_text(_runnable(text))
-    _verify(unit)
+    verify_unit(unit)
     rendered = _service(text)
     shipped = _service((UNITS / name).read_text())
     if user == "root":  # no account lines; the edge keeps all it has, and no group gets tracefs
