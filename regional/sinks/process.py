@@ -312,6 +312,7 @@ class ProcessSink:
         self._start_lock = asyncio.Lock()
         #: How long stop() waits for the child before terminating it (the owner may
         #: lower it to what is left of its own stop deadline).
+        self._join_lock = threading.Lock()
         self.stop_timeout_s = STOP_TIMEOUT_S
         self._loop: asyncio.AbstractEventLoop | None = None
         self.child_timeout_s = child_timeout_s
@@ -374,7 +375,7 @@ class ProcessSink:
                 reply = chan.recv()
             except (EOFError, OSError):
                 watchdog.stop()
-                proc.join(1.0)
+                self._wait(proc, 1.0)
                 gone = RetriableError(f"sink process {self.kind} exited (code {proc.exitcode})")
                 for waiting in list(pending.values()):
                     self._resolve(waiting, None, gone)
@@ -451,17 +452,24 @@ class ProcessSink:
                 log.warning("sink process %s: its sink did not stop within %gs", self.kind, self.stop_timeout_s)
             proc = self._proc
             assert proc is not None
-            await asyncio.to_thread(proc.join, max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
+            if not await asyncio.to_thread(self._wait, proc, max(0.1, deadline - time.monotonic())):
                 log.warning("sink process %s did not exit; terminating it", self.kind)
                 proc.terminate()
-                await asyncio.to_thread(proc.join, 5)
-                if proc.is_alive():
+                if not await asyncio.to_thread(self._wait, proc, 5):
                     proc.kill()
-                    await asyncio.to_thread(proc.join, 5)
+                    await asyncio.to_thread(self._wait, proc, 5)
             if self._chan is not None:
                 self._chan.close()
             self._proc = self._chan = None
+
+    def _wait(self, proc: multiprocessing.process.BaseProcess, timeout_s: float) -> bool:
+        """Join ``proc`` for up to ``timeout_s``; whether it has exited. One join at a time
+        (the reader thread joins a child whose pipe closed, stop() joins it too): two
+        concurrent joins race in waitpid, and the loser took a child that had exited for
+        one still running."""
+        with self._join_lock:
+            proc.join(timeout_s)
+            return proc.exitcode is not None
 
     async def health_check(self) -> None:
         await self._call(HealthCheck())
