@@ -470,8 +470,6 @@ class IngestProcess:
                 if (not self._stopping and not self.start_error and self.on_exit is not None
                         and self._loop is not None):
                     proc = self._proc
-                    if proc is not None:
-                        proc.join(1.0)  # its exit code, for the line below
                     code = proc.exitcode if proc is not None else None
                     if not self.hangs:
                         log.error("the ingest process exited unexpectedly (code %s)", code)

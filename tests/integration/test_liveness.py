@@ -161,8 +161,21 @@ def _child(regional: RegionalProcess, comm: str) -> int:
     return pid  # type: ignore[no-any-return]
 
 
+def _metrics(regional: RegionalProcess) -> dict[str, float]:
+    """Its /metrics, waiting until they are served: the page starts a moment after the
+    ingest port, which is what RegionalProcess.start() waits for."""
+
+    def page() -> dict[str, float] | None:
+        try:
+            return regional.metrics()
+        except OSError:
+            return None
+
+    return wait_for("the regional's /metrics", page, 60, 0.1)  # type: ignore[no-any-return]
+
+
 def _hangs(regional: RegionalProcess, process: str) -> float:
-    return regional.metrics().get(f'stratoscope_regional_child_hangs_total{{process="{process}"}}', -1.0)
+    return _metrics(regional).get(f'stratoscope_regional_child_hangs_total{{process="{process}"}}', -1.0)
 
 
 def _sum_reads(*regionals: RegionalProcess) -> dict[str, int]:
@@ -290,7 +303,7 @@ def test_the_edge_command_fails_over_from_a_stopped_regional_with_exact_counts(
 
 
 def _delivered(regional: RegionalProcess) -> float:
-    return regional.metrics().get('stratoscope_regional_sink_delivered_blocks_total{sink="clickhouse"}', 0.0)
+    return _metrics(regional).get('stratoscope_regional_sink_delivered_blocks_total{sink="clickhouse"}', 0.0)
 
 
 def test_a_stopped_sink_process_is_replaced_and_totals_stay_exact(
@@ -349,7 +362,7 @@ def test_a_stopped_ingest_process_stops_the_regional_and_a_restart_replays_its_l
     # what a supervisor does; this time with time to store everything when stopped below
     r.argv[r.argv.index("--stop-timeout") + 1] = "120s"
     r.start()
-    replayed = r.metrics()
+    replayed = _metrics(r)
     assert replayed['stratoscope_regional_wal_replayed_batches_total{outcome="merged"}'] >= 5 * 3, \
         replayed
     stats = fleet.stop()
