@@ -210,10 +210,6 @@ class Authenticator:
         self.client_ca = client_ca
         self.tokens = tokens
 
-    @property
-    def required(self) -> bool:
-        return self.client_ca or self.tokens is not None
-
     def names(self, context: grpc.aio.ServicerContext) -> frozenset[str] | None:
         """The node names this stream may send as; None when no authentication is
         configured (insecure). Raises Refused."""

@@ -80,6 +80,29 @@ def env_name(name: str, what: str) -> str:
     return name
 
 
+def _read_secret(value: SecretStr | None, file: Path | None, env: str | None) -> str | None:
+    """A password from the one source given (settings, file, environment), read now and
+    remembered by stratoscope.redact; None: none given."""
+    if value is not None:
+        secret = value.get_secret_value()
+    elif file is not None:
+        secret = file.read_text(encoding="utf-8").strip()
+    elif env is not None:
+        secret = os.environ[env]
+    else:
+        return None
+    remember(secret)
+    return secret
+
+
+def _held_secrets(value: SecretStr | None, env: str | None) -> list[str]:
+    """The password as held in memory (given in the settings or the environment)."""
+    held = [value.get_secret_value()] if value is not None else []
+    if env is not None and env in os.environ:
+        held.append(os.environ[env])
+    return held
+
+
 def dsn_database(dsn: str) -> str | None:
     """The database named by an http(s) DSN's path (None for chdb DSNs or no path)."""
     parts = urlsplit(dsn)
@@ -266,22 +289,10 @@ class ClickHouseSettings(SinkSettings):
         """The password, from wherever it is kept, read now (in the sink's process, when
         it connects: a rotated file applies at the next connection); None: none given.
         Remembered by stratoscope.redact."""
-        if self.password is not None:
-            secret = self.password.get_secret_value()
-        elif self.password_file is not None:
-            secret = self.password_file.read_text(encoding="utf-8").strip()
-        elif self.password_env is not None:
-            secret = os.environ[self.password_env]
-        else:
-            return None
-        remember(secret)
-        return secret
+        return _read_secret(self.password, self.password_file, self.password_env)
 
     def held_secrets(self) -> list[str]:
-        held = [self.password.get_secret_value()] if self.password is not None else []
-        if self.password_env is not None and self.password_env in os.environ:
-            held.append(os.environ[self.password_env])
-        return held
+        return _held_secrets(self.password, self.password_env)
 
     @property
     def dead_letter_path(self) -> Path:
@@ -383,22 +394,10 @@ class KafkaSettings(SinkSettings):
     def password(self) -> str | None:
         """The SASL password, from wherever it is kept (read now, not stored);
         remembered by stratoscope.redact."""
-        if self.sasl_password is not None:
-            secret = self.sasl_password.get_secret_value()
-        elif self.sasl_password_file is not None:
-            secret = self.sasl_password_file.read_text().strip()
-        elif self.sasl_password_env is not None:
-            secret = os.environ[self.sasl_password_env]
-        else:
-            return None
-        remember(secret)
-        return secret
+        return _read_secret(self.sasl_password, self.sasl_password_file, self.sasl_password_env)
 
     def held_secrets(self) -> list[str]:
-        held = [self.sasl_password.get_secret_value()] if self.sasl_password is not None else []
-        if self.sasl_password_env is not None and self.sasl_password_env in os.environ:
-            held.append(os.environ[self.sasl_password_env])
-        return held
+        return _held_secrets(self.sasl_password, self.sasl_password_env)
 
     def security(self) -> dict[str, Any]:
         """aiokafka's security arguments (the SSL context is built here, in the process
