@@ -50,6 +50,7 @@ class _SinkStats(Collector):
             "left_for_log": CounterMetricFamily(f"{ns}_left_for_log_blocks", "Blocks not delivered by the stop deadline: stored after the next start, from the write-ahead log.", labels=["sink"]),
             "backpressure_waits": CounterMetricFamily(f"{ns}_backpressure_waits", "Times the regional waited for room in the sink's queue.", labels=["sink"]),
         }
+        forgotten = CounterMetricFamily(f"{ns}_store_tokens_forgotten", "Insert tokens an embedded ClickHouse recorded without storing their rows (killed mid-insert), forgotten at start so the replay from the write-ahead log stores the rows.", labels=["sink"])
         blocked = GaugeMetricFamily(f"{ns}_blocked", "1 while deliveries fail for this reason (auth, readonly, missing, too_many_parts and disk_full need a person; unavailable is transient): retried, never dropped.", labels=["sink", "reason"])
         since = GaugeMetricFamily(f"{ns}_seconds_since_delivery", "Seconds blocks have waited since the sink last stored some (0 when none waits).", labels=["sink"])
         queued = GaugeMetricFamily(f"{ns}_queued_blocks", "Blocks waiting or in delivery.", labels=["sink"])
@@ -62,7 +63,9 @@ class _SinkStats(Collector):
             for reason, v in q.blocked.items():
                 blocked.add_metric([q.sink.name, reason], v)
             since.add_metric([q.sink.name], q.seconds_since_delivery)
+            forgotten.add_metric([q.sink.name], getattr(q.sink, "tokens_forgotten", 0))
         yield from fams.values()
+        yield forgotten
         yield queued
         yield latency
         yield blocked
