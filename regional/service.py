@@ -24,10 +24,10 @@ from stratoscope.regional.batchcols import BatchCols
 from stratoscope.regional.config import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_HELD_POINTS
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
-from stratoscope.regional.frame import Block
+from stratoscope.regional.frame import Block, Frame
 from stratoscope.regional.handover import unpack
 from stratoscope.regional.instances import InstanceLog
-from stratoscope.regional.merge import Aggregator, MergeSettings, release_windows
+from stratoscope.regional.merge import SATURATION_STAGES, Aggregator, MergeSettings, release_windows
 from stratoscope.regional.ratelimit import LIMITS
 from stratoscope.regional.validate import REASONS, Limits
 from stratoscope.v1 import ingest_pb2
@@ -143,6 +143,43 @@ class GateCollector(Collector):
                                 "are kept.", value=g.rate_nodes if g else 0)
 
 
+class SaturationLog:
+    """Logs merged sums clamped at 2^64-1 at most once per ``every_s``, the frames held
+    back counted into the next line.
+
+    A node can make the merge clamp every window (counters just under 2^64 pass
+    validation), so a line per frame would be a log flood at its command. The line says
+    only numbers the regional computed -- the window's start, the counts -- nothing the
+    client chose (a family or node name)."""
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self.logger = logger
+        self._last: float | None = None
+        self._held_frames = 0
+        self._held = dict.fromkeys(SATURATION_STAGES, 0)
+
+    def saturated(self, start_ns: int, resolution_s: int, counts: dict[str, int]) -> None:
+        for stage, n in counts.items():
+            self._held[stage] = self._held.get(stage, 0) + n
+        now = self.clock()
+        if self._last is not None and now - self._last < self.every_s:
+            self._held_frames += 1
+            return
+        earlier = f" and {self._held_frames} earlier frame(s)" if self._held_frames else ""
+        self.logger.warning(
+            "merged sums clamped at 2^64-1 instead of wrapping (%s) in the frame of the %d s window "
+            "starting %s%s: some node sends counters near 2^64 "
+            "(stratoscope_regional_counter_saturated_total)",
+            ", ".join(f"{stage}: {n}" for stage, n in self._held.items()), resolution_s,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start_ns // 1_000_000_000)), earlier)
+        self._last = now
+        self._held_frames = 0
+        self._held = dict.fromkeys(SATURATION_STAGES, 0)
+
+
 class RegionalMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         ns = "stratoscope_regional"
@@ -170,6 +207,14 @@ class RegionalMetrics:
         self.held_bytes_limit = Gauge(f"{ns}_held_bytes_limit", "Held bytes at which edges are told to RETRY (--max-held-bytes).", registry=registry)
         self.held_series = Gauge(f"{ns}_held_series", "Rows held in open and late windows: aggregated series, rows not yet folded, event rows.", registry=registry)
         self.held_bytes_per_series = Gauge(f"{ns}_held_bytes_per_series", "Held bytes per held row in open and late windows (0 when none).", registry=registry)
+        self.saturated = Counter(
+            f"{ns}_counter_saturated", "Merged sums (a counter, a histogram's count, sum, zero "
+            "count or bucket, a profile's samples) clamped at 2^64-1 instead of wrapping, by "
+            "stage (a fixed set): window (a node's batches of one window), rollup (the nodes "
+            "of a frame added into node \"\"). Counted when the window's frames are emitted.",
+            ["stage"], registry=registry)
+        for stage in SATURATION_STAGES:
+            self.saturated.labels(stage)
         self.frame_fallbacks = Counter(f"{ns}_frame_fallbacks", "Windows reduced in-process because the forked frame child failed.", registry=registry)
         self.loop_stalls = Histogram(
             f"{ns}_event_loop_stall_seconds", "How late an event loop woke from a 10 ms timer, per stall over 1 ms, by process (ingest: acks wait that long; merge).",
@@ -235,6 +280,7 @@ class Regional:
         self.metrics.held_series.set_function(lambda: self.aggregator.held()[1])
         self.metrics.held_bytes_per_series.set_function(self._bytes_per_series)
         self._flush_lock = asyncio.Lock()
+        self.saturation_log = SaturationLog()
 
     @property
     def backlog(self) -> int:
@@ -336,6 +382,8 @@ class Regional:
             self.metrics.blocks.inc(len(blocks))
             frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
             self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
+            for f in frames.values():
+                self._count_saturated(f)
             if self.instances is not None:
                 self.instances.emitted(blocks)
             for q in self.sinks:
@@ -345,6 +393,16 @@ class Regional:
                 await q.put(blocks)
         await worker  # re-raises a failure of the in-process reduction
         return out
+
+    def _count_saturated(self, frame: Frame) -> None:
+        """Count (and log, rate-limited) the sums a frame's merge clamped at 2^64-1: here,
+        as the frame arrives, since it may have been reduced in a forked child."""
+        counts = {stage: n for stage, n in frame.saturated.items() if n}
+        if not counts:
+            return
+        for stage, n in counts.items():
+            self.metrics.saturated.labels(stage).inc(n)
+        self.saturation_log.saturated(frame.start_ns, frame.resolution_s, counts)
 
     def _emit(self, due: list[Any], hand_over: Callable[[list[Block]], None]) -> None:
         """Reduce ``due`` chunk by chunk (in a forked child if configured; here for what

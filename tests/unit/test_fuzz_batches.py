@@ -203,15 +203,12 @@ def test_each_sealed_form_reaches_its_rule(name: str) -> None:
     assert want in labels and labels <= allowed, labels
 
 
-@pytest.mark.xfail(strict=True, reason="regional/merge.py adds uint64 columns of a window with "
-                   "wrap-around (counters) or through float64 (bucket counts)")
 def test_merged_counters_never_decrease() -> None:
     """Found by these fuzzers (two blocks of one histogram family near 2^64 in a batch):
     every batch keeps its sums under 2^64 (validate.check_values), but the merge adds a
     node's batches of one window, and stored 1 for counters of 2^64-1 and 2; bucket counts
-    go through float64 and a cast numpy warns is invalid. Whatever the fix (saturate, or
-    refuse the batch that would wrap), a merged counter must not come out smaller than
-    one of its parts."""
+    went through float64 and a cast numpy warns is invalid. The merge saturates now: the
+    sum is clamped at 2^64-1, never smaller than one of its parts, and counted."""
     from stratoscope.regional.handover import pack, unpack
     from stratoscope.regional.merge import Aggregator, MergeSettings
 
@@ -224,6 +221,7 @@ def test_merged_counters_never_decrease() -> None:
         agg.record(unpack(pack(cols)))
     [block] = agg.flush(0, force=True)
     assert block.frame.metrics.cols["value"].tolist() == [2**64 - 1]
+    assert block.frame.saturated == {"window": 1, "rollup": 0}
 
 
 def test_the_seed_corpus_is_valid() -> None:
