@@ -8,6 +8,11 @@ only for the write, with an fsync at most every ``fsync_interval_s`` (``"interva
 a crash of the process loses nothing, a crash of the machine may lose the last
 interval's batches).
 
+Segments are preallocated (regional/wal.py): a helper thread zero-fills and syncs the
+next segment once the current one is a quarter full, and the writer overwrites it in
+place, so an fdatasync flushes the batches' pages and nothing else. Without a prepared
+segment (the first of a log, a disk that refused) it appends, as before.
+
 The writer keeps its own de-duplication state of what is durable (regional/dedup.py):
 each new segment starts with it as a CHECKPOINT, so deleting older segments never
 forgets which batches were taken. Completions are handed back in log order, so the
@@ -76,6 +81,11 @@ class WalWriter:
         self.bytes = 0
         self.syncs = 0
         self._thread = threading.Thread(target=self._run, name="wal-writer", daemon=True)
+        #: Whether the segment being written was prepared (zero-filled); for tests and logs.
+        self.prepared = False
+        self._spare_wanted = threading.Event()
+        self._spare_asked = False
+        self._preparer = threading.Thread(target=self._prepare_spares, name="wal-preparer", daemon=True)
 
     def start(self) -> None:
         """Open a new segment (numbered above every existing one) and start writing."""
@@ -83,18 +93,40 @@ class WalWriter:
         existing = wal.segments(self.directory)
         self._open(existing[-1][0] + 1 if existing else 1)
         self._thread.start()
+        self._preparer.start()
+
+    def _prepare_spares(self) -> None:
+        """Zero-fill the next segment when asked (a thread of its own: the writer never
+        waits for it)."""
+        while True:
+            self._spare_wanted.wait()
+            self._spare_wanted.clear()
+            if self._closing:
+                return
+            wal.prepare_spare(self.directory, self.segment_bytes)
 
     def _open(self, segment: int) -> None:
         if self._fd >= 0:
             os.fsync(self._fd)
             os.close(self._fd)
         path = wal.segment_path(self.directory, segment)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self.prepared = wal.take_spare(self.directory, path)
+        if self.prepared:
+            self._fd = os.open(path, os.O_WRONLY)
+        else:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         head = wal.checkpoint_record(self._durable.state())
-        os.write(self._fd, head)
+        self._pwrite(head, 0)
         os.fsync(self._fd)
         wal.fsync_dir(self.directory)
         self.segment, self._offset = segment, len(head)
+        self._spare_asked = False
+
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def append(self, record: bytes, ident: tuple[str, str, int], done: Done) -> None:
         """Queue one BATCH record (``wal.batch_record``) of batch ``ident``."""
@@ -134,9 +166,7 @@ class WalWriter:
                 positions.append(wal.position(self.segment, offset))
                 offset += len(p.record)
             data = b"".join(p.record for p in group)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            self._pwrite(data, self._offset)
             if self.fsync == "ack":
                 os.fdatasync(self._fd)
                 self.syncs += 1
@@ -160,6 +190,9 @@ class WalWriter:
             self._durable.add(*p.ident)
         for p, pos in zip(group, positions, strict=True):
             p.done(pos)
+        if not self._spare_asked and self._offset >= self.segment_bytes // 4:
+            self._spare_asked = True
+            self._spare_wanted.set()
         if self._offset >= self.segment_bytes:
             try:
                 self._open(self.segment + 1)
@@ -185,5 +218,8 @@ class WalWriter:
         with self._cv:
             self._closing = True
             self._cv.notify()
+        self._spare_wanted.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._preparer.is_alive():
+            self._preparer.join(timeout_s)
