@@ -47,7 +47,7 @@ class Limits:
     #: costs per element (an empty metric block: 2 bytes, ~80 ns), so 16 MiB of them
     #: from a 1.5 KB body cost the ingest process ~1 s before max_blocks could look.
     #: Real edge batches inflate 4.2-5.9x with raw columns and 1.8-2.8x packed (68
-    #: batches of four recordings, all programs or the profile alone at 99 Hz); batches
+    #: batches of five recordings, all programs or the profile alone at 99 Hz); batches
     #: of an edge's shape built to compress well, 4.6-19x (a port scan, a fork storm,
     #: 16,384 profile rows of one stack, 50,000 one-bucket histograms, the benchmark's
     #: node templates); loadtest/inflation_ratio.py. 64 is 10.8x the largest real ratio
