@@ -145,10 +145,11 @@ def test_encoding_seal_and_byte_mutations(rnd: random.Random, fields: list[str],
 
 @fuzz_settings(60)
 @given(st.randoms(use_true_random=True), st.lists(st.sampled_from(sorted(FIELD)), min_size=1, max_size=2),
-       st.sampled_from([None, "sealed", "bomb_declared", "bomb_undeclared"]))
+       st.sampled_from([None, "sealed", "bomb_declared", "bomb_undeclared", "padded"]))
 def test_with_the_default_limits(rnd: random.Random, fields: list[str], seal_form: str | None) -> None:
     """The production bounds, reached by giant inputs: 1 MiB identities, 200,001 strings
-    or series, 100,001 events, 131,072-frame stacks, 16 MiB + 1 zstd bombs."""
+    or series, 100,001 events, 131,072-frame stacks, 16 MiB + 1 zstd bombs, bodies padded
+    to the inflation bound and past it."""
     check_wire(case(rnd, Limits(), fields, "raw", None, seal_form, None), Limits())
 
 
@@ -175,8 +176,11 @@ INTENDED_SEAL: dict[str, tuple[str, set[str]]] = {
     "body_identity": ("identity", {"identity", ""}), "swallowed_header": ("identity", {"identity", ""}),
     "body_not_a_batch": ("encoding", {"encoding", "identity"}),
     **{k: ("encoding", {"encoding"}) for k in ("sealed_twice", "body_garbage", "body_truncated",
-                                               "bomb_declared", "bomb_undeclared", "codec_unknown",
-                                               "body_without_codec")},
+                                               "bomb_declared", "codec_unknown", "body_without_codec")},
+    # past the batch limit from its header (encoding); without a size declared, stopped at
+    # the bound for its size, which is smaller
+    "bomb_undeclared": ("inflation", {"inflation"}),
+    "padded": ("inflation", {"inflation", ""}),
 }
 
 

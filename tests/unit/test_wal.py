@@ -253,7 +253,7 @@ def test_segments_rotate_into_spares_prepared_in_the_background(tmp_path: Path) 
             b = batch(f"n{len(sent)}", 1, 1)
             done = threading.Event()
             writer.append(wal.batch_record(time.time_ns(), b.SerializeToString()),
-                          (b.node_id, b.boot_id, b.seq), lambda pos: done.set())
+                          (b.node_id, b.boot_id, b.seq), lambda pos, done=done: done.set())
             assert done.wait(30)
             sent.append(b)
             if writer._spare_asked:  # a quarter full: wait for the spare before going on
