@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stratoscope.edge.batch import batch_from_dict  # noqa: E402
 from stratoscope.regional.dedup import Deduplicator  # noqa: E402
 from stratoscope.regional.gate import Gate, RejectionLog  # noqa: E402
+from stratoscope.regional.ratelimit import RateSettings  # noqa: E402
 from stratoscope.regional.validate import NS, BatchRejected, Limits, parse_batch  # noqa: E402
 from stratoscope.v1 import batch_pb2 as pb  # noqa: E402
 from stratoscope.v1 import ingest_pb2  # noqa: E402
@@ -242,8 +243,10 @@ def admit(gate: Gate, wire: bytes) -> tuple[int, str]:
 
 
 def quiet_gate() -> Gate:
-    """A gate whose rate-limited rejection log (one line per reason per 10 s) goes nowhere."""
-    gate = Gate(clock=lambda: NOW)
+    """A gate whose rate-limited rejection log (one line per reason per 10 s) goes nowhere,
+    without per-node rate limits (this measures what a message costs, not how often one
+    node may send it: the CPU limit would answer RETRY after the first second's worth)."""
+    gate = Gate(clock=lambda: NOW, rates=RateSettings(batches_per_s=0, bytes_per_s=0, cpu_per_s=0))
     quiet = logging.getLogger("stratoscope.loadtest.rejections")
     quiet.propagate = False
     gate.rejections = RejectionLog(logger=quiet)

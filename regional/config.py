@@ -192,10 +192,13 @@ class RegionalConfig(BaseModel):
     #: ``auth_tokens``): any client may send as any node. For loopback demos and tests;
     #: warned about at start and on /metrics (stratoscope_regional_insecure).
     insecure: bool = False
-    #: Per node: batches and bytes (as received) per second, and the seconds of burst
-    #: above them (regional/ratelimit.py); a node over them is answered RETRY. 0: no limit.
+    #: Per node: batches and bytes (as received) per second, the seconds of the ingest
+    #: process's CPU per second its batches may take to open and validate, and the seconds
+    #: of burst above them (regional/ratelimit.py); a node over them is answered RETRY.
+    #: 0: no limit.
     node_max_batches_per_s: float = Field(default=50.0, ge=0)
     node_max_bytes_per_s: float = Field(default=32 * 1024**2, ge=0)
+    node_max_cpu: float = Field(default=0.1, ge=0, le=1)
     node_burst: Duration = 10.0
     #: The ClickHouse sink; None (``none`` on the command line) disables it.
     clickhouse: ClickHouseSettings | None = ClickHouseSettings(dsn=DEFAULT_DSN)
@@ -273,7 +276,8 @@ class RegionalConfig(BaseModel):
     @property
     def rate_settings(self) -> RateSettings:
         return RateSettings(batches_per_s=self.node_max_batches_per_s,
-                            bytes_per_s=self.node_max_bytes_per_s, burst_s=self.node_burst)
+                            bytes_per_s=self.node_max_bytes_per_s, cpu_per_s=self.node_max_cpu,
+                            burst_s=self.node_burst)
 
     @property
     def resolution_s(self) -> int:

@@ -279,6 +279,9 @@ _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
      "batches per second one node may send before it is answered RETRY (default 50; 0: no limit)"),
     ("--node-max-bytes-per-s", "node_max_bytes_per_s",
      "bytes per second one node may send before it is answered RETRY (default 32 MiB; 0: no limit)"),
+    ("--node-max-cpu", "node_max_cpu",
+     "share of a core one node's batches may take to open and validate before it is answered "
+     "RETRY (default 0.1; 0: no limit)"),
 )
 _BOOL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--migrate", "clickhouse.migrate",
