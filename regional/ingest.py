@@ -199,9 +199,12 @@ class Admission:
     The queue itself is unbounded (outcome messages must never block the event
     loop); accepted batches are bounded by ``HANDOVER_BYTES``: past it, RETRY.
     ``queued_bytes``/``sent_bytes`` are each written by one thread only (loop / sender).
-    With a ``writer``, an accepted batch is acked (and handed over) once logged; until
-    then a resend of it (another stream of the same edge) is answered RETRY, never
-    DUPLICATE: it is not durable yet.
+    With a ``writer``, an accepted batch is acked (and handed over) once logged. A resend
+    of it meanwhile (on another stream of the same edge: its ack deadline ended the first
+    one) is answered when the writer answers, not before: DUPLICATE once it is durable,
+    RETRY if the log could not take it (then the de-duplication forgets it, and a resend
+    is taken anew). Not RETRY at once: a RETRY frees the batch for another regional, and
+    the write in progress may still put it in this log: it would be stored twice.
     """
 
     def __init__(self, limits: Limits, max_queued_blocks: int,
@@ -214,8 +217,9 @@ class Admission:
         self.clock = clock
         self.queued_bytes = 0
         self.sent_bytes = 0
-        #: identities being logged (accepted, not yet durable)
-        self.logging: set[tuple[str, str, int]] = set()
+        #: Batches being logged (accepted, not yet durable): the writer's answer, a log
+        #: position or None (the log could not take it).
+        self.logging: dict[tuple[str, str, int], asyncio.Future[int | None]] = {}
 
     def saturated(self) -> bool:
         return self.queued_bytes - self.sent_bytes >= HANDOVER_BYTES
@@ -231,9 +235,13 @@ class Admission:
 
     async def accept(self, batch: pb.Batch, peer: frozenset[str] | None, wire: bytes) -> ingest_pb2.Ack:
         ident = (batch.node_id, batch.boot_id, batch.seq)
-        if ident in self.logging:
-            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
-                                  reason="this batch is being logged: resend it later")
+        pending = self.logging.get(ident)
+        if pending is not None:  # a resend of a batch being logged: the writer's answer
+            if await asyncio.shield(pending) is None:
+                return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
+                                      reason="the regional cannot write its log")
+            self.out.put(Outcome(ingest_pb2.Ack.DUPLICATE, ""))
+            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.DUPLICATE)
         now = self.clock()
         ack, cols, label = self.gate.admit(batch, peer, len(wire))
         if cols is None:
@@ -249,30 +257,33 @@ class Admission:
         loop = asyncio.get_running_loop()
         logged: asyncio.Future[int | None] = loop.create_future()
         size = len(wire)
-        self.logging.add(ident)
+        self.logging[ident] = logged
 
         def done(pos: int | None) -> None:  # in the writer thread, in log order
             if pos is not None:
                 # handed over here, not in the loop: the merge must see log order
                 self.queued_bytes += len(packed)
                 self.out.put(Accepted(pickle.PickleBuffer(packed), size, pos))
-            loop.call_soon_threadsafe(_settle, logged, pos)
+            loop.call_soon_threadsafe(self._logged, ident, logged, pos)
 
         self.writer.append(wal.batch_record(now, wire), ident, done)
-        try:
-            pos = await logged
-        finally:
-            self.logging.discard(ident)
+        # shielded: this call may be cancelled (its stream ended), the answer stays for a resend
+        pos = await asyncio.shield(logged)
         if pos is None:
-            self.gate.dedup.forget(*ident)
             ack.status = ingest_pb2.Ack.RETRY
             ack.reason = "the regional cannot write its log"
         return ack
 
-
-def _settle(fut: asyncio.Future[int | None], pos: int | None) -> None:
-    if not fut.done():
-        fut.set_result(pos)
+    def _logged(self, ident: tuple[str, str, int], fut: asyncio.Future[int | None],
+                pos: int | None) -> None:
+        """The writer's answer for one batch (in the loop), whether or not the call that
+        took it still waits: from here a resend is DUPLICATE if it was logged, and is
+        taken anew if it was not (None)."""
+        self.logging.pop(ident, None)
+        if pos is None:
+            self.gate.dedup.forget(*ident)
+        if not fut.done():
+            fut.set_result(pos)
 
 
 def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
