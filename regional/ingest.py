@@ -33,6 +33,15 @@ of band, no pickle copy):
   their own deadline. The regional then logs and counts it, kills it and treats it as
   dead (``on_exit``): it stops and exits non-zero, a supervisor restarts it, and the
   restart replays the write-ahead log (what was acknowledged is there).
+- ``MergePing()``, both ways, the other way round: the ingest process pings the merge
+  process about every second (after the batches it handed over before: a ping waits
+  behind them in the pipe) and the merge's event loop echoes it. A merge process silent
+  for ``child_timeout_s`` (stopped, its loop or its reader stuck) takes acknowledged
+  batches no further: nothing is stored, and once the hand-over is full every edge is
+  answered RETRY, which keeps edges from failing over. So the ingest process logs it,
+  records it (``liveness.record_merge_hang``: the count the next start shows), kills
+  the merge process (SIGKILL: a stopped process ends too), stops its server and exits.
+  Its supervisor restarts the regional, which replays the log.
 
 With a write-ahead log (``wal``), an accepted batch is acked once it is in the log
 on disk (regional/walwriter.py: group commit), and it crosses to the merge with its
@@ -49,6 +58,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -63,12 +73,12 @@ from stratoscope.regional import looplag, pipes, wal
 from stratoscope.regional.dedup import Deduplicator
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
-from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S, Watchdog
+from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S, Watchdog, record_merge_hang
 from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.runtime import name_process, tune_gc
 from stratoscope.regional.server import ServerAuth, serve
 from stratoscope.regional.validate import Limits
-from stratoscope.regional.walwriter import FsyncPolicy, WalWriter
+from stratoscope.regional.walwriter import DEFAULT_FSYNC_TIMEOUT_S, FsyncPolicy, WalWriter
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
@@ -129,6 +139,11 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class MergePing:
+    """Sent by the ingest process, echoed by the merge process's event loop (liveness)."""
+
+
+@dataclass(frozen=True, slots=True)
 class LoopLag:
     """The ingest event loop's stalls over the last second (regional/looplag.py)."""
 
@@ -153,13 +168,17 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class WalStats:
     """The ingest side of the write-ahead log, every second: records and bytes written,
-    fsyncs, the segment being written, and the error that stopped it ("" if none)."""
+    fsyncs, the segment being written, the error that stopped it ("" if none), how long
+    the write or fsync in progress has taken (0: none) and the longest of the last
+    minute or two (walwriter.StallWatch)."""
 
     records: int
     bytes: int
     syncs: int
     segment: int
     failed: str
+    fsync_in_progress_s: float = 0.0
+    fsync_longest_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,11 +202,13 @@ class WalSettings:
     fsync: FsyncPolicy = "ack"
     fsync_interval_s: float = 1.0
     segment_bytes: int = 64 << 20
+    #: A write or fsync in progress this long: the log is given up and the regional stops.
+    fsync_timeout_s: float = DEFAULT_FSYNC_TIMEOUT_S
 
 
 IngestEvent = (Listening | Accepted | Outcome | Refusal | Barrier | Stopped | LoopLag | WalStats
-               | GateStats | Ping)
-IngestCommand = Pressure | Barrier | Stop | Ping
+               | GateStats | Ping | MergePing)
+IngestCommand = Pressure | Barrier | Stop | Ping | MergePing
 
 
 # -- the ingest process ---------------------------------------------------------------
@@ -288,7 +309,8 @@ class Admission:
 
 def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
                  limits: Limits, max_queued_blocks: int, log_level: int,
-                 wal_settings: WalSettings | None, rates: RateSettings) -> None:
+                 wal_settings: WalSettings | None, rates: RateSettings,
+                 merge: MergeWatch) -> None:
     chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
     name_process("strato-ingest")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -297,12 +319,47 @@ def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
     import uvloop
 
     tune_gc()
-    uvloop.run(_ingest_loop(chan, listen, auth, limits, max_queued_blocks, wal_settings, rates))
+    uvloop.run(_ingest_loop(chan, listen, auth, limits, max_queued_blocks, wal_settings, rates, merge))
+
+
+@dataclass(frozen=True)
+class MergeWatch:
+    """Which process the ingest process watches (the merge process: its parent) and
+    how long it may leave a ``MergePing`` unanswered."""
+
+    pid: int
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+class _MergeHung:
+    """The loop's cue (from the watchdog's thread) to stop: the merge process was killed."""
+
+
+def _read_commands(chan: pipes.Channel[IngestEvent, IngestCommand], loop: asyncio.AbstractEventLoop,
+                   commands: asyncio.Queue[IngestCommand | _MergeHung | None],
+                   heard: Callable[[], None]) -> None:
+    """The ingest process's reader thread: the merge's echo of a ``MergePing`` is heard
+    here (a busy ingest event loop must not make the merge look silent); every other
+    command goes to the loop, in order. None: the pipe closed."""
+    while True:
+        try:
+            cmd = chan.recv()
+        except (EOFError, OSError):  # the regional is gone
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process is leaving
+                loop.call_soon_threadsafe(commands.put_nowait, None)
+            return
+        if isinstance(cmd, MergePing):
+            heard()
+            continue
+        loop.call_soon_threadsafe(commands.put_nowait, cmd)
+        if isinstance(cmd, Stop):
+            return  # nothing follows a Stop
 
 
 async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: str,
                        auth: ServerAuth, limits: Limits, max_queued_blocks: int,
-                       wal_settings: WalSettings | None, rates: RateSettings) -> None:
+                       wal_settings: WalSettings | None, rates: RateSettings,
+                       merge: MergeWatch) -> None:
     loop = asyncio.get_running_loop()
     out: queue.SimpleQueue[IngestEvent] = queue.SimpleQueue()
     writer = None
@@ -312,7 +369,8 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
         durable = Deduplicator()
         durable.load(seen.state())
         writer = WalWriter(wal_settings.directory, durable, segment_bytes=wal_settings.segment_bytes,
-                           fsync=wal_settings.fsync, fsync_interval_s=wal_settings.fsync_interval_s)
+                           fsync=wal_settings.fsync, fsync_interval_s=wal_settings.fsync_interval_s,
+                           fsync_timeout_s=wal_settings.fsync_timeout_s)
         writer.start()
     admission = Admission(limits, max_queued_blocks, out, writer, rates=rates)
     gate = admission.gate
@@ -342,21 +400,49 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
     send_thread.start()
     out.put(Listening(port))
 
+    commands: asyncio.Queue[IngestCommand | _MergeHung | None] = asyncio.Queue()
+
+    def merge_hung(silent_s: float) -> None:  # the watchdog's thread
+        disk = writer.stall.age() if writer is not None else 0.0
+        log.critical("the merge process (pid %d) has not answered for %.0f s (child_timeout %g s)%s: "
+                     "killing it; the regional exits and its supervisor restarts it, which replays "
+                     "the write-ahead log", merge.pid, silent_s, merge.timeout_s,
+                     f"; a write or fsync of the log has been in progress for {disk:.0f} s: its disk "
+                     "may be stuck" if disk >= 1.0 else "")
+        if os.getppid() == merge.pid:  # not a process that took its pid after it exited
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(merge.pid, signal.SIGKILL)  # a stopped process ends too
+        with contextlib.suppress(RuntimeError):  # the loop closed: the process is leaving anyway
+            loop.call_soon_threadsafe(commands.put_nowait, _MergeHung())
+        if wal_settings is not None:  # last: on a stuck disk this blocks
+            try:
+                record_merge_hang(wal_settings.directory)
+            except OSError as exc:
+                log.error("could not record the merge process's hang in %s: %s", wal_settings.directory, exc)
+
+    stopping: list[asyncio.Task[None]] = []  # (a reference: a task nobody holds may be collected)
+    watchdog = Watchdog("merge", merge.timeout_s, ping=lambda: out.put(MergePing()), on_hung=merge_hung)
+    threading.Thread(target=_read_commands, args=(chan, loop, commands, watchdog.heard),
+                     name="ingest-commands", daemon=True).start()
+    watchdog.start()
+
     def report_lag(longest_s: float, stalls: list[float]) -> None:
         if longest_s:
             out.put(LoopLag(longest_s, stalls))
         if writer is not None:
+            if writer.check():  # stuck: stop taking batches now, so edges go elsewhere at once
+                stopping.append(loop.create_task(server.stop(0)))
             out.put(WalStats(writer.records, writer.bytes, writer.syncs, writer.segment,
-                             str(writer.failed or "")))
+                             str(writer.failed or ""), writer.stall.age(), writer.stall.longest()))
         d = gate.dedup
         out.put(GateStats(d.boots, d.evicted_by_own_node, d.evicted_oldest, d.floor_jumps,
                           len(gate.rates)))
 
     lag_monitor = asyncio.create_task(looplag.monitor(report_lag))
     while True:
-        try:
-            cmd = await loop.run_in_executor(None, chan.recv)
-        except (EOFError, OSError):  # the regional is gone
+        cmd = await commands.get()
+        if cmd is None or isinstance(cmd, _MergeHung):  # the regional is gone, or was killed
+            watchdog.stop()
             lag_monitor.cancel()
             await server.stop(0)
             if writer is not None:
@@ -368,6 +454,7 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
         elif isinstance(cmd, Barrier | Ping):
             out.put(cmd)
         elif isinstance(cmd, Stop):
+            watchdog.stop()  # the merge stops: its silence from here on is its own business
             lag_monitor.cancel()
             await server.stop(cmd.grace_s)
             if writer is not None:
@@ -395,7 +482,9 @@ class IngestProcess:
         not accept; ``on_accepted(packed columns, size, log position)`` merges an accepted
         one (both in a reader thread); ``on_exit(code)`` is called in the event loop if the
         ingest process dies on its own, or hangs (silent for ``child_timeout_s``: it is
-        then killed); ``on_lag("ingest", longest_s, stalls)`` reports its event loop's
+        then killed). The ingest process watches this one in turn, with the same
+        deadline: it pings, and the event loop that runs ``start()`` echoes (see the
+        module docstring). ``on_lag("ingest", longest_s, stalls)`` reports its event loop's
         stalls and ``on_wal(stats)`` its log writer's figures (reader thread);
         ``on_refused(reason)`` counts a stream or batch refused for who sent it (reader
         thread)."""
@@ -429,6 +518,9 @@ class IngestProcess:
         #: Whether the reader thread is waiting on the ingest process (not busy with a
         #: message: a slow merge is the regional's delay, not the child's silence).
         self._reading = False
+        #: Echoes of the ingest process's MergePing, sent by a thread of their own (the
+        #: event loop must not block on the pipe); None ends the thread.
+        self._echoes: queue.SimpleQueue[MergePing | None] = queue.SimpleQueue()
 
     async def start(self, timeout_s: float = 60.0) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -436,7 +528,8 @@ class IngestProcess:
         self._proc = ctx.Process(
             target=_ingest_main, name="stratoscope-ingest", daemon=True,
             args=(child, self.listen, self.auth, self.limits, self.max_queued_blocks,
-                  logging.getLogger().level, self.wal_settings, self.rates),
+                  logging.getLogger().level, self.wal_settings, self.rates,
+                  MergeWatch(os.getpid(), self.child_timeout_s)),
         )
         self._proc.start()
         child.close()
@@ -444,6 +537,7 @@ class IngestProcess:
         self._chan = chan
         self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(chan,), name="ingest-reader", daemon=True).start()
+        threading.Thread(target=self._send_echoes, name="ingest-echoes", daemon=True).start()
         ok = await asyncio.to_thread(self._port_ready.wait, timeout_s)
         if self.start_error:
             raise OSError(self.start_error)
@@ -512,6 +606,12 @@ class IngestProcess:
                     self._port_ready.set()
                 elif isinstance(msg, Barrier):
                     self._release(msg.n)
+                elif isinstance(msg, MergePing):
+                    # echoed once this process's event loop has run a callback for it (and
+                    # the reader got here: it takes messages in order), so a loop or a
+                    # reader that is stuck answers none
+                    if self._loop is not None:
+                        self._loop.call_soon_threadsafe(self._echoes.put, msg)
                 elif isinstance(msg, Stopped):
                     self._stopped.set()
                     if self._watchdog is not None:
@@ -519,6 +619,10 @@ class IngestProcess:
                     return
             except Exception:  # a bug in the merge must not stop ingest
                 log.exception("handling %s from the ingest process failed", type(msg).__name__)
+
+    def _send_echoes(self) -> None:
+        while (msg := self._echoes.get()) is not None:
+            self._send(msg)
 
     def _release(self, n: int) -> None:
         fut = self._waiting.pop(n, None)
@@ -569,6 +673,7 @@ class IngestProcess:
         if self._proc.is_alive():
             self._proc.kill()  # it ignores SIGTERM (and a stopped process gets none)
             await asyncio.to_thread(self._proc.join, 10)
+        self._echoes.put(None)
         if self._chan is not None:
             self._chan.close()
         self._proc = self._chan = None

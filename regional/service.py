@@ -101,8 +101,16 @@ class LogStats(Collector):
         yield CounterMetricFamily(f"{ns}_written_batches", "Batches the ingest process logged.", value=w.records if w else 0)
         yield CounterMetricFamily(f"{ns}_written_bytes", "Bytes the ingest process logged.", value=w.bytes if w else 0)
         yield CounterMetricFamily(f"{ns}_fsyncs", "fsync calls of the ingest process's log writer.", value=w.syncs if w else 0)
-        yield GaugeMetricFamily(f"{ns}_failed", "1 if the log could not be written (the regional then stops).",
+        yield GaugeMetricFamily(f"{ns}_failed", "1 if the log could not be written, or a write or fsync of it "
+                                "stayed in progress for wal_fsync_timeout (the regional then stops).",
                                 value=1 if w and w.failed else 0)
+        yield GaugeMetricFamily(f"{ns}_fsync_in_progress_seconds",
+                                "How long the log's write or fsync in progress has taken (0: none); the "
+                                "batches waiting on it are not acknowledged meanwhile. At wal_fsync_timeout "
+                                "the regional stops.", value=w.fsync_in_progress_s if w else 0.0)
+        yield GaugeMetricFamily(f"{ns}_fsync_longest_seconds",
+                                "The longest write or fsync of the log in the last one to two minutes, the one "
+                                "in progress included.", value=w.fsync_longest_s if w else 0.0)
         yield CounterMetricFamily(f"{ns}_deleted_segments", "Batch segments deleted once every sink had their batches.",
                                   value=inst.deleted_segments)
         yield CounterMetricFamily(f"{ns}_done_instances", "Window instances every sink confirmed.", value=inst.done_instances)
