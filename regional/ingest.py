@@ -78,7 +78,7 @@ from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.runtime import name_process, tune_gc
 from stratoscope.regional.server import ServerAuth, serve
 from stratoscope.regional.validate import Limits
-from stratoscope.regional.walwriter import DEFAULT_FSYNC_TIMEOUT_S, FsyncPolicy, WalWriter
+from stratoscope.regional.walwriter import DEFAULT_FSYNC_TIMEOUT_S, IN_DOUBT, FsyncPolicy, WalWriter
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
@@ -281,7 +281,7 @@ class Admission:
         self.logging[ident] = logged
 
         def done(pos: int | None) -> None:  # in the writer thread, in log order
-            if pos is not None:
+            if pos is not None and pos != IN_DOUBT:
                 # handed over here, not in the loop: the merge must see log order
                 self.queued_bytes += len(packed)
                 self.out.put(Accepted(pickle.PickleBuffer(packed), size, pos))
@@ -299,7 +299,11 @@ class Admission:
                 pos: int | None) -> None:
         """The writer's answer for one batch (in the loop), whether or not the call that
         took it still waits: from here a resend is DUPLICATE if it was logged, and is
-        taken anew if it was not (None)."""
+        taken anew if it was not (None). IN_DOUBT (its write failed part-way) is never
+        answered: the call and any resend wait until the process ends, and the edge keeps
+        the batch for this regional (walwriter.IN_DOUBT)."""
+        if pos == IN_DOUBT:
+            return
         self.logging.pop(ident, None)
         if pos is None:
             self.gate.dedup.forget(*ident)

@@ -46,12 +46,19 @@ from stratoscope.regional.dedup import Deduplicator
 
 log = logging.getLogger("stratoscope.regional")
 
-__all__ = ["FsyncPolicy", "WalWriter"]
+__all__ = ["IN_DOUBT", "FsyncPolicy", "WalWriter"]
 
 FsyncPolicy = Literal["ack", "interval"]
 
-#: (position, or None if the log failed) -> None; called in the writer thread.
+#: (position, None if the batch was not written, or IN_DOUBT) -> None; called in the
+#: writer thread.
 Done = Callable[[int | None], None]
+#: The write or fsync that held the batch failed: it may be on disk (and replayed after a
+#: restart) or not. Such a batch must get no answer at all: RETRY would free its edge to
+#: send it to another regional while this one may still store it after its restart. Left
+#: unanswered, the edge holds it for this regional (in doubt, docs/GUARANTEES.md §6) and
+#: the restarted regional answers its resend from what its log holds.
+IN_DOUBT = -1
 
 #: A write or fsync of the log that takes longer than this is logged (at most once every
 #: ``WARN_EVERY_S``). An ordinary group commit takes milliseconds; under saturation, with
@@ -323,12 +330,13 @@ class WalWriter:
                     self._closing = True
 
     def _fail(self, exc: OSError, group: list[_Pending]) -> None:
-        """The log cannot be written: fail ``group`` and everything queued, stop."""
+        """The log cannot be written: ``group`` (what the failed write or fsync held) is
+        IN_DOUBT, everything queued is answered RETRY; stop."""
         if self.failed is None:
             self.failed = exc
             log.critical("the write-ahead log cannot be written (%s): batches are no longer acknowledged", exc)
         for p in group:
-            p.done(None)
+            p.done(IN_DOUBT)
         self._give_up()
 
     def _give_up(self) -> None:

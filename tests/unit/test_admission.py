@@ -84,3 +84,24 @@ async def test_a_resend_of_a_batch_that_gets_logged_is_a_duplicate() -> None:
     assert (await resend).status == ingest_pb2.Ack.DUPLICATE
     assert (await adm.accept(batch, None, wire)).status == ingest_pb2.Ack.DUPLICATE
     assert adm.logging == {}
+
+
+async def test_a_batch_whose_write_failed_part_way_is_never_answered() -> None:
+    from stratoscope.regional.walwriter import IN_DOUBT
+
+    writer = HeldWriter()
+    out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    adm = Admission(Limits(), 10_000, out, writer)  # type: ignore[arg-type]
+    batch = _batch(3)
+    wire = batch.SerializeToString()
+    first = asyncio.ensure_future(adm.accept(batch, None, wire))
+    await _settled()
+    writer.answer(IN_DOUBT)  # it may be on disk: neither RETRY nor ACCEPTED
+    await _settled()
+    resend = asyncio.ensure_future(adm.accept(batch, None, wire))
+    await _settled()
+    assert not first.done() and not resend.done()
+    assert out.empty() and writer.pending == []  # not merged, not logged again
+    assert list(adm.logging) == [("node-a", "boot-1", 3)]
+    first.cancel()
+    resend.cancel()

@@ -4,6 +4,7 @@ instances with the same block identities after a restart."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -272,3 +273,36 @@ def test_segments_rotate_into_spares_prepared_in_the_background(tmp_path: Path) 
     assert kinds.count(wal.BATCH) == len(sent) and c.records == 0
     seen = wal.seen_batches(tmp_path)
     assert all(seen.seen(b.node_id, b.boot_id, b.seq) for b in sent)
+
+
+def test_the_batches_of_a_failed_write_are_in_doubt_and_the_queued_ones_retried(tmp_path: Path) -> None:
+    from stratoscope.regional.walwriter import IN_DOUBT
+
+    writer = WalWriter(tmp_path, Deduplicator())
+    writer.start()
+    got: list[int | None] = []
+    released = threading.Event()
+    hold = threading.Event()
+
+    def first_done(pos: int | None) -> None:
+        got.append(pos)
+        released.set()
+        hold.wait(30)  # the writer thread waits here: the next appends queue up
+
+    try:
+        b1, b2 = batch("n1", 1, 1), batch("n1", 2, 1)
+        writer.append(wal.batch_record(time.time_ns(), b1.SerializeToString()), ("n1", "b1", 1), first_done)
+        assert released.wait(30) and isinstance(got[0], int) and got[0] >= 0
+        os.close(writer._fd)  # the disk goes away under the writer: the next write fails
+        writer._fd = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
+        writer.append(wal.batch_record(time.time_ns(), b2.SerializeToString()), ("n1", "b1", 2), got.append)
+        writer.append(b"queued", ("n1", "b1", 3), got.append)
+    finally:
+        hold.set()
+    deadline = time.monotonic() + 30
+    while len(got) < 3:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.01)
+    assert got[1:] == [IN_DOUBT, IN_DOUBT]  # one group, written by the failed call
+    assert writer.failed is not None
+    writer.close()
