@@ -17,6 +17,8 @@ of band, no pickle copy):
   ``Accepted(columns, size)`` per accepted batch (validated: the regional only maps
   them); ``Outcome(status, label)`` per other outcome (for the regional's /metrics);
   ``Refusal(reason)`` per stream or batch refused for who sent it (regional/auth.py);
+  ``Handshakes(refused, held_back, dropped_bytes)`` when TLS handshakes were refused, or
+  its stderr tap held lines back or dropped output (regional/handshakes.py);
   ``Barrier(n)`` echoed once every batch acked before it has been sent; ``Stopped()``
   last.
   ``LoopLag(longest_s, stalls)`` every second: how long the ingest event loop was
@@ -49,6 +51,8 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import pickle
 import queue
 import signal
@@ -56,10 +60,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
-from stratoscope.regional import looplag, pipes, wal
+from stratoscope.regional import handshakes, looplag, pipes, wal
 from stratoscope.regional.dedup import Deduplicator
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
@@ -111,6 +117,16 @@ class Refusal:
     """A stream or batch refused for who sent it (one of auth.REFUSALS)."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Handshakes:
+    """What changed since the last one: TLS handshakes refused, per reason (one of
+    handshakes.REASONS); gRPC's lines about them held back; stderr bytes dropped."""
+
+    refused: dict[str, int]
+    held_back: int
+    dropped_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +201,24 @@ class WalSettings:
     segment_bytes: int = 64 << 20
 
 
-IngestEvent = (Listening | Accepted | Outcome | Refusal | Barrier | Stopped | LoopLag | WalStats
-               | GateStats | Ping)
+IngestEvent = (Listening | Accepted | Outcome | Refusal | Handshakes | Barrier | Stopped | LoopLag
+               | WalStats | GateStats | Ping)
 IngestCommand = Pressure | Barrier | Stop | Ping
+
+
+class InheritedFd:
+    """A file descriptor handed to the spawned ingest process as multiprocessing hands it a
+    Connection's: the child gets a copy under the same number."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_inherited, (reduction.DupFd(self.fd),))
+
+
+def _inherited(dup: Any) -> InheritedFd:
+    return InheritedFd(dup.detach())
 
 
 # -- the ingest process ---------------------------------------------------------------
@@ -277,8 +308,15 @@ def _settle(fut: asyncio.Future[int | None], pos: int | None) -> None:
 
 def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
                  limits: Limits, max_queued_blocks: int, log_level: int,
-                 wal_settings: WalSettings | None, rates: RateSettings) -> None:
+                 wal_settings: WalSettings | None, rates: RateSettings,
+                 tap: tuple[InheritedFd, InheritedFd] | None = None) -> None:
+    """``tap``: the pipe (read end, write end) to make this process's stderr, read by a
+    handshakes.Tap that counts refused TLS handshakes (None: none counted)."""
     chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
+    out: queue.SimpleQueue[IngestEvent] = queue.SimpleQueue()
+    if tap is not None:  # first: every line gRPC writes from now on passes the tap
+        handshakes.Tap(lambda refused, held, dropped: out.put(Handshakes(refused, held, dropped)),
+                       read_fd=tap[0].fd, write_fd=tap[1].fd).start()
     name_process("strato-ingest")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -286,14 +324,14 @@ def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
     import uvloop
 
     tune_gc()
-    uvloop.run(_ingest_loop(chan, listen, auth, limits, max_queued_blocks, wal_settings, rates))
+    uvloop.run(_ingest_loop(chan, out, listen, auth, limits, max_queued_blocks, wal_settings, rates))
 
 
-async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: str,
+async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
+                       out: queue.SimpleQueue[IngestEvent], listen: str,
                        auth: ServerAuth, limits: Limits, max_queued_blocks: int,
                        wal_settings: WalSettings | None, rates: RateSettings) -> None:
     loop = asyncio.get_running_loop()
-    out: queue.SimpleQueue[IngestEvent] = queue.SimpleQueue()
     writer = None
     if wal_settings is not None:
         # what was taken before a restart is answered DUPLICATE: the log's record of it
@@ -379,7 +417,8 @@ class IngestProcess:
                  rates: RateSettings | None = None,
                  on_refused: Callable[[str], None] | None = None,
                  on_gate: Callable[[GateStats], None] | None = None,
-                 child_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 child_timeout_s: float = DEFAULT_TIMEOUT_S,
+                 on_handshakes: Callable[[dict[str, int], int, int], None] | None = None) -> None:
         """``on_outcome(status, label, None, None)`` counts a batch the ingest process did
         not accept; ``on_accepted(packed columns, size, log position)`` merges an accepted
         one (both in a reader thread); ``on_exit(code)`` is called in the event loop if the
@@ -387,12 +426,19 @@ class IngestProcess:
         then killed); ``on_lag("ingest", longest_s, stalls)`` reports its event loop's
         stalls and ``on_wal(stats)`` its log writer's figures (reader thread);
         ``on_refused(reason)`` counts a stream or batch refused for who sent it (reader
-        thread)."""
+        thread); ``on_handshakes(refused, held_back, dropped_bytes)`` counts TLS handshakes
+        refused (per reason), and the ingest stderr's lines held back and bytes dropped,
+        as they change (regional/handshakes.py; reader thread, and a thread that reads
+        what a dead ingest process left in its stderr pipe)."""
         self.listen = listen
         self.auth = auth
         self.rates = rates or RateSettings()
         self.on_refused = on_refused
         self.on_gate = on_gate
+        self.on_handshakes = on_handshakes
+        #: Whether refused TLS handshakes are counted (TLS on, gRPC writes its lines).
+        self.counts_handshakes = False
+        self._leftovers: threading.Thread | None = None
         self.limits = limits
         self.max_queued_blocks = max_queued_blocks
         self.on_outcome = on_outcome
@@ -419,16 +465,56 @@ class IngestProcess:
         #: message: a slow merge is the regional's delay, not the child's silence).
         self._reading = False
 
+    def _tap_pipe(self) -> tuple[int, int] | None:
+        """The pipe that becomes the ingest process's stderr (regional/handshakes.py), when
+        there are TLS handshakes to count and gRPC will write its lines about them."""
+        if self.auth.tls is None:
+            return None
+        verbosity = os.environ.get("GRPC_VERBOSITY")
+        if handshakes.verbosity_hides_lines(verbosity):
+            log.error("GRPC_VERBOSITY=%s keeps gRPC from writing its lines about refused TLS "
+                      "handshakes: they are refused but not counted "
+                      "(stratoscope_regional_tls_handshakes_counted 0); unset it to count them",
+                      verbosity)
+            return None
+        return os.pipe()
+
+    def _handshakes(self, refused: dict[str, int], held_back: int, dropped_bytes: int) -> None:
+        if self.on_handshakes is not None:
+            self.on_handshakes(refused, held_back, dropped_bytes)
+
     async def start(self, timeout_s: float = 60.0) -> None:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
+        tap = self._tap_pipe()
         self._proc = ctx.Process(
             target=_ingest_main, name="stratoscope-ingest", daemon=True,
             args=(child, self.listen, self.auth, self.limits, self.max_queued_blocks,
-                  logging.getLogger().level, self.wal_settings, self.rates),
+                  logging.getLogger().level, self.wal_settings, self.rates,
+                  (InheritedFd(tap[0]), InheritedFd(tap[1])) if tap is not None else None),
         )
-        self._proc.start()
+        try:
+            self._proc.start()
+        except BaseException:
+            if tap is not None:
+                os.close(tap[0])
+            raise
+        finally:
+            if tap is not None:
+                os.close(tap[1])  # the child's copy is the pipe's only write end
         child.close()
+        if tap is not None:
+            self.counts_handshakes = True
+            # The child's tap dies with it: what it wrote last (a crash's last lines) may
+            # still be in the pipe. Read it once the child is gone.
+            proc, read_fd = self._proc, tap[0]
+
+            def leftovers() -> None:
+                multiprocessing.connection.wait([proc.sentinel])
+                handshakes.drain(read_fd, self._handshakes)
+
+            self._leftovers = threading.Thread(target=leftovers, name="ingest-stderr", daemon=True)
+            self._leftovers.start()
         chan: pipes.Channel[IngestCommand, IngestEvent] = pipes.Channel.over(parent)
         self._chan = chan
         self._loop = asyncio.get_running_loop()
@@ -490,6 +576,8 @@ class IngestProcess:
                 elif isinstance(msg, Refusal):
                     if self.on_refused is not None:
                         self.on_refused(msg.reason)
+                elif isinstance(msg, Handshakes):
+                    self._handshakes(msg.refused, msg.held_back, msg.dropped_bytes)
                 elif isinstance(msg, WalStats):
                     if self.on_wal is not None:
                         self.on_wal(msg)
@@ -558,6 +646,8 @@ class IngestProcess:
         if self._proc.is_alive():
             self._proc.kill()  # it ignores SIGTERM (and a stopped process gets none)
             await asyncio.to_thread(self._proc.join, 10)
+        if self._leftovers is not None:  # its last stderr lines before ours
+            await asyncio.to_thread(self._leftovers.join, 10)
         if self._chan is not None:
             self._chan.close()
         self._proc = self._chan = None

@@ -1,14 +1,17 @@
 """Who may send: mTLS (node identity from the client certificate) and bearer tokens,
 against a real regional storing into embedded ClickHouse. Refused clients store nothing
-and are counted where the regional can see them; a good client on the same regional
-keeps flowing with exact totals; credentials are re-read without a restart."""
+and are counted on the regional, those refused in the TLS handshake too; a good client on
+the same regional keeps flowing with exact totals; credentials are re-read without a
+restart."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import shutil
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,15 +19,22 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stratoscope.edge.batch import BatchBuilder
 from stratoscope.edge.forward import ClientTls, GrpcForwarder
 from stratoscope.pki import issue_certificates, issue_tokens
 from stratoscope.regional.app import RunningRegional
+from stratoscope.regional.auth import REFUSALS
 from stratoscope.regional.config import RegionalConfig, TlsSettings
+from stratoscope.regional.handshakes import REASONS
 from stratoscope.regional.sinks.config import ClickHouseSettings
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
+from tests.conftest import free_port, wait_for
 
 READS_PER_BATCH = 7
 GOOD_BATCHES = 40
@@ -33,12 +43,37 @@ GOOD_BATCHES = 40
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fleet CA with a regional certificate (localhost, 127.0.0.1) and node-a, node-b;
-    a second CA that also issued a node-a; tokens for node-t and node-u."""
+    a second CA that also issued a node-a; a node-a the fleet CA issued that expired
+    yesterday; tokens for node-t and node-u."""
     d = tmp_path_factory.mktemp("pki")
     issue_certificates(d, servers=["localhost"], nodes=["node-a", "node-b"], days=2)
     issue_certificates(d / "other", nodes=["node-a"], days=2)
+    _expired(d, "node-a", d / "expired")
     issue_tokens(d / "tokens", ["node-t", "node-u"])
     return d
+
+
+def _expired(ca_dir: Path, node: str, out: Path) -> None:
+    """``out/<node>.crt``/``.key``: a client certificate of ``ca_dir``'s CA, valid from three
+    days ago until yesterday."""
+    ca = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=3))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    out.mkdir()
+    (out / f"{node}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (out / f"{node}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _batch(node: str, seq: int, boot: str = "boot") -> pb.Batch:
@@ -48,19 +83,22 @@ def _batch(node: str, seq: int, boot: str = "boot") -> pb.Batch:
     return b.build()
 
 
-def _regional(tmp: Path, **auth: Any) -> RunningRegional:
+def _regional(tmp: Path, metrics_port: int = 0, **auth: Any) -> RunningRegional:
     db = f"auth_{uuid.uuid4().hex[:10]}"
     return RunningRegional(RegionalConfig(
-        listen="127.0.0.1:0", metrics_port=0, query_listen=None, wal_dir=tmp / "wal",
-        clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp}/ch", database=db), **auth))
+        listen="127.0.0.1:0", metrics_port=metrics_port, metrics_addr="127.0.0.1", query_listen=None,
+        wal_dir=tmp / "wal", clickhouse=ClickHouseSettings(dsn=f"chdb://{tmp}/ch", database=db), **auth))
 
 
 def _raw(port: int, creds: grpc.ChannelCredentials | None, batch: pb.Batch,
          token: str | None = None) -> tuple[grpc.StatusCode, list[ingest_pb2.Ack]]:
-    """One stream, one batch, as a client that does not retry: (how the stream ended, acks)."""
+    """One stream, one batch, as a client that does not retry: (how the stream ended, acks).
+    A connection of its own: gRPC would share one among channels to the same target (a
+    plaintext client's, at least), and the server would see one handshake for many."""
     target = f"127.0.0.1:{port}"
-    channel = (grpc.secure_channel(target, creds) if creds is not None
-               else grpc.insecure_channel(target))
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channel = (grpc.secure_channel(target, creds, options) if creds is not None
+               else grpc.insecure_channel(target, options))
     with channel:
         call = channel.stream_stream("/stratoscope.v1.Ingest/Stream",
                                      request_serializer=lambda b: b,
@@ -119,6 +157,27 @@ def _sample(regional: RunningRegional, name: str, **labels: str) -> float:
     return regional.regional.registry.get_sample_value(name, labels) or 0.0
 
 
+def _metrics(port: int) -> dict[str, float]:
+    """The regional's /metrics as served, ``name{labels}`` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+HANDSHAKES = "stratoscope_regional_tls_handshakes_refused_total"
+
+
+def _handshakes(metrics: dict[str, float]) -> dict[str, float]:
+    """``tls_handshakes_refused_total`` by reason."""
+    prefix = HANDSHAKES + '{reason="'
+    return {k[len(prefix):-2]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
 @pytest.fixture
 async def mtls(tmp_path: Path, pki: Path) -> AsyncIterator[RunningRegional]:
     regional = _regional(tmp_path, tls=TlsSettings(cert=pki / "localhost.crt", key=pki / "localhost.key",
@@ -152,6 +211,58 @@ async def test_mtls_refuses_strangers_and_impostors_while_a_good_node_flows(
     assert _sample(mtls, "stratoscope_regional_refused_total", reason="node_mismatch") == 1
     assert _sample(mtls, "stratoscope_regional_batches_total", status="accepted") == GOOD_BATCHES + 1
     assert _sample(mtls, "stratoscope_regional_insecure") == 0
+
+
+#: Strangers refused in the TLS handshake, by what they present.
+NO_CERT, OTHER_CA, EXPIRED, PLAINTEXT = 5, 4, 3, 6
+
+
+async def test_refused_handshakes_are_counted_exactly_on_metrics_while_a_good_node_flows(
+        tmp_path: Path, pki: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    metrics_port = free_port()
+    regional = _regional(tmp_path, metrics_port,
+                         tls=TlsSettings(cert=pki / "localhost.crt", key=pki / "localhost.key",
+                                         client_ca=pki / "ca.crt"))
+    await regional.start()
+    expected = {"no_certificate": NO_CERT, "unknown_ca": OTHER_CA, "expired": EXPIRED,
+                "not_tls": PLAINTEXT, "other": 0}
+    try:
+        port = regional.port
+        before = _metrics(metrics_port)
+        assert before["stratoscope_regional_tls_handshakes_counted"] == 1
+        assert _handshakes(before) == dict.fromkeys(REASONS, 0)
+        strangers = ([_creds(pki)] * NO_CERT + [_creds(pki, "node-a", where=pki / "other")] * OTHER_CA
+                     + [_creds(pki, "node-a", where=pki / "expired")] * EXPIRED + [None] * PLAINTEXT)
+        with GoodEdge(port, "node-a", ClientTls(pki / "ca.crt", pki / "node-a.crt", pki / "node-a.key")) as good:
+            results = await asyncio.gather(*(
+                asyncio.to_thread(_raw, port, creds, _batch("node-a", 20_000 + i, "x"))
+                for i, creds in enumerate(strangers)))
+        assert [code for code, _ in results] == [grpc.StatusCode.UNAVAILABLE] * len(strangers)
+        # each stranger saw its refusal, so gRPC had written its line: the count follows
+        await asyncio.to_thread(
+            wait_for, "the refused handshakes on /metrics",
+            lambda: sum(_handshakes(_metrics(metrics_port)).values()) >= sum(expected.values()), 30, 0.1)
+        after = _metrics(metrics_port)
+        assert _handshakes(after) == expected
+        # the good node was never refused, and its totals are exact
+        assert (good.fwd.stats.acked, good.fwd.stats.rejected) == (GOOD_BATCHES, 0)
+        assert await _stored(regional) == {"node-a": GOOD_BATCHES * READS_PER_BATCH}
+        after = _metrics(metrics_port)
+        assert after['stratoscope_regional_batches_total{status="accepted"}'] == GOOD_BATCHES
+        assert {r: after[f'stratoscope_regional_refused_total{{reason="{r}"}}'] for r in REFUSALS} \
+            == dict.fromkeys(REFUSALS, 0)
+        assert _handshakes(after) == expected  # nothing more: the good node's handshakes count none
+        held_back = after["stratoscope_regional_tls_handshake_log_lines_held_back_total"]
+        assert after["stratoscope_regional_ingest_stderr_dropped_bytes_total"] == 0
+    finally:
+        await regional.stop()
+    # every gRPC line reached stderr or was held back, and the held-back ones were noted
+    err = capfd.readouterr().err
+    shown = [line for line in err.splitlines() if "] Handshake failed with error" in line]
+    assert len(shown) + held_back == sum(expected.values()), err[-3000:]
+    noted = sum(int(line.split(" more TLS handshakes refused")[0].rsplit(" ", 1)[1])
+                for line in err.splitlines() if " more TLS handshakes refused (" in line)
+    assert noted == held_back, err[-3000:]
 
 
 @pytest.fixture
