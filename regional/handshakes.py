@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -252,7 +251,9 @@ class Tap:
         self._read_fd = read_fd
         self._write_fd: int | None = write_fd
         self._out_fd = -1
+        self._closed = False
         self._pending = bytearray()
+        self._unnoted = 0
         self._thread: threading.Thread | None = None
         self._writable = select.poll()
         self._reported: tuple[dict[str, int], int, int] = (dict.fromkeys(REASONS, 0), 0, 0)
@@ -272,8 +273,9 @@ class Tap:
     def close(self, timeout_s: float = 5.0) -> None:
         """Give fd 2 back to the real stderr, and pass on what the pipe still holds.
         Idempotent."""
-        if self._thread is None or self._out_fd < 0:
+        if self._thread is None or self._closed:
             return
+        self._closed = True
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os.dup2(self._out_fd, 2)  # the pipe's last write end: the thread reads to its end
@@ -282,6 +284,18 @@ class Tap:
     # -- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug here must not leave fd 2 a pipe nobody reads
+            self._closed = True
+            os.dup2(self._out_fd, 2)
+            with contextlib.suppress(OSError):
+                os.write(self._out_fd, self.sorter.note(
+                    f"the stderr tap failed ({exc!r}): stderr is passed on directly from now "
+                    f"on, and refused TLS handshakes are no longer counted"))
+            raise
+
+    def _loop(self) -> None:
         poller = select.poll()
         poller.register(self._read_fd, select.POLLIN)
         self._writable = select.poll()
@@ -323,6 +337,7 @@ class Tap:
     def _queue(self, data: bytes) -> None:
         if len(self._pending) + len(data) > self.pending_bytes:
             self.dropped_bytes += len(data)
+            self._unnoted += len(data)
             return
         self._pending += data
 
@@ -335,13 +350,16 @@ class Tap:
                 n = os.write(self._out_fd, self._pending[:_CHUNK])
             except BlockingIOError:  # someone made it non-blocking
                 return
-            except OSError as exc:  # gone (EPIPE, EBADF...): nothing will take it
-                if exc.errno not in (errno.EPIPE, errno.EBADF, errno.EIO, errno.ENOSPC):
-                    raise
+            except OSError:  # gone (EPIPE, EIO, ENOSPC...): nothing will take it
                 self.dropped_bytes += len(self._pending)
                 self._pending.clear()
                 return
             del self._pending[:n]
+            if not self._pending and self._unnoted:  # the gap, said where it is
+                self._pending += self.sorter.note(
+                    f"{self._unnoted} bytes of this process's stderr dropped here: stderr did "
+                    f"not take them (stratoscope_regional_ingest_stderr_dropped_bytes_total)")
+                self._unnoted = 0
 
     def _report(self) -> None:
         refused, held = _counts(self.sorter)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import shutil
+import socket
 import threading
 import time
 import urllib.request
@@ -256,13 +257,59 @@ async def test_refused_handshakes_are_counted_exactly_on_metrics_while_a_good_no
         assert after["stratoscope_regional_ingest_stderr_dropped_bytes_total"] == 0
     finally:
         await regional.stop()
-    # every gRPC line reached stderr or was held back, and the held-back ones were noted
-    err = capfd.readouterr().err
-    shown = [line for line in err.splitlines() if "] Handshake failed with error" in line]
-    assert len(shown) + held_back == sum(expected.values()), err[-3000:]
+    _assert_lines_shown_or_noted(capfd.readouterr().err, sum(expected.values()), held_back)
+
+
+def _assert_lines_shown_or_noted(err: str, refused: int, held_back: float) -> int:
+    """Every line gRPC wrote about a refused handshake reached stderr or was held back, and
+    those held back were noted; returns how many were shown."""
+    shown = sum(1 for line in err.splitlines() if "] Handshake failed with error" in line)
+    assert shown + held_back == refused, err[-3000:]
     noted = sum(int(line.split(" more TLS handshakes refused")[0].rsplit(" ", 1)[1])
                 for line in err.splitlines() if " more TLS handshakes refused (" in line)
     assert noted == held_back, err[-3000:]
+    return shown
+
+
+#: What a plaintext gRPC client sends first (HTTP/2's connection preface).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FLOOD = 2000
+
+
+def _plaintext_clients(port: int, n: int) -> None:
+    """``n`` connections, one after another, each sending what a plaintext gRPC client
+    sends and reading until the regional closes it (by then gRPC has written its line)."""
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(H2_PREFACE)
+            while s.recv(4096):
+                pass
+
+
+async def test_a_flood_of_refused_handshakes_is_counted_exactly_and_costs_the_log_a_few_lines(
+        tmp_path: Path, pki: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    metrics_port = free_port()
+    regional = _regional(tmp_path, metrics_port,
+                         tls=TlsSettings(cert=pki / "localhost.crt", key=pki / "localhost.key",
+                                         client_ca=pki / "ca.crt"))
+    await regional.start()
+    try:
+        port = regional.port
+        with GoodEdge(port, "node-a", ClientTls(pki / "ca.crt", pki / "node-a.crt", pki / "node-a.key")) as good:
+            await asyncio.gather(*(asyncio.to_thread(_plaintext_clients, port, FLOOD // 4) for _ in range(4)))
+        await asyncio.to_thread(
+            wait_for, "the flood on /metrics",
+            lambda: _handshakes(_metrics(metrics_port))["not_tls"] >= FLOOD, 60, 0.1)
+        assert (good.fwd.stats.acked, good.fwd.stats.rejected) == (GOOD_BATCHES, 0)
+        assert await _stored(regional) == {"node-a": GOOD_BATCHES * READS_PER_BATCH}
+        after = _metrics(metrics_port)
+        assert _handshakes(after) == {**dict.fromkeys(REASONS, 0), "not_tls": FLOOD}
+        held_back = after["stratoscope_regional_tls_handshake_log_lines_held_back_total"]
+        assert after["stratoscope_regional_ingest_stderr_dropped_bytes_total"] == 0
+    finally:
+        await regional.stop()
+    # one line per 10 s, and a note of how many were held back
+    assert _assert_lines_shown_or_noted(capfd.readouterr().err, FLOOD, held_back) <= 6
 
 
 @pytest.fixture
