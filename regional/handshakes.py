@@ -33,6 +33,13 @@ REASONS (``classify``):
 - **A flood costs the log little.** Of the lines about refused handshakes, one per reason
   per SHOW_EVERY_S is passed on; the rest are held back (``held_back``), all of them
   counted, and a line of our own says how many were.
+- **Checked at start.** A counter that silently stays at 0 would be worse than none: a
+  grpcio that words its line differently, or GRPC_VERBOSITY=ERROR, would do that. So the
+  ingest process connects to its own port once it listens and speaks plaintext, as a
+  misconfigured client would (``Tap.probe``). gRPC refuses it like any other; the tap takes
+  the first ``not_tls`` line after that as the probe's (the lines are alike, so the count
+  stays exact) and does not show it. No such line: the regional says so in one error line
+  and ``stratoscope_regional_tls_handshakes_counted`` is 0.
 - **Nothing is lost when the process dies.** The regional holds the pipe's read end too
   and, once the ingest process is gone, reads what it left there (``drain``): the last
   lines of a crash go where they always went.
@@ -47,6 +54,7 @@ import logging
 import os
 import re
 import select
+import socket
 import sys
 import threading
 import time
@@ -67,6 +75,8 @@ MAX_LINE = 16 << 10
 HOLD_PARTIAL_S = 0.2
 #: The pipe's capacity asked for (the kernel's default is 64 KiB).
 PIPE_BYTES = 1 << 20
+#: What a plaintext gRPC client sends first (HTTP/2's connection preface): the probe's words.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: A write of at most this many bytes to a pipe that poll says is writable cannot block.
 _CHUNK = select.PIPE_BUF
 
@@ -125,10 +135,19 @@ class LineSorter:
     """
 
     def __init__(self, every_s: float = SHOW_EVERY_S, clock: Callable[[], float] = time.monotonic,
-                 note: Callable[[str], bytes] = _note) -> None:
+                 note: Callable[[str], bytes] = _note, marker: bytes = b"") -> None:
+        """``marker``: a line that is neither passed on nor counted, only noted in
+        ``markers`` (the tap's way to know what it has read)."""
         self.every_s = every_s
         self.clock = clock
         self.note = note
+        self.marker = marker
+        #: Marker lines read.
+        self.markers = 0
+        #: ``not_tls`` lines still to take as the tap's own probes' (not counted nor shown).
+        self.probes = 0
+        #: Lines taken as the probes'.
+        self.probed = 0
         #: Refused handshakes per reason, since the start.
         self.refused = dict.fromkeys(REASONS, 0)
         #: Lines about refused handshakes not passed on, since the start.
@@ -194,9 +213,16 @@ class LineSorter:
         return bool(self._partial) or bool(self._held)
 
     def _line(self, line: bytes) -> bytes:
+        if self.marker and line == self.marker:
+            self.markers += 1
+            return b""
         reason = classify(line)
         if reason is None:
             return line
+        if reason == "not_tls" and self.probes:
+            self.probes -= 1
+            self.probed += 1
+            return b""
         self.refused[reason] += 1
         now = self.clock()
         shown = self._shown_at.get(reason)
@@ -244,7 +270,10 @@ class Tap:
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self.on_counts = on_counts
-        self.sorter = sorter or LineSorter()
+        self._marker = b"stratoscope stderr tap " + os.urandom(8).hex().encode() + b"\n"
+        self.sorter = sorter or LineSorter(marker=self._marker)
+        #: Held around the sorter: the tap's thread feeds it, ``probe`` reads it.
+        self._lock = threading.Condition()
         self.pending_bytes = pending_bytes
         #: Bytes dropped because the real stderr did not take them, since the start.
         self.dropped_bytes = 0
@@ -280,6 +309,30 @@ class Tap:
             sys.stderr.flush()
         os.dup2(self._out_fd, 2)  # the pipe's last write end: the thread reads to its end
         self._thread.join(timeout_s)
+
+    def probe(self, host: str, port: int, timeout_s: float = 10.0) -> bool:
+        """Whether gRPC's line about a refused handshake reaches the tap: a plaintext
+        connection to the TLS port at ``host``:``port``, refused as any plaintext client is
+        (see the module docstring). Blocks up to about twice ``timeout_s``."""
+        with self._lock:
+            self.sorter.probes += 1
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s) as s:
+                s.sendall(H2_PREFACE)
+                while s.recv(4096):  # until gRPC closes it: its line is written by then
+                    pass
+        except OSError:
+            pass  # reset, refused, timed out: the line is there or it is not
+        # a marker written after it: once the tap has read the marker, it has read the line
+        with self._lock:
+            seen = self.sorter.markers
+        os.write(2, self._marker)  # not under the lock: the tap's thread takes it to read
+        with self._lock:
+            self._lock.wait_for(lambda: self.sorter.markers > seen, timeout_s)
+            if self.sorter.probed:
+                return True
+            self.sorter.probes = 0  # nothing came: take nothing for it later
+            return False
 
     # -- the thread ----------------------------------------------------------------------
 
@@ -319,13 +372,16 @@ class Tap:
                         data = os.read(self._read_fd, 1 << 16)
                     except OSError:
                         data = b""
-                    if data:
-                        out = self.sorter.feed(data)
-                    else:  # every write end closed (close(), or the process exits)
-                        reading = False
-                        out = self.sorter.finish()
+                    with self._lock:
+                        if data:
+                            out = self.sorter.feed(data)
+                        else:  # every write end closed (close(), or the process exits)
+                            reading = False
+                            out = self.sorter.finish()
+                        self._lock.notify_all()
                 else:
-                    out = self.sorter.idle()
+                    with self._lock:
+                        out = self.sorter.idle()
                 if out:
                     self._queue(out)
             self._flush()

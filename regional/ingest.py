@@ -13,7 +13,8 @@ process, which merges them and feeds the sinks.
 Channel (regional/pipes.py: one duplex pipe, typed messages, the packed columns out
 of band, no pickle copy):
 
-- ingest -> regional (``IngestEvent``): ``Listening(port)`` once the server listens;
+- ingest -> regional (``IngestEvent``): ``Listening(port, counts_handshakes)`` once the
+  server listens (and its stderr tap has checked that it sees gRPC's lines);
   ``Accepted(columns, size)`` per accepted batch (validated: the regional only maps
   them); ``Outcome(status, label)`` per other outcome (for the regional's /metrics);
   ``Refusal(reason)`` per stream or batch refused for who sent it (regional/auth.py);
@@ -94,6 +95,8 @@ class Listening:
     port: int
     #: why the server could not listen (then ``port`` is 0)
     error: str = ""
+    #: whether refused TLS handshakes are counted (the tap saw its probe's line)
+    counts_handshakes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,9 +317,12 @@ def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
     handshakes.Tap that counts refused TLS handshakes (None: none counted)."""
     chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
     out: queue.SimpleQueue[IngestEvent] = queue.SimpleQueue()
+    stderr_tap = None
     if tap is not None:  # first: every line gRPC writes from now on passes the tap
-        handshakes.Tap(lambda refused, held, dropped: out.put(Handshakes(refused, held, dropped)),
-                       read_fd=tap[0].fd, write_fd=tap[1].fd).start()
+        stderr_tap = handshakes.Tap(
+            lambda refused, held, dropped: out.put(Handshakes(refused, held, dropped)),
+            read_fd=tap[0].fd, write_fd=tap[1].fd)
+        stderr_tap.start()
     name_process("strato-ingest")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -324,13 +330,21 @@ def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
     import uvloop
 
     tune_gc()
-    uvloop.run(_ingest_loop(chan, out, listen, auth, limits, max_queued_blocks, wal_settings, rates))
+    uvloop.run(_ingest_loop(chan, out, listen, auth, limits, max_queued_blocks, wal_settings, rates,
+                            stderr_tap))
+
+
+def _own_address(listen: str) -> str:
+    """Where this host reaches a server listening on ``listen`` (host:port)."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
                        out: queue.SimpleQueue[IngestEvent], listen: str,
                        auth: ServerAuth, limits: Limits, max_queued_blocks: int,
-                       wal_settings: WalSettings | None, rates: RateSettings) -> None:
+                       wal_settings: WalSettings | None, rates: RateSettings,
+                       stderr_tap: handshakes.Tap | None = None) -> None:
     loop = asyncio.get_running_loop()
     writer = None
     if wal_settings is not None:
@@ -365,9 +379,17 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
             if isinstance(msg, Stopped):
                 return
 
+    counted = False
+    if stderr_tap is not None:
+        counted = await loop.run_in_executor(None, stderr_tap.probe, _own_address(listen), port)
+        if not counted:
+            log.error("gRPC wrote no line about a plaintext connection to the TLS port, which it "
+                      "refused: refused TLS handshakes are not counted "
+                      "(stratoscope_regional_tls_handshakes_counted 0; is grpcio's log format "
+                      "or GRPC_VERBOSITY different?)")
     send_thread = threading.Thread(target=sender, name="ingest-handover", daemon=True)
     send_thread.start()
-    out.put(Listening(port))
+    out.put(Listening(port, counts_handshakes=counted))
 
     def report_lag(longest_s: float, stalls: list[float]) -> None:
         if longest_s:
@@ -436,7 +458,8 @@ class IngestProcess:
         self.on_refused = on_refused
         self.on_gate = on_gate
         self.on_handshakes = on_handshakes
-        #: Whether refused TLS handshakes are counted (TLS on, gRPC writes its lines).
+        #: Whether refused TLS handshakes are counted (TLS on, and the ingest process's
+        #: stderr tap saw gRPC's line about its probe: regional/handshakes.py).
         self.counts_handshakes = False
         self._leftovers: threading.Thread | None = None
         self.limits = limits
@@ -504,7 +527,6 @@ class IngestProcess:
                 os.close(tap[1])  # the child's copy is the pipe's only write end
         child.close()
         if tap is not None:
-            self.counts_handshakes = True
             # The child's tap dies with it: what it wrote last (a crash's last lines) may
             # still be in the pipe. Read it once the child is gone.
             proc, read_fd = self._proc, tap[0]
@@ -586,6 +608,7 @@ class IngestProcess:
                         self.on_lag("ingest", msg.longest_s, msg.stalls)
                 elif isinstance(msg, Listening):
                     self.port, self.start_error = msg.port, msg.error
+                    self.counts_handshakes = msg.counts_handshakes
                     self._port_ready.set()
                 elif isinstance(msg, Barrier):
                     self._release(msg.n)

@@ -158,7 +158,7 @@ class RegionalMetrics:
         self.handshakes_refused = Counter(f"{ns}_tls_handshakes_refused", "TLS handshakes the ingest port refused before any request (gRPC's TLS layer; counted from the line gRPC writes for each), by reason (a fixed set: handshakes.REASONS): no client certificate, one not issued by the client CA, an expired one, not TLS at all, any other.", ["reason"], registry=registry)
         for reason in HANDSHAKE_REASONS:
             self.handshakes_refused.labels(reason)
-        self.handshakes_counted = Gauge(f"{ns}_tls_handshakes_counted", "1 when refused TLS handshakes are counted (TLS on, and GRPC_VERBOSITY lets gRPC write its lines about them).", registry=registry)
+        self.handshakes_counted = Gauge(f"{ns}_tls_handshakes_counted", "1 when refused TLS handshakes are counted: TLS is on, and at start the ingest process saw gRPC's line about a plaintext connection of its own to its port (regional/handshakes.py).", registry=registry)
         self.handshake_lines_held_back = Counter(f"{ns}_tls_handshake_log_lines_held_back", "gRPC's lines about refused TLS handshakes not passed on to stderr (one per reason per 10 s is), all counted in tls_handshakes_refused_total.", registry=registry)
         self.ingest_stderr_dropped = Counter(f"{ns}_ingest_stderr_dropped_bytes", "Bytes the ingest process wrote to stderr that were dropped because stderr did not take them (1 MiB may wait).", registry=registry)
         self.insecure = Gauge(f"{ns}_insecure", "1 when the ingest port takes batches without authenticating edges (insecure: true).", registry=registry)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -28,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from stratoscope.edge.batch import BatchBuilder
 from stratoscope.edge.forward import ClientTls, GrpcForwarder
 from stratoscope.pki import issue_certificates, issue_tokens
+from stratoscope.regional import handshakes
 from stratoscope.regional.app import RunningRegional
 from stratoscope.regional.auth import REFUSALS
 from stratoscope.regional.config import RegionalConfig, TlsSettings
@@ -310,6 +313,61 @@ async def test_a_flood_of_refused_handshakes_is_counted_exactly_and_costs_the_lo
         await regional.stop()
     # one line per 10 s, and a note of how many were held back
     assert _assert_lines_shown_or_noted(capfd.readouterr().err, FLOOD, held_back) <= 6
+
+
+async def test_what_a_killed_ingest_process_left_on_stderr_is_passed_on_and_counted(
+        tmp_path: Path, pki: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The ingest process's tap dies with it; the regional reads what was left in the pipe:
+    here, lines written to the process's stderr while it was stopped, before a SIGKILL."""
+    regional = _regional(tmp_path, tls=TlsSettings(cert=pki / "localhost.crt", key=pki / "localhost.key",
+                                                   client_ca=pki / "ca.crt"))
+    await regional.start()
+    try:
+        proc = regional._ingest._proc
+        assert proc is not None and proc.pid is not None
+        os.kill(proc.pid, signal.SIGSTOP)  # its tap reads nothing from now on
+        line = ("I1207 21:19:06.541471    9138 ssl_transport_security.cc:2563] Handshake failed with "
+                "error SSL_ERROR_SSL: error:100000c0:SSL routines:OPENSSL_internal:"
+                "PEER_DID_NOT_RETURN_A_CERTIFICATE: Invalid certificate verification context\n")
+        with open(f"/proc/{proc.pid}/fd/2", "w") as stderr:  # the pipe's write end
+            stderr.write(line * 3 + "the last words of a crash\n")
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(regional.failed.wait(), 60)
+        await asyncio.to_thread(
+            wait_for, "the leftover lines counted",
+            lambda: _sample(regional, HANDSHAKES, reason="no_certificate") >= 3, 30, 0.1)
+        assert _sample(regional, HANDSHAKES, reason="no_certificate") == 3
+    finally:
+        await regional.stop()
+    err = capfd.readouterr().err
+    assert err.count(line) == 3 and "the last words of a crash\n" in err, err[-3000:]
+
+
+async def test_a_regional_that_cannot_count_refused_handshakes_says_so(
+        tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """GRPC_VERBOSITY=ERROR keeps gRPC from writing its lines. The regional says so before it
+    starts the ingest process; past that check (a grpcio that words them differently would
+    pass it), the ingest process's probe of its own port finds no line, and says so too."""
+    tls = TlsSettings(cert=pki / "localhost.crt", key=pki / "localhost.key", client_ca=pki / "ca.crt")
+    monkeypatch.setenv("GRPC_VERBOSITY", "ERROR")
+    for checked_first in (True, False):
+        if not checked_first:  # the regional's own check only: the child is spawned afresh
+            monkeypatch.setattr(handshakes, "verbosity_hides_lines", lambda value: False)
+        regional = _regional(tmp_path / str(checked_first), tls=tls)
+        await regional.start()
+        try:
+            assert _sample(regional, "stratoscope_regional_tls_handshakes_counted") == 0
+            assert (await asyncio.to_thread(_raw, regional.port, None, _batch("node-a", 1)))[0] \
+                == grpc.StatusCode.UNAVAILABLE  # refused all the same
+            assert (await asyncio.to_thread(_raw, regional.port, _creds(pki, "node-a"), _batch("node-a", 1)))[0] \
+                == grpc.StatusCode.OK
+        finally:
+            await regional.stop()
+    assert "GRPC_VERBOSITY=ERROR keeps gRPC from writing its lines about refused TLS handshakes" \
+        in caplog.text
+    err = capfd.readouterr().err  # the ingest process's
+    assert "gRPC wrote no line about a plaintext connection to the TLS port" in err, err[-3000:]
 
 
 @pytest.fixture

@@ -158,6 +158,15 @@ def test_a_line_too_long_to_hold_is_passed_on_unread() -> None:
     assert sorter.refused["not_tls"] == 1
 
 
+def test_the_probes_line_is_taken_neither_counted_nor_shown_and_markers_are_noted() -> None:
+    sorter = LineSorter(every_s=0.0, note=_note, marker=b"marker 1234\n")
+    sorter.probes = 1
+    assert sorter.feed(NO_CERT + PLAIN + b"marker 1234\n" + PLAIN + b"marker 12345\n") \
+        == NO_CERT + PLAIN + b"marker 12345\n"
+    assert (sorter.probed, sorter.probes, sorter.markers) == (1, 0, 1)
+    assert sorter.refused == {**dict.fromkeys(REASONS, 0), "no_certificate": 1, "not_tls": 1}
+
+
 def test_what_a_dead_process_left_in_the_pipe_is_passed_on_and_counted() -> None:
     r, w = os.pipe()
     out_r, out_w = os.pipe()
