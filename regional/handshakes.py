@@ -310,19 +310,23 @@ class Tap:
         os.dup2(self._out_fd, 2)  # the pipe's last write end: the thread reads to its end
         self._thread.join(timeout_s)
 
-    def probe(self, host: str, port: int, timeout_s: float = 10.0) -> bool:
-        """Whether gRPC's line about a refused handshake reaches the tap: a plaintext
+    def probe(self, host: str, port: int, timeout_s: float = 10.0) -> str | None:
+        """Check that gRPC's line about a refused handshake reaches the tap: a plaintext
         connection to the TLS port at ``host``:``port``, refused as any plaintext client is
-        (see the module docstring). Blocks up to about twice ``timeout_s``."""
+        (see the module docstring). None if it does, else why not. Blocks up to about twice
+        ``timeout_s``."""
         with self._lock:
             self.sorter.probes += 1
+        problem = "gRPC wrote no line about it"
         try:
             with socket.create_connection((host, port), timeout=timeout_s) as s:
                 s.sendall(H2_PREFACE)
                 while s.recv(4096):  # until gRPC closes it: its line is written by then
                     pass
-        except OSError:
-            pass  # reset, refused, timed out: the line is there or it is not
+        except ConnectionResetError:
+            pass
+        except OSError as exc:
+            problem = f"the connection to {host}:{port} failed ({exc})"
         # a marker written after it: once the tap has read the marker, it has read the line
         with self._lock:
             seen = self.sorter.markers
@@ -330,9 +334,9 @@ class Tap:
         with self._lock:
             self._lock.wait_for(lambda: self.sorter.markers > seen, timeout_s)
             if self.sorter.probed:
-                return True
+                return None
             self.sorter.probes = 0  # nothing came: take nothing for it later
-            return False
+            return problem
 
     # -- the thread ----------------------------------------------------------------------
 

@@ -335,9 +335,10 @@ def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
 
 
 def _own_address(listen: str) -> str:
-    """Where this host reaches a server listening on ``listen`` (host:port)."""
+    """Where this host reaches a server listening on ``listen`` (host:port): a wildcard
+    address by ``localhost`` (IPv6 or IPv4, whichever connects)."""
     host = listen.rsplit(":", 1)[0].strip("[]")
-    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return "localhost" if host in ("", "0.0.0.0", "::") else host
 
 
 async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
@@ -381,12 +382,13 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
 
     counted = False
     if stderr_tap is not None:
-        counted = await loop.run_in_executor(None, stderr_tap.probe, _own_address(listen), port)
-        if not counted:
-            log.error("gRPC wrote no line about a plaintext connection to the TLS port, which it "
-                      "refused: refused TLS handshakes are not counted "
-                      "(stratoscope_regional_tls_handshakes_counted 0; is grpcio's log format "
-                      "or GRPC_VERBOSITY different?)")
+        problem = await loop.run_in_executor(None, stderr_tap.probe, _own_address(listen), port)
+        counted = problem is None
+        if problem is not None:
+            log.error("refused TLS handshakes are not counted (stratoscope_regional_"
+                      "tls_handshakes_counted 0): a plaintext connection to the TLS port, to "
+                      "check, was refused but %s (grpcio's log format or GRPC_VERBOSITY "
+                      "different?)", problem)
     send_thread = threading.Thread(target=sender, name="ingest-handover", daemon=True)
     send_thread.start()
     out.put(Listening(port, counts_handshakes=counted))

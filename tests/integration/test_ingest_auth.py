@@ -367,7 +367,9 @@ async def test_a_regional_that_cannot_count_refused_handshakes_says_so(
     assert "GRPC_VERBOSITY=ERROR keeps gRPC from writing its lines about refused TLS handshakes" \
         in caplog.text
     err = capfd.readouterr().err  # the ingest process's
-    assert "gRPC wrote no line about a plaintext connection to the TLS port" in err, err[-3000:]
+    assert "refused TLS handshakes are not counted (stratoscope_regional_tls_handshakes_counted 0): " \
+        "a plaintext connection to the TLS port, to check, was refused but gRPC wrote no line " \
+        "about it" in err, err[-3000:]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from stratoscope.regional.handshakes import MAX_LINE, REASONS, LineSorter, classify, drain
+from stratoscope.regional.ingest import _own_address
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,6 +77,13 @@ def test_a_refused_handshake_is_counted_under_its_reason(reason: str, client: st
 ])
 def test_other_lines_are_not_counted(line: bytes) -> None:
     assert classify(line) is None
+
+
+@pytest.mark.parametrize(("listen", "probed"), [
+    ("0.0.0.0:7400", "localhost"), ("[::]:7400", "localhost"), ("127.0.0.1:0", "127.0.0.1"),
+    ("[::1]:7400", "::1"), ("regional-1.example:7400", "regional-1.example")])
+def test_the_ingest_process_probes_its_own_port_where_it_listens(listen: str, probed: str) -> None:
+    assert _own_address(listen) == probed
 
 
 class Clock:
