@@ -10,8 +10,8 @@ of ``grpc.dynamic_ssl_server_credentials``, runs for every TCP connection, a bar
 connect that never sends a byte included (a port check, a load balancer's probe):
 connections minus streams would count those too, and a good client's idle reconnects.
 What gRPC does do is write one line per handshake it refuses, from its TLS code
-(ssl_transport_security.cc), to fd 2 (grpcio 1.85: level INFO, written while
-GRPC_VERBOSITY is unset, INFO or DEBUG; older releases: level ERROR, "fatal error")::
+(ssl_transport_security.cc), to fd 2 (grpcio 1.85: level INFO; older releases: level
+ERROR, "fatal error")::
 
     I1207 21:19:06.541471    9138 ssl_transport_security.cc:2563] Handshake failed with error SSL_ERROR_SSL: error:100000c0:SSL routines:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE: Invalid certificate verification context
 
@@ -33,13 +33,19 @@ REASONS (``classify``):
 - **A flood costs the log little.** Of the lines about refused handshakes, one per reason
   per SHOW_EVERY_S is passed on; the rest are held back (``held_back``), all of them
   counted, and a line of our own says how many were.
+- **Whatever GRPC_VERBOSITY says.** gRPC reads it once, when it is imported, and at ERROR
+  (the CLI's default) or NONE writes no INFO line at all. So the ingest process imports gRPC
+  with it unset (regional/ingestboot.py), and the tap shows gRPC's lines as the verbosity
+  asked for would have (``lowest_shown``): at ERROR, no INFO or WARNING line of gRPC's but
+  the lines about refused handshakes (rate-limited, as below); at NONE, none of them.
+  Each is counted in any case.
 - **Checked at start.** A counter that silently stays at 0 would be worse than none: a
   grpcio that words its line differently, or GRPC_VERBOSITY=ERROR, would do that. So the
   ingest process connects to its own port once it listens and speaks plaintext, as a
   misconfigured client would (``Tap.probe``). gRPC refuses it like any other; the tap takes
   the first ``not_tls`` line after that as the probe's (the lines are alike, so the count
-  stays exact) and does not show it. No such line: the regional says so in one error line
-  and ``stratoscope_regional_tls_handshakes_counted`` is 0.
+  stays exact) and does not show it. No such line: the ingest process says so in one error
+  line and ``stratoscope_regional_tls_handshakes_counted`` is 0.
 - **Nothing is lost when the process dies.** The regional holds the pipe's read end too
   and, once the ingest process is gone, reads what it left there (``drain``): the last
   lines of a crash go where they always went.
@@ -59,9 +65,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["PENDING_BYTES", "REASONS", "SHOW_EVERY_S", "LineSorter", "Tap", "classify", "drain",
-           "verbosity_hides_lines"]
+__all__ = ["PENDING_BYTES", "REASONS", "SHOW_EVERY_S", "Handshakes", "LineSorter", "Tap", "classify",
+           "drain", "lowest_shown"]
 
 #: The label values of ``stratoscope_regional_tls_handshakes_refused_total`` (a fixed set).
 REASONS = ("no_certificate", "unknown_ca", "expired", "not_tls", "other")
@@ -81,6 +88,8 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _CHUNK = select.PIPE_BUF
 
 # Abseil's (and, before it, gpr_log's) prefix: severity, MMDD, time, thread id, file:line.
+_GRPC = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^\s\]]+:\d+\] ")
+_SEVERITIES = b"IWEF"
 _LINE = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ssl_transport_security\.cc:\d+\] "
                    rb"Handshake failed with (?:fatal )?error (?P<what>[^\n]*)\n?\Z")
 # BoringSSL's reasons, as grpcio's wheels print them.
@@ -111,10 +120,23 @@ def classify(line: bytes) -> str | None:
     return "other"
 
 
-def verbosity_hides_lines(value: str | None) -> bool:
-    """Whether GRPC_VERBOSITY=``value`` keeps gRPC from writing its INFO lines (read once,
-    when grpc is imported): ERROR, NONE and values gRPC does not know."""
-    return (value or "").strip().upper() not in ("", "INFO", "DEBUG")
+def lowest_shown(verbosity: str | None) -> str | None:
+    """The lowest severity of gRPC's lines (``I``, ``W``, ``E``, ``F``) that
+    GRPC_VERBOSITY=``verbosity`` lets gRPC write; None: no line (NONE). Unset and values
+    gRPC does not know leave abseil's default: every line."""
+    value = (verbosity or "").strip().upper()
+    return {"ERROR": "E", "NONE": None}.get(value, "I")
+
+
+@dataclass(frozen=True, slots=True)
+class Handshakes:
+    """The tap's report, as its ``on_counts`` gets it: what changed since the last one
+    (TLS handshakes refused, per reason; gRPC's lines about them held back; stderr bytes
+    dropped). The ingest process sends it to the regional as it is."""
+
+    refused: dict[str, int]
+    held_back: int
+    dropped_bytes: int
 
 
 def _note(text: str) -> bytes:
@@ -135,10 +157,14 @@ class LineSorter:
     """
 
     def __init__(self, every_s: float = SHOW_EVERY_S, clock: Callable[[], float] = time.monotonic,
-                 note: Callable[[str], bytes] = _note, marker: bytes = b"") -> None:
+                 note: Callable[[str], bytes] = _note, marker: bytes = b"",
+                 show: str | None = "I") -> None:
         """``marker``: a line that is neither passed on nor counted, only noted in
-        ``markers`` (the tap's way to know what it has read)."""
+        ``markers`` (the tap's way to know what it has read). ``show``: gRPC's lines below
+        this severity (``lowest_shown``) are not passed on, but those about refused
+        handshakes, unless None (no line of gRPC's)."""
         self.every_s = every_s
+        self.show = show
         self.clock = clock
         self.note = note
         self.marker = marker
@@ -218,6 +244,9 @@ class LineSorter:
             return b""
         reason = classify(line)
         if reason is None:
+            if self.show != "I" and (m := _GRPC.match(line)) is not None and (
+                    self.show is None or _SEVERITIES.index(m[1]) < _SEVERITIES.index(self.show.encode())):
+                return b""  # what GRPC_VERBOSITY would have kept gRPC from writing
             return line
         if reason == "not_tls" and self.probes:
             self.probes -= 1
@@ -226,6 +255,8 @@ class LineSorter:
         self.refused[reason] += 1
         now = self.clock()
         shown = self._shown_at.get(reason)
+        if self.show is None:
+            return b""  # GRPC_VERBOSITY=NONE: counted, not shown (and no note)
         if shown is not None and now - shown < self.every_s:
             self._held[reason] = self._held.get(reason, 0) + 1
             self.held_back += 1
@@ -262,16 +293,16 @@ class Tap:
 
     def __init__(self, on_counts: Callable[[dict[str, int], int, int], None],
                  read_fd: int | None = None, write_fd: int | None = None,
-                 pending_bytes: int = PENDING_BYTES, sorter: LineSorter | None = None) -> None:
+                 pending_bytes: int = PENDING_BYTES, show: str | None = "I") -> None:
         """``read_fd``/``write_fd``: the pipe (made here when not given; the regional makes
-        it, to read what is left once the process is gone)."""
+        it, to read what is left once the process is gone). ``show``: as LineSorter's."""
         if read_fd is None or write_fd is None:
             read_fd, write_fd = os.pipe()
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self.on_counts = on_counts
         self._marker = b"stratoscope stderr tap " + os.urandom(8).hex().encode() + b"\n"
-        self.sorter = sorter or LineSorter(marker=self._marker)
+        self.sorter = LineSorter(marker=self._marker, show=show)
         #: Held around the sorter: the tap's thread feeds it, ``probe`` reads it.
         self._lock = threading.Condition()
         self.pending_bytes = pending_bytes
@@ -433,12 +464,13 @@ class Tap:
 
 
 def drain(read_fd: int, on_counts: Callable[[dict[str, int], int, int], None],
-          out_fd: int = 2) -> None:
+          out_fd: int = 2, show: str | None = "I") -> None:
     """What a dead process left in its tap's pipe, passed on to ``out_fd`` and counted
-    (the regional's side: the process's own tap died with it). Closes ``read_fd``."""
+    (the regional's side: the process's own tap died with it). ``show``: as LineSorter's.
+    Closes ``read_fd``."""
     try:
         os.set_blocking(read_fd, False)
-        sorter = LineSorter(every_s=0.0)  # a dead process's last lines are all shown
+        sorter = LineSorter(every_s=0.0, show=show)  # a dead process's last lines: all shown
         chunks = []
         while True:
             try:

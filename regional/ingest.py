@@ -61,15 +61,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
-from stratoscope.regional import handshakes, looplag, pipes, wal
+from stratoscope.regional import handshakes, ingestboot, looplag, pipes, wal
 from stratoscope.regional.dedup import Deduplicator
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
+from stratoscope.regional.handshakes import Handshakes
 from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S, Watchdog
 from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.runtime import name_process, tune_gc
@@ -120,16 +119,6 @@ class Refusal:
     """A stream or batch refused for who sent it (one of auth.REFUSALS)."""
 
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Handshakes:
-    """What changed since the last one: TLS handshakes refused, per reason (one of
-    handshakes.REASONS); gRPC's lines about them held back; stderr bytes dropped."""
-
-    refused: dict[str, int]
-    held_back: int
-    dropped_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,21 +196,6 @@ class WalSettings:
 IngestEvent = (Listening | Accepted | Outcome | Refusal | Handshakes | Barrier | Stopped | LoopLag
                | WalStats | GateStats | Ping)
 IngestCommand = Pressure | Barrier | Stop | Ping
-
-
-class InheritedFd:
-    """A file descriptor handed to the spawned ingest process as multiprocessing hands it a
-    Connection's: the child gets a copy under the same number."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_inherited, (reduction.DupFd(self.fd),))
-
-
-def _inherited(dup: Any) -> InheritedFd:
-    return InheritedFd(dup.detach())
 
 
 # -- the ingest process ---------------------------------------------------------------
@@ -309,29 +283,34 @@ def _settle(fut: asyncio.Future[int | None], pos: int | None) -> None:
         fut.set_result(pos)
 
 
-def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
-                 limits: Limits, max_queued_blocks: int, log_level: int,
-                 wal_settings: WalSettings | None, rates: RateSettings,
-                 tap: tuple[InheritedFd, InheritedFd] | None = None) -> None:
-    """``tap``: the pipe (read end, write end) to make this process's stderr, read by a
-    handshakes.Tap that counts refused TLS handshakes (None: none counted)."""
+@dataclass(frozen=True)
+class IngestArgs:
+    """What the ingest process runs with; crosses as a pickle that regional/ingestboot.py
+    loads once gRPC's verbosity is set (its types' modules import gRPC)."""
+
+    listen: str
+    auth: ServerAuth
+    limits: Limits
+    max_queued_blocks: int
+    log_level: int
+    wal_settings: WalSettings | None
+    rates: RateSettings
+
+
+def _ingest_main(conn: Connection, args: IngestArgs, out: queue.SimpleQueue[IngestEvent],
+                 stderr_tap: handshakes.Tap | None) -> None:
+    """Called by regional/ingestboot.py, which has started ``stderr_tap`` (None: no TLS, no
+    tap) reporting to ``out``."""
     chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
-    out: queue.SimpleQueue[IngestEvent] = queue.SimpleQueue()
-    stderr_tap = None
-    if tap is not None:  # first: every line gRPC writes from now on passes the tap
-        stderr_tap = handshakes.Tap(
-            lambda refused, held, dropped: out.put(Handshakes(refused, held, dropped)),
-            read_fd=tap[0].fd, write_fd=tap[1].fd)
-        stderr_tap.start()
     name_process("strato-ingest")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [ingest %(process)d] %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s [ingest %(process)d] %(name)s: %(message)s")
     import uvloop
 
     tune_gc()
-    uvloop.run(_ingest_loop(chan, out, listen, auth, limits, max_queued_blocks, wal_settings, rates,
-                            stderr_tap))
+    uvloop.run(_ingest_loop(chan, out, args.listen, args.auth, args.limits, args.max_queued_blocks,
+                            args.wal_settings, args.rates, stderr_tap))
 
 
 def _own_address(listen: str) -> str:
@@ -490,20 +469,6 @@ class IngestProcess:
         #: message: a slow merge is the regional's delay, not the child's silence).
         self._reading = False
 
-    def _tap_pipe(self) -> tuple[int, int] | None:
-        """The pipe that becomes the ingest process's stderr (regional/handshakes.py), when
-        there are TLS handshakes to count and gRPC will write its lines about them."""
-        if self.auth.tls is None:
-            return None
-        verbosity = os.environ.get("GRPC_VERBOSITY")
-        if handshakes.verbosity_hides_lines(verbosity):
-            log.error("GRPC_VERBOSITY=%s keeps gRPC from writing its lines about refused TLS "
-                      "handshakes: they are refused but not counted "
-                      "(stratoscope_regional_tls_handshakes_counted 0); unset it to count them",
-                      verbosity)
-            return None
-        return os.pipe()
-
     def _handshakes(self, refused: dict[str, int], held_back: int, dropped_bytes: int) -> None:
         if self.on_handshakes is not None:
             self.on_handshakes(refused, held_back, dropped_bytes)
@@ -511,12 +476,18 @@ class IngestProcess:
     async def start(self, timeout_s: float = 60.0) -> None:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
-        tap = self._tap_pipe()
+        # with TLS, its stderr is a pipe, read by a tap that counts refused handshakes
+        # (regional/handshakes.py); the regional keeps the read end too
+        tap = os.pipe() if self.auth.tls is not None else None
+        verbosity = os.environ.get("GRPC_VERBOSITY")
+        # spawned by regional/ingestboot.py, which imports gRPC only once it has set the
+        # verbosity: the arguments of _ingest_main cross as a pickle it loads after that
+        args = pickle.dumps(IngestArgs(self.listen, self.auth, self.limits, self.max_queued_blocks,
+                                       logging.getLogger().level, self.wal_settings, self.rates))
         self._proc = ctx.Process(
-            target=_ingest_main, name="stratoscope-ingest", daemon=True,
-            args=(child, self.listen, self.auth, self.limits, self.max_queued_blocks,
-                  logging.getLogger().level, self.wal_settings, self.rates,
-                  (InheritedFd(tap[0]), InheritedFd(tap[1])) if tap is not None else None),
+            target=ingestboot.main, name="stratoscope-ingest", daemon=True,
+            args=(child, (pipes.InheritedFd(tap[0]), pipes.InheritedFd(tap[1])) if tap else None,
+                  verbosity, args),
         )
         try:
             self._proc.start()
@@ -535,7 +506,7 @@ class IngestProcess:
 
             def leftovers() -> None:
                 multiprocessing.connection.wait([proc.sentinel])
-                handshakes.drain(read_fd, self._handshakes)
+                handshakes.drain(read_fd, self._handshakes, show=handshakes.lowest_shown(verbosity))
 
             self._leftovers = threading.Thread(target=leftovers, name="ingest-stderr", daemon=True)
             self._leftovers.start()

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from stratoscope.regional.handshakes import MAX_LINE, REASONS, LineSorter, classify, drain
+from stratoscope.regional.handshakes import (
+    MAX_LINE,
+    REASONS,
+    LineSorter,
+    classify,
+    drain,
+    lowest_shown,
+)
 from stratoscope.regional.ingest import _own_address
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,6 +182,33 @@ def test_the_probes_line_is_taken_neither_counted_nor_shown_and_markers_are_note
     assert sorter.refused == {**dict.fromkeys(REASONS, 0), "no_certificate": 1, "not_tls": 1}
 
 
+GRPC_INFO = b"I1207 21:22:21.423888   20104 chttp2_transport.cc:123] some INFO line of gRPC's\n"
+GRPC_WARNING = b"W1207 21:22:21.423888   20104 log.cc:102] Log level INFO is not suitable for production.\n"
+GRPC_ERROR = b"E1207 21:22:21.423888   20104 server.cc:77] an ERROR line of gRPC's\n"
+
+
+@pytest.mark.parametrize(("verbosity", "shown"), [
+    (None, "I"), ("", "I"), ("info", "I"), ("DEBUG", "I"), ("error", "E"), (" NONE ", None),
+    ("verbose", "I")])
+def test_grpc_verbosity_says_which_lines_of_grpc_are_shown(verbosity: str | None, shown: str | None) -> None:
+    assert lowest_shown(verbosity) == shown
+
+
+@pytest.mark.parametrize(("show", "out"), [
+    ("I", GRPC_INFO + GRPC_WARNING + GRPC_ERROR + NO_CERT + OTHER_OUTPUT),
+    ("E", GRPC_ERROR + NO_CERT + OTHER_OUTPUT),  # the handshake line too: it is why we look
+    (None, OTHER_OUTPUT),
+])
+def test_grpc_lines_are_shown_as_grpc_verbosity_asked_and_handshakes_counted_anyway(
+        show: str | None, out: bytes) -> None:
+    sorter = LineSorter(note=_note, show=show)
+    assert sorter.feed(GRPC_INFO + GRPC_WARNING + GRPC_ERROR + NO_CERT + OTHER_OUTPUT + NO_CERT) == out
+    assert sorter.refused["no_certificate"] == 2
+    assert sorter.finish() == (b"" if show is None else _note(
+        "1 more TLS handshakes refused (no_certificate) in the last 0 s: gRPC's lines about them "
+        "held back, all counted in stratoscope_regional_tls_handshakes_refused_total"))
+
+
 def test_what_a_dead_process_left_in_the_pipe_is_passed_on_and_counted() -> None:
     r, w = os.pipe()
     out_r, out_w = os.pipe()
@@ -259,3 +293,40 @@ def test_a_stderr_nobody_reads_never_blocks_the_process() -> None:
     assert result["refused"] == {"no_certificate": 2000}
     assert result["dropped_bytes"] > 4 << 20  # most of the 8 MiB
     assert result["wrote_s"] < 30
+
+
+_PROBE = textwrap.dedent("""
+    import json, socket, sys, threading
+    from stratoscope.regional.handshakes import Tap
+    counted = {}
+    tap = Tap(lambda refused, held, dropped: counted.update(refused))
+    tap.start()
+    # not gRPC: a server that closes every connection and writes no line about it
+    server = socket.create_server(("127.0.0.1", 0))
+    def serve():
+        while True:
+            conn, _ = server.accept()
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    problem = tap.probe("127.0.0.1", server.getsockname()[1], timeout_s=5)
+    refused = socket.create_server(("127.0.0.1", 0))
+    port = refused.getsockname()[1]
+    refused.close()
+    no_server = tap.probe("127.0.0.1", port, timeout_s=5)
+    sys.stderr.write(sys.argv[1])  # a line like gRPC's after the probes: counted, not taken
+    sys.stderr.flush()
+    tap.close()
+    print(json.dumps({"problem": problem, "no_server": no_server, "counted": counted}))
+""")
+
+
+def test_a_probe_that_gets_no_line_says_so_and_takes_none_later(tmp_path: Path) -> None:
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, PLAIN.decode()], stdout=subprocess.PIPE,
+                              stderr=err, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, (tmp_path / "stderr").read_text()
+    result = json.loads(proc.stdout.decode().splitlines()[-1])
+    assert result["problem"] == "gRPC wrote no line about it"
+    assert result["no_server"].startswith("the connection to 127.0.0.1:")
+    assert result["counted"] == {"not_tls": 1}
+    assert (tmp_path / "stderr").read_bytes() == PLAIN  # the tap's marker lines are not passed on
