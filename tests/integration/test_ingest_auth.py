@@ -39,6 +39,7 @@ from stratoscope.regional.sinks.config import ClickHouseSettings
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 from tests.conftest import free_port, wait_for
+from tests.integration.regional_proc import RegionalProcess
 
 READS_PER_BATCH = 7
 GOOD_BATCHES = 40
@@ -384,6 +385,36 @@ async def test_refused_handshakes_are_counted_whatever_grpc_verbosity_says(
         assert " 2 more TLS handshakes refused (no_certificate)" in err, err[-3000:]
     else:
         assert grpc_lines == [] and "more TLS handshakes refused" not in err, err[-3000:]
+
+
+def test_a_regional_run_by_the_command_counts_refused_handshakes(tmp_path: Path, pki: Path) -> None:
+    """``stratoscope regional``, as a service runs it (the CLI sets GRPC_VERBOSITY=ERROR)."""
+    regional = RegionalProcess(tmp_path, "--tls-cert", str(pki / "localhost.crt"), "--tls-key",
+                               str(pki / "localhost.key"), "--tls-client-ca", str(pki / "ca.crt"),
+                               secure=True)
+    regional.start()
+    try:
+        metrics = wait_for("the regional's /metrics", lambda: _served(regional), 60, 0.1)
+        assert metrics["stratoscope_regional_tls_handshakes_counted"] == 1
+        for creds in (_creds(pki), _creds(pki), None, _creds(pki, "node-a", where=pki / "other")):
+            assert _raw(regional.port, creds, _batch("node-a", 1))[0] == grpc.StatusCode.UNAVAILABLE
+        assert _raw(regional.port, _creds(pki, "node-a"), _batch("node-a", 1))[0] == grpc.StatusCode.OK
+        wait_for("the refused handshakes on /metrics",
+                 lambda: sum(_handshakes(regional.metrics()).values()) >= 4, 30, 0.1)
+        assert _handshakes(regional.metrics()) == {**dict.fromkeys(REASONS, 0), "no_certificate": 2,
+                                                   "not_tls": 1, "unknown_ca": 1}
+    finally:
+        assert regional.stop() == 0
+    log = regional.tail(100_000)
+    assert log.count("] Handshake failed with error") == 3, log[-3000:]  # one per reason
+    assert " 1 more TLS handshakes refused (no_certificate)" in log, log[-3000:]
+
+
+def _served(regional: RegionalProcess) -> dict[str, float] | None:
+    try:
+        return regional.metrics()
+    except OSError:
+        return None
 
 
 @pytest.fixture
