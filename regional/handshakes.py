@@ -16,8 +16,8 @@ ERROR, "fatal error")::
     I1207 21:19:06.541471    9138 ssl_transport_security.cc:2563] Handshake failed with error SSL_ERROR_SSL: error:100000c0:SSL routines:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE: Invalid certificate verification context
 
 So the ingest process's fd 2 is a pipe, read by a thread of its own (``Tap``) that passes
-every byte on to the stderr the process had and counts each such line under one of
-REASONS (``classify``):
+every byte on to the stderr the process had (but for the lines below) and counts each such
+line under one of REASONS (``classify``):
 
 - **Exact.** gRPC writes the line where a handshake fails on a TLS verdict, once per
   handshake; nothing for a good client, a bare connect, or a client that goes away
@@ -37,10 +37,10 @@ REASONS (``classify``):
   (the CLI's default) or NONE writes no INFO line at all. So the ingest process imports gRPC
   with it unset (regional/ingestboot.py), and the tap shows gRPC's lines as the verbosity
   asked for would have (``lowest_shown``): at ERROR, no INFO or WARNING line of gRPC's but
-  the lines about refused handshakes (rate-limited, as below); at NONE, none of them.
+  the lines about refused handshakes (rate-limited, as above); at NONE, none of them.
   Each is counted in any case.
 - **Checked at start.** A counter that silently stays at 0 would be worse than none: a
-  grpcio that words its line differently, or GRPC_VERBOSITY=ERROR, would do that. So the
+  grpcio that words its line differently, or no longer writes it, would do that. So the
   ingest process connects to its own port once it listens and speaks plaintext, as a
   misconfigured client would (``Tap.probe``). gRPC refuses it like any other; the tap takes
   the first ``not_tls`` line after that as the probe's (the lines are alike, so the count
