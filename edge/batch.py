@@ -4,7 +4,7 @@ Strings are interned once per batch; labels are a row-major matrix of string
 indices; numbers go into columns, sent as raw little-endian bytes (the ``_le``
 fields, which a regional maps onto arrays without parsing a value; see
 stratoscope/columns.py). ``batch_to_dict`` resolves every index so a person or a
-script can read a batch without the string table.
+script can read a batch without the string table; ``batch_from_dict`` builds it back.
 """
 
 from __future__ import annotations
@@ -247,3 +247,33 @@ def batch_to_dict(b: pb.Batch) -> dict[str, Any]:
         })
     out["events_lost"] = e.lost
     return out
+
+
+def batch_from_dict(d: dict[str, Any]) -> pb.Batch:
+    """The batch of a ``batch_to_dict`` form, built again with BatchBuilder (help texts,
+    which the form leaves out, empty): how loadtest/ and the tests replay recorded
+    batches (loadtest/data/*.jsonl.gz)."""
+    b = BatchBuilder(d["node_id"], d["boot_id"], d["seq"], d["start_ns"], d["end_ns"], d["node_labels"])
+    for m in d["metrics"]:
+        if m["series"]:
+            keys = list(m["series"][0]["labels"])
+            b.add_counters(m["name"], m["unit"], "", keys,
+                           {tuple(s["labels"][k] for k in keys): s["value"] for s in m["series"]},
+                           pb.GAUGE if m["kind"] == "gauge" else pb.COUNTER)
+    for h in d["histograms"]:
+        if h["series"]:
+            keys = list(h["series"][0]["labels"])
+            b.add_histograms(h["name"], h["unit"], "", keys, {
+                tuple(s["labels"][k] for k in keys): Histogram(
+                    {int(i): c for i, c in s["buckets"].items()}, s["zero_count"], s["count"], s["sum"])
+                for s in h["series"]})
+    for p in d["profiles"]:
+        b.add_profile(p["name"], p["period_ns"], {
+            ProfileRow(s["pid"], s["comm"], s["cgroup"],
+                       tuple(s["kernel_stack"]) if s["kernel_stack"] is not None else None,
+                       tuple(s["user_stack"]) if s["user_stack"] is not None else None): s["count"]
+            for s in p["samples"]})
+    if d["events"] or d.get("events_lost"):
+        b.add_events([EventRow(e["time_ns"], e["kind"], e["pid"], e["ppid"], e["comm"], e["cgroup"],
+                               e["detail"], e["code"]) for e in d["events"]], lost=d.get("events_lost", 0))
+    return b.build()

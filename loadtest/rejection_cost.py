@@ -49,11 +49,11 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stratoscope.edge.batch import BatchBuilder, EventRow  # noqa: E402
-from stratoscope.edge.decode import Histogram, ProfileRow  # noqa: E402
+from stratoscope.edge.batch import batch_from_dict  # noqa: E402
 from stratoscope.regional.dedup import Deduplicator  # noqa: E402
 from stratoscope.regional.gate import Gate, RejectionLog  # noqa: E402
-from stratoscope.regional.validate import NS, BatchRejected, parse_batch  # noqa: E402
+from stratoscope.regional.ratelimit import RateSettings  # noqa: E402
+from stratoscope.regional.validate import NS, BatchRejected, Limits, parse_batch  # noqa: E402
 from stratoscope.v1 import batch_pb2 as pb  # noqa: E402
 from stratoscope.v1 import ingest_pb2  # noqa: E402
 from stratoscope.wire import header_bytes, seal, varint  # noqa: E402
@@ -70,33 +70,11 @@ def real_batch(path: Path = REAL) -> pb.Batch:
     (the recording has boot-relative event times)."""
     with gzip.open(path, "rt") as f:
         d: dict[str, Any] = json.loads(f.readline())
-    b = BatchBuilder("node-1", "0b6c5a52-1f0e-4c43-9a57-8d2f2b8e6a11", 1, NOW - WINDOW, NOW,
-                     d["node_labels"])
-    for m in d["metrics"]:
-        if m["series"]:
-            keys = list(m["series"][0]["labels"])
-            b.add_counters(m["name"], m["unit"], "", keys,
-                           {tuple(s["labels"][k] for k in keys): s["value"] for s in m["series"]},
-                           pb.GAUGE if m["kind"] == "gauge" else pb.COUNTER)
-    for h in d["histograms"]:
-        if h["series"]:
-            keys = list(h["series"][0]["labels"])
-            b.add_histograms(h["name"], h["unit"], "", keys, {
-                tuple(s["labels"][k] for k in keys): Histogram(
-                    {int(i): c for i, c in s["buckets"].items()}, s["zero_count"], s["count"], s["sum"])
-                for s in h["series"]})
-    for p in d["profiles"]:
-        b.add_profile(p["name"], p["period_ns"], {
-            ProfileRow(s["pid"], s["comm"], s["cgroup"],
-                       tuple(s["kernel_stack"]) if s["kernel_stack"] is not None else None,
-                       tuple(s["user_stack"]) if s["user_stack"] is not None else None): s["count"]
-            for s in p["samples"]})
-    events = d["events"]
-    if events:
-        t0 = min(e["time_ns"] for e in events)
-        b.add_events([EventRow(NOW - WINDOW + (e["time_ns"] - t0) % WINDOW, e["kind"], e["pid"], e["ppid"],
-                               e["comm"], e["cgroup"], e["detail"], e["code"]) for e in events], lost=0)
-    return b.build()
+    t0 = min((e["time_ns"] for e in d["events"]), default=0)
+    return batch_from_dict(dict(
+        d, node_id="node-1", boot_id="0b6c5a52-1f0e-4c43-9a57-8d2f2b8e6a11", seq=1, start_ns=NOW - WINDOW,
+        end_ns=NOW, events_lost=0,
+        events=[dict(e, time_ns=NOW - WINDOW + (e["time_ns"] - t0) % WINDOW) for e in d["events"]]))
 
 
 def _copy(b: pb.Batch) -> pb.Batch:
@@ -189,12 +167,32 @@ def _random_bytes(real: pb.Batch) -> bytes:
     return random.Random(20).randbytes(len(_sealed(real)))
 
 
-def _empty_blocks(real: pb.Batch) -> bytes:
-    """16 MiB of empty metric blocks (2 bytes each) in a body of a few KiB."""
-    raw = pb.Batch(strings=[""]).SerializeToString() + b"\x4a\x00" * ((16 << 20) // 2 - 64)
+def _sealed_raw(real: pb.Batch, raw: bytes) -> bytes:
     return pb.Batch(node_id=real.node_id, boot_id=real.boot_id, seq=1, start_ns=real.start_ns,
                     end_ns=real.end_ns, codec=pb.CODEC_ZSTD,
                     body=zstandard.ZstdCompressor(level=6).compress(raw)).SerializeToString()
+
+
+def _empty_blocks(real: pb.Batch) -> bytes:
+    """16 MiB of empty metric blocks (2 bytes each) in a body of ~1.4 KB."""
+    return _sealed_raw(real, pb.Batch(strings=[""]).SerializeToString() + b"\x4a\x00" * ((16 << 20) // 2 - 64))
+
+
+def _blocks_to_the_floor(real: pb.Batch) -> bytes:
+    """As many empty blocks as the floor of the inflation bound lets a small body hold."""
+    return _sealed_raw(real, pb.Batch(strings=[""]).SerializeToString()
+                       + b"\x4a\x00" * (Limits().inflation_floor // 2 - 2))
+
+
+def _blocks_at_the_ratio(real: pb.Batch) -> bytes:
+    """16 MiB of empty blocks beside enough noise (an unknown field, which the parse
+    skips) that the body inflates no more than the bound allows: the dearest parse a
+    body can still buy, at a wire size ``max_inflation`` times smaller than inflated."""
+    total = (16 << 20) - 1024
+    noise = random.Random(20).randbytes(total // Limits().max_inflation + 4096)
+    tail = varint(99 << 3 | 2) + varint(len(noise)) + noise
+    head = pb.Batch(strings=[""]).SerializeToString()
+    return _sealed_raw(real, head + b"\x4a\x00" * ((total - len(head) - len(tail)) // 2) + tail)
 
 
 def _many_strings(real: pb.Batch) -> bytes:
@@ -222,7 +220,9 @@ CASES: dict[str, tuple[str, Callable[[pb.Batch], bytes]]] = {
     "stack of 513 frames": ("stacks", _spoil(_deep_stack)),
     "event time 1970": ("events", _spoil(_event_far)),
     "body swallowing the header": ("identity", _spoofed),
-    "8 M empty blocks (16 MiB inflated)": ("series", _empty_blocks),
+    "8 M empty blocks (16 MiB inflated)": ("inflation", _empty_blocks),
+    "32 K empty blocks (to the floor)": ("series", _blocks_to_the_floor),
+    "8 M empty blocks at 64x (noise beside)": ("series", _blocks_at_the_ratio),
 }
 
 
@@ -243,8 +243,10 @@ def admit(gate: Gate, wire: bytes) -> tuple[int, str]:
 
 
 def quiet_gate() -> Gate:
-    """A gate whose rate-limited rejection log (one line per reason per 10 s) goes nowhere."""
-    gate = Gate(clock=lambda: NOW)
+    """A gate whose rate-limited rejection log (one line per reason per 10 s) goes nowhere,
+    without per-node rate limits (this measures what a message costs, not how often one
+    node may send it: the CPU limit would answer RETRY after the first second's worth)."""
+    gate = Gate(clock=lambda: NOW, rates=RateSettings(batches_per_s=0, bytes_per_s=0, cpu_per_s=0))
     quiet = logging.getLogger("stratoscope.loadtest.rejections")
     quiet.propagate = False
     gate.rejections = RejectionLog(logger=quiet)

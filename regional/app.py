@@ -27,6 +27,7 @@ from stratoscope.regional.config import QUEUE_MAX, QUEUE_RETRY, RegionalConfig
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.ingest import GateStats, IngestProcess, WalSettings, WalStats
 from stratoscope.regional.instances import InstanceLog
+from stratoscope.regional.liveness import recorded_merge_hangs
 from stratoscope.regional.merge import MergeSettings
 from stratoscope.regional.queryapi import QueryApi
 from stratoscope.regional.rollups import declared_rollups
@@ -77,9 +78,11 @@ def guard_secrets(config: RegionalConfig) -> None:
 
 
 class ChildHangs(Collector):
-    """``stratoscope_regional_child_hangs_total{process}``: child processes found hung
-    (silent past ``child_timeout``, regional/liveness.py) and killed, read from their
-    owners at scrape time. ``process`` is "ingest" or "sink-<sink>": a fixed set."""
+    """``stratoscope_regional_child_hangs_total{process}``: processes found hung (silent
+    past ``child_timeout``, regional/liveness.py) and killed, read from their owners at
+    scrape time. ``process`` is "merge", "ingest" or "sink-<sink>": a fixed set. A hung
+    merge process is this one, killed by the ingest process: its count is the one
+    recorded in the log directory, shown from the next start on."""
 
     def __init__(self, counts: Callable[[], Iterable[tuple[str, int]]]) -> None:
         self._counts = counts
@@ -87,8 +90,9 @@ class ChildHangs(Collector):
     def collect(self) -> Iterable[CounterMetricFamily]:
         fam = CounterMetricFamily(
             "stratoscope_regional_child_hangs",
-            "Child processes that stopped answering for child_timeout and were killed: a sink "
-            "process is replaced (its deliveries retried); a hung ingest process stops the regional.",
+            "Processes that stopped answering for child_timeout and were killed: a sink process is "
+            "replaced (its deliveries retried); a hung ingest process stops the regional; a hung merge "
+            "process is killed by the ingest process (counted in the log directory, from the next start).",
             labels=["process"])
         for process, n in self._counts():
             fam.add_metric([process], n)
@@ -158,15 +162,20 @@ class RunningRegional:
                                      on_exit=lambda code: self.failed.set(),
                                      on_lag=self.regional.metrics.observe_lag,
                                      wal_settings=(WalSettings(config.wal_dir, config.wal_fsync,
-                                                               segment_bytes=config.wal_segment_bytes)
+                                                               segment_bytes=config.wal_segment_bytes,
+                                                               fsync_timeout_s=config.wal_fsync_timeout)
                                                    if config.wal_dir is not None else None),
                                      on_wal=self._on_wal, rates=config.rate_settings,
                                      on_refused=lambda r: self.regional.metrics.refused.labels(r).inc(),
                                      on_gate=lambda g: setattr(self, "gate_stats", g),
                                      child_timeout_s=config.child_timeout,
                                      on_handshakes=self.regional.metrics.count_handshakes)
+        #: Times the ingest process killed a hung merge process (this process, in earlier
+        #: runs): recorded in the log directory (regional/liveness.py).
+        self.merge_hangs = recorded_merge_hangs(config.wal_dir)
         self.regional.registry.register(ChildHangs(
-            lambda: [("ingest", self._ingest.hangs)] + [(f"sink-{s.name}", s.hangs) for s in self.sinks]))
+            lambda: [("merge", self.merge_hangs), ("ingest", self._ingest.hangs)]
+            + [(f"sink-{s.name}", s.hangs) for s in self.sinks]))
         self._flusher: asyncio.Task[None] | None = None
         self._lag_monitor: asyncio.Task[None] | None = None
         self._backlog_task: asyncio.Task[None] | None = None

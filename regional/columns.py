@@ -2,7 +2,11 @@
 
 Keys are uint32 matrices (one row per point, one column per label including
 the node); rows with equal keys are summed with np.add.reduceat, which stays
-exact for uint64 (no float round trip as np.bincount would do).
+exact for uint64 (no float round trip as np.bincount would do) -- until a sum
+passes 2^64-1, where numpy wraps around. Every sum here saturates instead
+(``saturating_reduceat``): a counter clamped at 2^64-1 is wrong but visibly so
+and never smaller than one of its parts, where a wrapped one (2^64-1 + 2 -> 1)
+looks like a plausible small number. The caller is told how many sums it clamped.
 """
 
 from __future__ import annotations
@@ -18,6 +22,55 @@ U32 = npt.NDArray[np.uint32]
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 
+#: The largest uint64, where sums saturate.
+U64_MAX = 2**64 - 1
+_MAX = np.uint64(U64_MAX)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+
+
+def exact_total(values: U64) -> int:
+    """The exact sum of a uint64 column as a Python int (numpy's ``sum`` wraps).
+
+    One ``max`` proves most columns cannot wrap (n values of at most m add up to at most
+    n * m); only a column of huge values pays for summing its halves apart."""
+    n = len(values)
+    if n == 0:
+        return 0
+    if int(values.max()) <= U64_MAX // n:
+        return int(values.sum(dtype=np.uint64))
+    return ((int((values >> _SHIFT32).sum(dtype=np.uint64)) << 32)
+            + int((values & _LOW32).sum(dtype=np.uint64)))
+
+
+def saturating_reduceat(values: U64, starts: I64) -> tuple[U64, int]:
+    """``np.add.reduceat(values, starts)`` over uint64, with every sum that would pass
+    2^64-1 clamped to it; returns the sums and how many were clamped.
+
+    Why not just ``np.add.reduceat``: it wraps (2^64-1 + 2 = 1). Each batch's sums are
+    validated under 2^64, but a window adds many batches and the roll-up many nodes.
+
+    Cost: one ``max`` over ``values`` on top of the sum in the usual case -- when the
+    largest value times the number of values stays under 2^64, no group can wrap. Only
+    otherwise are the high and low 32-bit halves summed apart (two more reduceats; a
+    group of fewer than 2^32 rows cannot overflow either), which tells exactly which
+    groups passed 2^64-1. Measured on a real edge batch merged for 100 nodes x 6 slots
+    (2.07 M points, 1,310 calls): 3.4 ms added to ~510 ms of record + flush (0.7 %), no
+    call on the exact path; with histogram sums inflated to ~10^15 so that 70 calls take
+    it, 14 ms (2.6 %)."""
+    out = np.add.reduceat(values, starts)
+    n = len(values)
+    if n < 2 or int(values.max()) <= U64_MAX // n:
+        return out, 0
+    hi = np.add.reduceat(values >> _SHIFT32, starts)
+    lo = np.add.reduceat(values & _LOW32, starts)
+    # the true sum is hi * 2^32 + lo: it passes 2^64-1 when the carry into bit 64 is not 0
+    wrapped = (hi + (lo >> _SHIFT32)) > _LOW32
+    clamped = int(np.count_nonzero(wrapped))
+    if clamped:
+        out[wrapped] = _MAX
+    return out, clamped
+
 
 @dataclass
 class Grouping:
@@ -28,10 +81,12 @@ class Grouping:
     starts: I64
     inverse: I64
 
-    def sum(self, values: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+    def sum(self, values: U64) -> tuple[U64, int]:
+        """Per-group sums of a uint64 column, saturated at 2^64-1 (``saturating_reduceat``),
+        and how many groups were clamped."""
         if len(values) == 0:
-            return values
-        return np.add.reduceat(values[self.order], self.starts)
+            return values, 0
+        return saturating_reduceat(values[self.order], self.starts)
 
     def max(self, values: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
         if len(values) == 0:

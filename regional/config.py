@@ -19,6 +19,7 @@ from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S
 from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.rollups import Rollup
 from stratoscope.regional.sinks.config import ClickHouseSettings, KafkaSettings, SinkSettings
+from stratoscope.regional.walwriter import DEFAULT_FSYNC_TIMEOUT_S, SLOW_S
 from stratoscope.settings import Duration, NonNegativeDuration, readable_file
 
 __all__ = [
@@ -56,6 +57,11 @@ DEFAULT_MAX_HELD_POINTS = 64_000_000
 #: accounts them: regional/merge.py). Windows hold their aggregates, so this follows
 #: distinct series, not points received (docs/BENCHMARKS.md: bytes per held series).
 DEFAULT_MAX_HELD_BYTES = 2 * 1024**3
+
+#: The shortest ``wal_fsync_timeout``: under saturation an ordinary group commit took
+#: seconds (README: ack p99 2.6 s, each fsync committing the filesystem's journal), and a
+#: deadline under the slow-call warning's threshold would stop a regional unwarned.
+MIN_FSYNC_TIMEOUT_S = SLOW_S
 
 
 class TlsSettings(BaseModel):
@@ -162,6 +168,11 @@ class RegionalConfig(BaseModel):
     #: Bytes the log may hold; from 90 % of it, edges are answered RETRY (they keep
     #: their batches in their spool) until sinks confirm what the log holds.
     wal_max_bytes: int = Field(default=8 * 1024**3, ge=1024**2)
+    #: How long one write or fsync of the log may stay in progress before its disk is
+    #: taken for stuck (regional/walwriter.py): the regional then stops taking batches and
+    #: exits 1 (the exit completes when the kernel returns the call). Meanwhile the
+    #: batches waiting on it are not answered, so edges fail over after their ack_timeout.
+    wal_fsync_timeout: Duration = DEFAULT_FSYNC_TIMEOUT_S
     @property
     def wal_segment_bytes(self) -> int:
         """Segments of at most 1/16 of the bound (64 KiB..64 MiB): the segment being
@@ -174,7 +185,17 @@ class RegionalConfig(BaseModel):
     #: How long a child process (ingest, a sink) may leave the regional's ping unanswered
     #: before it is taken for hung (regional/liveness.py): a sink process is killed and
     #: replaced, its deliveries retried; a hung ingest process stops the regional (exit 1).
+    #: The ingest process watches the merge process (the regional) with the same deadline:
+    #: a hung one is killed (SIGKILL), for its supervisor to restart it.
     child_timeout: Duration = DEFAULT_TIMEOUT_S
+
+    @field_validator("wal_fsync_timeout")
+    @classmethod
+    def _wal_fsync_timeout(cls, value: float) -> float:
+        if value < MIN_FSYNC_TIMEOUT_S:
+            raise ValueError(f"must be at least {MIN_FSYNC_TIMEOUT_S:g}s (a busy disk's fsync takes "
+                             f"seconds), got {value:g}s")
+        return value
 
     @field_validator("wal_dir", mode="before")
     @classmethod
@@ -192,10 +213,13 @@ class RegionalConfig(BaseModel):
     #: ``auth_tokens``): any client may send as any node. For loopback demos and tests;
     #: warned about at start and on /metrics (stratoscope_regional_insecure).
     insecure: bool = False
-    #: Per node: batches and bytes (as received) per second, and the seconds of burst
-    #: above them (regional/ratelimit.py); a node over them is answered RETRY. 0: no limit.
+    #: Per node: batches and bytes (as received) per second, the seconds of the ingest
+    #: process's CPU per second its batches may take to open and validate, and the seconds
+    #: of burst above them (regional/ratelimit.py); a node over them is answered RETRY.
+    #: 0: no limit.
     node_max_batches_per_s: float = Field(default=50.0, ge=0)
     node_max_bytes_per_s: float = Field(default=32 * 1024**2, ge=0)
+    node_max_cpu: float = Field(default=0.1, ge=0, le=1)
     node_burst: Duration = 10.0
     #: The ClickHouse sink; None (``none`` on the command line) disables it.
     clickhouse: ClickHouseSettings | None = ClickHouseSettings(dsn=DEFAULT_DSN)
@@ -273,7 +297,8 @@ class RegionalConfig(BaseModel):
     @property
     def rate_settings(self) -> RateSettings:
         return RateSettings(batches_per_s=self.node_max_batches_per_s,
-                            bytes_per_s=self.node_max_bytes_per_s, burst_s=self.node_burst)
+                            bytes_per_s=self.node_max_bytes_per_s, cpu_per_s=self.node_max_cpu,
+                            burst_s=self.node_burst)
 
     @property
     def resolution_s(self) -> int:

@@ -197,6 +197,11 @@ class Frame:
     #: The log position that seals the window instance this frame is a part of
     #: (regional/instances.py; 0 without a write-ahead log).
     seal_pos: int = 0
+    #: Sums of this frame's rows clamped at 2^64-1, by stage (merge.SATURATION_STAGES):
+    #: carried with the frame because it may be reduced in a forked child
+    #: (regional/forkframe.py), and counted by the regional once it arrives. Empty on a
+    #: frame's subsets, which are deliveries of rows already counted.
+    saturated: dict[str, int] = field(default_factory=dict)
 
     # -- slicing ------------------------------------------------------------------
     def bounds(self, table: Table) -> I64:

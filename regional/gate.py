@@ -149,14 +149,17 @@ class Gate:
             ack.status = ingest_pb2.Ack.RETRY
             ack.reason = f"this node is over its rate limit ({over} per second)"
             return ack, None, over
+        cpu0 = time.thread_time()
         try:
             whole, inflated = open_batch(batch, self.limits)
             cols = validate(whole, self.limits, self.clock(), inflated if inflated >= 0 else size)
         except BatchRejected as exc:
+            self.rates.charge_cpu(batch.node_id, time.thread_time() - cpu0)
             self.rejections.rejected(exc.reason, batch.node_id, batch.seq, str(exc))
             ack.status = ingest_pb2.Ack.REJECTED
             ack.reason = str(exc)
             return ack, None, exc.reason
+        self.rates.charge_cpu(batch.node_id, time.thread_time() - cpu0)
         self.dedup.add(batch.node_id, batch.boot_id, batch.seq)
         ack.status = ingest_pb2.Ack.ACCEPTED
         return ack, cols, ""

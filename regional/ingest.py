@@ -36,6 +36,15 @@ of band, no pickle copy):
   their own deadline. The regional then logs and counts it, kills it and treats it as
   dead (``on_exit``): it stops and exits non-zero, a supervisor restarts it, and the
   restart replays the write-ahead log (what was acknowledged is there).
+- ``MergePing()``, both ways, the other way round: the ingest process pings the merge
+  process about every second (after the batches it handed over before: a ping waits
+  behind them in the pipe) and the merge's event loop echoes it. A merge process silent
+  for ``child_timeout_s`` (stopped, its loop or its reader stuck) takes acknowledged
+  batches no further: nothing is stored, and once the hand-over is full every edge is
+  answered RETRY, which keeps edges from failing over. So the ingest process logs it,
+  records it (``liveness.record_merge_hang``: the count the next start shows), kills
+  the merge process (SIGKILL: a stopped process ends too), stops its server and exits.
+  Its supervisor restarts the regional, which replays the log.
 
 With a write-ahead log (``wal``), an accepted batch is acked once it is in the log
 on disk (regional/walwriter.py: group commit), and it crosses to the merge with its
@@ -69,12 +78,12 @@ from stratoscope.regional.dedup import Deduplicator
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
 from stratoscope.regional.handshakes import Handshakes
-from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S, Watchdog
+from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S, Watchdog, record_merge_hang
 from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.runtime import name_process, tune_gc
 from stratoscope.regional.server import ServerAuth, serve
 from stratoscope.regional.validate import Limits
-from stratoscope.regional.walwriter import FsyncPolicy, WalWriter
+from stratoscope.regional.walwriter import DEFAULT_FSYNC_TIMEOUT_S, FsyncPolicy, WalWriter
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 
@@ -137,6 +146,11 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class MergePing:
+    """Sent by the ingest process, echoed by the merge process's event loop (liveness)."""
+
+
+@dataclass(frozen=True, slots=True)
 class LoopLag:
     """The ingest event loop's stalls over the last second (regional/looplag.py)."""
 
@@ -161,13 +175,17 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class WalStats:
     """The ingest side of the write-ahead log, every second: records and bytes written,
-    fsyncs, the segment being written, and the error that stopped it ("" if none)."""
+    fsyncs, the segment being written, the error that stopped it ("" if none), how long
+    the write or fsync in progress has taken (0: none) and the longest of the last
+    minute or two (walwriter.StallWatch)."""
 
     records: int
     bytes: int
     syncs: int
     segment: int
     failed: str
+    fsync_in_progress_s: float = 0.0
+    fsync_longest_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,11 +209,13 @@ class WalSettings:
     fsync: FsyncPolicy = "ack"
     fsync_interval_s: float = 1.0
     segment_bytes: int = 64 << 20
+    #: A write or fsync in progress this long: the log is given up and the regional stops.
+    fsync_timeout_s: float = DEFAULT_FSYNC_TIMEOUT_S
 
 
 IngestEvent = (Listening | Accepted | Outcome | Refusal | Handshakes | Barrier | Stopped | LoopLag
-               | WalStats | GateStats | Ping)
-IngestCommand = Pressure | Barrier | Stop | Ping
+               | WalStats | GateStats | Ping | MergePing)
+IngestCommand = Pressure | Barrier | Stop | Ping | MergePing
 
 
 # -- the ingest process ---------------------------------------------------------------
@@ -207,9 +227,12 @@ class Admission:
     The queue itself is unbounded (outcome messages must never block the event
     loop); accepted batches are bounded by ``HANDOVER_BYTES``: past it, RETRY.
     ``queued_bytes``/``sent_bytes`` are each written by one thread only (loop / sender).
-    With a ``writer``, an accepted batch is acked (and handed over) once logged; until
-    then a resend of it (another stream of the same edge) is answered RETRY, never
-    DUPLICATE: it is not durable yet.
+    With a ``writer``, an accepted batch is acked (and handed over) once logged. A resend
+    of it meanwhile (on another stream of the same edge: its ack deadline ended the first
+    one) is answered when the writer answers, not before: DUPLICATE once it is durable,
+    RETRY if the log could not take it (then the de-duplication forgets it, and a resend
+    is taken anew). Not RETRY at once: a RETRY frees the batch for another regional, and
+    the write in progress may still put it in this log: it would be stored twice.
     """
 
     def __init__(self, limits: Limits, max_queued_blocks: int,
@@ -222,8 +245,9 @@ class Admission:
         self.clock = clock
         self.queued_bytes = 0
         self.sent_bytes = 0
-        #: identities being logged (accepted, not yet durable)
-        self.logging: set[tuple[str, str, int]] = set()
+        #: Batches being logged (accepted, not yet durable): the writer's answer, a log
+        #: position or None (the log could not take it).
+        self.logging: dict[tuple[str, str, int], asyncio.Future[int | None]] = {}
 
     def saturated(self) -> bool:
         return self.queued_bytes - self.sent_bytes >= HANDOVER_BYTES
@@ -239,9 +263,13 @@ class Admission:
 
     async def accept(self, batch: pb.Batch, peer: frozenset[str] | None, wire: bytes) -> ingest_pb2.Ack:
         ident = (batch.node_id, batch.boot_id, batch.seq)
-        if ident in self.logging:
-            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
-                                  reason="this batch is being logged: resend it later")
+        pending = self.logging.get(ident)
+        if pending is not None:  # a resend of a batch being logged: the writer's answer
+            if await asyncio.shield(pending) is None:
+                return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.RETRY,
+                                      reason="the regional cannot write its log")
+            self.out.put(Outcome(ingest_pb2.Ack.DUPLICATE, ""))
+            return ingest_pb2.Ack(boot_id=batch.boot_id, seq=batch.seq, status=ingest_pb2.Ack.DUPLICATE)
         now = self.clock()
         ack, cols, label = self.gate.admit(batch, peer, len(wire))
         if cols is None:
@@ -257,30 +285,42 @@ class Admission:
         loop = asyncio.get_running_loop()
         logged: asyncio.Future[int | None] = loop.create_future()
         size = len(wire)
-        self.logging.add(ident)
+        self.logging[ident] = logged
 
         def done(pos: int | None) -> None:  # in the writer thread, in log order
             if pos is not None:
                 # handed over here, not in the loop: the merge must see log order
                 self.queued_bytes += len(packed)
                 self.out.put(Accepted(pickle.PickleBuffer(packed), size, pos))
-            loop.call_soon_threadsafe(_settle, logged, pos)
+            loop.call_soon_threadsafe(self._logged, ident, logged, pos)
 
         self.writer.append(wal.batch_record(now, wire), ident, done)
-        try:
-            pos = await logged
-        finally:
-            self.logging.discard(ident)
+        # shielded: this call may be cancelled (its stream ended), the answer stays for a resend
+        pos = await asyncio.shield(logged)
         if pos is None:
-            self.gate.dedup.forget(*ident)
             ack.status = ingest_pb2.Ack.RETRY
             ack.reason = "the regional cannot write its log"
         return ack
 
+    def _logged(self, ident: tuple[str, str, int], fut: asyncio.Future[int | None],
+                pos: int | None) -> None:
+        """The writer's answer for one batch (in the loop), whether or not the call that
+        took it still waits: from here a resend is DUPLICATE if it was logged, and is
+        taken anew if it was not (None)."""
+        self.logging.pop(ident, None)
+        if pos is None:
+            self.gate.dedup.forget(*ident)
+        if not fut.done():
+            fut.set_result(pos)
 
-def _settle(fut: asyncio.Future[int | None], pos: int | None) -> None:
-    if not fut.done():
-        fut.set_result(pos)
+
+@dataclass(frozen=True)
+class MergeWatch:
+    """Which process the ingest process watches (the merge process: its parent) and
+    how long it may leave a ``MergePing`` unanswered."""
+
+    pid: int
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -295,6 +335,7 @@ class IngestArgs:
     log_level: int
     wal_settings: WalSettings | None
     rates: RateSettings
+    merge: MergeWatch
 
 
 def _ingest_main(conn: Connection, args: IngestArgs, out: queue.SimpleQueue[IngestEvent],
@@ -310,7 +351,32 @@ def _ingest_main(conn: Connection, args: IngestArgs, out: queue.SimpleQueue[Inge
 
     tune_gc()
     uvloop.run(_ingest_loop(chan, out, args.listen, args.auth, args.limits, args.max_queued_blocks,
-                            args.wal_settings, args.rates, stderr_tap))
+                            args.wal_settings, args.rates, args.merge, stderr_tap))
+
+
+class _MergeHung:
+    """The loop's cue (from the watchdog's thread) to stop: the merge process was killed."""
+
+
+def _read_commands(chan: pipes.Channel[IngestEvent, IngestCommand], loop: asyncio.AbstractEventLoop,
+                   commands: asyncio.Queue[IngestCommand | _MergeHung | None],
+                   heard: Callable[[], None]) -> None:
+    """The ingest process's reader thread: the merge's echo of a ``MergePing`` is heard
+    here (a busy ingest event loop must not make the merge look silent); every other
+    command goes to the loop, in order. None: the pipe closed."""
+    while True:
+        try:
+            cmd = chan.recv()
+        except (EOFError, OSError):  # the regional is gone
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process is leaving
+                loop.call_soon_threadsafe(commands.put_nowait, None)
+            return
+        if isinstance(cmd, MergePing):
+            heard()
+            continue
+        loop.call_soon_threadsafe(commands.put_nowait, cmd)
+        if isinstance(cmd, Stop):
+            return  # nothing follows a Stop
 
 
 def _own_address(listen: str) -> str:
@@ -324,7 +390,7 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
                        out: queue.SimpleQueue[IngestEvent], listen: str,
                        auth: ServerAuth, limits: Limits, max_queued_blocks: int,
                        wal_settings: WalSettings | None, rates: RateSettings,
-                       stderr_tap: handshakes.Tap | None = None) -> None:
+                       merge: MergeWatch, stderr_tap: handshakes.Tap | None = None) -> None:
     loop = asyncio.get_running_loop()
     writer = None
     if wal_settings is not None:
@@ -333,7 +399,8 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
         durable = Deduplicator()
         durable.load(seen.state())
         writer = WalWriter(wal_settings.directory, durable, segment_bytes=wal_settings.segment_bytes,
-                           fsync=wal_settings.fsync, fsync_interval_s=wal_settings.fsync_interval_s)
+                           fsync=wal_settings.fsync, fsync_interval_s=wal_settings.fsync_interval_s,
+                           fsync_timeout_s=wal_settings.fsync_timeout_s)
         writer.start()
     admission = Admission(limits, max_queued_blocks, out, writer, rates=rates)
     gate = admission.gate
@@ -372,21 +439,49 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
     send_thread.start()
     out.put(Listening(port, counts_handshakes=counted))
 
+    commands: asyncio.Queue[IngestCommand | _MergeHung | None] = asyncio.Queue()
+
+    def merge_hung(silent_s: float) -> None:  # the watchdog's thread
+        disk = writer.stall.age() if writer is not None else 0.0
+        log.critical("the merge process (pid %d) has not answered for %.0f s (child_timeout %g s)%s: "
+                     "killing it; the regional exits and its supervisor restarts it, which replays "
+                     "the write-ahead log", merge.pid, silent_s, merge.timeout_s,
+                     f"; a write or fsync of the log has been in progress for {disk:.0f} s: its disk "
+                     "may be stuck" if disk >= 1.0 else "")
+        if os.getppid() == merge.pid:  # not a process that took its pid after it exited
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(merge.pid, signal.SIGKILL)  # a stopped process ends too
+        with contextlib.suppress(RuntimeError):  # the loop closed: the process is leaving anyway
+            loop.call_soon_threadsafe(commands.put_nowait, _MergeHung())
+        if wal_settings is not None:  # last: on a stuck disk this blocks
+            try:
+                record_merge_hang(wal_settings.directory)
+            except OSError as exc:
+                log.error("could not record the merge process's hang in %s: %s", wal_settings.directory, exc)
+
+    stopping: list[asyncio.Task[None]] = []  # (a reference: a task nobody holds may be collected)
+    watchdog = Watchdog("merge", merge.timeout_s, ping=lambda: out.put(MergePing()), on_hung=merge_hung)
+    threading.Thread(target=_read_commands, args=(chan, loop, commands, watchdog.heard),
+                     name="ingest-commands", daemon=True).start()
+    watchdog.start()
+
     def report_lag(longest_s: float, stalls: list[float]) -> None:
         if longest_s:
             out.put(LoopLag(longest_s, stalls))
         if writer is not None:
+            if writer.check():  # stuck: stop taking batches now, so edges go elsewhere at once
+                stopping.append(loop.create_task(server.stop(0)))
             out.put(WalStats(writer.records, writer.bytes, writer.syncs, writer.segment,
-                             str(writer.failed or "")))
+                             str(writer.failed or ""), writer.stall.age(), writer.stall.longest()))
         d = gate.dedup
         out.put(GateStats(d.boots, d.evicted_by_own_node, d.evicted_oldest, d.floor_jumps,
                           len(gate.rates)))
 
     lag_monitor = asyncio.create_task(looplag.monitor(report_lag))
     while True:
-        try:
-            cmd = await loop.run_in_executor(None, chan.recv)
-        except (EOFError, OSError):  # the regional is gone
+        cmd = await commands.get()
+        if cmd is None or isinstance(cmd, _MergeHung):  # the regional is gone, or was killed
+            watchdog.stop()
             lag_monitor.cancel()
             await server.stop(0)
             if writer is not None:
@@ -398,6 +493,7 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
         elif isinstance(cmd, Barrier | Ping):
             out.put(cmd)
         elif isinstance(cmd, Stop):
+            watchdog.stop()  # the merge stops: its silence from here on is its own business
             lag_monitor.cancel()
             await server.stop(cmd.grace_s)
             if writer is not None:
@@ -426,7 +522,9 @@ class IngestProcess:
         not accept; ``on_accepted(packed columns, size, log position)`` merges an accepted
         one (both in a reader thread); ``on_exit(code)`` is called in the event loop if the
         ingest process dies on its own, or hangs (silent for ``child_timeout_s``: it is
-        then killed); ``on_lag("ingest", longest_s, stalls)`` reports its event loop's
+        then killed). The ingest process watches this one in turn, with the same
+        deadline: it pings, and the event loop that runs ``start()`` echoes (see the
+        module docstring). ``on_lag("ingest", longest_s, stalls)`` reports its event loop's
         stalls and ``on_wal(stats)`` its log writer's figures (reader thread);
         ``on_refused(reason)`` counts a stream or batch refused for who sent it (reader
         thread); ``on_handshakes(refused, held_back, dropped_bytes)`` counts TLS handshakes
@@ -468,6 +566,9 @@ class IngestProcess:
         #: Whether the reader thread is waiting on the ingest process (not busy with a
         #: message: a slow merge is the regional's delay, not the child's silence).
         self._reading = False
+        #: Echoes of the ingest process's MergePing, sent by a thread of their own (the
+        #: event loop must not block on the pipe); None ends the thread.
+        self._echoes: queue.SimpleQueue[MergePing | None] = queue.SimpleQueue()
 
     def _handshakes(self, refused: dict[str, int], held_back: int, dropped_bytes: int) -> None:
         if self.on_handshakes is not None:
@@ -483,7 +584,8 @@ class IngestProcess:
         # spawned by regional/ingestboot.py, which imports gRPC only once it has set the
         # verbosity: the arguments of _ingest_main cross as a pickle it loads after that
         args = pickle.dumps(IngestArgs(self.listen, self.auth, self.limits, self.max_queued_blocks,
-                                       logging.getLogger().level, self.wal_settings, self.rates))
+                                       logging.getLogger().level, self.wal_settings, self.rates,
+                                       MergeWatch(os.getpid(), self.child_timeout_s)))
         self._proc = ctx.Process(
             target=ingestboot.main, name="stratoscope-ingest", daemon=True,
             args=(child, (pipes.InheritedFd(tap[0]), pipes.InheritedFd(tap[1])) if tap else None,
@@ -514,6 +616,7 @@ class IngestProcess:
         self._chan = chan
         self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(chan,), name="ingest-reader", daemon=True).start()
+        threading.Thread(target=self._send_echoes, name="ingest-echoes", daemon=True).start()
         ok = await asyncio.to_thread(self._port_ready.wait, timeout_s)
         if self.start_error:
             raise OSError(self.start_error)
@@ -585,6 +688,12 @@ class IngestProcess:
                     self._port_ready.set()
                 elif isinstance(msg, Barrier):
                     self._release(msg.n)
+                elif isinstance(msg, MergePing):
+                    # echoed once this process's event loop has run a callback for it (and
+                    # the reader got here: it takes messages in order), so a loop or a
+                    # reader that is stuck answers none
+                    if self._loop is not None:
+                        self._loop.call_soon_threadsafe(self._echoes.put, msg)
                 elif isinstance(msg, Stopped):
                     self._stopped.set()
                     if self._watchdog is not None:
@@ -592,6 +701,10 @@ class IngestProcess:
                     return
             except Exception:  # a bug in the merge must not stop ingest
                 log.exception("handling %s from the ingest process failed", type(msg).__name__)
+
+    def _send_echoes(self) -> None:
+        while (msg := self._echoes.get()) is not None:
+            self._send(msg)
 
     def _release(self, n: int) -> None:
         fut = self._waiting.pop(n, None)
@@ -644,6 +757,7 @@ class IngestProcess:
             await asyncio.to_thread(self._proc.join, 10)
         if self._leftovers is not None:  # its last stderr lines before ours
             await asyncio.to_thread(self._leftovers.join, 10)
+        self._echoes.put(None)
         if self._chan is not None:
             self._chan.close()
         self._proc = self._chan = None

@@ -20,6 +20,14 @@ the owner itself did not run (the machine suspended, the whole process group sto
 and continued, a starved interpreter), so it cannot tell how long the child was silent
 while it could have answered; the child gets a whole timeout again.
 
+The merge process is watched the same way, by its ingest process (regional/ingest.py,
+``MergePing``): the merge process is the regional itself, the one its supervisor
+watches, so a hung one is killed by the ingest process, which then stops taking
+batches and exits; the regional's exit is SIGKILL's, and the supervisor restarts it.
+The merge process cannot count its own death, so the ingest process records it in
+the log directory (``record_merge_hang``) and the next start reports it
+(``recorded_merge_hangs``).
+
 The timeout is generous by default (``DEFAULT_TIMEOUT_S``): a child answers a ping in
 milliseconds, and its heavy work (inserts, encoding, fsync) runs in threads that leave
 its event loop free (an 11.8 s chdb insert of 200 M rows in a thread kept the main
@@ -30,14 +38,39 @@ tell a hung child from a slow one on a busy machine.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 #: Seconds of silence after which a child process is hung (``child_timeout``).
 DEFAULT_TIMEOUT_S = 60.0
 #: The longest interval between two checks (shorter for short timeouts).
 CHECK_EVERY_S = 1.0
+#: In the log directory: how many times the ingest process found the merge process hung
+#: and killed it (a decimal number; absent: none).
+MERGE_HANGS_FILE = "merge-hangs"
+
+
+def recorded_merge_hangs(directory: Path | None) -> int:
+    """The merge process's hangs recorded in ``directory`` (0 without one)."""
+    if directory is None:
+        return 0
+    try:
+        return int((directory / MERGE_HANGS_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def record_merge_hang(directory: Path) -> int:
+    """Count one more hang of the merge process in ``directory``; returns the count.
+    Not synced: a count lost to a power cut costs nothing but the count."""
+    n = recorded_merge_hangs(directory) + 1
+    tmp = directory / f"{MERGE_HANGS_FILE}.tmp"
+    tmp.write_text(f"{n}\n")
+    os.replace(tmp, directory / MERGE_HANGS_FILE)
+    return n
 
 
 class Silence:

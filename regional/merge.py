@@ -8,6 +8,16 @@ families whose description declares a roll-up are also summed across nodes
 Profile rows are summed per (node, profile, pid, comm, cgroup, stacks); events
 are kept as they are.
 
+Every sum saturates at 2^64-1 instead of wrapping (regional/columns.py,
+``saturating_reduceat``): validation keeps each batch's sums under 2^64, but not the
+sum of a node's batches in a window nor that of the nodes in a roll-up, and a wrapped
+uint64 (2^64-1 + 2 stored as 1) would be a plausible, wrong number. Each clamped sum is
+counted by stage (``SATURATION_STAGES``) in the frame it ends up in
+(``Frame.saturated``), which the regional adds to
+``stratoscope_regional_counter_saturated_total`` when the frame reaches it: frames may be
+reduced in a forked child, whose own counters nobody would see. A count is of clamps, not
+of series: a sum already at 2^64-1 that a later fold adds to is clamped, and counted, again.
+
 A window holds its aggregate, not its inputs. record() maps a batch's strings
 into the window's string table (one Python step per *string*, not per point),
 translates each family's label values to window string ids (one gather per family)
@@ -58,7 +68,13 @@ from stratoscope.regional.batchcols import (
     ProfileCols,
     decode,
 )
-from stratoscope.regional.columns import group, group_columns, ragged_index
+from stratoscope.regional.columns import (
+    exact_total,
+    group,
+    group_columns,
+    ragged_index,
+    saturating_reduceat,
+)
 from stratoscope.regional.frame import (
     EVENT_COLS,
     HISTOGRAM,
@@ -98,6 +114,13 @@ ARRAY_BYTES = 112
 STRING_BYTES = 120
 SOURCE_BYTES = 160
 
+
+#: Where a sum can saturate (the ``stage`` label of
+#: stratoscope_regional_counter_saturated_total, a fixed set): "window", adding a node's
+#: batches of one window (counters, histogram counts, sums, zero counts and buckets,
+#: profile samples); "rollup", adding the nodes of a frame into node "". Coarser
+#: resolutions (the hourly tables) are summed by ClickHouse, not here.
+SATURATION_STAGES = ("window", "rollup")
 
 #: The roll-ups the packaged program descriptions declare (regional/rollups.py).
 DEFAULT_ROLLUPS: tuple[Rollup, ...] = declared_rollups()
@@ -141,17 +164,23 @@ class _Counters:
         #: whether keys[0] is the aggregate (unique, sorted keys)
         self.folded = False
 
-    def fold(self) -> int:
-        """Group the rows into the aggregate; returns its rows."""
+    def fold(self) -> tuple[int, int]:
+        """Group the rows into the aggregate; returns its rows and the sums clamped at
+        2^64-1."""
         if len(self.keys) == 1 and self.folded:
-            return len(self.keys[0])
+            return len(self.keys[0]), 0
         keys = np.concatenate(self.keys) if len(self.keys) > 1 else self.keys[0]
         vals = np.concatenate(self.values) if len(self.values) > 1 else self.values[0]
         g = group(keys)
         self.keys = [g.keys]
-        self.values = [g.max(vals) if self.kind == pb.GAUGE else g.sum(vals)]
+        clamped = 0
+        if self.kind == pb.GAUGE:
+            self.values = [g.max(vals)]
+        else:
+            total, clamped = g.sum(vals)  # type: ignore[arg-type]
+            self.values = [total]
         self.folded = True
-        return len(g.keys)
+        return len(g.keys), clamped
 
     def nbytes(self) -> int:
         return _nbytes(*self.keys, *self.values)
@@ -175,23 +204,29 @@ class _Hists:
         self.b_cnt: list[U64] = []
         self.folded = False
 
-    def fold(self) -> int:
+    def fold(self) -> tuple[int, int]:
+        """Like ``_Counters.fold``; each column (count, sum, zero count, every bucket)
+        saturates on its own."""
         if len(self.keys) == 1 and self.folded:
-            return len(self.keys[0])
+            return len(self.keys[0]), 0
         rows = list(map(len, self.count))
         g = group(np.concatenate(self.keys))
         n = len(g.keys)
         series = g.inverse[_bucket_rows(self.offsets, rows)]
-        b_sid, b_idx, b_cnt = _reduce_buckets(series, np.concatenate(self.b_idx), np.concatenate(self.b_cnt))
+        b_sid, b_idx, b_cnt, clamped = _reduce_buckets(series, np.concatenate(self.b_idx),
+                                                       np.concatenate(self.b_cnt))
         self.keys = [g.keys]
-        self.count = [g.sum(np.concatenate(self.count))]
-        self.sum = [g.sum(np.concatenate(self.sum))]
-        self.zero = [g.sum(np.concatenate(self.zero))]
+        sums: list[list[npt.NDArray[np.generic]]] = []
+        for col in (self.count, self.sum, self.zero):
+            total, k = g.sum(np.concatenate(col))
+            sums.append([total])
+            clamped += k
+        self.count, self.sum, self.zero = sums
         self.offsets = [np.searchsorted(b_sid, np.arange(n + 1)).astype(np.int64)]
         self.b_idx = [b_idx.astype(np.int16)]
         self.b_cnt = [b_cnt]
         self.folded = True
-        return n
+        return n, clamped
 
     def nbytes(self) -> int:
         return _nbytes(*self.keys, *self.count, *self.sum, *self.zero, *self.offsets, *self.b_idx, *self.b_cnt)
@@ -211,11 +246,12 @@ class _Profiles:
         self.chunks: list[dict[str, npt.NDArray[np.generic]]] = []
         self.folded = False
 
-    def fold(self) -> int:
+    def fold(self) -> tuple[int, int]:
+        """Sum the rows of equal keys; returns the rows and the sample sums clamped."""
         if not self.chunks:
-            return 0
+            return 0, 0
         if len(self.chunks) == 1 and self.folded:
-            return len(self.chunks[0]["samples"])
+            return len(self.chunks[0]["samples"]), 0
         cols = {k: np.concatenate([c[k] for c in self.chunks]) for k in self.chunks[0]}
         # (name, period) pairs are few: a small id instead of a 64-bit period in the key
         kind = _pair_ids(cols["name"], cols["period"])
@@ -225,10 +261,11 @@ class _Profiles:
         ])
         rep = order[starts]
         out = {k: cols[k][rep] for k in _PROFILE_KEYS}
-        out["samples"] = np.add.reduceat(cols["samples"][order], starts).astype(np.uint64)
+        out["samples"], clamped = saturating_reduceat(cols["samples"][order].astype(np.uint64, copy=False),
+                                                      starts)
         self.chunks = [out]
         self.folded = True
-        return len(starts)
+        return len(starts), clamped
 
     def nbytes(self) -> int:
         return sum(_nbytes(*c.values()) for c in self.chunks)
@@ -246,23 +283,26 @@ class _Shard:
     rows: int = 0
     #: accounted bytes of every family's rows and the profile rows
     nbytes: int = 0
+    #: sums clamped at 2^64-1 by this shard's folds (stage "window"), reported with the
+    #: frame the shard ends up in
+    saturated: int = 0
 
     def fold(self) -> None:
         """Fold every family's pending rows into its aggregate (and re-account the bytes)."""
         if not self.pending:
             return
-        rows = nbytes = 0
-        for f in self.counters.values():
-            if f.keys:
-                rows += f.fold()
-                nbytes += f.nbytes()
-        for h in self.hists.values():
-            if h.keys:
-                rows += h.fold()
-                nbytes += h.nbytes()
-        rows += self.profiles.fold()
+        rows = nbytes = clamped = 0
+        families: list[_Counters | _Hists] = [*self.counters.values(), *self.hists.values()]
+        for fam in families:
+            if fam.keys:
+                r, k = fam.fold()
+                rows, clamped = rows + r, clamped + k
+                nbytes += fam.nbytes()
+        r, k = self.profiles.fold()
+        rows, clamped = rows + r, clamped + k
         nbytes += self.profiles.nbytes()
         self.rows, self.pending, self.nbytes = rows, 0, nbytes
+        self.saturated += clamped
 
 
 @dataclass
@@ -603,7 +643,7 @@ class Aggregator:
             shard.fold()
         counters = _gather_counters(w)
         hists = _gather_hists(w)
-        rollup_counters, rollup_hists = self._rollups(w, counters, hists)
+        rollup_counters, rollup_hists, rollup_clamped = self._rollups(w, counters, hists)
         nodes = sorted(w.rank)
         if rollup_counters or rollup_hists:
             nodes.insert(0, 0)  # node "" (string id 0) sorts first
@@ -636,11 +676,15 @@ class Aggregator:
             metrics=sort_by_part(Table.concat(m_tables)) if m_tables else empty_metrics(),
             histograms=sort_by_part(Table.concat(h_tables)) if h_tables else empty_hists(),
             profiles=profiles, stacks=stacks, events=events, seal_pos=w.seal_pos,
+            saturated={"window": sum(s.saturated for s in w.shards.values()), "rollup": rollup_clamped},
         )
 
-    def _rollups(self, w: _Window, counters: list, hists: list) -> tuple[list, list]:  # type: ignore[type-arg]
+    def _rollups(self, w: _Window, counters: list, hists: list) -> tuple[list, list, int]:  # type: ignore[type-arg]
+        """The roll-up families' rows (node 0) and how many of their sums were clamped at
+        2^64-1: adding nodes up can pass it where no node's own sum did."""
         rules = {r.metric: r for r in self.settings.rollups}
         out_c, out_h = [], []
+        clamped = 0
         for fam, keys, vals in counters:
             rule = rules.get(w.strings.items[fam.name])
             if rule is None or fam.kind == pb.GAUGE:
@@ -648,17 +692,25 @@ class Aggregator:
             proj, label_keys = _project(w, fam.label_keys, keys, rule.by)
             g = group(proj)
             rf = _Counters(fam.kind, fam.name, fam.unit, fam.help, label_keys)
-            out_c.append((rf, g.keys, g.sum(vals)))
+            total, k = g.sum(vals)
+            clamped += k
+            out_c.append((rf, g.keys, total))
         for fam, keys, cnt, sm, zero, b_sid, b_idx, b_cnt in hists:
             rule = rules.get(w.strings.items[fam.name])
             if rule is None:
                 continue
             proj, label_keys = _project(w, fam.label_keys, keys, rule.by)
             g = group(proj)
-            rb_sid, rb_idx, rb_cnt = _reduce_buckets(g.inverse[b_sid], b_idx, b_cnt)
+            rb_sid, rb_idx, rb_cnt, k = _reduce_buckets(g.inverse[b_sid], b_idx, b_cnt)
+            clamped += k
+            sums = []
+            for col in (cnt, sm, zero):
+                total, k = g.sum(col)
+                sums.append(total)
+                clamped += k
             rh = _Hists(fam.name, fam.unit, fam.help, label_keys)
-            out_h.append((rh, g.keys, g.sum(cnt), g.sum(sm), g.sum(zero), rb_sid, rb_idx, rb_cnt))
-        return out_c, out_h
+            out_h.append((rh, g.keys, *sums, rb_sid, rb_idx, rb_cnt))
+        return out_c, out_h, clamped
 
     @staticmethod
     def _reduce_profiles(w: _Window, part_of: npt.NDArray[np.int32]) -> tuple[Table, Table]:
@@ -830,19 +882,22 @@ _DENSE_CELLS = 1 << 24
 _EXACT_F64 = 1 << 53
 
 
-def _reduce_buckets(series: I64, idx: I64, cnt: U64) -> tuple[I64, I64, U64]:
-    """Sum bucket counts per (series, bucket index); output sorted by series, then index.
+def _reduce_buckets(series: I64, idx: I64, cnt: U64) -> tuple[I64, I64, U64, int]:
+    """Sum bucket counts per (series, bucket index); output sorted by series, then index;
+    and how many sums were clamped at 2^64-1.
 
     Dense (series x bucket range) bincounts over ranges of series -- linear, no sort --
     exact while the total count stays below 2^53 (a window of sample counts always
-    does); otherwise one sort of packed (series, index) keys.
+    does: nothing to clamp); otherwise one sort of packed (series, index) keys and a
+    saturating sum. The total is the exact one: numpy's wrapping sum would send counts
+    that add up past 2^64 to the float path, whose cast back to uint64 is undefined.
     """
     if len(series) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint64), 0
     lo, hi = int(idx.min()), int(idx.max())
     width = hi - lo + 1
     n_series = int(series.max()) + 1
-    if int(cnt.sum(dtype=np.uint64)) < _EXACT_F64:
+    if exact_total(cnt) < _EXACT_F64:
         step = max(1, _DENSE_CELLS // width)
         cell = series * width + (idx - lo)
         weights = cnt.astype(np.float64)
@@ -860,14 +915,15 @@ def _reduce_buckets(series: I64, idx: I64, cnt: U64) -> tuple[I64, I64, U64]:
             out_i.append(cells % width + lo)
             out_c.append(dense[cells].astype(np.uint64))
         return (np.concatenate(out_s).astype(np.int64), np.concatenate(out_i).astype(np.int64),
-                np.concatenate(out_c))
+                np.concatenate(out_c), 0)
     key = (series.astype(np.uint64) << np.uint64(8)) | (idx + _BUCKET_SHIFT).astype(np.uint64)
     order = np.argsort(key)
     k = key[order]
     starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
     uk = k[starts]
+    sums, clamped = saturating_reduceat(cnt[order].astype(np.uint64, copy=False), starts)
     return ((uk >> np.uint64(8)).astype(np.int64), (uk & np.uint64(0xFF)).astype(np.int64) - _BUCKET_SHIFT,
-            np.add.reduceat(cnt[order], starts).astype(np.uint64))
+            sums, clamped)
 
 
 def _project(

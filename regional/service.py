@@ -24,11 +24,11 @@ from stratoscope.regional.batchcols import BatchCols
 from stratoscope.regional.config import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_HELD_POINTS
 from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
-from stratoscope.regional.frame import Block
+from stratoscope.regional.frame import Block, Frame
 from stratoscope.regional.handover import unpack
 from stratoscope.regional.handshakes import REASONS as HANDSHAKE_REASONS
 from stratoscope.regional.instances import InstanceLog
-from stratoscope.regional.merge import Aggregator, MergeSettings, release_windows
+from stratoscope.regional.merge import SATURATION_STAGES, Aggregator, MergeSettings, release_windows
 from stratoscope.regional.ratelimit import LIMITS
 from stratoscope.regional.validate import REASONS, Limits
 from stratoscope.v1 import ingest_pb2
@@ -51,6 +51,7 @@ class _SinkStats(Collector):
             "left_for_log": CounterMetricFamily(f"{ns}_left_for_log_blocks", "Blocks not delivered by the stop deadline: stored after the next start, from the write-ahead log.", labels=["sink"]),
             "backpressure_waits": CounterMetricFamily(f"{ns}_backpressure_waits", "Times the regional waited for room in the sink's queue.", labels=["sink"]),
         }
+        forgotten = CounterMetricFamily(f"{ns}_store_tokens_forgotten", "Insert tokens an embedded ClickHouse recorded without storing their rows (killed mid-insert), forgotten at start so the replay from the write-ahead log stores the rows.", labels=["sink"])
         blocked = GaugeMetricFamily(f"{ns}_blocked", "1 while deliveries fail for this reason (auth, readonly, missing, too_many_parts and disk_full need a person; unavailable is transient): retried, never dropped.", labels=["sink", "reason"])
         since = GaugeMetricFamily(f"{ns}_seconds_since_delivery", "Seconds blocks have waited since the sink last stored some (0 when none waits).", labels=["sink"])
         queued = GaugeMetricFamily(f"{ns}_queued_blocks", "Blocks waiting or in delivery.", labels=["sink"])
@@ -63,7 +64,9 @@ class _SinkStats(Collector):
             for reason, v in q.blocked.items():
                 blocked.add_metric([q.sink.name, reason], v)
             since.add_metric([q.sink.name], q.seconds_since_delivery)
+            forgotten.add_metric([q.sink.name], getattr(q.sink, "tokens_forgotten", 0))
         yield from fams.values()
+        yield forgotten
         yield queued
         yield latency
         yield blocked
@@ -99,8 +102,16 @@ class LogStats(Collector):
         yield CounterMetricFamily(f"{ns}_written_batches", "Batches the ingest process logged.", value=w.records if w else 0)
         yield CounterMetricFamily(f"{ns}_written_bytes", "Bytes the ingest process logged.", value=w.bytes if w else 0)
         yield CounterMetricFamily(f"{ns}_fsyncs", "fsync calls of the ingest process's log writer.", value=w.syncs if w else 0)
-        yield GaugeMetricFamily(f"{ns}_failed", "1 if the log could not be written (the regional then stops).",
+        yield GaugeMetricFamily(f"{ns}_failed", "1 if the log could not be written, or a write or fsync of it "
+                                "stayed in progress for wal_fsync_timeout (the regional then stops).",
                                 value=1 if w and w.failed else 0)
+        yield GaugeMetricFamily(f"{ns}_fsync_in_progress_seconds",
+                                "How long the log's write or fsync in progress has taken (0: none); the "
+                                "batches waiting on it are not acknowledged meanwhile. At wal_fsync_timeout "
+                                "the regional stops.", value=w.fsync_in_progress_s if w else 0.0)
+        yield GaugeMetricFamily(f"{ns}_fsync_longest_seconds",
+                                "The longest write or fsync of the log in the last one to two minutes, the one "
+                                "in progress included.", value=w.fsync_longest_s if w else 0.0)
         yield CounterMetricFamily(f"{ns}_deleted_segments", "Batch segments deleted once every sink had their batches.",
                                   value=inst.deleted_segments)
         yield CounterMetricFamily(f"{ns}_done_instances", "Window instances every sink confirmed.", value=inst.done_instances)
@@ -141,6 +152,43 @@ class GateCollector(Collector):
                                 "are kept.", value=g.rate_nodes if g else 0)
 
 
+class SaturationLog:
+    """Logs merged sums clamped at 2^64-1 at most once per ``every_s``, the frames held
+    back counted into the next line.
+
+    A node can make the merge clamp every window (counters just under 2^64 pass
+    validation), so a line per frame would be a log flood at its command. The line says
+    only numbers the regional computed -- the window's start, the counts -- nothing the
+    client chose (a family or node name)."""
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self.logger = logger
+        self._last: float | None = None
+        self._held_frames = 0
+        self._held = dict.fromkeys(SATURATION_STAGES, 0)
+
+    def saturated(self, start_ns: int, resolution_s: int, counts: dict[str, int]) -> None:
+        for stage, n in counts.items():
+            self._held[stage] = self._held.get(stage, 0) + n
+        now = self.clock()
+        if self._last is not None and now - self._last < self.every_s:
+            self._held_frames += 1
+            return
+        earlier = f" and {self._held_frames} earlier frame(s)" if self._held_frames else ""
+        self.logger.warning(
+            "merged sums clamped at 2^64-1 instead of wrapping (%s) in the frame of the %d s window "
+            "starting %s%s: some node sends counters near 2^64 "
+            "(stratoscope_regional_counter_saturated_total)",
+            ", ".join(f"{stage}: {n}" for stage, n in self._held.items()), resolution_s,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start_ns // 1_000_000_000)), earlier)
+        self._last = now
+        self._held_frames = 0
+        self._held = dict.fromkeys(SATURATION_STAGES, 0)
+
+
 class RegionalMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         ns = "stratoscope_regional"
@@ -174,6 +222,14 @@ class RegionalMetrics:
         self.held_bytes_limit = Gauge(f"{ns}_held_bytes_limit", "Held bytes at which edges are told to RETRY (--max-held-bytes).", registry=registry)
         self.held_series = Gauge(f"{ns}_held_series", "Rows held in open and late windows: aggregated series, rows not yet folded, event rows.", registry=registry)
         self.held_bytes_per_series = Gauge(f"{ns}_held_bytes_per_series", "Held bytes per held row in open and late windows (0 when none).", registry=registry)
+        self.saturated = Counter(
+            f"{ns}_counter_saturated", "Merged sums (a counter, a histogram's count, sum, zero "
+            "count or bucket, a profile's samples) clamped at 2^64-1 instead of wrapping, by "
+            "stage (a fixed set): window (a node's batches of one window), rollup (the nodes "
+            "of a frame added into node \"\"). Counted when the window's frames are emitted.",
+            ["stage"], registry=registry)
+        for stage in SATURATION_STAGES:
+            self.saturated.labels(stage)
         self.frame_fallbacks = Counter(f"{ns}_frame_fallbacks", "Windows reduced in-process because the forked frame child failed.", registry=registry)
         self.loop_stalls = Histogram(
             f"{ns}_event_loop_stall_seconds", "How late an event loop woke from a 10 ms timer, per stall over 1 ms, by process (ingest: acks wait that long; merge).",
@@ -249,6 +305,7 @@ class Regional:
         self.metrics.held_series.set_function(lambda: self.aggregator.held()[1])
         self.metrics.held_bytes_per_series.set_function(self._bytes_per_series)
         self._flush_lock = asyncio.Lock()
+        self.saturation_log = SaturationLog()
 
     @property
     def backlog(self) -> int:
@@ -350,6 +407,8 @@ class Regional:
             self.metrics.blocks.inc(len(blocks))
             frames = {id(b.frame): b.frame for b in blocks if b.frame is not None}
             self.metrics.bytes_out.inc(sum(f.nbytes for f in frames.values()))
+            for f in frames.values():
+                self._count_saturated(f)
             if self.instances is not None:
                 self.instances.emitted(blocks)
             for q in self.sinks:
@@ -359,6 +418,16 @@ class Regional:
                 await q.put(blocks)
         await worker  # re-raises a failure of the in-process reduction
         return out
+
+    def _count_saturated(self, frame: Frame) -> None:
+        """Count (and log, rate-limited) the sums a frame's merge clamped at 2^64-1: here,
+        as the frame arrives, since it may have been reduced in a forked child."""
+        counts = {stage: n for stage, n in frame.saturated.items() if n}
+        if not counts:
+            return
+        for stage, n in counts.items():
+            self.metrics.saturated.labels(stage).inc(n)
+        self.saturation_log.saturated(frame.start_ns, frame.resolution_s, counts)
 
     def _emit(self, due: list[Any], hand_over: Callable[[list[Block]], None]) -> None:
         """Reduce ``due`` chunk by chunk (in a forked child if configured; here for what

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from stratoscope.columns import ColumnError
 from stratoscope.regional.batchcols import BatchCols, decode
 from stratoscope.v1 import batch_pb2 as pb
-from stratoscope.wire import WireError, open_sealed
+from stratoscope.wire import InflationError, WireError, open_sealed
 
 NS = 1_000_000_000
 
@@ -24,8 +24,8 @@ NS = 1_000_000_000
 #: What a rejection is counted under (the metric's ``reason`` label): a fixed set, so
 #: nothing a client sends makes a new time series. The message, which may carry numbers
 #: from the batch, goes in the ack and a rate-limited log line only.
-REASONS = ("identity", "size", "encoding", "window", "strings", "series", "buckets", "stacks",
-           "events", "values")
+REASONS = ("identity", "size", "encoding", "inflation", "window", "strings", "series", "buckets",
+           "stacks", "events", "values")
 
 
 class BatchRejected(ValueError):
@@ -41,6 +41,21 @@ class BatchRejected(ValueError):
 @dataclass(frozen=True)
 class Limits:
     max_bytes: int = 16 * 1024 * 1024
+    #: how far a sealed body may inflate for its size: at most this many times its
+    #: compressed bytes, or ``inflation_floor``, whichever is more. Checked before the
+    #: parse, from the size the frame declares, else while inflating: protobuf's parse
+    #: costs per element (an empty metric block: 2 bytes, ~80 ns), so 16 MiB of them
+    #: from a 1.5 KB body cost the ingest process ~1 s before max_blocks could look.
+    #: Real edge batches inflate 4.2-5.9x with raw columns and 1.8-2.8x packed (68
+    #: batches of five recordings, all programs or the profile alone at 99 Hz); batches
+    #: of an edge's shape built to compress well, 4.6-19x (a port scan, a fork storm,
+    #: 16,384 profile rows of one stack, 50,000 one-bucket histograms, the benchmark's
+    #: node templates); loadtest/inflation_ratio.py. 64 is 10.8x the largest real ratio
+    #: and 3.4x the largest built one; docs/SECURITY.md has what it leaves.
+    max_inflation: int = 64
+    #: the least a sealed body may inflate to whatever its size (small batches compress
+    #: unevenly; 64 KiB of empty blocks cost the parse ~3 ms)
+    inflation_floor: int = 64 * 1024
     max_strings: int = 200_000
     max_string_bytes: int = 4096
     #: characters over the whole string table: every string of an accepted batch is
@@ -91,7 +106,8 @@ CLEAR_FIELDS = ("node_id", "boot_id", "seq", "start_ns", "end_ns")
 
 def open_batch(batch: pb.Batch, limits: Limits) -> tuple[pb.Batch, int]:
     """The whole batch behind a sealed one (stratoscope/wire.py) and its inflated size
-    (-1 when it was not sealed); a body that cannot be opened rejects the batch.
+    (-1 when it was not sealed); a body that cannot be opened rejects the batch, one that
+    inflates further than ``Limits.max_inflation`` allows for "inflation", before the parse.
 
     The whole batch must carry the clear header's identity and window exactly: the gate
     checks and de-duplicates the header's identity (and the client certificate names the
@@ -100,7 +116,9 @@ def open_batch(batch: pb.Batch, limits: Limits) -> tuple[pb.Batch, int]:
     or that ends in a length-delimited field swallowing the header's bytes, would be
     merged as another seq or another node."""
     try:
-        whole, size = open_sealed(batch, limits.max_bytes)
+        whole, size = open_sealed(batch, limits.max_bytes, limits.max_inflation, limits.inflation_floor)
+    except InflationError as exc:
+        raise BatchRejected(f"compressed body: {exc}", "inflation") from None
     except WireError as exc:
         raise BatchRejected(f"compressed body: {exc}", "encoding") from None
     if size >= 0 and any(getattr(whole, f) != getattr(batch, f) for f in CLEAR_FIELDS):

@@ -20,6 +20,14 @@ A record is ``length u32 | crc32 u32 | type u8 | payload``; the CRC covers type 
 payload. A torn or corrupt record ends the reading of its file (everything after it in
 that file is skipped and counted): a crash can only tear the tail, and a segment is
 never appended to after a restart.
+
+Batch segments are *preallocated*: written full of zeros and synced before they are
+used (``prepare_spare``, off the acknowledgement path), then overwritten in place. An
+fdatasync of an append must also commit the file's new size, a journal commit that on
+ext4 waits for every other file's pending data (ClickHouse's parts, on a shared disk):
+hundreds of milliseconds. Overwriting allocated blocks needs no journal commit
+(docs/BENCHMARKS.md, "Write-ahead log fsync"). A record header of zeros followed by
+nothing but zeros is the clean end of a preallocated segment.
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("stratoscope.regional")
 
 __all__ = [
-    "BATCH", "CHECKPOINT", "DONE", "SEAL", "Corruption", "LogRecord", "position", "read_records",
-    "segment_of", "segment_path", "segments",
+    "BATCH", "CHECKPOINT", "DONE", "SEAL", "SPARE_NAME", "Corruption", "LogRecord", "position",
+    "prepare_spare", "read_records", "segment_of", "segment_path", "segments", "take_spare",
 ]
 
 CHECKPOINT = 1
@@ -58,6 +66,11 @@ _SEAL = struct.Struct("<qQ?")  # window start (ns), seal position, late
 MAX_RECORD = 64 << 20
 SEGMENT_SHIFT = 40
 _SEGMENT_NAME = re.compile(r"^batches-(\d{12})\.wal$")
+#: A zero-filled, synced file waiting to become the next batch segment (not a segment:
+#: ``segments`` does not list it).
+SPARE_NAME = "batches-spare.wal.ready"
+_SPARE_TMP = "batches-spare.wal.tmp"
+_ZERO_HEAD = bytes(_HEAD.size)
 
 
 def position(segment: int, offset: int) -> int:
@@ -143,14 +156,19 @@ def read_records(path: Path, segment: int, corruption: Corruption) -> Iterator[L
     """Every intact record of one file, in order; stops at the first torn or corrupt one
     and adds what it skipped to ``corruption`` (and logs it)."""
     try:
-        data = memoryview(path.read_bytes())
+        raw = path.read_bytes()
     except FileNotFoundError:
         return
+    data = memoryview(raw)
     off = 0
     n = len(data)
     while off < n:
         bad = ""
-        if n - off < _HEAD.size:
+        if data[off:off + _HEAD.size] == _ZERO_HEAD or (n - off < _HEAD.size and not any(data[off:])):
+            if raw.count(0, off) == n - off:
+                return  # the unused, zero-filled rest of a preallocated segment
+            bad = "a zeroed record header followed by data"
+        elif n - off < _HEAD.size:
             bad = "a torn record header"
         else:
             length, crc, kind = _HEAD.unpack_from(data, off)
@@ -173,6 +191,46 @@ def read_records(path: Path, segment: int, corruption: Corruption) -> Iterator[L
             return
         yield LogRecord(kind, position(segment, off), payload)
         off = end
+
+
+def prepare_spare(directory: Path, size: int) -> bool:
+    """Leave a zero-filled, synced file of ``size`` bytes at ``SPARE_NAME`` for the next
+    segment (unless one of that size is there); False if the disk refused (the writer
+    then appends to an unprepared segment). Runs in a thread of its own."""
+    ready = directory / SPARE_NAME
+    with contextlib.suppress(FileNotFoundError):
+        if ready.stat().st_size == size:
+            return True
+        ready.unlink()
+    tmp = directory / _SPARE_TMP
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            zeros = bytes(1 << 20)
+            left = size
+            while left > 0:
+                left -= os.write(fd, zeros[:min(left, len(zeros))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, ready)
+        fsync_dir(directory)
+        return True
+    except OSError as exc:
+        log.warning("write-ahead log: cannot prepare the next segment in %s (%s); "
+                    "appending to an unprepared one", directory, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+
+
+def take_spare(directory: Path, path: Path) -> bool:
+    """Rename the prepared spare to ``path`` (a new segment); False if there is none."""
+    try:
+        os.rename(directory / SPARE_NAME, path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def fsync_dir(directory: Path) -> None:

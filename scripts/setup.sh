@@ -18,7 +18,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_UPDATED=0
 apt_update_once() { [ "$APT_UPDATED" = 1 ] || { apt-get update -qq; APT_UPDATED=1; }; }
 need_pkgs=()
-for p in python3-bpfcc bpfcc-tools python3-venv python3-dev gcc make default-jdk-headless maven chromium; do
+for p in python3-bpfcc bpfcc-tools python3-venv python3-dev gcc make default-jdk-headless maven chromium e2fsprogs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -214,11 +214,15 @@ _REGIONAL_FLAGS: tuple[tuple[str, str, str], ...] = (
      "memory only (a crash loses them)"),
     ("--wal-fsync", "wal_fsync", "ack (fsync before acknowledging, default) or interval (every second)"),
     ("--wal-max-bytes", "wal_max_bytes", "bytes the log may hold; from 90 %% of it edges are answered RETRY"),
+    ("--wal-fsync-timeout", "wal_fsync_timeout",
+     "how long one write or fsync of the log may stay in progress before its disk is taken for "
+     "stuck and the regional exits 1, e.g. 120s (default); edges fail over after their ack_timeout"),
     ("--stop-timeout", "stop_timeout",
      "on SIGTERM, how long to go on storing before exiting (the rest stays in the log), e.g. 30s"),
     ("--child-timeout", "child_timeout",
-     "how long the ingest or a sink process may leave a ping unanswered before it is taken for "
-     "hung, e.g. 60s (default): a sink process is replaced, a hung ingest process stops the regional"),
+     "how long the ingest, merge or a sink process may leave a ping unanswered before it is taken "
+     "for hung, e.g. 60s (default): a sink process is replaced, a hung ingest or merge process "
+     "stops the regional"),
     ("--programs-dir", "programs_dir",
      "program descriptions (*.yaml) whose declared roll-ups apply (default: the packaged bpf/)"),
     ("--clickhouse", "clickhouse.dsn",
@@ -279,6 +283,9 @@ _SERVER_FLAGS: tuple[tuple[str, str, str], ...] = (
      "batches per second one node may send before it is answered RETRY (default 50; 0: no limit)"),
     ("--node-max-bytes-per-s", "node_max_bytes_per_s",
      "bytes per second one node may send before it is answered RETRY (default 32 MiB; 0: no limit)"),
+    ("--node-max-cpu", "node_max_cpu",
+     "share of a core one node's batches may take to open and validate before it is answered "
+     "RETRY (default 0.1; 0: no limit)"),
 )
 _BOOL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--migrate", "clickhouse.migrate",

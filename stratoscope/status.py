@@ -206,7 +206,7 @@ def regional_view(s: Scrape) -> list[Table]:
         summary.append((f"longest event-loop stall ({proc})", format_duration_ns(v * 1e9)))
     hangs = {p: v for (p,), v in s.by("stratoscope_regional_child_hangs_total", "process").items() if v}
     if hangs:
-        summary.append(("child processes hung and killed",
+        summary.append(("processes hung and killed",
                         ", ".join(f"{p} {format_count(int(v))}" for p, v in sorted(hangs.items()))))
     queries = s.by("stratoscope_regional_query_requests_total", "outcome")
     if queries:
@@ -266,13 +266,24 @@ def _wal_table(s: Scrape) -> Table:
          ("none" if not oldest else f"started {format_duration_ns(oldest * 1e9)} ago")),
         ("logged", f"{_count(s.get(f'{w}_written_batches_total'))} batches, "
                    f"{_count(s.get(f'{w}_fsyncs_total'))} fsyncs"),
+        ("write or fsync", _in_progress(s.get(f"{w}_fsync_in_progress_seconds"),
+                                        s.get(f"{w}_fsync_longest_seconds"))),
         ("replayed at start", ", ".join(f"{o} {format_count(int(v))}" for (o,), v in sorted(replayed.items()))
          or NA),
         ("corrupt records skipped at start", _count(s.get(f"{w}_corrupt_records_total"))),
     ]
     if s.get(f"{w}_failed"):
-        rows.append(("FAILED", "the log cannot be written: batches are not acknowledged"))
+        rows.append(("FAILED", "the log cannot be written, or its disk is stuck: batches are not "
+                               "acknowledged"))
     return _kv_table("Write-ahead log", rows)
+
+
+def _in_progress(age: float | None, longest: float | None) -> str:
+    """The log's write or fsync in progress, and the longest of the last minute or two."""
+    if age is None or longest is None:
+        return NA
+    now = f"in progress for {format_duration_ns(age * 1e9)}" if age else "none in progress"
+    return f"{now}, longest recently {format_duration_ns(longest * 1e9)}"
 
 
 def add_parser(sub: Any) -> None:

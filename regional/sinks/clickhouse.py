@@ -56,6 +56,7 @@ from stratoscope.redact import redact, remember
 from stratoscope.regional.config import DEFAULT_DSN
 from stratoscope.regional.frame import Block, Frame
 from stratoscope.regional.sinks.base import BlockedError, PermanentError, RetriableError, SinkError
+from stratoscope.regional.sinks.chdb_repair import EngineOpen, repair_before_open
 from stratoscope.regional.sinks.clickhouse_arrow import (  # noqa: F401 (re-exported)
     BATCHES_METRIC,
     EVENTS_LOST_METRIC,
@@ -439,6 +440,9 @@ class ClickHouseSink:
         self._dead: dict[str, None] = {}
         #: Versions applied by the last start() (for logs and tests).
         self.applied: list[str] = []
+        #: Insert tokens an embedded store recorded without their parts, forgotten at start
+        #: (``stratoscope_regional_sink_store_tokens_forgotten_total``).
+        self.tokens_forgotten = 0
 
     def __repr__(self) -> str:
         # without the query string (client options; a password is refused there by the
@@ -483,7 +487,34 @@ class ClickHouseSink:
         except OSError as exc:  # the file went away since the settings were checked
             raise BlockedError(f"cannot read the ClickHouse password file: {exc.strerror}",
                                "auth") from None
+        self._repair_embedded()
         return connect(self.dsn, self._user, password, **self._client_kwargs)
+
+    def _repair_embedded(self) -> None:
+        """Before the first open of an embedded store in this process: forget the insert
+        tokens a killed engine recorded without their parts (regional/sinks/chdb_repair.py),
+        so the replay of those inserts from the write-ahead log stores their rows."""
+        parts = urlsplit(self.dsn)
+        if parts.scheme.lower() != "chdb":
+            return
+        path = unquote(parts.path)
+        if path in _OPENED_HERE or not path.startswith("/"):
+            return
+        try:
+            forgotten, odd = repair_before_open(path)
+        except EngineOpen:  # another process has it: the open below says so
+            return
+        except OSError as exc:
+            raise classify_error(exc, f"repairing the deduplication logs in {path}") from exc
+        finally:
+            _OPENED_HERE.add(path)
+        for line in odd:
+            log.warning("embedded ClickHouse at %s: left as it is: %s", path, line)
+        for f in forgotten:
+            log.warning("embedded ClickHouse at %s was killed during an insert: forgot the token of "
+                        "part %s (never stored) in %s, so the replay of that insert stores its rows",
+                        path, f.part, f.table_dir)
+        self.tokens_forgotten += len(forgotten)
 
     def _check_cluster(self, client: Any) -> None:
         """The cluster is one the server knows, and so is the setting inserts rely on
@@ -751,6 +782,9 @@ class ClickHouseSink:
             written[target] = written.get(target, 0) + table.num_rows
         return written
 
+
+#: Embedded stores this process has opened (their logs are repaired before the first).
+_OPENED_HERE: set[str] = set()
 
 _SHAPING_ERRORS = (IndexError, ValueError, TypeError, KeyError, pa.ArrowException)
 

@@ -271,6 +271,7 @@ async def _child_loop(chan: pipes.Channel[SinkReply, SinkRequest], settings: Sin
                     raise PermanentError(f"cannot set up sink {settings.kind}: {exc}") from exc
             if isinstance(call, Start):
                 await sink.start()
+                result = getattr(sink, "tokens_forgotten", 0)
             elif isinstance(call, Stop):
                 await sink.stop()
             elif isinstance(call, HealthCheck):
@@ -318,6 +319,8 @@ class ProcessSink:
         self.child_timeout_s = child_timeout_s
         #: Child processes found hung and killed (``stratoscope_regional_child_hangs_total``).
         self.hangs = 0
+        #: Insert tokens the sink's children forgot at start (ClickHouseSink.tokens_forgotten).
+        self.tokens_forgotten = 0
         self._watchdog: Watchdog | None = None
 
     def __repr__(self) -> str:
@@ -431,7 +434,7 @@ class ProcessSink:
         async with self._start_lock:
             if not self.alive:
                 self._spawn()
-            await self._call(Start())
+            self.tokens_forgotten += await self._call(Start()) or 0
 
     async def stop(self) -> None:
         """Ask the child to stop (its sink flushes and disconnects), for at most

@@ -10,7 +10,8 @@ path with the same oracle:
   oversized identities, giant string tables, NaN gauges, wrapping sums, event times far
   out, bucket indices out of range, mismatched column lengths...), the column encoding
   (``ENCODING``), the sealed form (``SEAL``: corrupt, bombed or re-sealed bodies, bodies
-  that carry an identity of their own), then the serialized bytes (``BYTES``);
+  that carry an identity of their own, bodies padded to the inflation bound or one byte
+  past it), then the serialized bytes (``BYTES``);
 * ``check_wire`` takes the bytes the way the ingest process does (parse, then
   ``Gate.admit``) and asserts the properties; anything else that escapes is a finding.
 
@@ -58,7 +59,8 @@ U32_MAX = 2**32 - 1
 
 #: Limits small enough that a fuzzer reaches every bound with inputs of a few KiB; the
 #: generators stay inside them. Limits() itself is fuzzed too (giant inputs, fewer runs).
-TIGHT = Limits(max_bytes=1 << 20, max_strings=256, max_string_bytes=64, max_strings_chars=4096,
+TIGHT = Limits(max_bytes=1 << 20, max_inflation=64, inflation_floor=4096, max_strings=256,
+               max_string_bytes=64, max_strings_chars=4096,
                max_unreferenced_strings=4, max_series=64, max_blocks=16, max_label_keys=4,
                max_node_labels=8, max_buckets_per_series=8,
                max_stack_depth=12, max_events=16, max_window_s=600, max_future_skew_s=30,
@@ -366,16 +368,18 @@ def _gauge(b: pb.Batch, rnd: random.Random, lim: Limits) -> None:
     b.metrics.add(kind=pb.GAUGE, gauge_values=[1.0, value][rnd.randint(0, 1):])
 
 
-def _fresh_name(b: pb.Batch) -> int:
-    """A family name of its own: blocks near 2^64 must not share a family, whose sum the
-    merge wraps (tests/unit/test_fuzz_batches.py, the xfail on merged counters)."""
-    b.strings.append(f"wrap-{len(b.strings)}")
-    return len(b.strings) - 1
+def _wrap_name(b: pb.Batch) -> int:
+    """The one family name of every block near 2^64: two such blocks in a batch (or one
+    doubled by ``_block_twice``) are each valid, and the merge adds them past 2^64-1,
+    where it saturates (tests/unit/test_fuzz_batches.py, test_merged_counters_never_decrease)."""
+    if "wrap" not in b.strings:
+        b.strings.append("wrap")
+    return list(b.strings).index("wrap")
 
 
 @_field
 def _counter_wrap(b: pb.Batch, rnd: random.Random, lim: Limits) -> None:
-    b.metrics.add(name=_fresh_name(b), kind=pb.COUNTER, counter_values=rnd.choice(
+    b.metrics.add(name=_wrap_name(b), kind=pb.COUNTER, counter_values=rnd.choice(
         [[U64_MAX, 1], [U64_MAX, 0], [2**63, 2**63], [2**63, 2**63 - 1], [U64_MAX] * 3]))
 
 
@@ -430,7 +434,7 @@ def _hist_wrap(b: pb.Batch, rnd: random.Random, lim: Limits) -> None:
     big = [U64_MAX, rnd.choice([0, 1])]
     cols = {"count": [1, 1], "sum": [1, 1], "zero_count": [0, 0], "bucket_count": [1, 1]}
     cols[rnd.choice(list(cols))] = big
-    b.histograms.add(name=_fresh_name(b), bucket_offsets=[0, 1, 2], bucket_index=[0, 1], **cols)
+    b.histograms.add(name=_wrap_name(b), bucket_offsets=[0, 1, 2], bucket_index=[0, 1], **cols)
 
 
 def _a_profile(b: pb.Batch) -> Any:
@@ -623,6 +627,31 @@ def _swallowed_header(b: pb.Batch, rnd: random.Random, lim: Limits) -> pb.Batch:
     return _reseal_body(b, body, tail)
 
 
+def _padded(b: pb.Batch, rnd: random.Random, lim: Limits) -> pb.Batch:
+    """A sealed body ending in an unknown field of zeros (which the parse skips: the batch
+    stays valid) sized so that the body inflates to exactly the bound for its compressed
+    size (``Limits.max_inflation`` times it, at least ``inflation_floor``), one byte less,
+    one byte more, or far more; with or without the size declared in the frame."""
+    over = rnd.choice([-1, 0, 0, 1, 1, 4096])
+    sized = rnd.random() < 0.7
+    body = pb.Batch()
+    body.CopyFrom(b)
+    for name in _HEADER:
+        body.ClearField(name)
+    head = body.SerializeToString() + varint(99 << 3 | 2)
+    n = 0
+    for _ in range(16):  # the compressed size moves little with the padding: a few rounds
+        raw = head + varint(n) + bytes(n)
+        compressed = _zstd(raw, sized)
+        bound = min(lim.max_bytes, max(lim.inflation_floor, lim.max_inflation * len(compressed)))
+        if len(raw) == bound + over:
+            break
+        n = max(0, n + bound + over - len(raw))
+    sealed = seal(b, level=1)
+    sealed.body = compressed
+    return sealed
+
+
 SEAL: dict[str, Callable[[pb.Batch, random.Random, Limits], pb.Batch]] = {
     "sealed": lambda b, rnd, lim: seal(b, level=1),
     "sealed_twice": lambda b, rnd, lim: seal(seal(b, level=1), level=1),
@@ -644,6 +673,7 @@ SEAL: dict[str, Callable[[pb.Batch, random.Random, Limits], pb.Batch]] = {
     "body_without_codec": lambda b, rnd, lim: _set(seal(b, level=1), codec=pb.CODEC_NONE),
     "body_identity": _body_identity,
     "swallowed_header": _swallowed_header,
+    "padded": _padded,
 }
 
 
@@ -758,18 +788,27 @@ def _col(msg: Any, name: str) -> list[Any]:
     return values.tolist()
 
 
-def _inflate(body: bytes, max_bytes: int) -> bytes | None:
-    """The first zstd frame of ``body`` inflated, fed 64 bytes at a time so a bomb stops at
-    ``max_bytes``; None if it is not one whole frame or inflates beyond."""
+def _inflate(body: bytes, max_bytes: int, bound: int) -> bytes | frozenset[str]:
+    """The first zstd frame of ``body`` inflated, fed 64 bytes at a time so a bomb stops
+    early; or why it is refused: "inflation" once it yields more than ``bound`` (the
+    bound for its size, when under ``max_bytes``; a frame that declares more is refused
+    from its header), "encoding" if it is not one whole frame or yields more than
+    ``max_bytes``."""
+    too_far = frozenset({"inflation" if bound < max_bytes else "encoding"})
     if body[:4] != b"\x28\xb5\x2f\xfd":
-        return None
+        return frozenset({"encoding"})
     try:
-        if zstandard.frame_content_size(body) == 0:
-            # python-zstandard returns b"" for a frame that declares no content without
-            # reading its blocks, corrupt or not: an empty body (only the header is left)
-            return b""
+        declared = zstandard.frame_content_size(body)
     except zstandard.ZstdError:
-        return None
+        return frozenset({"encoding"})
+    if declared > max_bytes:
+        return frozenset({"encoding"})
+    if declared > bound:
+        return too_far
+    if declared == 0:
+        # python-zstandard returns b"" for a frame that declares no content without
+        # reading its blocks, corrupt or not: an empty body (only the header is left)
+        return b""
     d = zstandard.ZstdDecompressor().decompressobj()
     out: list[bytes] = []
     total = 0
@@ -777,13 +816,29 @@ def _inflate(body: bytes, max_bytes: int) -> bytes | None:
         for at in range(0, len(body), 64):
             out.append(d.decompress(body[at:at + 64]))
             total += len(out[-1])
-            if total > max_bytes:
-                return None
+            if total > bound:
+                return too_far
             if d.eof:
                 break
     except zstandard.ZstdError:
-        return None
-    return b"".join(out) if d.eof else None
+        # corrupt: did what came before the fault already go past the bound?
+        return too_far if _yield_before_fault(body, bound) > bound else frozenset({"encoding"})
+    return b"".join(out) if d.eof else frozenset({"encoding"})
+
+
+def _yield_before_fault(body: bytes, bound: int) -> int:
+    """Bytes a corrupt frame yields before its fault (fed a byte at a time, so none is
+    lost with the call that fails), or ``bound`` + 1 once past it."""
+    d = zstandard.ZstdDecompressor().decompressobj()
+    total = 0
+    try:
+        for at in range(len(body)):
+            total += len(d.decompress(body[at:at + 1]))
+            if total > bound or d.eof:
+                break
+    except zstandard.ZstdError:
+        pass
+    return total
 
 
 _HEADER = ("node_id", "boot_id", "seq", "start_ns", "end_ns")
@@ -798,9 +853,11 @@ def expected_reasons(batch: pb.Batch, limits: Limits, now_ns: int, size: int) ->
     if batch.codec != pb.CODEC_NONE or batch.body:
         if batch.codec != pb.CODEC_ZSTD:
             return frozenset(out | {"encoding"})
-        raw = _inflate(batch.body, limits.max_bytes)
-        if raw is None:
-            return frozenset(out | {"encoding"})
+        # how far a body may inflate for its size: the ratio bound, at least the floor
+        bound = min(limits.max_bytes, max(limits.inflation_floor, limits.max_inflation * len(batch.body)))
+        raw = _inflate(batch.body, limits.max_bytes, bound)
+        if isinstance(raw, frozenset):
+            return frozenset(out | raw)
         try:  # the identity laid over the body, the way the contract says
             whole = pb.Batch.FromString(raw + header_bytes(batch))
         except Exception:

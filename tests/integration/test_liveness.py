@@ -1,9 +1,11 @@
 """Liveness: a process that is alive but stops answering is noticed within a deadline.
 
 The edge fails over when a regional leaves its batches unanswered past ``ack_timeout``
-(the batches it left unanswered stay in doubt there); the regional notices a sink process
-or its ingest process that stops answering within ``child_timeout`` (docs/GUARANTEES.md).
-Deadlines are set short here by flags; every wait is for a condition, with a deadline.
+(the batches it left unanswered stay in doubt there); the regional notices a sink process,
+its ingest process or its merge process that stops answering within ``child_timeout``, and
+a write-ahead log whose write or fsync does not return within ``wal_fsync_timeout``
+(docs/GUARANTEES.md). Deadlines are set short here by flags; every wait is for a
+condition, with a deadline.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +31,7 @@ from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.sinks.config import ClickHouseSettings
 from stratoscope.regional.sinks.process import ProcessSink
 from tests.conftest import free_port, unique_comm, wait_for
-from tests.integration.regional_proc import RegionalProcess
+from tests.integration.regional_proc import RegionalProcess, _group_alive
 from tests.integration.synthetic_edges import SyntheticFleet
 from tests.integration.test_clickhouse_sink import framed_blocks
 from tests.integration.test_edge_spool import Edge, batch, fake_regional
@@ -401,3 +406,148 @@ async def test_a_stopped_ingest_process_is_counted_and_fails_the_regional(tmp_pa
         await until("it to be gone", lambda: _gone(proc.pid), 30)  # type: ignore[arg-type]
     finally:
         await running.stop()
+
+
+def _replayed_reads(r: RegionalProcess) -> dict[str, int]:
+    rows = r.query("""SELECT node, sum(value) FROM stratoscope.metrics
+        WHERE metric = 'syscalls_total' AND labels['syscall'] = 'read' AND labels['comm'] = 'app'
+        AND resolution = 60 GROUP BY node""")
+    return {n: int(v) for n, v in rows}
+
+
+def test_a_stopped_merge_process_is_killed_by_its_ingest_process_and_a_restart_replays_its_log(
+        regionals: Callable[..., RegionalProcess]) -> None:
+    """The merge process (the regional itself) is stopped while five edges send: its ingest
+    process notices within the deadline, logs it, records it and kills it (a stopped process
+    cannot exit 1 itself: SIGKILL is the exit a supervisor sees), then stops taking batches
+    and exits, and so do the sink processes. Its windows are long, so what it acknowledged
+    is only in its log: the restart replays it, shows the hang on /metrics, and ClickHouse
+    holds exactly what the edges sent."""
+    r = regionals("r", "--resolution", "60s", "--lateness", "60s",
+                  "--child-timeout", f"{CHILD_TIMEOUT_S:g}s")
+    r.start()
+    fleet = SyntheticFleet("mergehang", 5, [f"127.0.0.1:{r.port}"])
+    fwds = list(fleet.forwarders.values())
+    fleet.start()
+    wait_for("every edge acknowledged", lambda: all(f.stats.acked >= 3 for f in fwds), 60, 0.1)
+    assert _hangs(r, "merge") == _hangs(r, "ingest") == 0
+    assert r.proc is not None
+    merge = r.proc.pid
+    ingest = _child(r, "strato-ingest")
+    os.kill(merge, signal.SIGSTOP)
+    assert r.proc.wait(CHILD_TIMEOUT_S + SLACK_S) == -signal.SIGKILL, r.tail()
+    log = r.tail(10**6)
+    assert f"[ingest {ingest}] stratoscope.regional: the merge process (pid {merge}) has not answered" \
+        in log, log
+    # the ingest and sink processes see their parent gone and exit on their own
+    wait_for("the regional's other processes to exit", lambda: not _group_alive(merge), 30, 0.1)
+    r.start()  # what a supervisor does
+    replayed = _metrics(r)
+    assert replayed['stratoscope_regional_child_hangs_total{process="merge"}'] == 1, replayed
+    assert replayed['stratoscope_regional_wal_replayed_batches_total{outcome="merged"}'] >= 5 * 3, \
+        replayed
+    stats = fleet.stop()
+    assert r.stop() == 0, r.tail()
+    assert stats["rejected"] == stats["dropped"] == 0, stats
+    assert _replayed_reads(r) == dict(fleet.reads)
+
+
+# -- a write-ahead log whose disk stops returning -------------------------------------------
+
+@pytest.fixture
+def freezable_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on an ext4 filesystem of its own (a file on a loop device) that a test
+    may freeze with ``fsfreeze -f``: every write to it then blocks in the kernel until
+    ``fsfreeze -u``, as on a frozen or hung disk. Thawed, unmounted and detached after."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a filesystem and must run as root (see README)")
+    if not Path("/dev/loop-control").exists():
+        pytest.fail("this test needs loop devices (a filesystem of its own to freeze)")
+    missing = [t for t in ("mkfs.ext4", "losetup", "mount", "umount", "fsfreeze") if not shutil.which(t)]
+    if missing:
+        pytest.fail(f"this test needs {', '.join(missing)} (e2fsprogs, util-linux)")
+    image, mnt = tmp_path / "fs.img", tmp_path / "fs"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        mnt.mkdir()
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)  # not frozen: an error
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(mnt)], check=True)  # a test's process left open
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+#: A deadline for one write or fsync of the log (the default is 120 s).
+FSYNC_TIMEOUT_S = 8.0
+
+
+def test_a_stuck_log_stops_the_regional_and_edges_go_elsewhere_meanwhile(
+        freezable_dir: Path, regionals: Callable[..., RegionalProcess]) -> None:
+    """Regional A's log is on a filesystem that is frozen while five edges send to [A, B]:
+    A's log write blocks in the kernel, so its acknowledgements stop (nothing answered
+    RETRY: edges fail over to B within their ack deadline); /metrics shows the write in
+    progress; at the deadline A logs it, closes its port and stops; it exits 1 once the
+    kernel returns the call (after the thaw: a thread blocked in the kernel ends only
+    then). Restarted on the same log, A answers what it held, and the two stores together
+    hold exactly what was sent."""
+    a = regionals("a", *WINDOWS, "--wal-dir", str(freezable_dir / "wal"),
+                  "--wal-fsync-timeout", f"{FSYNC_TIMEOUT_S:g}s", "--child-timeout", "300s",
+                  "--stop-timeout", "5s")
+    b = regionals("b", *WINDOWS)
+    a.start()
+    b.start()
+    fleet = SyntheticFleet("stuck", 5, [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+                           ack_timeout_s=ACK_TIMEOUT_S)
+    fwds = list(fleet.forwarders.values())
+    fleet.start()
+    wait_for("A to acknowledge every edge", lambda: all(f.stats.acked >= 3 for f in fwds), 60, 0.1)
+    assert _metrics(a)["stratoscope_regional_wal_fsync_in_progress_seconds"] < 1.0
+    assert a.proc is not None
+    a_pid = a.proc.pid
+    subprocess.run(["fsfreeze", "-f", str(freezable_dir)], check=True)
+    try:
+        at_freeze = [f.stats.acked for f in fwds]
+        wait_for("the stuck write on A's /metrics",
+                 lambda: _metrics(a)["stratoscope_regional_wal_fsync_in_progress_seconds"] >= 2.0,
+                 FSYNC_TIMEOUT_S, 0.2)
+        wait_for("every edge to fail over to B",
+                 lambda: all(f.errors["ack_timeout"] >= 1 and f.stats.acked > n
+                             for f, n in zip(fwds, at_freeze, strict=True)),
+                 ACK_TIMEOUT_S + SLACK_S, 0.1)
+        wait_for("A to give its log up", lambda: "the write-ahead log is stuck" in a.tail(10**6),
+                 FSYNC_TIMEOUT_S + SLACK_S, 0.2)
+        wait_for("A's ingest port to close", lambda: not _listening(a.port), SLACK_S, 0.1)
+        assert a.proc.poll() is None  # its ingest process cannot end while the kernel holds the call
+        assert sum(f.counts()["in_doubt"] for f in fwds) >= 1  # held for A
+        log = a.tail(10**6)
+        assert "a write or fsync of the write-ahead log took" in log  # the warning came first
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(freezable_dir)], check=True)
+    assert a.proc.wait(120) == 1, a.tail()
+    log = a.tail(10**6)
+    assert re.search(rf"the write-ahead log failed \(a write or fsync of {re.escape(str(freezable_dir))}/wal "
+                     rf"has not returned for \d+ s \(wal_fsync_timeout {FSYNC_TIMEOUT_S:g} s\): its disk "
+                     r"is stuck\): stopping", log), log
+    wait_for("A's other processes to exit", lambda: not _group_alive(a_pid), 60, 0.1)
+    a.start()  # what a supervisor does
+    wait_for("A to answer what it was holding",
+             lambda: sum(f.counts()["in_doubt"] for f in fwds) == 0, 120, 0.2)
+    stats = fleet.stop()
+    assert a.stop() == 0, a.tail()
+    assert b.stop() == 0, b.tail()
+    assert stats["rejected"] == stats["dropped"] == stats["in_doubt_released"] == 0, stats
+    assert stats["errors.ack_timeout"] >= 5, stats
+    assert _sum_reads(a, b) == dict(fleet.reads)

@@ -163,7 +163,8 @@ def test_bucket_sums_agree_across_dense_chunked_and_sorted_paths(monkeypatch: An
     results.append(merge._reduce_buckets(series, idx, cnt))
     monkeypatch.setattr(merge, "_EXACT_F64", 0)  # the sort path
     results.append(merge._reduce_buckets(series, idx, cnt))
-    for s_, i_, c_ in results:
+    for s_, i_, c_, clamped in results:
+        assert clamped == 0
         got = list(zip(s_.tolist(), i_.tolist(), c_.tolist(), strict=True))
         assert got == sorted((s, i, c) for (s, i), c in expected.items())
 

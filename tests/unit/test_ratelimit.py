@@ -47,3 +47,28 @@ def test_zero_disables_and_the_node_table_is_bounded() -> None:
     assert len(rates) == 3 and rates.evicted == 1
     assert rates.take("a", 1) == ""  # forgotten: a full bucket again
     assert rates.take("d", 1) == "batches"
+
+
+def test_cpu_is_charged_after_the_fact_and_a_costly_node_waits_it_out() -> None:
+    clock = Clock()
+    rates = NodeRates(RateSettings(batches_per_s=0, bytes_per_s=0, cpu_per_s=0.1, burst_s=10), clock)
+    assert rates.take("bomber", 100) == ""
+    rates.charge_cpu("bomber", 0.9)  # within the 1 s burst: the next one passes
+    assert rates.take("bomber", 100) == ""
+    rates.charge_cpu("bomber", 0.9)  # now 0.8 s in debt
+    assert rates.take("bomber", 100) == "cpu"
+    assert rates.take("quiet", 100) == ""  # others are untouched
+    clock.t += 7.9  # 0.79 s refilled: still in debt
+    assert rates.take("bomber", 100) == "cpu"
+    clock.t += 0.2
+    assert rates.take("bomber", 100) == ""
+    clock.t += 3600  # refills to the burst, no further
+    rates.charge_cpu("bomber", 1.0)
+    assert rates.take("bomber", 100) == "cpu"
+
+
+def test_cpu_zero_disables_it() -> None:
+    rates = NodeRates(RateSettings(batches_per_s=0, bytes_per_s=0, cpu_per_s=0))
+    assert not rates.enabled
+    rates.charge_cpu("n", 100.0)
+    assert rates.take("n", 1) == ""

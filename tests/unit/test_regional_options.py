@@ -42,6 +42,11 @@ def test_frame_nodes_out_of_range_is_a_config_error(bad: int) -> None:
         config("--frame-nodes", str(bad), "--clickhouse", "none")
 
 
+def test_wal_fsync_timeout_default_and_flag() -> None:
+    assert RegionalConfig().wal_fsync_timeout == 120.0
+    assert config("--wal-fsync-timeout", "30s", "--clickhouse", "none").wal_fsync_timeout == 30.0
+
+
 def test_the_example_file_lists_every_setting_with_its_default() -> None:
     assert load_settings(RegionalConfig, EXAMPLE, {}) == RegionalConfig()
     text = EXAMPLE.read_text()
@@ -123,6 +128,9 @@ def test_a_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--clickhouse-database", "my-db"], None,
      "setting 'clickhouse.database' on the command line (--clickhouse-database): invalid "
      "ClickHouse database name 'my-db' (letters, digits and _, not starting with a digit)"),
+    (["--wal-fsync-timeout", "2s"], None,
+     "setting 'wal_fsync_timeout' on the command line (--wal-fsync-timeout): must be at least 5s "
+     "(a busy disk's fsync takes seconds), got 2s"),
     (["--max-held-points", "0"], None,
      "setting 'max_held_points' on the command line (--max-held-points): must be greater than "
      "or equal to 1"),

@@ -74,6 +74,10 @@ stratoscope_regional_wal_replayed_batches_total{outcome="already_stored"} 2.0
 stratoscope_regional_wal_corrupt_records_total 1.0
 # TYPE stratoscope_regional_wal_failed gauge
 stratoscope_regional_wal_failed 0.0
+# TYPE stratoscope_regional_wal_fsync_in_progress_seconds gauge
+stratoscope_regional_wal_fsync_in_progress_seconds 0.0
+# TYPE stratoscope_regional_wal_fsync_longest_seconds gauge
+stratoscope_regional_wal_fsync_longest_seconds 0.25
 """
 
 
@@ -85,7 +89,11 @@ def test_regional_view_shows_the_write_ahead_log() -> None:
     assert "logged 40 batches, 12 fsyncs" in text
     assert "replayed at start already_stored 2, restored 5" in text
     assert "corrupt records skipped at start 1" in text
+    assert "write or fsync none in progress, longest recently 250 ms" in text
     assert "FAILED" not in text
+    stuck = WAL.replace("stratoscope_regional_wal_fsync_in_progress_seconds 0.0",
+                        "stratoscope_regional_wal_fsync_in_progress_seconds 42.0")
+    assert "write or fsync in progress for 42.0 s, longest recently" in _text(regional_view(parse("u", stuck)))
     failed = WAL.replace("stratoscope_regional_wal_failed 0.0", "stratoscope_regional_wal_failed 1.0")
     assert "FAILED the log cannot be written" in _text(regional_view(parse("u", failed)))
 
@@ -141,8 +149,9 @@ stratoscope_edge_in_doubt_released_total 4.0
 
 def test_regional_view_shows_hung_child_processes() -> None:
     page = WAL + """# TYPE stratoscope_regional_child_hangs counter
+stratoscope_regional_child_hangs_total{process="merge"} 1.0
 stratoscope_regional_child_hangs_total{process="ingest"} 0.0
 stratoscope_regional_child_hangs_total{process="sink-clickhouse"} 2.0
 """
-    assert "child processes hung and killed sink-clickhouse 2" in _text(regional_view(parse("u", page)))
+    assert "processes hung and killed merge 1, sink-clickhouse 2" in _text(regional_view(parse("u", page)))
     assert "hung" not in _text(regional_view(parse("u", WAL)))

@@ -197,3 +197,78 @@ def test_a_writer_on_a_missing_directory_fails_every_append(tmp_path: Path, fsyn
     got: list[int | None] = []
     writer.append(b"x", ("n", "b", 1), got.append)
     assert got == [None]
+
+
+def test_a_prepared_segment_is_overwritten_in_place_and_reads_to_its_last_record(tmp_path: Path) -> None:
+    seg_bytes = 256 * 1024
+    assert wal.prepare_spare(tmp_path, seg_bytes)
+    assert wal.segments(tmp_path) == []  # a spare is not a segment
+    writer = WalWriter(tmp_path, Deduplicator(), segment_bytes=seg_bytes)
+    writer.start()
+    try:
+        assert writer.prepared  # the first segment took the spare
+        done = threading.Event()
+        got: list[int | None] = []
+        b = batch("n1", 1, 5)
+
+        def on_done(pos: int | None) -> None:
+            got.append(pos)
+            done.set()
+
+        writer.append(wal.batch_record(time.time_ns(), b.SerializeToString()), ("n1", "b1", 1), on_done)
+        assert done.wait(30) and got[0] is not None
+        (seg, path), = wal.segments(tmp_path)
+        assert path.stat().st_size == seg_bytes  # written in place, not appended
+        c = wal.Corruption()
+        assert [r.kind for r in wal.read_records(path, seg, c)] == [wal.CHECKPOINT, wal.BATCH]
+        assert (c.records, c.bytes) == (0, 0)  # the zeros after it are the clean end
+    finally:
+        writer.close()
+
+
+def test_data_after_a_zeroed_header_is_corruption(tmp_path: Path) -> None:
+    log_batches(tmp_path, [batch("n1", s, 1) for s in (1, 2)])
+    (seg, path), = wal.segments(tmp_path)
+    data = path.read_bytes()
+    end = len(data)
+    path.write_bytes(data + bytes(100) + b"\x01" + bytes(50))
+    c = wal.Corruption()
+    assert [r.kind for r in wal.read_records(path, seg, c)] == [wal.CHECKPOINT, wal.BATCH, wal.BATCH]
+    assert (c.records, c.bytes) == (1, 151)
+    path.write_bytes(data + bytes(5))  # a short zero tail: the clean end
+    c = wal.Corruption()
+    assert len(list(wal.read_records(path, seg, c))) == 3 and c.records == 0
+    assert end == len(data)
+
+
+def test_segments_rotate_into_spares_prepared_in_the_background(tmp_path: Path) -> None:
+    seg_bytes = 4096
+    writer = WalWriter(tmp_path, Deduplicator(), segment_bytes=seg_bytes)
+    writer.start()
+    sent: list[pb.Batch] = []
+    try:
+        assert not writer.prepared  # a new log has no spare yet
+        seen_segments = {writer.segment: writer.prepared}
+        while len(seen_segments) < 4:
+            b = batch(f"n{len(sent)}", 1, 1)
+            done = threading.Event()
+            writer.append(wal.batch_record(time.time_ns(), b.SerializeToString()),
+                          (b.node_id, b.boot_id, b.seq), lambda pos, done=done: done.set())
+            assert done.wait(30)
+            sent.append(b)
+            if writer._spare_asked:  # a quarter full: wait for the spare before going on
+                deadline = time.monotonic() + 30
+                while not (tmp_path / wal.SPARE_NAME).exists():
+                    assert time.monotonic() < deadline, "no spare prepared"
+                    time.sleep(0.01)
+            seen_segments.setdefault(writer.segment, writer.prepared)
+        assert list(seen_segments.values()) == [False, True, True, True]
+    finally:
+        writer.close()
+    segs = wal.segments(tmp_path)
+    assert all(p.stat().st_size >= seg_bytes for _, p in segs[1:])
+    c = wal.Corruption()
+    kinds = [r.kind for seg, p in segs for r in wal.read_records(p, seg, c)]
+    assert kinds.count(wal.BATCH) == len(sent) and c.records == 0
+    seen = wal.seen_batches(tmp_path)
+    assert all(seen.seen(b.node_id, b.boot_id, b.seq) for b in sent)
