@@ -168,7 +168,8 @@ class RunningRegional:
                                      on_wal=self._on_wal, rates=config.rate_settings,
                                      on_refused=lambda r: self.regional.metrics.refused.labels(r).inc(),
                                      on_gate=lambda g: setattr(self, "gate_stats", g),
-                                     child_timeout_s=config.child_timeout)
+                                     child_timeout_s=config.child_timeout,
+                                     on_handshakes=self.regional.metrics.count_handshakes)
         #: Times the ingest process killed a hung merge process (this process, in earlier
         #: runs): recorded in the log directory (regional/liveness.py).
         self.merge_hangs = recorded_merge_hangs(config.wal_dir)
@@ -220,6 +221,7 @@ class RunningRegional:
                                         self.regional.limits)
             await self._ingest.start()
             self.port = self._ingest.port
+            self.regional.metrics.handshakes_counted.set(1 if self._ingest.counts_handshakes else 0)
             self._backlog_task = asyncio.create_task(self._push_backlog())
             self._flusher = asyncio.create_task(flush_forever(self.regional))
             self._lag_monitor = asyncio.create_task(looplag.monitor(

@@ -6,8 +6,9 @@ one of them. Two ways to authenticate, chosen by the settings (regional/config.p
 
 - **mTLS** (``tls.client_ca``): the TLS handshake verifies the client certificate
   against the CA (a client without one, or with one from another CA, never gets a
-  request through: gRPC refuses the handshake). The names are the certificate's
-  subjectAltName DNS and URI entries, or its CN when it has neither.
+  request through: gRPC refuses the handshake, and regional/handshakes.py counts it). The
+  names are the certificate's subjectAltName DNS and URI entries, or its CN when it has
+  neither.
 - **Tokens** (``auth_tokens``): a file of ``<node_id> <token>`` lines; a stream carries
   ``authorization: Bearer <token>`` and may send as that node_id only.
 

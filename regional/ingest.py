@@ -13,10 +13,13 @@ process, which merges them and feeds the sinks.
 Channel (regional/pipes.py: one duplex pipe, typed messages, the packed columns out
 of band, no pickle copy):
 
-- ingest -> regional (``IngestEvent``): ``Listening(port)`` once the server listens;
+- ingest -> regional (``IngestEvent``): ``Listening(port, counts_handshakes)`` once the
+  server listens (and its stderr tap has checked that it sees gRPC's lines);
   ``Accepted(columns, size)`` per accepted batch (validated: the regional only maps
   them); ``Outcome(status, label)`` per other outcome (for the regional's /metrics);
   ``Refusal(reason)`` per stream or batch refused for who sent it (regional/auth.py);
+  ``Handshakes(refused, held_back, dropped_bytes)`` when TLS handshakes were refused, or
+  its stderr tap held lines back or dropped output (regional/handshakes.py);
   ``Barrier(n)`` echoed once every batch acked before it has been sent; ``Stopped()``
   last.
   ``LoopLag(longest_s, stalls)`` every second: how long the ingest event loop was
@@ -58,6 +61,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -69,10 +73,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from stratoscope.regional import looplag, pipes, wal
+from stratoscope.regional import handshakes, ingestboot, looplag, pipes, wal
 from stratoscope.regional.dedup import Deduplicator
 from stratoscope.regional.gate import Gate
 from stratoscope.regional.handover import pack
+from stratoscope.regional.handshakes import Handshakes
 from stratoscope.regional.liveness import DEFAULT_TIMEOUT_S, Watchdog, record_merge_hang
 from stratoscope.regional.ratelimit import RateSettings
 from stratoscope.regional.runtime import name_process, tune_gc
@@ -98,6 +103,8 @@ class Listening:
     port: int
     #: why the server could not listen (then ``port`` is 0)
     error: str = ""
+    #: whether refused TLS handshakes are counted (the tap saw its probe's line)
+    counts_handshakes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,8 +213,8 @@ class WalSettings:
     fsync_timeout_s: float = DEFAULT_FSYNC_TIMEOUT_S
 
 
-IngestEvent = (Listening | Accepted | Outcome | Refusal | Barrier | Stopped | LoopLag | WalStats
-               | GateStats | Ping | MergePing)
+IngestEvent = (Listening | Accepted | Outcome | Refusal | Handshakes | Barrier | Stopped | LoopLag
+               | WalStats | GateStats | Ping | MergePing)
 IngestCommand = Pressure | Barrier | Stop | Ping | MergePing
 
 
@@ -311,21 +318,6 @@ class Admission:
             fut.set_result(pos)
 
 
-def _ingest_main(conn: Connection, listen: str, auth: ServerAuth,
-                 limits: Limits, max_queued_blocks: int, log_level: int,
-                 wal_settings: WalSettings | None, rates: RateSettings,
-                 merge: MergeWatch) -> None:
-    chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
-    name_process("strato-ingest")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [ingest %(process)d] %(name)s: %(message)s")
-    import uvloop
-
-    tune_gc()
-    uvloop.run(_ingest_loop(chan, listen, auth, limits, max_queued_blocks, wal_settings, rates, merge))
-
-
 @dataclass(frozen=True)
 class MergeWatch:
     """Which process the ingest process watches (the merge process: its parent) and
@@ -333,6 +325,37 @@ class MergeWatch:
 
     pid: int
     timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class IngestArgs:
+    """What the ingest process runs with; crosses as a pickle that regional/ingestboot.py
+    loads once gRPC's verbosity is set (its types' modules import gRPC)."""
+
+    listen: str
+    auth: ServerAuth
+    limits: Limits
+    max_queued_blocks: int
+    log_level: int
+    wal_settings: WalSettings | None
+    rates: RateSettings
+    merge: MergeWatch
+
+
+def _ingest_main(conn: Connection, args: IngestArgs, out: queue.SimpleQueue[IngestEvent],
+                 stderr_tap: handshakes.Tap | None) -> None:
+    """Called by regional/ingestboot.py, which has started ``stderr_tap`` (None: no TLS, no
+    tap) reporting to ``out``."""
+    chan: pipes.Channel[IngestEvent, IngestCommand] = pipes.Channel.over(conn)
+    name_process("strato-ingest")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s [ingest %(process)d] %(name)s: %(message)s")
+    import uvloop
+
+    tune_gc()
+    uvloop.run(_ingest_loop(chan, out, args.listen, args.auth, args.limits, args.max_queued_blocks,
+                            args.wal_settings, args.rates, args.merge, stderr_tap))
 
 
 class _MergeHung:
@@ -360,12 +383,19 @@ def _read_commands(chan: pipes.Channel[IngestEvent, IngestCommand], loop: asynci
             return  # nothing follows a Stop
 
 
-async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: str,
+def _own_address(listen: str) -> str:
+    """Where this host reaches a server listening on ``listen`` (host:port): a wildcard
+    address by ``localhost`` (IPv6 or IPv4, whichever connects)."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return "localhost" if host in ("", "0.0.0.0", "::") else host
+
+
+async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand],
+                       out: queue.SimpleQueue[IngestEvent], listen: str,
                        auth: ServerAuth, limits: Limits, max_queued_blocks: int,
                        wal_settings: WalSettings | None, rates: RateSettings,
-                       merge: MergeWatch) -> None:
+                       merge: MergeWatch, stderr_tap: handshakes.Tap | None = None) -> None:
     loop = asyncio.get_running_loop()
-    out: queue.SimpleQueue[IngestEvent] = queue.SimpleQueue()
     writer = None
     if wal_settings is not None:
         # what was taken before a restart is answered DUPLICATE: the log's record of it
@@ -400,9 +430,18 @@ async def _ingest_loop(chan: pipes.Channel[IngestEvent, IngestCommand], listen: 
             if isinstance(msg, Stopped):
                 return
 
+    counted = False
+    if stderr_tap is not None:
+        problem = await loop.run_in_executor(None, stderr_tap.probe, _own_address(listen), port)
+        counted = problem is None
+        if problem is not None:
+            log.error("refused TLS handshakes are not counted (stratoscope_regional_"
+                      "tls_handshakes_counted 0): a plaintext connection to the TLS port, to "
+                      "check, was refused but %s (grpcio's log format or GRPC_VERBOSITY "
+                      "different?)", problem)
     send_thread = threading.Thread(target=sender, name="ingest-handover", daemon=True)
     send_thread.start()
-    out.put(Listening(port))
+    out.put(Listening(port, counts_handshakes=counted))
 
     commands: asyncio.Queue[IngestCommand | _MergeHung | None] = asyncio.Queue()
 
@@ -481,7 +520,8 @@ class IngestProcess:
                  rates: RateSettings | None = None,
                  on_refused: Callable[[str], None] | None = None,
                  on_gate: Callable[[GateStats], None] | None = None,
-                 child_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 child_timeout_s: float = DEFAULT_TIMEOUT_S,
+                 on_handshakes: Callable[[dict[str, int], int, int], None] | None = None) -> None:
         """``on_outcome(status, label, None, None)`` counts a batch the ingest process did
         not accept; ``on_accepted(packed columns, size, log position)`` merges an accepted
         one (both in a reader thread); ``on_exit(code)`` is called in the event loop if the
@@ -491,12 +531,20 @@ class IngestProcess:
         module docstring). ``on_lag("ingest", longest_s, stalls)`` reports its event loop's
         stalls and ``on_wal(stats)`` its log writer's figures (reader thread);
         ``on_refused(reason)`` counts a stream or batch refused for who sent it (reader
-        thread)."""
+        thread); ``on_handshakes(refused, held_back, dropped_bytes)`` counts TLS handshakes
+        refused (per reason), and the ingest stderr's lines held back and bytes dropped,
+        as they change (regional/handshakes.py; reader thread, and a thread that reads
+        what a dead ingest process left in its stderr pipe)."""
         self.listen = listen
         self.auth = auth
         self.rates = rates or RateSettings()
         self.on_refused = on_refused
         self.on_gate = on_gate
+        self.on_handshakes = on_handshakes
+        #: Whether refused TLS handshakes are counted (TLS on, and the ingest process's
+        #: stderr tap saw gRPC's line about its probe: regional/handshakes.py).
+        self.counts_handshakes = False
+        self._leftovers: threading.Thread | None = None
         self.limits = limits
         self.max_queued_blocks = max_queued_blocks
         self.on_outcome = on_outcome
@@ -526,17 +574,48 @@ class IngestProcess:
         #: event loop must not block on the pipe); None ends the thread.
         self._echoes: queue.SimpleQueue[MergePing | None] = queue.SimpleQueue()
 
+    def _handshakes(self, refused: dict[str, int], held_back: int, dropped_bytes: int) -> None:
+        if self.on_handshakes is not None:
+            self.on_handshakes(refused, held_back, dropped_bytes)
+
     async def start(self, timeout_s: float = 60.0) -> None:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
+        # with TLS, its stderr is a pipe, read by a tap that counts refused handshakes
+        # (regional/handshakes.py); the regional keeps the read end too
+        tap = os.pipe() if self.auth.tls is not None else None
+        verbosity = os.environ.get("GRPC_VERBOSITY")
+        # spawned by regional/ingestboot.py, which imports gRPC only once it has set the
+        # verbosity: the arguments of _ingest_main cross as a pickle it loads after that
+        args = pickle.dumps(IngestArgs(self.listen, self.auth, self.limits, self.max_queued_blocks,
+                                       logging.getLogger().level, self.wal_settings, self.rates,
+                                       MergeWatch(os.getpid(), self.child_timeout_s)))
         self._proc = ctx.Process(
-            target=_ingest_main, name="stratoscope-ingest", daemon=True,
-            args=(child, self.listen, self.auth, self.limits, self.max_queued_blocks,
-                  logging.getLogger().level, self.wal_settings, self.rates,
-                  MergeWatch(os.getpid(), self.child_timeout_s)),
+            target=ingestboot.main, name="stratoscope-ingest", daemon=True,
+            args=(child, (pipes.InheritedFd(tap[0]), pipes.InheritedFd(tap[1])) if tap else None,
+                  verbosity, args),
         )
-        self._proc.start()
+        try:
+            self._proc.start()
+        except BaseException:
+            if tap is not None:
+                os.close(tap[0])
+            raise
+        finally:
+            if tap is not None:
+                os.close(tap[1])  # the child's copy is the pipe's only write end
         child.close()
+        if tap is not None:
+            # The child's tap dies with it: what it wrote last (a crash's last lines) may
+            # still be in the pipe. Read it once the child is gone.
+            proc, read_fd = self._proc, tap[0]
+
+            def leftovers() -> None:
+                multiprocessing.connection.wait([proc.sentinel])
+                handshakes.drain(read_fd, self._handshakes, show=handshakes.lowest_shown(verbosity))
+
+            self._leftovers = threading.Thread(target=leftovers, name="ingest-stderr", daemon=True)
+            self._leftovers.start()
         chan: pipes.Channel[IngestCommand, IngestEvent] = pipes.Channel.over(parent)
         self._chan = chan
         self._loop = asyncio.get_running_loop()
@@ -599,6 +678,8 @@ class IngestProcess:
                 elif isinstance(msg, Refusal):
                     if self.on_refused is not None:
                         self.on_refused(msg.reason)
+                elif isinstance(msg, Handshakes):
+                    self._handshakes(msg.refused, msg.held_back, msg.dropped_bytes)
                 elif isinstance(msg, WalStats):
                     if self.on_wal is not None:
                         self.on_wal(msg)
@@ -607,6 +688,7 @@ class IngestProcess:
                         self.on_lag("ingest", msg.longest_s, msg.stalls)
                 elif isinstance(msg, Listening):
                     self.port, self.start_error = msg.port, msg.error
+                    self.counts_handshakes = msg.counts_handshakes
                     self._port_ready.set()
                 elif isinstance(msg, Barrier):
                     self._release(msg.n)
@@ -677,6 +759,8 @@ class IngestProcess:
         if self._proc.is_alive():
             self._proc.kill()  # it ignores SIGTERM (and a stopped process gets none)
             await asyncio.to_thread(self._proc.join, 10)
+        if self._leftovers is not None:  # its last stderr lines before ours
+            await asyncio.to_thread(self._leftovers.join, 10)
         self._echoes.put(None)
         if self._chan is not None:
             self._chan.close()

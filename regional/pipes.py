@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar, cast
 
@@ -173,3 +174,18 @@ class Channel(Generic[Send, Recv]):
         for fd in {self._recv_fd, self._send_fd} - {None}:
             assert fd is not None
             os.close(fd)
+
+
+class InheritedFd:
+    """A file descriptor handed to a spawned child as multiprocessing hands it a
+    Connection's: the child gets a copy under the same number (``fd``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_inherited, (reduction.DupFd(self.fd),))
+
+
+def _inherited(dup: Any) -> InheritedFd:
+    return InheritedFd(dup.detach())

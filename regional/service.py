@@ -26,6 +26,7 @@ from stratoscope.regional.delivery import DeliveryQueue
 from stratoscope.regional.forkframe import FRAME_CHILD_NICE, ChildFailed, stream_in_fork
 from stratoscope.regional.frame import Block, Frame
 from stratoscope.regional.handover import unpack
+from stratoscope.regional.handshakes import REASONS as HANDSHAKE_REASONS
 from stratoscope.regional.instances import InstanceLog
 from stratoscope.regional.merge import SATURATION_STAGES, Aggregator, MergeSettings, release_windows
 from stratoscope.regional.ratelimit import LIMITS
@@ -202,6 +203,12 @@ class RegionalMetrics:
         self.refused = Counter(f"{ns}_refused", "Streams and batches refused for who sent them, by reason (a fixed set: auth.REFUSALS): no credentials, an unknown token, a node_id the client did not authenticate as.", ["reason"], registry=registry)
         for reason in REFUSALS:
             self.refused.labels(reason)
+        self.handshakes_refused = Counter(f"{ns}_tls_handshakes_refused", "TLS handshakes the ingest port refused before any request (gRPC's TLS layer; counted from the line gRPC writes for each), by reason (a fixed set: handshakes.REASONS): no client certificate, one not issued by the client CA, an expired one, not TLS at all, any other.", ["reason"], registry=registry)
+        for reason in HANDSHAKE_REASONS:
+            self.handshakes_refused.labels(reason)
+        self.handshakes_counted = Gauge(f"{ns}_tls_handshakes_counted", "1 when refused TLS handshakes are counted: TLS is on, and at start the ingest process saw gRPC's line about a plaintext connection of its own to its port (regional/handshakes.py).", registry=registry)
+        self.handshake_lines_held_back = Counter(f"{ns}_tls_handshake_log_lines_held_back", "gRPC's lines about refused TLS handshakes not passed on to stderr (one per reason per 10 s is), all counted in tls_handshakes_refused_total.", registry=registry)
+        self.ingest_stderr_dropped = Counter(f"{ns}_ingest_stderr_dropped_bytes", "Bytes the ingest process wrote to stderr that were dropped because stderr did not take them (1 MiB may wait).", registry=registry)
         self.insecure = Gauge(f"{ns}_insecure", "1 when the ingest port takes batches without authenticating edges (insecure: true).", registry=registry)
         self.throttled = Counter(f"{ns}_throttled_batches", "Batches answered RETRY because their node was over its rate limit, by limit (batches or bytes per second).", ["limit"], registry=registry)
         for limit in LIMITS:
@@ -232,6 +239,16 @@ class RegionalMetrics:
             f"{ns}_event_loop_longest_stall_seconds", "The longest event-loop stall since start, by process.",
             ["process"], registry=registry)
         self._longest: dict[str, float] = {}
+
+    def count_handshakes(self, refused: dict[str, int], held_back: int, dropped_bytes: int) -> None:
+        """What the ingest process's stderr tap saw since its last report
+        (regional/handshakes.py)."""
+        for reason, n in refused.items():
+            self.handshakes_refused.labels(reason).inc(n)
+        if held_back:
+            self.handshake_lines_held_back.inc(held_back)
+        if dropped_bytes:
+            self.ingest_stderr_dropped.inc(dropped_bytes)
 
     def observe_lag(self, process: str, longest_s: float, stalls: list[float]) -> None:
         """Record one period's stalls of ``process``'s event loop (regional/looplag.py)."""
