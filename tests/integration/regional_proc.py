@@ -89,16 +89,7 @@ class RegionalProcess:
 
     def metrics(self) -> dict[str, float]:
         """Its /metrics, ``name{labels}`` -> value."""
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
+        return read_metrics(self.metrics_port)
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
@@ -162,3 +153,17 @@ def kafka_reads(bootstrap: str, prefix: str) -> tuple[Counter[str], Counter[str]
                 elif s["labels"].get("syscall") == "openat":
                     openat[f'{d["node_id"]}/{s["labels"].get("comm")}'] += s["value"]
     return reads, openat
+
+
+def read_metrics(port: int) -> dict[str, float]:
+    """A /metrics endpoint on this host as served, ``name{labels}`` -> value."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out

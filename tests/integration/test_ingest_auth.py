@@ -15,7 +15,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,7 +38,7 @@ from stratoscope.regional.sinks.config import ClickHouseSettings
 from stratoscope.v1 import batch_pb2 as pb
 from stratoscope.v1 import ingest_pb2
 from tests.conftest import free_port, wait_for
-from tests.integration.regional_proc import RegionalProcess
+from tests.integration.regional_proc import RegionalProcess, read_metrics
 
 READS_PER_BATCH = 7
 GOOD_BATCHES = 40
@@ -164,14 +163,7 @@ def _sample(regional: RunningRegional, name: str, **labels: str) -> float:
 
 def _metrics(port: int) -> dict[str, float]:
     """The regional's /metrics as served, ``name{labels}`` -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return read_metrics(port)
 
 
 HANDSHAKES = "stratoscope_regional_tls_handshakes_refused_total"
