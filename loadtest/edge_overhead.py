@@ -11,7 +11,9 @@ per-round differences/ratios against that round's bare run):
    under: bare; stratoscope `syscalls` counts only (LATENCY=0); `syscalls` with
    latency histograms (LATENCY=1); all six programs (syscall latency on);
    Debian's syscount-bpfcc;
-   syscount-bpfcc -L.
+   syscount-bpfcc -L; and the floor under any per-syscall program: an empty
+   program (returns 0) on the raw tracepoint raw_syscalls:sys_exit (`empty-rawtp`)
+   and on the formatted one (`empty-tp`).
 2. in-kernel ns per event per BPF function (kernel.bpf_stats_enabled=1 only
    for this phase, then restored; never on during the timed rounds).
 3. HTTP on 127.0.0.1 (nginx + wrk if installed, else the C server/client in
@@ -103,7 +105,7 @@ class Config:
     name: str
     argv: list[str] | None  # None: bare
     ready: str = ""  # regex on the tool's output that says it is attached
-    kind: str = "bare"  # bare | stratoscope | syscount
+    kind: str = "bare"  # bare | stratoscope | syscount | empty
     expect: list[str] = field(default_factory=list)  # stratoscope programs that must attach
     interval_s: float = 10.0  # stratoscope drain interval
     failed: str | None = None
@@ -282,6 +284,34 @@ def strato(
 
 def syscount(name: str, extra: list[str]) -> Config:
     return Config(name, [str(SYSCOUNT), *extra], r"Tracing syscalls", "syscount")
+
+
+#: The floor under counting syscalls: what attaching any program to every syscall's
+#: exit costs, whatever the program does. Each runs in a child of this script
+#: (--empty-tracer), the way the other tracers run.
+EMPTY_TRACERS = {
+    "empty-rawtp": "RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }",
+    "empty-tp": "TRACEPOINT_PROBE(raw_syscalls, sys_exit) { return 0; }",
+}
+
+
+def empty_tracer(name: str) -> Config:
+    return Config(name, [sys.executable, str(Path(__file__).resolve()), "--empty-tracer", name],
+                  r"Tracing syscalls", "empty")
+
+
+def run_empty_tracer(name: str) -> int:
+    """Child mode: attach one empty program, say so, wait for SIGINT, detach."""
+    from bcc import BPF
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    b = BPF(text=EMPTY_TRACERS[name].encode())
+    print(f"Tracing syscalls ({name}); Ctrl-C to end", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        b.cleanup()
+    return 0
 
 
 # --------------------------------------------------------------------------- build / run
@@ -555,6 +585,15 @@ def phase_syscalls(args: argparse.Namespace, configs: list[Config], loop: Path,
                     "added_max": max(added, default=float("nan")), "all": vals,
                 }
         table[cfg.name] = entry
+    # Added cost against syscount's added cost in the same round (the issue's yardstick).
+    for cfg in configs:
+        for sc in SYSCALLS:
+            k = f"{sc}_cpu_ns"
+            ratios = [(got[cfg.name][k] - got["bare"][k]) / (got["syscount"][k] - got["bare"][k])
+                      for got in rounds if {cfg.name, "bare", "syscount"} <= set(got)
+                      and got["syscount"][k] != got["bare"][k]]
+            if ratios and cfg.name in table:
+                table[cfg.name][f"{sc}_cpu"]["vs_syscount"] = median(ratios)
     table["_disturbed"] = disturbed
     return table
 
@@ -592,6 +631,23 @@ def print_syscall_table(table: dict[str, Any], calls: int) -> None:
             if e["failed"]:
                 print(f"{'':<16} (partly failed: {e['failed']})")
         print(disturbed_note(table["_disturbed"]))
+    sc_e = table.get("syscount")
+    if not sc_e or not sc_e["rounds"]:
+        return
+    print()
+    print("== Added CPU ns per call against syscount-bpfcc's in the same round (median of "
+          "per-round ratios); the target is <= 0.5 for strato-counts ==")
+    print(f"{'configuration':<16} {'getppid added':>13} {'x syscount':>10}   "
+          f"{'write added':>11} {'x syscount':>10}")
+    for name, e in table.items():
+        if name.startswith("_") or name == "bare" or not e["rounds"]:
+            continue
+        g, w = e["getppid_cpu"], e["write_cpu"]
+        print(f"{name:<16} {g['added']:>+13.1f} {g.get('vs_syscount', float('nan')):>10.2f}   "
+              f"{w['added']:>+11.1f} {w.get('vs_syscount', float('nan')):>10.2f}")
+    half = 0.5 * sc_e["getppid_cpu"]["added"]
+    print(f"(0.5 x syscount's added cost: {half:+.1f} ns per getppid(), "
+          f"{0.5 * sc_e['write_cpu']['added']:+.1f} per write())")
 
 
 @contextlib.contextmanager
@@ -1117,6 +1173,13 @@ def print_summary(res: dict[str, Any]) -> None:
             print(f"{label:<30} FAILED: {e['failed']}")
             continue
         print(f"{label:<30} {added(e, 'getppid')}, {added(e, 'write')} per syscall (reference)")
+    for cfg, label in (("empty-rawtp", "empty raw tp on sys_exit"),
+                       ("empty-tp", "empty formatted tp on sys_exit")):
+        e = sc.get(cfg)
+        if e and e["rounds"]:
+            vs = e["getppid_cpu"].get("vs_syscount", float("nan"))
+            print(f"{label:<30} {added(e, 'getppid')}, {added(e, 'write')} per syscall "
+                  f"= {vs:.2f}x syscount's (floor under any program on every syscall)")
     kn = res.get("kernel_ns", {}).get("runs", {})
     for label, e in kn.items():
         if e.get("per_syscall_ns"):
@@ -1226,7 +1289,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds to wait before a round for other tracing to end")
     p.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random)")
     p.add_argument("--stratoscope", help="path to the stratoscope executable")
+    p.add_argument("--syscall-configs", default=None,
+                   help="subset of strato-counts,strato-latency,strato-all,syscount,syscount-L,"
+                        "empty-rawtp,empty-tp for the syscalls and kernel phases (default: all; "
+                        "bare always runs)")
     p.add_argument("--json", type=Path, help="also write every result to this JSON file")
+    p.add_argument("--empty-tracer", choices=sorted(EMPTY_TRACERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.rounds = min(args.rounds, 2)
@@ -1244,6 +1312,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.empty_tracer:
+        return run_empty_tracer(args.empty_tracer)
     if os.geteuid() != 0:
         print("edge_overhead: needs root (BPF programs, bpf_stats)", file=sys.stderr)
         return 2
@@ -1256,6 +1326,7 @@ def main(argv: list[str] | None = None) -> int:
     all_six = strato("strato-all", exe, ALL_PROGRAMS, ["syscalls.LATENCY=1"])
     sc = syscount("syscount", [])
     sc_l = syscount("syscount-L", ["-L"])
+    empties = [empty_tracer(name) for name in EMPTY_TRACERS]
     if not SYSCOUNT.exists():
         sc.failed = sc_l.failed = (f"{SYSCOUNT} not found (apt-get install bpfcc-tools)")
     res: dict[str, Any] = {"seed": args.seed, "kernel": platform.release(),
@@ -1283,7 +1354,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop = build("sysloop.c", tmp)
         burn = build("cpuburn.c", tmp)
-        configs = [bare, counts, latency, all_six, sc, sc_l]
+        traced = [counts, latency, all_six, sc, sc_l, *empties]
+        if args.syscall_configs:
+            wanted = set(args.syscall_configs.split(","))
+            unknown = wanted - {c.name for c in traced}
+            if unknown:
+                sys.exit(f"edge_overhead: unknown --syscall-configs {sorted(unknown)}")
+            traced = [c for c in traced if c.name in wanted]
+        configs = [bare, *traced]
         if "syscalls" in phases:
             res["syscalls"] = phase_syscalls(args, configs, loop, rng)
             print_syscall_table(res["syscalls"], args.calls)
@@ -1292,8 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
         prof = strato("strato-profile", exe, "profile", [])
         if "kernel" in phases:
             loop_argv = [str(loop), str(args.calls)]
-            runs = [(c, f"{c.name} / sysloop", loop_argv)
-                    for c in (counts, latency, all_six, sc, sc_l)]
+            runs = [(c, f"{c.name} / sysloop", loop_argv) for c in traced]
             runs.append((prof, "strato-profile / cpuburn", [str(burn), str(iters)]))
             res["kernel_ns"] = phase_kernel_ns(runs)
             res["profile_direct_pct"] = profile_direct_pct(res["kernel_ns"])
