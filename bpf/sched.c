@@ -83,9 +83,9 @@ typedef u64 task_id;
 #else
 typedef u32 task_id;
 #endif
-/* Time a task was made runnable (RAW=0: or preempted), until it is switched
- * in; 0 once it has been. A plain hash written in place (an LRU update takes a
- * lock on every wakeup); entries go when the task is freed. A wakeup that
+/* Time a task was woken or preempted, until it is switched in; 0 once it has
+ * been. A plain hash written in place (an LRU update takes a lock on every
+ * wakeup); entries go when the task is freed. A wakeup or preemption that
  * finds it full loses that run-queue sample, counted in runq_overflow_{0,1}[1]. */
 BPF_HASH(enqueued, task_id, u64, MAX_TASKS);
 
