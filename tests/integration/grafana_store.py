@@ -228,7 +228,7 @@ def fill_store(anchor: Any, bins: dict[str, Path], tmp: Path) -> EdgeStore:
         openat_comm=unique_comm("gopen"), started=time.time(), ended=0.0, run=EdgeRun())
     regional_dir = tmp / "regional-store"
     config = RegionalConfig(
-        insecure=True, listen="127.0.0.1:0", metrics_port=0, resolution=60, lateness=0,
+        insecure=True, listen="127.0.0.1:0", metrics_port=0, query_listen=None, resolution=60, lateness=0,
         clickhouse=ClickHouseSettings(dsn=f"chdb://{regional_dir}", database=db), wal_dir=tmp / "wal",
     )
 
